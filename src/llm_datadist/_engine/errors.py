@@ -1,0 +1,109 @@
+"""Internal error taxonomy of the engine, mapped once to LLMException at the facade boundary."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator, Optional
+
+from llm_datadist.status import LLMException, LLMStatusCode, code_2_status
+
+_log = logging.getLogger("LLM_DATADIST")
+
+
+class EngineError(Exception):
+    """Base of every engine failure; ``code`` is the public status it maps to."""
+
+    code: LLMStatusCode = LLMStatusCode.LLM_FAILED
+
+    def __init__(self, message: str = "", code: Optional[int] = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code_2_status(code)
+
+
+# Parameter errors ------------------------------------------------------------------------------
+class ParamInvalid(EngineError):
+    code = LLMStatusCode.LLM_PARAM_INVALID
+
+
+class FeatureNotEnabled(EngineError):
+    code = LLMStatusCode.LLM_FEATURE_NOT_ENABLED
+
+
+# Memory errors ---------------------------------------------------------------------------------
+class OutOfMemory(EngineError):
+    code = LLMStatusCode.LLM_OUT_OF_MEMORY
+
+
+class CacheNotExist(EngineError):
+    code = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+
+
+# Link errors -----------------------------------------------------------------------------------
+class NotLinked(EngineError):
+    code = LLMStatusCode.LLM_NOT_YET_LINK
+
+
+class AlreadyLinked(EngineError):
+    code = LLMStatusCode.LLM_ALREADY_LINK
+
+
+class LinkFailed(EngineError):
+    code = LLMStatusCode.LLM_LINK_FAILED
+
+
+class UnlinkFailed(EngineError):
+    code = LLMStatusCode.LLM_UNLINK_FAILED
+
+
+class ExistLink(EngineError):
+    code = LLMStatusCode.LLM_EXIST_LINK
+
+
+class LinkBusy(EngineError):
+    code = LLMStatusCode.LLM_LINK_BUSY
+
+
+class Timeout(EngineError):
+    code = LLMStatusCode.LLM_TIMEOUT
+
+
+class Finalized(EngineError):
+    code = LLMStatusCode.LLM_FAILED
+
+
+_BY_CODE = {cls.code: cls for cls in (ParamInvalid, FeatureNotEnabled, OutOfMemory, CacheNotExist, NotLinked,
+                                      AlreadyLinked, LinkFailed, UnlinkFailed, ExistLink, LinkBusy, Timeout)}
+
+
+def error_for_code(code: int, message: str) -> EngineError:
+    """Rebuild an engine error from a status code that travelled over the wire."""
+    status = code_2_status(code)
+    cls = _BY_CODE.get(status, EngineError)
+    return cls(message, code=status)
+
+
+def to_llm_exception(func_name: str, exc: BaseException) -> LLMException:
+    """Convert an engine or transport failure to the public exception, with a clear message."""
+    from llm_datadist._transport.base import TransportError
+
+    if isinstance(exc, EngineError):
+        code = exc.code
+    elif isinstance(exc, TransportError):
+        code = exc.code
+    else:
+        code = LLMStatusCode.LLM_FAILED
+    message = f"{func_name} failed, error code is {code}, {exc}"
+    _log.error(message)
+    return LLMException(message, status_code=code)
+
+
+@contextlib.contextmanager
+def map_errors(func_name: str) -> Iterator[None]:
+    """Turn EngineError/TransportError raised inside the block into LLMException (raise ... from)."""
+    from llm_datadist._transport.base import TransportError
+
+    try:
+        yield
+    except (EngineError, TransportError) as exc:
+        raise to_llm_exception(func_name, exc) from exc

@@ -1,0 +1,1 @@
+"""Private transports: they move bytes between registered memory, nothing else."""
