@@ -1,0 +1,165 @@
+"""One established link to a peer instance: its RPC connection, data channel and cache-table cache."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Dict, Optional
+
+from llm_datadist._engine import protocol as proto
+from llm_datadist._engine.errors import CacheNotExist, LinkFailed, ParamInvalid
+from llm_datadist._engine.types import SourceSpec
+from llm_datadist._transport.base import Channel, ConnectFailed, CopyPlan, PeerInfo, Transport
+
+_log = logging.getLogger(__name__)
+
+
+class Link:
+    """A symmetric link: either side resolves, reads and writes the other's caches through it."""
+
+    def __init__(self, peer: PeerInfo, conn, transports: Dict[str, Transport], peer_ra: bool,
+                 comm_id: int = 0) -> None:
+        self.peer = peer
+        self.conn = conn
+        self.peer_ra = peer_ra
+        self.comm_id = comm_id
+        self._transports = transports
+        self._peer_descriptors: Dict[str, bytes] = {}
+        self._route: Optional[Transport] = None
+        self._channel: Optional[Channel] = None
+        self._lock = threading.Lock()
+        self._table: Optional[proto.Table] = None
+        self.closed = False
+
+    @property
+    def cluster_id(self) -> int:
+        return self.peer.cluster_id
+
+    def set_peer_transports(self, descriptors: Dict[str, bytes]) -> None:
+        self._peer_descriptors = dict(descriptors)
+
+    # -- data channel ---------------------------------------------------------------------------
+    def _ensure_channel(self, deadline: float):
+        with self._lock:
+            if self.closed:
+                raise LinkFailed(f"link to cluster {self.cluster_id} is closed")
+            if self._channel is not None:
+                return self._route, self._channel
+            ranked = sorted(self._transports.values(), key=lambda t: -t.priority)
+            errors = []
+            for transport in ranked:
+                descriptor = self._peer_descriptors.get(transport.name)
+                if descriptor is None:
+                    continue
+                peer = PeerInfo(self.peer.cluster_id, self.peer.host_id, self.peer.pid, self.peer.address,
+                                descriptor)
+                if not transport.can_reach(peer):
+                    continue
+                try:
+                    self._channel = transport.connect(peer, deadline)
+                except ConnectFailed as exc:
+                    errors.append(f"{transport.name}: {exc}")
+                    continue
+                self._route = transport
+                same = "same host" if peer.same_host(transport.ctx.host_id) else "cross host"
+                _log.info("link to cluster %d routes over %s (%s, peer %s pid %d)", self.cluster_id,
+                          transport.name, same, peer.address, peer.pid)
+                return self._route, self._channel
+            raise LinkFailed(f"no transport reaches cluster {self.cluster_id}: {'; '.join(errors) or 'none shared'}")
+
+    @property
+    def route_name(self) -> str:
+        return self._route.name if self._route is not None else ""
+
+    def read(self, plan: CopyPlan, deadline: float) -> None:
+        if len(plan) == 0:
+            return
+        transport, channel = self._ensure_channel(deadline)
+        transport.read(channel, plan, deadline)
+
+    def write(self, plan: CopyPlan, deadline: float) -> None:
+        if len(plan) == 0:
+            return
+        transport, channel = self._ensure_channel(deadline)
+        transport.write(channel, plan, deadline)
+
+    # -- control --------------------------------------------------------------------------------
+    def call(self, msg, deadline: float):
+        if self.closed:
+            raise LinkFailed(f"link to cluster {self.cluster_id} is closed")
+        return self.conn.call(msg, deadline)
+
+    def resolve(self, source: SourceSpec, deadline: float) -> proto.CacheView:
+        """Ask the peer to resolve a key/id (normal mode: the owner answers, every time)."""
+        return self.call(proto.Resolve(kind=source.kind, cluster_id=source.cluster_id, ident=source.ident,
+                                       model_id=source.model_id, cache_id=source.cache_id,
+                                       batch_index=source.batch_index), deadline)
+
+    def resolve_from_table(self, source: SourceSpec, deadline: float) -> proto.CacheView:
+        """Remote-cache-accessible mode: look up the peer's table snapshot, refreshing once on a miss (D13)."""
+        if self._table is None:
+            self._table = self.call(proto.TableRequest(), deadline)
+        view = _lookup(self._table, source)
+        if view is None:
+            self._table = self.call(proto.TableRequest(), deadline)
+            view = _lookup(self._table, source)
+        if view is None:
+            raise CacheNotExist(f"cluster {self.cluster_id} has no cache for {_describe(source)}")
+        return view
+
+    def consume(self, cache_id: int, slot: int, lo: int, hi: int, deadline: float) -> None:
+        self.call(proto.Consume(cache_id=cache_id, slot=slot, tensor_lo=lo, tensor_hi=hi), deadline)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            route, channel = self._route, self._channel
+            self._channel = None
+        if channel is not None and route is not None:
+            try:
+                route.disconnect(channel)
+            except Exception:  # noqa: BLE001 - closing must never fail
+                _log.debug("disconnect failed", exc_info=True)
+        self.conn.close()
+
+
+def _describe(source: SourceSpec) -> str:
+    if source.kind == "id":
+        return f"cache_id={source.cache_id} batch_index={source.batch_index}"
+    if source.kind == "blocks":
+        return f"blocks key model_id={source.model_id}"
+    return f"{source.kind}_id={source.ident} model_id={source.model_id}"
+
+
+def _lookup(table: proto.Table, source: SourceSpec) -> Optional[proto.CacheView]:
+    for view in table.caches:
+        if source.kind == "id":
+            if view.cache_id == source.cache_id:
+                if source.batch_index >= view.dim0:
+                    raise CacheNotExist(f"batch index {source.batch_index} >= remote batch size {view.dim0}")
+                return _with_slot(view, source.batch_index)
+        elif source.kind == "blocks":
+            if view.is_blocks and view.blocks_model_id == source.model_id:
+                return view
+        else:
+            for namespace, ident, model_id, slot in view.keys:
+                if namespace == source.kind and ident == source.ident and model_id == source.model_id:
+                    return _with_slot(view, slot)
+    return None
+
+
+def _with_slot(view: proto.CacheView, slot: int) -> proto.CacheView:
+    import msgspec
+
+    return msgspec.structs.replace(view, slot=slot)
+
+
+def check_view_accessible(view: proto.CacheView, what: str) -> None:
+    if not view.remote_accessible:
+        raise ParamInvalid(f"{what} cache {view.cache_id} is not remote accessible")
+
+
+def now() -> float:
+    return time.monotonic()

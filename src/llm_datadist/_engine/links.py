@@ -1,0 +1,245 @@
+"""Link manager: the listener, one-sided link_clusters/unlink_clusters and the link table."""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Tuple
+
+from llm_datadist._engine import protocol as proto
+from llm_datadist._engine import rpc
+from llm_datadist._engine.errors import AlreadyLinked, EngineError, ExistLink, LinkFailed, NotLinked
+from llm_datadist._engine.link import Link
+from llm_datadist._engine.listener import Listener
+from llm_datadist._transport.base import PeerInfo
+from llm_datadist.status import LLMStatusCode
+
+_log = logging.getLogger(__name__)
+MAX_PARALLEL_LINKS = 16
+
+
+class LinkManager:
+    """Owns every link of one instance, keyed by the peer's cluster id."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+        self._links: Dict[int, Link] = {}
+        self._lock = threading.RLock()
+        self._listener: Optional[Listener] = None
+        self._listen: Optional[Tuple[str, int]] = None
+        self._closed = False
+
+    # -- table ----------------------------------------------------------------------------------
+    def get(self, cluster_id: int) -> Link:
+        with self._lock:
+            link = self._links.get(cluster_id)
+        if link is None or link.closed:
+            raise NotLinked(f"cluster {cluster_id} is not linked")
+        return link
+
+    def has_links(self) -> bool:
+        with self._lock:
+            return any(not link.closed for link in self._links.values())
+
+    def links(self) -> List[Link]:
+        with self._lock:
+            return list(self._links.values())
+
+    def add(self, link: Link, replace: bool) -> None:
+        with self._lock:
+            old = self._links.get(link.cluster_id)
+            if old is not None and not old.closed and not replace:
+                raise AlreadyLinked(f"cluster {link.cluster_id} is already linked")
+            self._links[link.cluster_id] = link
+        if old is not None and old is not link:
+            _log.info("replacing stale link to cluster %d", link.cluster_id)
+            old.close()
+
+    def drop(self, cluster_id: int, link: Optional[Link] = None) -> None:
+        with self._lock:
+            current = self._links.get(cluster_id)
+            if current is None or (link is not None and current is not link):
+                return
+            del self._links[cluster_id]
+        current.close()
+
+    # -- listening ------------------------------------------------------------------------------
+    @property
+    def listen_address(self) -> Optional[Tuple[str, int]]:
+        return self._listen
+
+    def start_listening(self, ip: str, port: int) -> None:
+        if self._listen is not None and self._listen[1] == port and self._listen[0] == ip:
+            return
+        self.stop_listening()
+        self._listener = Listener(ip, port, self._on_accept, name=f"llm-dd-listen-{port}")
+        self._listen = (ip, self._listener.port)
+        _log.info("cluster %d listening on %s:%d", self._engine.cluster_id, ip, self._listener.port)
+
+    def stop_listening(self) -> None:
+        listener, self._listener, self._listen = self._listener, None, None
+        if listener is not None:
+            listener.close()
+
+    def _on_accept(self, sock: socket.socket, addr) -> None:
+        self.accept(sock, addr, comm=None)
+
+    def accept(self, sock: socket.socket, addr, comm) -> Optional[Link]:
+        """Serve one incoming handshake; ``comm`` is the rank-table domain it belongs to, if any."""
+        deadline = time.monotonic() + 10.0
+        engine = self._engine
+        pending: Dict[str, object] = {}
+
+        def decide(hello: proto.Hello) -> proto.HelloAck:
+            code, message = LLMStatusCode.LLM_SUCCESS, ""
+            if hello.remote_cache_accessible != engine.opts.remote_cache_accessible:
+                code, message = LLMStatusCode.LLM_PARAM_INVALID, "remote cache accessible mode differs"
+            elif comm is not None and not comm.accepts(hello):
+                code, message = LLMStatusCode.LLM_LINK_FAILED, "not a member of this comm domain"
+            pending["hello"] = hello
+            return engine.hello_ack(code=int(code), message=message)
+
+        try:
+            hello, ack = rpc.accept_handshake(sock, deadline, engine.opts.link_secret, decide)
+        except Exception as exc:  # noqa: BLE001 - a bad client never hurts the server
+            _log.warning("handshake from %s failed: %s", addr, exc)
+            _close_quietly(sock)
+            return None
+        if ack.code != 0:
+            _close_quietly(sock)
+            return None
+        link = self._make_link(sock, hello.cluster_id, hello.host_id, hello.pid, addr[0], hello.transports,
+                               hello.remote_cache_accessible, comm)
+        self.add(link, replace=True)  # a client that restarted replaces its stale link ("force link")
+        _log.info("accepted link from cluster %d (%s)", hello.cluster_id, addr[0])
+        return link
+
+    def _make_link(self, sock, cluster_id, host_id, pid, address, transports, peer_ra, comm) -> Link:
+        peer = PeerInfo(cluster_id=cluster_id, host_id=host_id, pid=pid, address=address, descriptor=b"")
+        holder: Dict[str, Link] = {}
+        conn = rpc.Connection(sock, handler=self._engine.handle_request,
+                              on_close=lambda _c: self._on_connection_lost(holder.get("link")),
+                              name=f"llm-dd-link-{cluster_id}")
+        link = Link(peer, conn, self._engine.transports, peer_ra, comm_id=comm.comm_id if comm else 0)
+        link.set_peer_transports(transports)
+        holder["link"] = link
+        conn.start()
+        return link
+
+    def _on_connection_lost(self, link: Optional[Link]) -> None:
+        if link is None or self._closed:
+            return
+        if not link.closed:
+            _log.warning("connection to cluster %d lost; link removed", link.cluster_id)
+        self.drop(link.cluster_id, link)
+
+    # -- client side ----------------------------------------------------------------------------
+    def connect(self, ip: str, port: int, expected_cluster: Optional[int], deadline: float, comm=None) -> Link:
+        """Open one link to a listening peer; raises EngineError subclasses."""
+        engine = self._engine
+        if expected_cluster is not None:
+            with self._lock:
+                existing = self._links.get(expected_cluster)
+            if existing is not None and not existing.closed:
+                raise AlreadyLinked(f"cluster {expected_cluster} is already linked")
+        hello = engine.hello(comm)
+        try:
+            sock, ack = rpc.open_connection(ip, port, hello, deadline, engine.opts.link_secret)
+        except EngineError:
+            raise
+        except OSError as exc:
+            raise LinkFailed(f"connect to {ip}:{port} failed: {exc}") from exc
+        if ack.code != 0:
+            _close_quietly(sock)
+            raise EngineError(ack.message or "link refused", code=ack.code)
+        if expected_cluster is not None and ack.cluster_id != expected_cluster:
+            _close_quietly(sock)
+            raise LinkFailed(f"{ip}:{port} is cluster {ack.cluster_id}, not the expected {expected_cluster}")
+        link = self._make_link(sock, ack.cluster_id, ack.host_id, ack.pid, ip, ack.transports,
+                               ack.remote_cache_accessible, comm)
+        try:
+            self.add(link, replace=False)
+        except AlreadyLinked:
+            link.close()
+            raise
+        _log.info("linked to cluster %d at %s:%d", ack.cluster_id, ip, port)
+        return link
+
+    def link_clusters(self, clusters: List[dict], timeout_s: float):
+        """Link every cluster in parallel; returns (overall, [code per cluster]) and never raises."""
+        deadline = time.monotonic() + timeout_s
+        if not clusters:
+            return LLMStatusCode.LLM_PARAM_INVALID, []
+        with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_LINKS, len(clusters)),
+                                thread_name_prefix="llm-dd-link") as pool:
+            codes = list(pool.map(lambda c: self._link_one(c, deadline), clusters))
+        return _overall(codes), codes
+
+    def _link_one(self, cluster: dict, deadline: float) -> LLMStatusCode:
+        remote = cluster["remote"]
+        if len(remote) != 1:
+            _log.error("link_clusters needs exactly one remote ip info, got %d", len(remote))
+            return LLMStatusCode.LLM_PARAM_INVALID
+        ip, port = remote[0]
+        try:
+            self.connect(ip, port, cluster["cluster_id"], deadline)
+            return LLMStatusCode.LLM_SUCCESS
+        except EngineError as exc:
+            _log.error("link to %s:%d failed: %s", ip, port, exc)
+            return LLMStatusCode(exc.code)
+
+    def unlink_clusters(self, clusters: List[dict], timeout_s: float, force: bool):
+        deadline = time.monotonic() + timeout_s
+        if not clusters:
+            return LLMStatusCode.LLM_PARAM_INVALID, []
+        codes = [self._unlink_one(c, deadline, force) for c in clusters]
+        return _overall(codes), codes
+
+    def _unlink_one(self, cluster: dict, deadline: float, force: bool) -> LLMStatusCode:
+        cluster_id = cluster["cluster_id"]
+        if force:
+            self.drop(cluster_id)
+            return LLMStatusCode.LLM_SUCCESS
+        if len(cluster["remote"]) != 1:
+            return LLMStatusCode.LLM_PARAM_INVALID
+        with self._lock:
+            link = self._links.get(cluster_id)
+        if link is None:
+            return LLMStatusCode.LLM_NOT_YET_LINK
+        try:
+            link.call(proto.Unlink(cluster_id=self._engine.cluster_id), deadline)
+        except EngineError as exc:
+            _log.error("unlink of cluster %d failed: %s", cluster_id, exc)
+            self.drop(cluster_id, link)
+            return LLMStatusCode.LLM_UNLINK_FAILED
+        self.drop(cluster_id, link)
+        return LLMStatusCode.LLM_SUCCESS
+
+    def check_no_links(self) -> None:
+        if self.has_links():
+            raise ExistLink("links exist, unlink them first")
+
+    def close(self) -> None:
+        self._closed = True
+        self.stop_listening()
+        with self._lock:
+            links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.close()
+
+
+def _overall(codes: List[LLMStatusCode]) -> LLMStatusCode:
+    for code in codes:
+        if code != LLMStatusCode.LLM_SUCCESS:
+            return code
+    return LLMStatusCode.LLM_SUCCESS
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
