@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 from llm_datadist._engine import protocol as proto
 from llm_datadist._engine.errors import CacheNotExist, LinkFailed, ParamInvalid
@@ -25,8 +25,7 @@ class Link:
         self.comm_id = comm_id
         self._transports = transports
         self._peer_descriptors: Dict[str, bytes] = {}
-        self._route: Optional[Transport] = None
-        self._channel: Optional[Channel] = None
+        self._routes: List[Tuple[Transport, Channel]] = []
         self._lock = threading.Lock()
         self._table: Optional[proto.Table] = None
         self.closed = False
@@ -38,49 +37,71 @@ class Link:
     def set_peer_transports(self, descriptors: Dict[str, bytes]) -> None:
         self._peer_descriptors = dict(descriptors)
 
-    # -- data channel ---------------------------------------------------------------------------
-    def _ensure_channel(self, deadline: float):
+    # -- data routes ----------------------------------------------------------------------------
+    def _ensure_routes(self, deadline: float) -> List[Tuple[Transport, Channel]]:
+        """Connect reachable transports in priority order until one that covers every plan is up.
+
+        A transport that overrides ``supports`` (shm: only shared segments) is kept in front of the
+        general one and used for the plans it covers.
+        """
         with self._lock:
             if self.closed:
                 raise LinkFailed(f"link to cluster {self.cluster_id} is closed")
-            if self._channel is not None:
-                return self._route, self._channel
-            ranked = sorted(self._transports.values(), key=lambda t: -t.priority)
-            errors = []
-            for transport in ranked:
-                descriptor = self._peer_descriptors.get(transport.name)
-                if descriptor is None:
+            if self._routes:
+                return self._routes
+            errors: List[str] = []
+            for transport in sorted(self._transports.values(), key=lambda t: -t.priority):
+                channel = self._connect(transport, deadline, errors)
+                if channel is None:
                     continue
-                peer = PeerInfo(self.peer.cluster_id, self.peer.host_id, self.peer.pid, self.peer.address,
-                                descriptor)
-                if not transport.can_reach(peer):
-                    continue
-                try:
-                    self._channel = transport.connect(peer, deadline)
-                except ConnectFailed as exc:
-                    errors.append(f"{transport.name}: {exc}")
-                    continue
-                self._route = transport
-                same = "same host" if peer.same_host(transport.ctx.host_id) else "cross host"
-                _log.info("link to cluster %d routes over %s (%s, peer %s pid %d)", self.cluster_id,
-                          transport.name, same, peer.address, peer.pid)
-                return self._route, self._channel
-            raise LinkFailed(f"no transport reaches cluster {self.cluster_id}: {'; '.join(errors) or 'none shared'}")
+                self._routes.append((transport, channel))
+                if type(transport).supports is Transport.supports:
+                    return self._routes
+            if not self._routes:
+                raise LinkFailed(f"no transport reaches cluster {self.cluster_id}: "
+                                 f"{'; '.join(errors) or 'none shared'}")
+            return self._routes
+
+    def _connect(self, transport: Transport, deadline: float, errors: List[str]) -> Optional[Channel]:
+        descriptor = self._peer_descriptors.get(transport.name)
+        if descriptor is None:
+            return None
+        peer = PeerInfo(self.peer.cluster_id, self.peer.host_id, self.peer.pid, self.peer.address, descriptor)
+        if not transport.can_reach(peer):
+            return None
+        try:
+            channel = transport.connect(peer, deadline)
+        except ConnectFailed as exc:
+            errors.append(f"{transport.name}: {exc}")
+            return None
+        same = "same host" if peer.same_host(transport.ctx.host_id) else "cross host"
+        _log.info("link to cluster %d routes over %s (%s, peer %s pid %d)", self.cluster_id, transport.name, same,
+                  peer.address, peer.pid)
+        return channel
+
+    def _route_for(self, plan: CopyPlan, deadline: float) -> Tuple[Transport, Channel]:
+        routes = self._ensure_routes(deadline)
+        for transport, channel in routes:
+            if transport.supports(channel, plan):
+                return transport, channel
+        raise LinkFailed(f"no transport to cluster {self.cluster_id} can move this plan")
 
     @property
     def route_name(self) -> str:
-        return self._route.name if self._route is not None else ""
+        """The general (last) route of the link, e.g. "process_vm" or "tcp"; "" before the first transfer."""
+        routes = self._routes
+        return routes[-1][0].name if routes else ""
 
     def read(self, plan: CopyPlan, deadline: float) -> None:
         if len(plan) == 0:
             return
-        transport, channel = self._ensure_channel(deadline)
+        transport, channel = self._route_for(plan, deadline)
         transport.read(channel, plan, deadline)
 
     def write(self, plan: CopyPlan, deadline: float) -> None:
         if len(plan) == 0:
             return
-        transport, channel = self._ensure_channel(deadline)
+        transport, channel = self._route_for(plan, deadline)
         transport.write(channel, plan, deadline)
 
     # -- control --------------------------------------------------------------------------------
@@ -115,11 +136,10 @@ class Link:
             if self.closed:
                 return
             self.closed = True
-            route, channel = self._route, self._channel
-            self._channel = None
-        if channel is not None and route is not None:
+            routes, self._routes = self._routes, []
+        for transport, channel in routes:
             try:
-                route.disconnect(channel)
+                transport.disconnect(channel)
             except Exception:  # noqa: BLE001 - closing must never fail
                 _log.debug("disconnect failed", exc_info=True)
         self.conn.close()

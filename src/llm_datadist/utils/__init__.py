@@ -1,0 +1,1 @@
+"""Internal helpers of the public facade: argument checks and the package logger."""

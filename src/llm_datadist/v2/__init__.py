@@ -1,0 +1,1 @@
+"""The v2 (CacheManager mode) API: data types, LLMDataDist and CacheManager."""

@@ -1,0 +1,141 @@
+"""A scriptable LLMDataDist peer process for integration tests: JSON-line commands on stdin, replies on stdout."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from llm_datadist import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex, DataType, LLMClusterInfo,
+                          LLMConfig, LLMDataDist, LLMException, LLMRole, Placement)
+
+
+def pattern(seed: int, tensor: int, nbytes: int) -> np.ndarray:
+    """The deterministic content of tensor ``tensor`` of a cache filled with ``seed``."""
+    return np.random.default_rng(seed * 7919 + tensor).integers(0, 256, nbytes, dtype=np.uint8)
+
+
+class Peer:
+    def __init__(self) -> None:
+        self.dd = None
+        self.caches = {}  # name -> (Cache, [arrays])
+
+    def op_init(self, role, cluster_id, config):
+        cfg = LLMConfig()
+        for key, value in config.items():
+            setattr(cfg, key, value)
+        self.dd = LLMDataDist(LLMRole(role), cluster_id)
+        self.dd.init(cfg.generate_options())
+        return {"pid": os.getpid()}
+
+    def _arrays(self, num_tensors, num_blocks, block_bytes, seed):
+        if seed is None:
+            return [np.zeros((num_blocks, block_bytes), np.uint8) for _ in range(num_tensors)]
+        return [pattern(seed, t, num_blocks * block_bytes).reshape(num_blocks, block_bytes)
+                for t in range(num_tensors)]
+
+    def op_register(self, name, num_tensors, num_blocks, block_bytes, seed=None, blocks=True, model_id=None,
+                    keys=(), placement=1, remote_accessible=None):
+        arrays = self._arrays(num_tensors, num_blocks, block_bytes, seed)
+        desc = CacheDesc(num_tensors, [num_blocks, block_bytes], DataType.DT_UINT8, Placement(placement))
+        addrs = [a.ctypes.data for a in arrays]
+        cm = self.dd.cache_manager
+        if blocks:
+            key = None if model_id is None else BlocksCacheKey(self.dd.cluster_id, model_id)
+            cache = cm.register_blocks_cache(desc, addrs, key, remote_accessible)
+        else:
+            cache_keys = [CacheKey(self.dd.cluster_id, *k) for k in keys]
+            cache = cm.register_cache(desc, addrs, cache_keys, remote_accessible)
+        self.caches[name] = (cache, arrays)
+        return {"cache_id": cache.cache_id}
+
+    def op_allocate(self, name, num_tensors, num_blocks, block_bytes, seed, keys=(), placement=1):
+        desc = CacheDesc(num_tensors, [num_blocks, block_bytes], DataType.DT_UINT8, Placement(placement))
+        cache = self.dd.cache_manager.allocate_cache(desc, [CacheKey(self.dd.cluster_id, *k) for k in keys])
+        arrays = []
+        for t, addr in enumerate(cache.tensor_addrs):
+            view = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * (num_blocks * block_bytes)).from_address(addr))
+            view[:] = pattern(seed, t, num_blocks * block_bytes)
+            arrays.append(view.reshape(num_blocks, block_bytes))
+        self.caches[name] = (cache, arrays)
+        return {"cache_id": cache.cache_id}
+
+    def op_deallocate(self, name):
+        self.dd.cache_manager.deallocate_cache(self.caches[name][0])
+        return {}
+
+    def op_digest(self, name):
+        """sha-like digest of every tensor, to verify pushes from the other side."""
+        _cache, arrays = self.caches[name]
+        return {"tensors": [a.tobytes().hex() for a in arrays]}
+
+    def op_link_clusters(self, clusters, timeout=3000):
+        infos = []
+        for c in clusters:
+            info = LLMClusterInfo()
+            if c.get("cluster_id") is not None:
+                info.remote_cluster_id = c["cluster_id"]
+            info.append_local_ip_info("127.0.0.1", 0)
+            info.append_remote_ip_info(c["ip"], c["port"])
+            infos.append(info)
+        code, codes = self.dd.link_clusters(infos, timeout)
+        return {"code": int(code), "codes": [int(x) for x in codes]}
+
+    def op_link(self, comm_name, ranks, rank_table):
+        comm_id = self.dd.link(comm_name, {int(k): v for k, v in ranks}, rank_table)
+        return {"comm_id": comm_id}
+
+    def op_query(self, comm_id):
+        return {"status": self.dd.query_register_mem_status(comm_id).value}
+
+    def op_wait_comm(self, comm_id, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.dd.query_register_mem_status(comm_id).value
+            if status != 1:
+                return {"status": status}
+            time.sleep(0.02)
+        return {"status": 1}
+
+    def op_pull_blocks(self, name, cluster_id, model_id, src_blocks, dst_blocks):
+        cache, _ = self.caches[name]
+        self.dd.cache_manager.pull_blocks(BlocksCacheKey(cluster_id, model_id), cache, src_blocks, dst_blocks)
+        return {}
+
+    def op_pull_by_id(self, name, cluster_id, cache_id, batch_index, dst_index):
+        cache, _ = self.caches[name]
+        self.dd.cache_manager.pull_cache(CacheKeyByIdAndIndex(cluster_id, cache_id, batch_index), cache, dst_index)
+        return {}
+
+    def op_finalize(self):
+        self.dd.finalize()
+        return {}
+
+    def op_exit(self, finalize=True):
+        if finalize and self.dd is not None:
+            self.dd.finalize()
+        sys.stdout.write(json.dumps({"ok": True}) + "\n")
+        sys.stdout.flush()
+        os._exit(0)
+
+
+def main() -> None:
+    peer = Peer()
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request.pop("op")
+        try:
+            reply = {"ok": True, **getattr(peer, f"op_{op}")(**request)}
+        except LLMException as exc:
+            reply = {"ok": False, "code": int(exc.status_code), "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - report everything to the test
+            reply = {"ok": False, "code": -1, "error": f"{type(exc).__name__}: {exc}", "tb": traceback.format_exc()}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
