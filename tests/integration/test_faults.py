@@ -77,6 +77,17 @@ def test_peer_killed_mid_pull_then_force_unlink_and_relink(spawn_peer, transport
         dd.finalize()
 
 
+def _wait_stopped(pid: int) -> None:
+    """SIGSTOP takes effect asynchronously: wait until the kernel reports the process stopped."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} did not stop")
+
+
 def test_stopped_peer_times_out_within_sync_kv_timeout(spawn_peer):
     port = free_port()
     peer = start_prefill(spawn_peer, 91, port)
@@ -86,6 +97,7 @@ def test_stopped_peer_times_out_within_sync_kv_timeout(spawn_peer):
         assert dd.link_clusters([cluster(91, port)], 5000)[0] == LLMStatusCode.LLM_SUCCESS
         dd.cache_manager.pull_blocks(BlocksCacheKey(91, 0), cache, [0], [0])
         peer.stop()
+        _wait_stopped(peer.pid)
         try:
             started = time.monotonic()
             with pytest.raises(LLMException) as err:

@@ -1,9 +1,10 @@
 """Pull and push between linked instances: resolve, plan, move, then account keys on the owner."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from llm_datadist._engine import planner
 from llm_datadist._engine.errors import ParamInvalid
@@ -23,11 +24,13 @@ def _link(engine, cluster_id: int) -> Link:
     return engine.link_for_transfer(cluster_id)
 
 
-def _local(engine, cache_id: int, ra_required: bool):
-    entry = engine.entry(cache_id)
-    if ra_required and engine.opts.remote_cache_accessible and not (entry.remote_accessible or entry.owned):
-        raise ParamInvalid(f"local cache {cache_id} is not remote accessible")
-    return entry
+@contextlib.contextmanager
+def _local(engine, cache_id: int) -> Iterator:
+    """The local cache entry, pinned so that a concurrent unregister/deallocate waits for the transfer."""
+    with engine.registry.pinned(cache_id) as entry:
+        if engine.opts.remote_cache_accessible and not (entry.remote_accessible or entry.owned):
+            raise ParamInvalid(f"local cache {cache_id} is not remote accessible")
+        yield entry
 
 
 def _remote_view(engine, link: Link, source: SourceSpec, deadline: float):
@@ -51,74 +54,74 @@ def _consume(engine, link: Link, view, layers: LayerSel, deadline: float) -> Non
 def pull_cache(engine, source: SourceSpec, cache_id: int, batch_index: int, size: int, layers: LayerSel) -> None:
     """Pull one remote slot into slot ``batch_index`` of a local continuous cache."""
     deadline = _deadline(engine)
-    local = _local(engine, cache_id, ra_required=True)
-    if local.is_blocks:
-        raise ParamInvalid("pull_cache needs a continuous destination cache")
-    if batch_index >= local.dim0:
-        raise ParamInvalid(f"batch_index {batch_index} >= batch size {local.dim0}")
-    if size != -1 and size > local.stride:
-        raise ParamInvalid(f"size {size} exceeds the local slot of {local.stride} bytes")
-    link = _link(engine, source.cluster_id)
-    view = _remote_view(engine, link, source, deadline)
-    if view.is_blocks:
-        raise ParamInvalid(f"remote cache {view.cache_id} is a blocks cache")
-    plan = planner.plan_slot(view, local, view.slot, batch_index, size, layers, local_is_dst=True)
-    link.read(plan, deadline)
-    _consume(engine, link, view, layers, deadline)
-    _log.debug("pull_cache %s -> cache %d[%d]: %d bytes", source, cache_id, batch_index, plan.total_bytes)
+    with _local(engine, cache_id) as local:
+        if local.is_blocks:
+            raise ParamInvalid("pull_cache needs a continuous destination cache")
+        if batch_index >= local.dim0:
+            raise ParamInvalid(f"batch_index {batch_index} >= batch size {local.dim0}")
+        if size != -1 and size > local.stride:
+            raise ParamInvalid(f"size {size} exceeds the local slot of {local.stride} bytes")
+        link = _link(engine, source.cluster_id)
+        view = _remote_view(engine, link, source, deadline)
+        if view.is_blocks:
+            raise ParamInvalid(f"remote cache {view.cache_id} is a blocks cache")
+        plan = planner.plan_slot(view, local, view.slot, batch_index, size, layers, local_is_dst=True)
+        link.read(plan, deadline)
+        _consume(engine, link, view, layers, deadline)
+        _log.debug("pull_cache %s -> cache %d[%d]: %d bytes", source, cache_id, batch_index, plan.total_bytes)
 
 
 def pull_blocks(engine, source: SourceSpec, cache_id: int, src_blocks: Sequence[int], dst_blocks: Sequence[int],
                 layers: LayerSel) -> None:
     """Pull remote blocks (or one remote slot cut into blocks) into local blocks."""
     deadline = _deadline(engine)
-    local = _local(engine, cache_id, ra_required=True)
-    if not local.is_blocks:
-        raise ParamInvalid("pull_blocks needs a blocks destination cache")
-    link = _link(engine, source.cluster_id)
-    view = _remote_view(engine, link, source, deadline)
-    if source.kind == "blocks":
-        if not view.is_blocks:
-            raise ParamInvalid(f"remote cache {view.cache_id} is not a blocks cache")
-        plan = planner.plan_blocks(view, local, src_blocks, dst_blocks, layers, local_is_dst=True)
-    else:
-        if view.is_blocks:
-            raise ParamInvalid(f"remote cache {view.cache_id} is a blocks cache; use a BlocksCacheKey")
-        plan = planner.plan_slot_to_blocks(view, local, view.slot, dst_blocks, layers)
-    link.read(plan, deadline)
-    if source.kind != "blocks":
-        _consume(engine, link, view, layers, deadline)
-    _log.debug("pull_blocks %s -> cache %d: %d ops, %d bytes", source, cache_id, len(plan), plan.total_bytes)
+    with _local(engine, cache_id) as local:
+        if not local.is_blocks:
+            raise ParamInvalid("pull_blocks needs a blocks destination cache")
+        link = _link(engine, source.cluster_id)
+        view = _remote_view(engine, link, source, deadline)
+        if source.kind == "blocks":
+            if not view.is_blocks:
+                raise ParamInvalid(f"remote cache {view.cache_id} is not a blocks cache")
+            plan = planner.plan_blocks(view, local, src_blocks, dst_blocks, layers, local_is_dst=True)
+        else:
+            if view.is_blocks:
+                raise ParamInvalid(f"remote cache {view.cache_id} is a blocks cache; use a BlocksCacheKey")
+            plan = planner.plan_slot_to_blocks(view, local, view.slot, dst_blocks, layers)
+        link.read(plan, deadline)
+        if source.kind != "blocks":
+            _consume(engine, link, view, layers, deadline)
+        _log.debug("pull_blocks %s -> cache %d: %d ops, %d bytes", source, cache_id, len(plan), plan.total_bytes)
 
 
 def push_cache(engine, dest: SourceSpec, cache_id: int, src_batch_index: int, layers: LayerSel) -> None:
     """Write one local slot into a remote slot addressed by cache id and batch index."""
     deadline = _deadline(engine)
-    local = _local(engine, cache_id, ra_required=True)
-    if local.is_blocks:
-        raise ParamInvalid("push_cache needs a continuous source cache")
-    if src_batch_index >= local.dim0:
-        raise ParamInvalid(f"src_batch_index {src_batch_index} >= batch size {local.dim0}")
-    link = _link(engine, dest.cluster_id)
-    view = _remote_view(engine, link, dest, deadline)
-    if view.is_blocks:
-        raise ParamInvalid(f"remote cache {view.cache_id} is a blocks cache")
-    if local.stride > view.stride:
-        raise ParamInvalid(f"local slot of {local.stride} bytes exceeds the remote slot of {view.stride} bytes")
-    plan = planner.plan_slot(local, view, src_batch_index, view.slot, local.stride, layers, local_is_dst=False)
-    link.write(plan, deadline)
+    with _local(engine, cache_id) as local:
+        if local.is_blocks:
+            raise ParamInvalid("push_cache needs a continuous source cache")
+        if src_batch_index >= local.dim0:
+            raise ParamInvalid(f"src_batch_index {src_batch_index} >= batch size {local.dim0}")
+        link = _link(engine, dest.cluster_id)
+        view = _remote_view(engine, link, dest, deadline)
+        if view.is_blocks:
+            raise ParamInvalid(f"remote cache {view.cache_id} is a blocks cache")
+        if local.stride > view.stride:
+            raise ParamInvalid(f"local slot of {local.stride} bytes exceeds the remote slot of {view.stride} bytes")
+        plan = planner.plan_slot(local, view, src_batch_index, view.slot, local.stride, layers, local_is_dst=False)
+        link.write(plan, deadline)
 
 
 def push_blocks(engine, dest: SourceSpec, cache_id: int, src_blocks: Sequence[int], dst_blocks: Sequence[int],
                 layers: LayerSel) -> None:
     """Write local blocks into a remote blocks cache addressed by BlocksCacheKey."""
     deadline = _deadline(engine)
-    local = _local(engine, cache_id, ra_required=True)
-    if not local.is_blocks:
-        raise ParamInvalid("push_blocks needs a blocks source cache")
-    link = _link(engine, dest.cluster_id)
-    view = _remote_view(engine, link, dest, deadline)
-    if not view.is_blocks:
-        raise ParamInvalid(f"remote cache {view.cache_id} is not a blocks cache")
-    plan = planner.plan_blocks(local, view, src_blocks, dst_blocks, layers, local_is_dst=False)
-    link.write(plan, deadline)
+    with _local(engine, cache_id) as local:
+        if not local.is_blocks:
+            raise ParamInvalid("push_blocks needs a blocks source cache")
+        link = _link(engine, dest.cluster_id)
+        view = _remote_view(engine, link, dest, deadline)
+        if not view.is_blocks:
+            raise ParamInvalid(f"remote cache {view.cache_id} is not a blocks cache")
+        plan = planner.plan_blocks(local, view, src_blocks, dst_blocks, layers, local_is_dst=False)
+        link.write(plan, deadline)
