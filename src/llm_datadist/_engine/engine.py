@@ -97,6 +97,9 @@ class Engine:
         if self.closed:
             return
         self.closed = True
+        from llm_datadist._engine import tasks  # running transfer_cache_async workers stop first
+
+        tasks.cancel_tasks(self)
         for comm in list(self._comms.values()):
             comm.close()
         self._comms.clear()
@@ -265,6 +268,7 @@ class Engine:
             return proto.Table(version=self.registry.version,
                                caches=[view_of(e) for e in self.registry.entries() if self._visible(e)])
         if isinstance(msg, proto.Unlink):
+            self.links.note_peer_unlink(msg.cluster_id)
             return proto.Ack()
         if isinstance(msg, proto.Ping):
             return proto.Ack()

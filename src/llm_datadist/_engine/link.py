@@ -29,6 +29,7 @@ class Link:
         self._lock = threading.Lock()
         self._table: Optional[proto.Table] = None
         self.closed = False
+        self.peer_unlinked = False
 
     @property
     def cluster_id(self) -> int:

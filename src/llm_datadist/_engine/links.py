@@ -128,10 +128,19 @@ class LinkManager:
         conn.start()
         return link
 
+    def note_peer_unlink(self, cluster_id: int) -> None:
+        """The peer asked to unlink: its side closes the connection next, which drops ours."""
+        with self._lock:
+            link = self._links.get(cluster_id)
+        if link is not None:
+            link.peer_unlinked = True
+
     def _on_connection_lost(self, link: Optional[Link]) -> None:
         if link is None or self._closed:
             return
-        if not link.closed:
+        if link.peer_unlinked:
+            _log.info("cluster %d unlinked", link.cluster_id)
+        elif not link.closed:
             _log.warning("connection to cluster %d lost; link removed", link.cluster_id)
         self.drop(link.cluster_id, link)
 
