@@ -1,0 +1,498 @@
+"""Symmetric request/reply connections of the control plane, and the link handshake that opens them."""
+from __future__ import annotations
+
+import hmac
+import itertools
+import logging
+import queue
+import socket
+import threading
+import time
+from concurrent.futures import Executor
+from typing import Callable, Dict, Optional, Tuple, Union
+
+import msgspec
+
+from llm_datadist._engine import errors, protocol
+from llm_datadist._engine.protocol import (Ack, AuthChallenge, AuthProof, AuthResult, Error, Hello, HelloAck,
+                                           Message)
+from llm_datadist.status import LLMStatusCode
+
+_log = logging.getLogger(__name__)
+
+Handler = Callable[["Connection", Message], Optional[Message]]
+JOIN_TIMEOUT_S = 5.0
+_LINK_FAILED = int(LLMStatusCode.LLM_LINK_FAILED)
+_MIN_NONCE_BYTES = protocol.NONCE_BYTES // 2
+
+
+class _Waiter:
+    """One outstanding call: the reader thread fills ``reply`` or ``close()`` fills ``error``."""
+
+    __slots__ = ("event", "reply", "error")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reply: Optional[Message] = None
+        self.error: Optional[errors.EngineError] = None
+
+
+class _Workers:
+    """A few daemon threads that run handler calls, so a slow handler never blocks replies."""
+
+    def __init__(self, count: int, name: str) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-handler-{i}", daemon=True)
+                         for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., None], *args: object) -> None:
+        self._queue.put((fn, args))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()  # woken by the None sentinel that close() queues
+            if item is None:
+                return
+            fn, args = item
+            fn(*args)
+
+    def owns(self, thread: threading.Thread) -> bool:
+        return thread in self._threads
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        current = threading.current_thread()
+        for thread in self._threads:
+            if thread is not current:
+                thread.join(JOIN_TIMEOUT_S)
+
+
+class Connection:
+    """One TCP connection carrying requests in both directions (links are symmetric).
+
+    Either side may ``call()`` the other. Reply frames complete the caller waiting on their request id;
+    other frames go to ``handler(conn, msg)``, whose return value (None means ``Ack()``) is the reply.
+    A handler failure becomes an ``Error`` reply: an EngineError (or anything with an LLMStatusCode
+    ``code``) keeps its code, anything else is LLM_FAILED and logged at ERROR. One reader daemon thread
+    polls in short steps and checks a stop event; handlers run inline in it unless ``handler_workers``
+    or ``executor`` is given (needed by handlers that are slow or call back over the same connection).
+    ``close()`` shuts the socket down, fails every waiter with LinkFailed, joins the reader and workers,
+    then calls ``on_close(conn)`` once.
+    """
+
+    def __init__(self, sock: socket.socket, handler: Optional[Handler] = None, *, name: str = "link",
+                 on_close: Optional[Callable[["Connection"], None]] = None, handler_workers: int = 0,
+                 executor: Optional[Executor] = None, reply_timeout_s: float = 10.0,
+                 start: bool = True) -> None:
+        """Wrap a connected socket (after the handshake).
+
+        Args:
+            sock: Connected stream socket; it is switched to non-blocking mode and owned from now on.
+            handler: Serves the peer's requests; None answers every request with FEATURE_NOT_ENABLED.
+            name: Used in thread names and log lines.
+            on_close: Called once, from the thread that closes the connection (the reader on peer EOF).
+            handler_workers: Number of own daemon handler threads (0: inline, unless ``executor``).
+            executor: Shared executor for handler calls, used instead of own workers.
+            reply_timeout_s: Deadline for sending one reply.
+            start: Start the reader now; otherwise call ``start()``.
+        """
+        sock.setblocking(False)
+        self._sock = sock
+        self._handler = handler
+        self.name = name
+        self._on_close = on_close
+        self._executor = executor
+        self._workers = _Workers(handler_workers, name) if handler_workers > 0 and executor is None else None
+        self._reply_timeout_s = reply_timeout_s
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._waiters: Dict[int, _Waiter] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._close_reason = ""
+        self._stop = threading.Event()
+        self._reader: Optional[threading.Thread] = None
+        self.peer = protocol.peer_name(sock)
+        if start:
+            self.start()
+
+    def __repr__(self) -> str:
+        state = f"closed: {self._close_reason}" if self._closed else "open"
+        return f"<Connection {self.name} peer={self.peer} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def close_reason(self) -> str:
+        return self._close_reason
+
+    def start(self) -> None:
+        """Start the reader thread (idempotent)."""
+        with self._lock:
+            if self._reader is not None or self._closed:
+                return
+            self._reader = threading.Thread(target=self._read_loop, name=f"{self.name}-reader", daemon=True)
+        self._reader.start()
+
+    def call(self, msg: Message, deadline: float) -> Message:
+        """Send a request and return its reply (an ``Error`` reply is raised instead).
+
+        Args:
+            msg: Request message.
+            deadline: time.monotonic() value after which the call gives up.
+
+        Raises:
+            errors.Timeout: No reply before the deadline (a partly sent request also closes the link).
+            errors.LinkFailed: The connection is or gets closed, or the peer died.
+            errors.EngineError: The peer answered ``Error``: ``error_for_code(code, message)``.
+            protocol.ProtocolError: ``msg`` cannot be encoded.
+        """
+        waiter = _Waiter()
+        with self._lock:
+            if self._closed:
+                raise self._closed_error()
+            request_id = next(self._ids)
+            self._waiters[request_id] = waiter
+        try:
+            self._send(protocol.encode(msg, request_id), deadline)
+            remaining = deadline - time.monotonic()
+            if not waiter.event.wait(max(remaining, 0.0)):
+                raise errors.Timeout(f"{self.name}: no reply to {type(msg).__name__} from {self.peer} "
+                                     f"before the deadline")
+        finally:
+            with self._lock:
+                self._waiters.pop(request_id, None)
+        if waiter.error is not None:
+            raise waiter.error
+        reply = waiter.reply
+        if isinstance(reply, Error):
+            raise errors.error_for_code(reply.code, reply.message)
+        assert reply is not None
+        return reply
+
+    def close(self, reason: str = "closed locally") -> None:
+        """Close the connection (idempotent); waiters fail at once with LinkFailed."""
+        with self._lock:
+            first = not self._closed
+            if first:
+                self._closed = True
+                self._close_reason = reason
+                waiters, self._waiters = self._waiters, {}
+        if first:
+            self._stop.set()
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            for waiter in waiters.values():
+                waiter.error = self._closed_error()
+                waiter.event.set()
+            _log.debug("%s: connection to %s closed: %s", self.name, self.peer, reason)
+        reader = self._reader
+        current = threading.current_thread()
+        in_handler = self._workers is not None and self._workers.owns(current)
+        if reader is not None and reader is not current and not in_handler:
+            reader.join(JOIN_TIMEOUT_S)
+        if reader is None or reader is current or not reader.is_alive():
+            self._close_socket()  # never while the reader may still poll this fd (fd reuse)
+        if first:
+            self._notify_closed()  # before joining workers: a slow handler must not delay it
+            if self._workers is not None:
+                self._workers.close()
+
+    # Internals ------------------------------------------------------------------------------------
+    def _closed_error(self) -> errors.LinkFailed:
+        return errors.LinkFailed(f"{self.name}: connection to {self.peer} is closed ({self._close_reason})")
+
+    def _notify_closed(self) -> None:
+        if self._on_close is None:
+            return
+        try:
+            self._on_close(self)
+        except Exception:  # noqa: BLE001 - a callback must not break close()
+            _log.error("%s: on_close callback failed", self.name, exc_info=True)
+
+    def _close_socket(self) -> None:
+        if not self._send_lock.acquire(timeout=JOIN_TIMEOUT_S):  # a sender notices _stop within a poll step
+            _log.warning("%s: sender still busy; socket left to the garbage collector", self.name)
+            return
+        try:
+            self._sock.close()
+        finally:
+            self._send_lock.release()
+
+    def _send(self, data: bytes, deadline: float) -> None:
+        """Send one frame under the send lock; a broken stream closes the connection."""
+        if self._closed:
+            raise self._closed_error()
+        if not self._send_lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            raise errors.Timeout(f"{self.name}: send to {self.peer} still busy at the deadline")
+        broken: Optional[errors.EngineError] = None
+        try:
+            protocol.send_all(self._sock, data, deadline, self._stop)
+        except protocol.PartialWrite as exc:
+            broken = exc
+        except errors.Timeout:
+            raise
+        except errors.LinkFailed as exc:
+            broken = exc
+        finally:
+            self._send_lock.release()
+        if broken is not None:
+            if self._closed:
+                raise self._closed_error() from broken
+            self.close(f"send failed: {broken}")
+            if isinstance(broken, errors.Timeout):
+                raise errors.Timeout(f"{self.name}: {broken}; connection closed") from broken
+            raise errors.LinkFailed(f"{self.name}: send to {self.peer} failed: {broken}") from broken
+
+    def _read_loop(self) -> None:
+        reason = "closed locally"
+        try:
+            while not self._stop.is_set():
+                header, msg = protocol.read_frame(self._sock, None, self._stop)
+                if header.is_reply:
+                    self._complete(header.request_id, msg)
+                else:
+                    self._dispatch(header.request_id, msg)
+        except protocol.PeerClosed as exc:
+            reason = str(exc)
+        except protocol.ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            _log.warning("%s: dropping connection to %s: %s", self.name, self.peer, reason)
+        except errors.EngineError as exc:
+            reason = str(exc)
+        except Exception as exc:  # noqa: BLE001 - the reader must always close the link
+            reason = f"reader failed: {exc!r}"
+            _log.error("%s: reader failed", self.name, exc_info=True)
+        finally:
+            if self._closed:
+                reason = self._close_reason
+            self.close(reason)
+            self._close_socket()
+
+    def _complete(self, request_id: int, msg: Message) -> None:
+        with self._lock:
+            waiter = self._waiters.pop(request_id, None)
+        if waiter is None:
+            _log.debug("%s: late or unknown reply %d (%s) dropped", self.name, request_id, type(msg).__name__)
+            return
+        waiter.reply = msg
+        waiter.event.set()
+
+    def _dispatch(self, request_id: int, msg: Message) -> None:
+        if self._executor is not None:
+            try:
+                self._executor.submit(self._handle, request_id, msg)
+                return
+            except RuntimeError:  # executor shut down: answer inline rather than never
+                pass
+        if self._workers is not None:
+            self._workers.submit(self._handle, request_id, msg)
+        else:
+            self._handle(request_id, msg)
+
+    def _handle(self, request_id: int, msg: Message) -> None:
+        reply = self._run_handler(msg)
+        try:
+            data = protocol.encode(reply, request_id, is_reply=True)
+        except protocol.ProtocolError as exc:
+            _log.error("%s: reply to %s cannot be encoded: %s", self.name, type(msg).__name__, exc)
+            error = Error(code=int(LLMStatusCode.LLM_FAILED), message=protocol.clip_message(str(exc)))
+            data = protocol.encode(error, request_id, is_reply=True)
+        try:
+            self._send(data, time.monotonic() + self._reply_timeout_s)
+        except errors.EngineError as exc:
+            _log.debug("%s: reply to %s dropped: %s", self.name, type(msg).__name__, exc)
+
+    def _run_handler(self, msg: Message) -> Message:
+        if self._handler is None:
+            return Error(code=int(LLMStatusCode.LLM_FEATURE_NOT_ENABLED),
+                         message=f"{self.name}: this side serves no requests")
+        try:
+            reply = self._handler(self, msg)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an Error reply
+            code = getattr(exc, "code", None)
+            if isinstance(exc, errors.EngineError) or isinstance(code, LLMStatusCode):
+                _log.debug("%s: %s refused: %s", self.name, type(msg).__name__, exc)
+                return Error(code=int(code), message=protocol.clip_message(str(exc)))  # type: ignore[arg-type]
+            _log.error("%s: handler failed on %s", self.name, type(msg).__name__, exc_info=True)
+            return Error(code=int(LLMStatusCode.LLM_FAILED),
+                         message=protocol.clip_message(f"{type(exc).__name__}: {exc}"))
+        return Ack() if reply is None else reply
+
+
+# Handshake ---------------------------------------------------------------------------------------
+def _send_best_effort(sock: socket.socket, msg: Message, deadline: float) -> None:
+    try:
+        protocol.send_all(sock, protocol.encode(msg, 0, is_reply=True), min(deadline, time.monotonic() + 1.0))
+    except errors.EngineError:
+        pass
+
+
+def _auth_failed(text: str) -> errors.LinkFailed:
+    _log.warning("%s", text)
+    return errors.LinkFailed(text)
+
+
+def _secret_bytes(secret: Union[bytes, str, None]) -> Optional[bytes]:
+    """An empty or missing secret means no authentication (the official library's behaviour)."""
+    if not secret:
+        return None
+    return secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+
+
+def open_connection(host: str, port: int, hello: Hello, deadline: float,
+                    secret: Union[bytes, str, None] = None) -> Tuple[socket.socket, HelloAck]:
+    """Connect and run the client side of the handshake, before any Connection exists.
+
+    Args:
+        host: Server address.
+        port: Server port.
+        hello: Our identity; ``protocol_version`` and ``client_nonce`` are filled in here.
+        deadline: time.monotonic() deadline for connect and handshake.
+        secret: Shared secret (str is UTF-8 encoded), None or empty for none. With a secret the
+            server's HMAC proof is checked before ours is sent; a server without one is refused.
+
+    Returns:
+        The connected non-blocking socket (give it to ``Connection``) and the server's HelloAck.
+
+    Raises:
+        errors.Timeout: The deadline passed.
+        errors.LinkFailed: Unreachable, authentication failed, protocol mismatch (ProtocolError).
+        errors.EngineError: The server refused the link (``error_for_code(ack.code, ack.message)``).
+    """
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise errors.Timeout(f"no time left to connect to {host}:{port}")
+    try:
+        sock = socket.create_connection((host, port), timeout=remaining)
+    except socket.timeout as exc:
+        raise errors.Timeout(f"connect to {host}:{port} timed out") from exc
+    except OSError as exc:
+        raise errors.LinkFailed(f"cannot connect to {host}:{port}: {exc}") from exc
+    try:
+        protocol.prepare_socket(sock)
+        return sock, _client_handshake(sock, hello, deadline, _secret_bytes(secret), f"{host}:{port}")
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _client_handshake(sock: socket.socket, hello: Hello, deadline: float, secret: Optional[bytes],
+                      peer: str) -> HelloAck:
+    nonce = protocol.make_nonce() if secret is not None else b""
+    hello = msgspec.structs.replace(hello, protocol_version=protocol.PROTOCOL_VERSION, client_nonce=nonce)
+    protocol.send_all(sock, protocol.encode(hello, 0), deadline)
+    msg = protocol.read_frame(sock, deadline)[1]
+    if secret is not None:
+        msg = _client_auth(sock, msg, secret, nonce, deadline, peer)
+    if isinstance(msg, AuthResult):
+        raise _auth_failed(f"link authentication failed with {peer}: {msg.message}")
+    if isinstance(msg, Error):
+        raise errors.error_for_code(msg.code, msg.message)
+    if not isinstance(msg, HelloAck):
+        raise protocol.ProtocolError(f"expected HelloAck from {peer}, got {type(msg).__name__}")
+    if msg.code != 0:
+        raise errors.error_for_code(msg.code, msg.message or f"link refused by {peer}")
+    return msg
+
+
+def _client_auth(sock: socket.socket, msg: Message, secret: bytes, nonce: bytes, deadline: float,
+                 peer: str) -> Message:
+    """Check the server's proof, send ours; return the server's next message (HelloAck or refusal)."""
+    if not isinstance(msg, AuthChallenge):
+        if isinstance(msg, HelloAck) and msg.code == 0:
+            raise _auth_failed(f"link authentication failed with {peer}: the server does not "
+                               f"authenticate links but a shared secret is configured here")
+        return msg
+    expected = protocol.server_proof(secret, nonce, msg.server_nonce)
+    if len(msg.server_nonce) < _MIN_NONCE_BYTES or not hmac.compare_digest(expected, msg.server_proof):
+        raise _auth_failed(f"link authentication failed with {peer}: the server did not prove the "
+                           f"shared secret")
+    proof = protocol.client_proof(secret, msg.server_nonce, nonce)
+    protocol.send_all(sock, protocol.encode(AuthProof(client_proof=proof), 0), deadline)
+    return protocol.read_frame(sock, deadline)[1]
+
+
+def accept_handshake(sock: socket.socket, deadline: float, secret: Union[bytes, str, None],
+                     decide: Callable[[Hello], HelloAck]) -> Tuple[Hello, HelloAck]:
+    """Run the server side of the handshake on an accepted socket.
+
+    Reads Hello and checks the protocol version (a mismatch is answered with HelloAck code
+    LLM_LINK_FAILED), authenticates the client when a ``secret`` is configured (a missing or wrong
+    proof is answered with AuthResult LLM_LINK_FAILED and logged at WARNING), and only then calls
+    ``decide(hello)`` (which may refuse with a non-zero ``code`` or by raising EngineError).
+
+    Returns:
+        (hello, ack) as sent. With ``ack.code == 0`` the socket is non-blocking and ready for
+        ``Connection``; otherwise the link was refused and the socket is already closed.
+
+    Raises:
+        errors.EngineError: The handshake failed (Timeout, LinkFailed, ProtocolError); socket closed.
+    """
+    peer = protocol.peer_name(sock)
+    secret = _secret_bytes(secret)
+    try:
+        protocol.prepare_socket(sock)
+        hello = _read_hello(sock, deadline, peer)
+        if secret is not None:
+            _server_auth(sock, hello, secret, deadline, peer)
+        ack = _decide(decide, hello)
+        protocol.send_all(sock, protocol.encode(ack, 0, is_reply=True), deadline)
+    except BaseException:
+        sock.close()
+        raise
+    if ack.code != 0:
+        _log.info("link from %s (cluster %d) refused: %s", peer, hello.cluster_id, ack.message)
+        sock.close()
+    return hello, ack
+
+
+def _read_hello(sock: socket.socket, deadline: float, peer: str) -> Hello:
+    try:
+        msg = protocol.read_frame(sock, deadline)[1]
+        if isinstance(msg, Hello) and msg.protocol_version != protocol.PROTOCOL_VERSION:
+            raise protocol.VersionMismatch(msg.protocol_version)
+    except protocol.VersionMismatch as exc:
+        _send_best_effort(sock, HelloAck(code=_LINK_FAILED, message=str(exc)), deadline)
+        _log.warning("link from %s refused: %s", peer, exc)
+        raise
+    if not isinstance(msg, Hello):
+        raise protocol.ProtocolError(f"expected Hello from {peer}, got {type(msg).__name__}")
+    return msg
+
+
+def _server_auth(sock: socket.socket, hello: Hello, secret: bytes, deadline: float, peer: str) -> None:
+    if len(hello.client_nonce) < _MIN_NONCE_BYTES:
+        _send_best_effort(sock, AuthResult(code=_LINK_FAILED, message="this server requires link "
+                                           "authentication: configure the same shared secret"), deadline)
+        raise _auth_failed(f"link authentication failed from {peer}: no shared secret configured there")
+    nonce = protocol.make_nonce()
+    proof = protocol.server_proof(secret, hello.client_nonce, nonce)
+    challenge = AuthChallenge(server_nonce=nonce, server_proof=proof)
+    protocol.send_all(sock, protocol.encode(challenge, 0, is_reply=True), deadline)
+    try:
+        msg = protocol.read_frame(sock, deadline)[1]
+    except errors.LinkFailed as exc:  # the client hung up: it refused our proof (other secret)
+        raise _auth_failed(f"link authentication failed from {peer}: no proof ({exc})") from exc
+    expected = protocol.client_proof(secret, nonce, hello.client_nonce)
+    if not isinstance(msg, AuthProof) or not hmac.compare_digest(expected, msg.client_proof):
+        _send_best_effort(sock, AuthResult(code=_LINK_FAILED, message="link authentication failed"), deadline)
+        raise _auth_failed(f"link authentication failed from {peer}")
+
+
+def _decide(decide: Callable[[Hello], HelloAck], hello: Hello) -> HelloAck:
+    try:
+        return decide(hello)
+    except errors.EngineError as exc:
+        return HelloAck(code=int(exc.code), message=protocol.clip_message(str(exc)))
+    except Exception as exc:  # noqa: BLE001 - refuse the link instead of dropping it silently
+        _log.error("link decision for cluster %d failed", hello.cluster_id, exc_info=True)
+        return HelloAck(code=int(LLMStatusCode.LLM_FAILED), message=protocol.clip_message(repr(exc)))
+

@@ -1,0 +1,160 @@
+"""Tests of the control-plane listener: accept, per-connection threads, close, bind errors."""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import pytest
+
+from llm_datadist._engine import errors, rpc
+from llm_datadist._engine import protocol as p
+from llm_datadist._engine.listener import Listener
+from llm_datadist.status import LLMStatusCode
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leak():
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 3.0
+    extra = []
+    while time.monotonic() < deadline:
+        extra = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not extra:
+            break
+        time.sleep(0.02)
+    assert not extra, extra
+
+
+def test_accepts_on_an_ephemeral_port_and_closes_twice():
+    got = []
+    done = threading.Event()
+
+    def on_accept(sock, addr):
+        got.append((sock.recv(5), addr[0], threading.current_thread().name))
+        sock.close()
+        done.set()
+
+    listener = Listener("127.0.0.1", 0, on_accept, name="t-listen")
+    try:
+        assert listener.port > 0
+        with socket.create_connection(("127.0.0.1", listener.port)) as client:
+            client.sendall(b"hello")
+            assert done.wait(5)
+    finally:
+        listener.close()
+    listener.close()
+    assert listener.closed
+    assert got[0][:2] == (b"hello", "127.0.0.1")
+    assert got[0][2].startswith("t-listen")
+    assert "closed" in repr(listener)
+
+
+def test_slow_handshake_does_not_block_other_accepts():
+    release = threading.Event()
+    seen = []
+    second = threading.Event()
+
+    def on_accept(sock, addr):
+        seen.append(addr)
+        if len(seen) == 1:
+            release.wait(5)  # the first connection is stuck in its "handshake"
+        else:
+            second.set()
+        sock.close()
+
+    listener = Listener("127.0.0.1", 0, on_accept)
+    clients = []
+    try:
+        clients.append(socket.create_connection(("127.0.0.1", listener.port)))
+        time.sleep(0.1)
+        clients.append(socket.create_connection(("127.0.0.1", listener.port)))
+        assert second.wait(2), "second connection was not served while the first one hung"
+    finally:
+        release.set()
+        listener.close()
+        for client in clients:
+            client.close()
+
+
+def test_close_stops_accepting_promptly():
+    listener = Listener("127.0.0.1", 0, lambda s, a: s.close())
+    port = listener.port
+    start = time.monotonic()
+    listener.close()
+    assert time.monotonic() - start < 1.0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_port_in_use_is_param_invalid():
+    first = Listener("127.0.0.1", 0, lambda s, a: s.close())
+    try:
+        with pytest.raises(errors.ParamInvalid, match="cannot listen") as info:
+            Listener("127.0.0.1", first.port, lambda s, a: s.close())
+        assert info.value.code == LLMStatusCode.LLM_PARAM_INVALID
+        assert isinstance(info.value.__cause__, OSError)
+    finally:
+        first.close()
+
+
+@pytest.mark.parametrize("host, port", [("192.0.2.1", 0), ("127.0.0.1", 70000), ("127.0.0.1", -1)])
+def test_bad_address_is_param_invalid(host, port):
+    with pytest.raises(errors.ParamInvalid):
+        Listener(host, port, lambda s, a: s.close())
+
+
+def test_failing_callback_is_logged_and_listener_survives(caplog):
+    calls = []
+    ok = threading.Event()
+
+    def on_accept(sock, addr):
+        calls.append(addr)
+        if len(calls) == 1:
+            raise RuntimeError("bad handshake code")
+        sock.close()
+        ok.set()
+
+    listener = Listener("127.0.0.1", 0, on_accept)
+    try:
+        with caplog.at_level(logging.ERROR, logger="llm_datadist._engine.listener"):
+            first = socket.create_connection(("127.0.0.1", listener.port))
+            first.settimeout(5)
+            assert first.recv(1) == b""  # the listener closed the socket after the failure
+            first.close()
+            socket.create_connection(("127.0.0.1", listener.port)).close()
+            assert ok.wait(5)
+        assert any("failed" in r.getMessage() for r in caplog.records)
+    finally:
+        listener.close()
+
+
+def test_listener_handshake_and_rpc_end_to_end():
+    links = []
+    ready = threading.Event()
+
+    def decide(hello):
+        return p.HelloAck(cluster_id=2, role=1, host_id="srv", pid=2, remote_cache_accessible=True,
+                          transports={})
+
+    def on_accept(sock, addr):
+        hello, ack = rpc.accept_handshake(sock, time.monotonic() + 5, b"k", decide)
+        links.append(rpc.Connection(sock, lambda c, m: p.Ack(code=hello.cluster_id), name="srv"))
+        ready.set()
+
+    listener = Listener("127.0.0.1", 0, on_accept)
+    hello = p.Hello(protocol_version=p.PROTOCOL_VERSION, cluster_id=7, role=0, host_id="cli", pid=1,
+                    remote_cache_accessible=True, transports={})
+    try:
+        sock, ack = rpc.open_connection("127.0.0.1", listener.port, hello, time.monotonic() + 5, b"k")
+        assert ack.cluster_id == 2
+        client = rpc.Connection(sock, None, name="cli")
+        assert ready.wait(5)
+        assert client.call(p.Ping(), time.monotonic() + 5) == p.Ack(code=7)
+        client.close()
+    finally:
+        listener.close()
+        for link in links:
+            link.close()
