@@ -57,10 +57,13 @@ class Link:
                     continue
                 self._routes.append((transport, channel))
                 if type(transport).supports is Transport.supports:
-                    return self._routes
+                    break
             if not self._routes:
                 raise LinkFailed(f"no transport reaches cluster {self.cluster_id}: "
                                  f"{'; '.join(errors) or 'none shared'}")
+            same = "same host" if self.peer.same_host(self._routes[0][0].ctx.host_id) else "cross host"
+            _log.info("link to cluster %d routes over %s (%s, peer %s pid %d)", self.cluster_id,
+                      " then ".join(t.name for t, _ in self._routes), same, self.peer.address, self.peer.pid)
             return self._routes
 
     def _connect(self, transport: Transport, deadline: float, errors: List[str]) -> Optional[Channel]:
@@ -75,9 +78,6 @@ class Link:
         except ConnectFailed as exc:
             errors.append(f"{transport.name}: {exc}")
             return None
-        same = "same host" if peer.same_host(transport.ctx.host_id) else "cross host"
-        _log.info("link to cluster %d routes over %s (%s, peer %s pid %d)", self.cluster_id, transport.name, same,
-                  peer.address, peer.pid)
         return channel
 
     def _route_for(self, plan: CopyPlan, deadline: float) -> Tuple[Transport, Channel]:

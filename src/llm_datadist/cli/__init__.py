@@ -1,0 +1,1 @@
+"""The ``llm-datadist`` command line (``demo``, ``bench``, ``doctor``, ``version``); entry point ``cli.main:main``."""
