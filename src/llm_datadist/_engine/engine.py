@@ -184,6 +184,7 @@ class Engine:
         if self._exposed(entry):
             for region in self._tensor_regions(entry):
                 self._expose(region)
+        self._table_changed()
         return entry
 
     def allocate(self, spec: CacheSpec, keys: Sequence[Optional[KeyId]], blocks_model_id: Optional[int]) -> CacheEntry:
@@ -207,20 +208,29 @@ class Engine:
             for addr in addrs:
                 pool.free(addr)
             raise
+        self._table_changed()
         return entry
 
     def deallocate(self, cache_id: int) -> None:
         if self.pools[DEVICE] is None and self.pools[HOST] is None:
             raise FeatureNotEnabled("no memory pool is configured (mem_pool_cfg / host_mem_pool_cfg)")
         self.registry.release_id(cache_id)
+        self._table_changed()
 
     def remove_key(self, key: KeyId) -> None:
         if self.pools[DEVICE] is None and self.pools[HOST] is None:
             raise FeatureNotEnabled("no memory pool is configured (mem_pool_cfg / host_mem_pool_cfg)")
         self.registry.remove_key(key)
+        self._table_changed()
 
     def unregister(self, cache_id: int) -> None:
         self.registry.unregister(cache_id)
+        self._table_changed()
+
+    def _table_changed(self) -> None:
+        """Peers snapshot our table only in remote-cache-accessible mode; tell them it changed."""
+        if self.opts.remote_cache_accessible and self.links.has_links():
+            self.links.notify_table_changed(self.registry.version)
 
     def entry(self, cache_id: int) -> CacheEntry:
         return self.registry.get(cache_id)
@@ -265,17 +275,16 @@ class Engine:
             self.registry.note_pulled(msg.cache_id, msg.slot, msg.tensor_lo, msg.tensor_hi)
             return proto.Ack()
         if isinstance(msg, proto.TableRequest):
-            return proto.Table(version=self.registry.version,
-                               caches=[view_of(e) for e in self.registry.entries() if self._visible(e)])
+            return proto.Table(version=self.registry.version, caches=[view_of(e) for e in self.registry.entries()])
         if isinstance(msg, proto.Unlink):
             self.links.note_peer_unlink(msg.cluster_id)
+            return proto.Ack()
+        if isinstance(msg, proto.TableChanged):
+            self.links.invalidate_table_of(conn)
             return proto.Ack()
         if isinstance(msg, proto.Ping):
             return proto.Ack()
         raise ParamInvalid(f"unexpected request {type(msg).__name__}")
-
-    def _visible(self, entry: CacheEntry) -> bool:
-        return entry.owned or entry.remote_accessible or not self.opts.remote_cache_accessible
 
     def _resolve_local(self, msg: proto.Resolve) -> proto.CacheView:
         if msg.kind == "id":

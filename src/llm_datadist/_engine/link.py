@@ -129,6 +129,10 @@ class Link:
             raise CacheNotExist(f"cluster {self.cluster_id} has no cache for {_describe(source)}")
         return view
 
+    def invalidate_table(self) -> None:
+        """The peer's table changed: the next lookup fetches a fresh snapshot."""
+        self._table = None
+
     def consume(self, cache_id: int, slot: int, lo: int, hi: int, deadline: float) -> None:
         self.call(proto.Consume(cache_id=cache_id, slot=slot, tensor_lo=lo, tensor_hi=hi), deadline)
 

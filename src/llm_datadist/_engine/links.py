@@ -87,45 +87,52 @@ class LinkManager:
         self.accept(sock, addr, comm=None)
 
     def accept(self, sock: socket.socket, addr, comm) -> Optional[Link]:
-        """Serve one incoming handshake; ``comm`` is the rank-table domain it belongs to, if any."""
+        """Serve one incoming handshake; ``comm`` is the rank-table domain it belongs to, if any.
+
+        The link is in the table before the HelloAck leaves, so the server can use it as soon as the
+        client's link_clusters returns.
+        """
         deadline = time.monotonic() + 10.0
         engine = self._engine
-        pending: Dict[str, object] = {}
+        made: Dict[str, Link] = {}
 
         def decide(hello: proto.Hello) -> proto.HelloAck:
-            code, message = LLMStatusCode.LLM_SUCCESS, ""
             if hello.remote_cache_accessible != engine.opts.remote_cache_accessible:
-                code, message = LLMStatusCode.LLM_PARAM_INVALID, "remote cache accessible mode differs"
-            elif comm is not None and not comm.accepts(hello):
-                code, message = LLMStatusCode.LLM_LINK_FAILED, "not a member of this comm domain"
-            pending["hello"] = hello
-            return engine.hello_ack(code=int(code), message=message)
+                return engine.hello_ack(int(LLMStatusCode.LLM_PARAM_INVALID), "remote cache accessible mode differs")
+            if comm is not None and not comm.accepts(hello):
+                return engine.hello_ack(int(LLMStatusCode.LLM_LINK_FAILED), "not a member of this comm domain")
+            link = self._make_link(sock, hello.cluster_id, hello.host_id, hello.pid, addr[0], hello.transports,
+                                   hello.remote_cache_accessible, comm, start=False)
+            made["link"] = link
+            self.add(link, replace=True)  # a client that restarted replaces its stale link ("force link")
+            return engine.hello_ack(code=0, message="")
 
         try:
-            hello, ack = rpc.accept_handshake(sock, deadline, engine.opts.link_secret, decide)
+            _hello, ack = rpc.accept_handshake(sock, deadline, engine.opts.link_secret, decide)
         except Exception as exc:  # noqa: BLE001 - a bad client never hurts the server
             _log.warning("handshake from %s failed: %s", addr, exc)
+            ack = None
+        link = made.get("link")
+        if ack is None or ack.code != 0:
+            if link is not None:
+                self.drop(link.cluster_id, link)
             _close_quietly(sock)
             return None
-        if ack.code != 0:
-            _close_quietly(sock)
-            return None
-        link = self._make_link(sock, hello.cluster_id, hello.host_id, hello.pid, addr[0], hello.transports,
-                               hello.remote_cache_accessible, comm)
-        self.add(link, replace=True)  # a client that restarted replaces its stale link ("force link")
-        _log.info("accepted link from cluster %d (%s)", hello.cluster_id, addr[0])
+        link.conn.start()
+        _log.info("accepted link from cluster %d (%s)", link.cluster_id, addr[0])
         return link
 
-    def _make_link(self, sock, cluster_id, host_id, pid, address, transports, peer_ra, comm) -> Link:
+    def _make_link(self, sock, cluster_id, host_id, pid, address, transports, peer_ra, comm, start=True) -> Link:
         peer = PeerInfo(cluster_id=cluster_id, host_id=host_id, pid=pid, address=address, descriptor=b"")
         holder: Dict[str, Link] = {}
         conn = rpc.Connection(sock, handler=self._engine.handle_request,
                               on_close=lambda _c: self._on_connection_lost(holder.get("link")),
-                              name=f"llm-dd-link-{cluster_id}")
+                              name=f"llm-dd-link-{cluster_id}", start=False)
         link = Link(peer, conn, self._engine.transports, peer_ra, comm_id=comm.comm_id if comm else 0)
         link.set_peer_transports(transports)
         holder["link"] = link
-        conn.start()
+        if start:
+            conn.start()
         return link
 
     def note_peer_unlink(self, cluster_id: int) -> None:
@@ -225,6 +232,21 @@ class LinkManager:
             return LLMStatusCode.LLM_UNLINK_FAILED
         self.drop(cluster_id, link)
         return LLMStatusCode.LLM_SUCCESS
+
+    def invalidate_table_of(self, conn) -> None:
+        """A peer announced a table change over ``conn``."""
+        for link in self.links():
+            if link.conn is conn:
+                link.invalidate_table()
+
+    def notify_table_changed(self, version: int) -> None:
+        """Tell every linked peer that our cache table changed, so no stale snapshot is used (D12)."""
+        deadline = time.monotonic() + 0.5
+        for link in self.links():
+            try:
+                link.call(proto.TableChanged(version=version), deadline)
+            except EngineError as exc:
+                _log.debug("table change notice to cluster %d failed: %s", link.cluster_id, exc)
 
     def check_no_links(self) -> None:
         if self.has_links():

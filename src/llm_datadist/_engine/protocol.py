@@ -21,7 +21,7 @@ from llm_datadist._engine import errors
 # message's fields or of the handshake sequence; peers with another version are refused at the header,
 # before the body is decoded. The first 6 bytes of a frame (magic, version) never move.
 #   1: first version. Hello/AuthChallenge/AuthProof/AuthResult/HelloAck handshake; Resolve, Consume,
-#      TableRequest, Unlink, Ping requests; CacheView, Table, Ack, Error replies.
+#      TableRequest, TableChanged, Unlink, Ping requests; CacheView, Table, Ack, Error replies.
 PROTOCOL_VERSION = 1
 
 # Frame: a 22-byte big-endian header, magic(4s) version(u16) type(u16) flags(u16) request_id(u64)
@@ -183,6 +183,12 @@ class Ping(_Msg):
     """Liveness probe; reply Ack."""
 
 
+class TableChanged(_Msg):
+    """The sender's cache table changed (register, unregister, free): drop any snapshot; reply Ack."""
+
+    version: U64
+
+
 class Ack(_Msg):
     """Generic success reply."""
 
@@ -197,12 +203,12 @@ class Error(_Msg):
 
 
 Message = Union[Hello, HelloAck, AuthChallenge, AuthProof, AuthResult, CacheView, Resolve, Consume,
-                TableRequest, Table, Unlink, Ping, Ack, Error]
+                TableRequest, Table, TableChanged, Unlink, Ping, Ack, Error]
 
 _TYPE_IDS: Dict[type, int] = {
     Hello: 1, HelloAck: 2, AuthChallenge: 3, AuthProof: 4, AuthResult: 5,
     Resolve: 16, CacheView: 17, Consume: 18, TableRequest: 19, Table: 20, Unlink: 21, Ping: 22,
-    Ack: 23, Error: 24,
+    Ack: 23, Error: 24, TableChanged: 25,
 }
 _BY_TYPE_ID: Dict[int, type] = {v: k for k, v in _TYPE_IDS.items()}
 _ENCODER = msgspec.msgpack.Encoder()

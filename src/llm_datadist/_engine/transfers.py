@@ -4,12 +4,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from llm_datadist._engine import planner
 from llm_datadist._engine.errors import ParamInvalid
 from llm_datadist._engine.link import Link, check_view_accessible
 from llm_datadist._engine.types import LayerSel, SourceSpec
+from llm_datadist._transport.base import CopyPlan, RemoteRejected
 
 _log = logging.getLogger(__name__)
 
@@ -41,6 +42,30 @@ def _remote_view(engine, link: Link, source: SourceSpec, deadline: float):
     return link.resolve(source, deadline)
 
 
+def _move(engine, link: Link, source: SourceSpec, deadline: float, make_plan: Callable, read: bool):
+    """Resolve the remote side, plan and move; returns the remote view used.
+
+    In remote-cache-accessible mode the view comes from a table snapshot; if the peer rejects the ranges
+    (the cache went away or was replaced since the snapshot), the table is refreshed and the move retried
+    once, so a vanished cache reports LLM_KV_CACHE_NOT_EXIST (D13).
+    """
+    view = _remote_view(engine, link, source, deadline)
+    plan: CopyPlan = make_plan(view)
+    try:
+        (link.read if read else link.write)(plan, deadline)
+        return view
+    except RemoteRejected:
+        if not engine.opts.remote_cache_accessible:
+            raise
+        link.invalidate_table()
+        fresh = _remote_view(engine, link, source, deadline)
+        if fresh.cache_id == view.cache_id and list(fresh.tensor_addrs) == list(view.tensor_addrs):
+            raise
+    plan = make_plan(fresh)
+    (link.read if read else link.write)(plan, deadline)
+    return fresh
+
+
 def _consume(engine, link: Link, view, layers: LayerSel, deadline: float) -> None:
     """After a successful pull in normal mode, tell the owner which tensors of the slot were pulled."""
     if engine.opts.remote_cache_accessible or view.is_blocks or not view.owned:
@@ -49,6 +74,16 @@ def _consume(engine, link: Link, view, layers: LayerSel, deadline: float) -> Non
         return
     lo, hi = planner.covered_tensors(layers, view.num_tensors)
     link.consume(view.cache_id, view.slot, lo, hi, deadline)
+
+
+def _continuous(view) -> None:
+    if view.is_blocks:
+        raise ParamInvalid(f"remote cache {view.cache_id} is a blocks cache")
+
+
+def _blocks(view) -> None:
+    if not view.is_blocks:
+        raise ParamInvalid(f"remote cache {view.cache_id} is not a blocks cache")
 
 
 def pull_cache(engine, source: SourceSpec, cache_id: int, batch_index: int, size: int, layers: LayerSel) -> None:
@@ -62,13 +97,13 @@ def pull_cache(engine, source: SourceSpec, cache_id: int, batch_index: int, size
         if size != -1 and size > local.stride:
             raise ParamInvalid(f"size {size} exceeds the local slot of {local.stride} bytes")
         link = _link(engine, source.cluster_id)
-        view = _remote_view(engine, link, source, deadline)
-        if view.is_blocks:
-            raise ParamInvalid(f"remote cache {view.cache_id} is a blocks cache")
-        plan = planner.plan_slot(view, local, view.slot, batch_index, size, layers, local_is_dst=True)
-        link.read(plan, deadline)
+
+        def make_plan(view) -> CopyPlan:
+            _continuous(view)
+            return planner.plan_slot(view, local, view.slot, batch_index, size, layers, local_is_dst=True)
+
+        view = _move(engine, link, source, deadline, make_plan, read=True)
         _consume(engine, link, view, layers, deadline)
-        _log.debug("pull_cache %s -> cache %d[%d]: %d bytes", source, cache_id, batch_index, plan.total_bytes)
 
 
 def pull_blocks(engine, source: SourceSpec, cache_id: int, src_blocks: Sequence[int], dst_blocks: Sequence[int],
@@ -79,19 +114,18 @@ def pull_blocks(engine, source: SourceSpec, cache_id: int, src_blocks: Sequence[
         if not local.is_blocks:
             raise ParamInvalid("pull_blocks needs a blocks destination cache")
         link = _link(engine, source.cluster_id)
-        view = _remote_view(engine, link, source, deadline)
-        if source.kind == "blocks":
-            if not view.is_blocks:
-                raise ParamInvalid(f"remote cache {view.cache_id} is not a blocks cache")
-            plan = planner.plan_blocks(view, local, src_blocks, dst_blocks, layers, local_is_dst=True)
-        else:
+
+        def make_plan(view) -> CopyPlan:
+            if source.kind == "blocks":
+                _blocks(view)
+                return planner.plan_blocks(view, local, src_blocks, dst_blocks, layers, local_is_dst=True)
             if view.is_blocks:
                 raise ParamInvalid(f"remote cache {view.cache_id} is a blocks cache; use a BlocksCacheKey")
-            plan = planner.plan_slot_to_blocks(view, local, view.slot, dst_blocks, layers)
-        link.read(plan, deadline)
+            return planner.plan_slot_to_blocks(view, local, view.slot, dst_blocks, layers)
+
+        view = _move(engine, link, source, deadline, make_plan, read=True)
         if source.kind != "blocks":
             _consume(engine, link, view, layers, deadline)
-        _log.debug("pull_blocks %s -> cache %d: %d ops, %d bytes", source, cache_id, len(plan), plan.total_bytes)
 
 
 def push_cache(engine, dest: SourceSpec, cache_id: int, src_batch_index: int, layers: LayerSel) -> None:
@@ -103,13 +137,16 @@ def push_cache(engine, dest: SourceSpec, cache_id: int, src_batch_index: int, la
         if src_batch_index >= local.dim0:
             raise ParamInvalid(f"src_batch_index {src_batch_index} >= batch size {local.dim0}")
         link = _link(engine, dest.cluster_id)
-        view = _remote_view(engine, link, dest, deadline)
-        if view.is_blocks:
-            raise ParamInvalid(f"remote cache {view.cache_id} is a blocks cache")
-        if local.stride > view.stride:
-            raise ParamInvalid(f"local slot of {local.stride} bytes exceeds the remote slot of {view.stride} bytes")
-        plan = planner.plan_slot(local, view, src_batch_index, view.slot, local.stride, layers, local_is_dst=False)
-        link.write(plan, deadline)
+
+        def make_plan(view) -> CopyPlan:
+            _continuous(view)
+            if local.stride > view.stride:
+                raise ParamInvalid(f"local slot of {local.stride} bytes exceeds the remote slot of "
+                                   f"{view.stride} bytes")
+            return planner.plan_slot(local, view, src_batch_index, view.slot, local.stride, layers,
+                                     local_is_dst=False)
+
+        _move(engine, link, dest, deadline, make_plan, read=False)
 
 
 def push_blocks(engine, dest: SourceSpec, cache_id: int, src_blocks: Sequence[int], dst_blocks: Sequence[int],
@@ -120,8 +157,12 @@ def push_blocks(engine, dest: SourceSpec, cache_id: int, src_blocks: Sequence[in
         if not local.is_blocks:
             raise ParamInvalid("push_blocks needs a blocks source cache")
         link = _link(engine, dest.cluster_id)
-        view = _remote_view(engine, link, dest, deadline)
-        if not view.is_blocks:
-            raise ParamInvalid(f"remote cache {view.cache_id} is not a blocks cache")
-        plan = planner.plan_blocks(local, view, src_blocks, dst_blocks, layers, local_is_dst=False)
-        link.write(plan, deadline)
+
+        def make_plan(view) -> CopyPlan:
+            _blocks(view)
+            return planner.plan_blocks(local, view, src_blocks, dst_blocks, layers, local_is_dst=False)
+
+        _move(engine, link, dest, deadline, make_plan, read=False)
+
+
+__all__ = ["pull_cache", "pull_blocks", "push_cache", "push_blocks"]
