@@ -65,6 +65,7 @@ SAMPLES = [
     p.Resolve(kind="blocks", cluster_id=3, model_id=1),
     p.Consume(cache_id=1, slot=2, tensor_lo=0, tensor_hi=80),
     p.TableRequest(),
+    p.TableChanged(version=7),
     p.Table(version=12, caches=[_view(), _view(cache_id=8)]),
     p.Table(version=0, caches=[]),
     p.Unlink(cluster_id=5),

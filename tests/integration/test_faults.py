@@ -148,6 +148,9 @@ def test_relink_to_linked_cluster_reports_already_link(spawn_peer):
         assert dd.link_clusters([cluster(111, port)], 5000) == (LLMStatusCode.LLM_ALREADY_LINK,
                                                                  [LLMStatusCode.LLM_ALREADY_LINK])
         assert dd.link_clusters([cluster(999, port)], 5000)[0] == LLMStatusCode.LLM_LINK_FAILED
+        cache, arrays = local_blocks(dd, nt=4)  # the wrong id must not have broken the good link
+        dd.cache_manager.pull_blocks(BlocksCacheKey(111, 0), cache, [2], [3])
+        assert np.array_equal(arrays[1][3], expected_blocks(5, nt=4)[1][2])
         code, codes = dd.link_clusters([cluster(555, free_port())], 500)
         assert code == LLMStatusCode.LLM_LINK_FAILED and codes == [LLMStatusCode.LLM_LINK_FAILED]
     finally:

@@ -253,13 +253,14 @@ class Engine:
                         transport.register(region)
 
     # -- handshake ------------------------------------------------------------------------------
-    def hello(self, comm: Optional[CommDomain]) -> proto.Hello:
+    def hello(self, comm: Optional[CommDomain], target_cluster_id: Optional[int] = None) -> proto.Hello:
         return proto.Hello(protocol_version=proto.PROTOCOL_VERSION, cluster_id=self.cluster_id, role=self.role,
                            host_id=self.host_id, pid=self.pid,
                            remote_cache_accessible=self.opts.remote_cache_accessible,
                            transports={n: t.local_info() for n, t in self.transports.items()},
                            comm_name=comm.comm_name if comm else "",
-                           comm_members=sorted(comm.members) if comm else [])
+                           comm_members=sorted(comm.members) if comm else [],
+                           target_cluster_id=target_cluster_id)
 
     def hello_ack(self, code: int, message: str) -> proto.HelloAck:
         return proto.HelloAck(cluster_id=self.cluster_id, role=self.role, host_id=self.host_id, pid=self.pid,

@@ -99,6 +99,9 @@ class LinkManager:
         def decide(hello: proto.Hello) -> proto.HelloAck:
             if hello.remote_cache_accessible != engine.opts.remote_cache_accessible:
                 return engine.hello_ack(int(LLMStatusCode.LLM_PARAM_INVALID), "remote cache accessible mode differs")
+            if hello.target_cluster_id is not None and hello.target_cluster_id != engine.cluster_id:
+                return engine.hello_ack(int(LLMStatusCode.LLM_LINK_FAILED),
+                                        f"this is cluster {engine.cluster_id}, not {hello.target_cluster_id}")
             if comm is not None and not comm.accepts(hello):
                 return engine.hello_ack(int(LLMStatusCode.LLM_LINK_FAILED), "not a member of this comm domain")
             link = self._make_link(sock, hello.cluster_id, hello.host_id, hello.pid, addr[0], hello.transports,
@@ -160,7 +163,7 @@ class LinkManager:
                 existing = self._links.get(expected_cluster)
             if existing is not None and not existing.closed:
                 raise AlreadyLinked(f"cluster {expected_cluster} is already linked")
-        hello = engine.hello(comm)
+        hello = engine.hello(comm, expected_cluster)
         try:
             sock, ack = rpc.open_connection(ip, port, hello, deadline, engine.opts.link_secret)
         except EngineError:

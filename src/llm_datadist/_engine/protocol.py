@@ -88,6 +88,7 @@ class Hello(_Msg):
     comm_members: Members = msgspec.field(default_factory=list)
     client_nonce: AuthBytes = b""
     listen_port: U16 = 0
+    target_cluster_id: Optional[U64] = None  # the cluster the client means to reach, when it knows it
 
 
 class HelloAck(_Msg):

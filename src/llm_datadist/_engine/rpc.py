@@ -136,8 +136,9 @@ class Connection:
         with self._lock:
             if self._reader is not None or self._closed:
                 return
-            self._reader = threading.Thread(target=self._read_loop, name=f"{self.name}-reader", daemon=True)
-        self._reader.start()
+            reader = threading.Thread(target=self._read_loop, name=f"{self.name}-reader", daemon=True)
+            reader.start()  # under the lock: close() never sees a reader that was not started
+            self._reader = reader
 
     def call(self, msg: Message, deadline: float) -> Message:
         """Send a request and return its reply (an ``Error`` reply is raised instead).
