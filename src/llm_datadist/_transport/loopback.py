@@ -1,0 +1,168 @@
+"""Loopback transport: two instances inside one process copy memory directly, peer regions checked."""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import weakref
+from typing import Optional
+
+from llm_datadist._transport import iov
+from llm_datadist._transport.base import (
+    Channel,
+    ConnectFailed,
+    CopyPlan,
+    PeerInfo,
+    Region,
+    RemoteRejected,
+    Transport,
+    TransportClosed,
+    TransportContext,
+)
+
+_MAGIC = b"LBK1"
+_DESC = struct.Struct("<4sQ16s")  # magic, pid, token
+
+_DIRECTORY: "weakref.WeakValueDictionary[bytes, LoopbackTransport]" = weakref.WeakValueDictionary()
+_DIR_LOCK = threading.Lock()
+
+
+def _parse(descriptor: bytes) -> Optional[tuple]:
+    if len(descriptor) != _DESC.size:
+        return None
+    magic, pid, token = _DESC.unpack(descriptor)
+    return (pid, token) if magic == _MAGIC else None
+
+
+class LoopbackChannel(Channel):
+    """A channel to another transport instance of this process."""
+
+    def __init__(self, peer: PeerInfo, target: "LoopbackTransport") -> None:
+        super().__init__(peer)
+        self._target: Optional[LoopbackTransport] = target
+
+    def target(self) -> "LoopbackTransport":
+        """The serving instance; TransportClosed once the channel or the peer is closed."""
+        target = self._target
+        if target is None:
+            raise TransportClosed("loopback channel is closed")
+        if target.closed:
+            raise TransportClosed("loopback peer is closed")
+        return target
+
+    def close(self) -> None:
+        """Drop the reference to the peer (idempotent)."""
+        self._target = None
+
+
+class LoopbackTransport(Transport):
+    """Same-process transport: vectorised local copies, the serving side's regions re-validated."""
+
+    name = "loopback"
+    priority = 100
+    same_host_only = True
+    same_process_only = True
+
+    def __init__(self, ctx: TransportContext) -> None:
+        super().__init__(ctx)
+        self._token = os.urandom(16)
+        self._table = iov.RangeTable()
+        self.closed = False
+        with _DIR_LOCK:
+            _DIRECTORY[self._token] = self
+
+    def register(self, region: Region) -> None:
+        """Expose a region to peer instances of this process.
+
+        Args:
+            region: The range peers may read and write.
+        """
+        self._table.add(region.addr, region.nbytes)
+
+    def deregister(self, region: Region) -> None:
+        """Stop exposing a region; unknown regions are ignored.
+
+        Args:
+            region: A region passed to ``register`` before.
+        """
+        self._table.remove(region.addr, region.nbytes)
+
+    def local_info(self) -> bytes:
+        """Descriptor: ``<4sQ16s`` = (b"LBK1", pid, 16-byte token of this instance)."""
+        return _DESC.pack(_MAGIC, os.getpid(), self._token)
+
+    def can_reach(self, peer: PeerInfo) -> bool:
+        """True when the peer's descriptor names a live instance in this process."""
+        parsed = _parse(peer.descriptor)
+        if parsed is None or parsed[0] != os.getpid():
+            return False
+        return parsed[1] in _DIRECTORY
+
+    def connect(self, peer: PeerInfo, deadline: float) -> Channel:
+        """Find the peer instance in the process-local directory.
+
+        Args:
+            peer: Handshake information; ``peer.descriptor`` is the peer's ``local_info()``.
+            deadline: Unused (connecting is immediate).
+
+        Returns:
+            A LoopbackChannel.
+
+        Raises:
+            ConnectFailed: bad descriptor, other process, or the instance no longer exists.
+        """
+        if self.closed:
+            raise ConnectFailed("loopback transport is closed")
+        parsed = _parse(peer.descriptor)
+        if parsed is None:
+            raise ConnectFailed("not a loopback descriptor")
+        pid, token = parsed
+        if pid != os.getpid():
+            raise ConnectFailed(f"loopback peer lives in process {pid}, not this one")
+        target = _DIRECTORY.get(token)
+        if target is None or target.closed:
+            raise ConnectFailed("loopback peer instance not found")
+        return LoopbackChannel(peer, target)
+
+    def _checked_target(self, channel: Channel, plan: CopyPlan) -> "LoopbackTransport":
+        if self.closed:
+            raise TransportClosed("loopback transport is closed")
+        if not isinstance(channel, LoopbackChannel):
+            raise ConnectFailed("not a loopback channel")
+        target = channel.target()
+        if not target._table.contains(plan.remote, plan.sizes):
+            raise RemoteRejected("range outside the peer's registered memory")
+        return target
+
+    def read(self, channel: Channel, plan: CopyPlan, deadline: float) -> None:
+        """Copy peer ``plan.remote[i]`` to local ``plan.local[i]`` for every op.
+
+        Args:
+            channel: From ``connect``.
+            plan: The copies; remote ranges must lie in the peer's registered regions.
+            deadline: ``time.monotonic()`` value, checked between 1024-op chunks.
+
+        Raises:
+            RemoteRejected: a remote range is outside the peer's registered memory.
+            TransportClosed: the channel, this transport or the peer is closed.
+            TransferTimeout: the deadline passed.
+        """
+        self._checked_target(channel, plan)
+        iov.local_copy(plan, deadline, threads=iov.COPY_THREADS)
+
+    def write(self, channel: Channel, plan: CopyPlan, deadline: float) -> None:
+        """Copy local ``plan.local[i]`` to peer ``plan.remote[i]`` for every op.
+
+        Args and errors as :meth:`read`.
+        """
+        self._checked_target(channel, plan)
+        iov.local_copy(plan.swapped(), deadline, threads=iov.COPY_THREADS)
+
+    def close(self) -> None:
+        """Leave the directory; channels to this instance fail with TransportClosed (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._table.clear()
+        with _DIR_LOCK:
+            _DIRECTORY.pop(self._token, None)

@@ -1,0 +1,108 @@
+"""TCP wire format: struct-packed frame headers, deadlines via socket timeouts, scatter send/recv."""
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Callable, List, Tuple
+
+import numpy as np
+
+from llm_datadist._transport import iov
+from llm_datadist._transport.base import RemoteRejected
+
+PROTOCOL_VERSION = 1
+# Changelog: 1 - HELLO/READ/WRITE/REPLY frames, (addr, len) uint64 pairs, two-phase writes.
+_MAGIC = b"LDT1"
+HDR = struct.Struct("<4sBBHIQ")  # magic, version, op, status, count, nbytes
+OP_HELLO, OP_READ, OP_WRITE, OP_REPLY = 1, 2, 3, 4
+ST_OK, ST_REJECTED, ST_BAD_FRAME = 0, 1, 2
+TOKEN_BYTES = 32
+MAX_OPS = 1 << 20  # ranges per request frame (16 MiB of descriptors)
+SOCK_BUF_BYTES = 4 << 20
+IO_CHUNK_BYTES = 1 << 20
+
+
+def set_timeouts(sock: socket.socket, seconds: float) -> None:
+    """SO_RCVTIMEO and SO_SNDTIMEO: a blocked call returns EAGAIN after ``seconds``."""
+    seconds = min(max(seconds, 0.001), 86400.0)
+    tv = struct.pack("ll", int(seconds), int((seconds % 1.0) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def set_buffers(sock: socket.socket) -> None:
+    """Large SO_SNDBUF/SO_RCVBUF; call before connect/listen so the window scale matches."""
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        if SOCK_BUF_BYTES:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF_BYTES)
+            except OSError:
+                pass
+
+
+def tune(sock: socket.socket) -> None:
+    """Blocking mode (deadlines come from set_timeouts) and TCP_NODELAY."""
+    sock.settimeout(None)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def connect(address: Tuple[str, int], timeout: float) -> socket.socket:
+    """A connected, tuned socket (buffers sized before the handshake). Raises OSError."""
+    error: OSError = OSError(f"no address for {address}")
+    for family, kind, proto, _, addr in socket.getaddrinfo(address[0], address[1], 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            set_buffers(sock)
+            sock.settimeout(timeout)
+            sock.connect(addr)
+            tune(sock)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
+
+
+def header(op: int, status: int = ST_OK, count: int = 0, nbytes: int = 0) -> bytes:
+    """One frame header."""
+    return HDR.pack(_MAGIC, PROTOCOL_VERSION, op, status, count, nbytes)
+
+
+def send(sock: socket.socket, addrs: np.ndarray, sizes: np.ndarray, stall: Callable[[], None]) -> None:
+    """Send raw ranges with sendmsg batches."""
+    iov.scatter_io(sock.sendmsg, addrs, sizes, stall, IO_CHUNK_BYTES)
+
+
+def recv(sock: socket.socket, addrs: np.ndarray, sizes: np.ndarray, stall: Callable[[], None]) -> None:
+    """Receive straight into raw ranges with recvmsg_into(MSG_WAITALL) batches."""
+    def op(chunk: List[memoryview]) -> int:
+        return sock.recvmsg_into(chunk, 0, socket.MSG_WAITALL)[0]
+
+    iov.scatter_io(op, addrs, sizes, stall, IO_CHUNK_BYTES)
+
+
+def one(buf: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(addrs, sizes) of one numpy buffer."""
+    return np.array([buf.ctypes.data], dtype=np.uint64), np.array([buf.nbytes], dtype=np.uint64)
+
+
+def send_bytes(sock: socket.socket, data: bytes, stall: Callable[[], None]) -> None:
+    """Send a small bytes object."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    send(sock, *one(buf), stall)
+
+
+def recv_bytes(sock: socket.socket, nbytes: int, stall: Callable[[], None]) -> bytes:
+    """Receive exactly ``nbytes``."""
+    buf = np.empty(nbytes, dtype=np.uint8)
+    recv(sock, *one(buf), stall)
+    return buf.tobytes()
+
+
+def recv_header(sock: socket.socket, stall: Callable[[], None]) -> tuple:
+    """``(op, status, count, nbytes)`` of the next frame; RemoteRejected on bad magic or version."""
+    magic, version, op, status, count, nbytes = HDR.unpack(recv_bytes(sock, HDR.size, stall))
+    if magic != _MAGIC or version != PROTOCOL_VERSION:
+        raise RemoteRejected(f"bad frame (magic {magic!r}, version {version})")
+    return op, status, count, nbytes

@@ -1,0 +1,379 @@
+"""Conformance suite run against every available transport (loopback in-process; others two-process)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import LOCAL_BYTES, PEER_BYTES, TESTED, Setup, ctx
+from llm_datadist._transport import available_transports, transport_class
+from llm_datadist._transport.base import (
+    ConnectFailed,
+    CopyPlan,
+    PeerInfo,
+    Region,
+    RemoteRejected,
+    TransferTimeout,
+    TransportClosed,
+)
+
+SENTINEL = 0xA5
+
+
+def _case_one_byte(rng):
+    return np.array([7]), np.array([PEER_BYTES - 1]), np.array([1])
+
+
+def _case_16k_x4096(rng):
+    bs, n = 16384, 4096
+    local = rng.permutation(LOCAL_BYTES // bs)[:n] * bs
+    remote = rng.permutation(PEER_BYTES // bs)[:n] * bs
+    return local, remote, np.full(n, bs)
+
+
+def _case_1m(rng):
+    bs = 1 << 20
+    local = rng.permutation(LOCAL_BYTES // bs)[:8] * bs
+    remote = rng.permutation(PEER_BYTES // bs)[:8] * bs
+    return local, remote, np.full(8, bs)
+
+
+def _case_unaligned(rng):
+    n = 300
+    sizes = rng.integers(1, 20000, n)
+    sizes[17] = 0  # a zero-byte op is legal and moves nothing
+    gaps = rng.integers(1, 999, n)
+    local = np.cumsum(gaps + sizes) - sizes + 3
+    order = rng.permutation(n)  # disjoint remote slots, visited in a shuffled order
+    remote = np.empty(n, dtype=np.int64)
+    remote[order] = np.cumsum(rng.integers(1, 5000, n) + sizes[order]) - sizes[order] + 11
+    return local, remote, sizes
+
+
+CASES = {"1byte": _case_one_byte, "16k_x4096": _case_16k_x4096, "1m": _case_1m, "unaligned": _case_unaligned}
+
+
+def _dest_mask(nbytes, offs, sizes):
+    mask = np.zeros(nbytes, dtype=bool)
+    for off, n in zip(np.asarray(offs).tolist(), np.asarray(sizes).tolist()):
+        mask[off:off + n] = True
+    return mask
+
+
+def _check_copied(dst, dst_offs, src, src_offs, sizes):
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if sizes.size and (sizes == sizes[0]).all() and not (dst_offs % sizes[0]).any() \
+            and not (src_offs % sizes[0]).any():
+        bs = int(sizes[0])
+        got = dst[:dst.size // bs * bs].reshape(-1, bs)[np.asarray(dst_offs) // bs]
+        want = src[:src.size // bs * bs].reshape(-1, bs)[np.asarray(src_offs) // bs]
+        if not np.array_equal(got, want):
+            np.testing.assert_array_equal(got, want)
+        return
+    for d, s, n in zip(np.asarray(dst_offs).tolist(), np.asarray(src_offs).tolist(), sizes.tolist()):
+        if not np.array_equal(dst[d:d + n], src[s:s + n]):
+            np.testing.assert_array_equal(dst[d:d + n], src[s:s + n])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_read_scattered(setup: Setup, case):
+    rng = np.random.default_rng(42)
+    local, remote, sizes = CASES[case](rng)
+    setup.local[:] = SENTINEL
+    setup.transport.read(setup.channel, setup.plan(local, remote, sizes), setup.deadline())
+    _check_copied(setup.local, local, setup.expected(), remote, sizes)
+    changed = setup.local != SENTINEL
+    changed[_dest_mask(LOCAL_BYTES, local, sizes)] = False
+    assert not changed.any(), "bytes outside the destinations changed"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_write_scattered_then_read_back(setup: Setup, case):
+    rng = np.random.default_rng(7)
+    local, remote, sizes = CASES[case](rng)  # every case's remote ranges are disjoint
+    payload = np.zeros(LOCAL_BYTES, dtype=np.uint8)
+    used = int(np.max(np.asarray(local) + np.asarray(sizes)))
+    payload[:used] = rng.integers(0, 256, used, dtype=np.uint8)
+    setup.local[:] = payload
+    try:
+        setup.transport.write(setup.channel, setup.plan(local, remote, sizes), setup.deadline())
+        setup.local[:] = 0
+        whole = setup.plan([0], [0], [PEER_BYTES])
+        setup.transport.read(setup.channel, whole, setup.deadline())
+        after = setup.local[:PEER_BYTES].copy()
+        _check_copied(after, remote, payload, local, sizes)
+        changed = after != setup.expected()
+        changed[_dest_mask(PEER_BYTES, remote, sizes)] = False
+        assert not changed.any(), "bytes outside the written ranges changed"
+    finally:
+        setup.peer.command("reset")
+
+
+def test_empty_plan_is_a_no_op(setup: Setup):
+    empty = setup.plan([], [], [])
+    setup.transport.read(setup.channel, empty, setup.deadline())
+    setup.transport.write(setup.channel, empty, setup.deadline())
+
+
+def _outside_ranges(setup: Setup):
+    """Remote ranges a serving side must refuse, and whether the refusal is server-side."""
+    if setup.name == "process_vm":  # one-sided: only unmapped or absurd addresses can be refused
+        return [CopyPlan([setup.local.ctypes.data], [0], [16]),
+                CopyPlan([setup.local.ctypes.data], [(1 << 45) + 4096], [16])]
+    return [setup.plan([0], [PEER_BYTES - 10], [11]),
+            setup.plan([0], [PEER_BYTES], [1]),
+            CopyPlan([setup.local.ctypes.data], [setup.peer.addr - 1], [2])]
+
+
+def test_rejects_ranges_outside_registered_memory(setup: Setup):
+    for plan in _outside_ranges(setup):
+        for op in (setup.transport.read, setup.transport.write):
+            with pytest.raises(RemoteRejected):
+                op(setup.channel, plan, setup.deadline())
+    rng = np.random.default_rng(3)
+    local, remote, sizes = _case_16k_x4096(rng)
+    setup.local[:] = SENTINEL
+    setup.transport.read(setup.channel, setup.plan(local, remote, sizes), setup.deadline())  # still usable
+    _check_copied(setup.local, local, setup.expected(), remote, sizes)
+
+
+def test_one_bad_range_among_thousands_is_rejected(setup: Setup):
+    if setup.name == "process_vm":
+        pytest.skip("process_vm is one-sided; the engine bounds-checks remote ranges")
+    local, remote, sizes = _case_16k_x4096(np.random.default_rng(5))
+    remote = remote.copy()
+    remote[2000] = PEER_BYTES  # one op just past the end
+    setup.local[:] = SENTINEL
+    for op in (setup.transport.read, setup.transport.write):
+        with pytest.raises(RemoteRejected):
+            op(setup.channel, setup.plan(local, remote, sizes), setup.deadline())
+    assert (setup.local == SENTINEL).all()  # refused before any byte moved
+    setup.transport.read(setup.channel, setup.plan([0], [0], [4096]), setup.deadline())
+    np.testing.assert_array_equal(setup.local[:4096], setup.expected()[:4096])
+
+
+def test_deadline_already_passed(setup: Setup):
+    local, remote, sizes = _case_16k_x4096(np.random.default_rng(1))
+    for op in (setup.transport.read, setup.transport.write):
+        with pytest.raises(TransferTimeout):
+            op(setup.channel, setup.plan(local, remote, sizes), time.monotonic() - 1.0)
+
+
+def test_concurrent_reads_from_8_threads(setup: Setup):
+    bs, per_thread = 16384, 256
+    local_all, remote_all, _ = _case_16k_x4096(np.random.default_rng(11))
+    errors = []
+    setup.local[:] = SENTINEL
+
+    def worker(k: int) -> None:
+        sl = slice(k * per_thread, (k + 1) * per_thread)
+        plan = setup.plan(local_all[sl], remote_all[sl], np.full(per_thread, bs))
+        try:
+            for _ in range(4):
+                setup.transport.read(setup.channel, plan, setup.deadline())
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    n = 8 * per_thread
+    _check_copied(setup.local, local_all[:n], setup.expected(), remote_all[:n], np.full(n, bs))
+
+
+def test_connect_with_a_bad_descriptor_fails(setup: Setup):
+    for desc in (b"", b"garbage-descriptor", b"\0" * 64):
+        bad = PeerInfo(cluster_id=3, host_id=setup.peer_info.host_id, pid=setup.peer.pid,
+                       address="127.0.0.1", descriptor=desc)
+        with pytest.raises(ConnectFailed):
+            setup.transport.connect(bad, time.monotonic() + 2)
+
+
+def test_disconnect_and_close_twice(fresh: Setup):
+    t, ch = fresh.transport, fresh.channel
+    plan = fresh.plan([0], [0], [4096])
+    t.read(ch, plan, fresh.deadline())
+    t.disconnect(ch)
+    t.disconnect(ch)
+    with pytest.raises((TransportClosed, ConnectFailed)):
+        t.read(ch, plan, fresh.deadline())
+    fresh.channel = t.connect(fresh.peer_info, fresh.deadline())
+    t.read(fresh.channel, plan, fresh.deadline())
+    t.close()
+    t.close()
+    with pytest.raises(TransportClosed):
+        t.read(fresh.channel, plan, fresh.deadline())
+    with pytest.raises(ConnectFailed):
+        t.connect(fresh.peer_info, fresh.deadline())
+
+
+def test_stopped_peer(two_process_fresh: Setup):
+    s = two_process_fresh
+    plan = s.plan([0], [0], [8 << 20])
+    s.peer.signal(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        if s.one_sided:  # nothing runs on the serving side: the copy completes anyway
+            s.transport.read(s.channel, plan, start + 5)
+            np.testing.assert_array_equal(s.local[:8 << 20], s.expected()[:8 << 20])
+        else:
+            for op in (s.transport.read, s.transport.write):
+                start = time.monotonic()
+                with pytest.raises(TransferTimeout):
+                    op(s.channel, plan, start + 0.5)
+                assert time.monotonic() - start < 3.0
+    finally:
+        s.peer.signal(signal.SIGCONT)
+    s.transport.read(s.channel, plan, s.deadline())  # usable again once the peer runs
+
+
+def test_peer_killed_mid_transfer(two_process_fresh: Setup):
+    s = two_process_fresh
+    local, remote, sizes = _case_16k_x4096(np.random.default_rng(2))
+    plan = s.plan(local, remote, sizes)
+    outcome = []
+    started = threading.Event()
+
+    def reader() -> None:
+        deadline = time.monotonic() + 8.0
+        try:
+            while time.monotonic() < deadline:
+                s.transport.read(s.channel, plan, deadline)
+                started.set()
+            outcome.append("no error")
+        except (TransportClosed, TransferTimeout) as exc:
+            outcome.append(exc)
+        except Exception as exc:  # noqa: BLE001 - wrong exception type
+            outcome.append(repr(exc))
+        started.set()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    assert started.wait(10)
+    killed_at = time.monotonic()
+    s.peer.kill()
+    thread.join(15)
+    assert not thread.is_alive()
+    assert outcome and isinstance(outcome[0], (TransportClosed, TransferTimeout)), outcome
+    assert time.monotonic() - killed_at < 9.0
+    with pytest.raises((TransportClosed, ConnectFailed)):
+        s.transport.read(s.channel, s.plan([0], [0], [16]), s.deadline(2.0))
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("name", TESTED)
+def test_nothing_leaks_after_close(name):
+    Setup(name).close()  # warm up imports and lazily created helpers
+    threads, fds = threading.active_count(), _open_fds()
+    for _ in range(2):
+        pair = Setup(name)
+        pair.transport.read(pair.channel, pair.plan([0], [0], [1 << 20]), pair.deadline())
+        pair.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and threading.active_count() > threads:
+        time.sleep(0.05)
+    assert threading.active_count() <= threads
+    assert _open_fds() <= fds
+
+
+def test_registry():
+    assert set(TESTED) <= set(available_transports())
+    with pytest.raises(KeyError):
+        transport_class("no-such-transport")
+    for name in ("cuda_ipc", "nixl"):
+        cls = transport_class(name)  # imports cleanly without torch / CUDA / NIXL
+        assert cls.name == name
+        assert isinstance(cls.available(), bool)
+
+
+# ---- transport-specific checks -------------------------------------------------------------------
+
+def _raw_connection(s: Setup) -> socket.socket:
+    port = struct.unpack("<4sH32s", s.peer.descriptor)[1]
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return sock
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+    finally:
+        sock.close()
+
+
+def test_tcp_wrong_token_and_malformed_frames_close_only_that_connection(setup: Setup):
+    if setup.name != "tcp":
+        pytest.skip("tcp only")
+    from llm_datadist._transport import tcp_wire as tcp
+
+    token = struct.unpack("<4sH32s", setup.peer.descriptor)[2]
+    cases = [
+        tcp.header(tcp.OP_HELLO, nbytes=32) + b"x" * 32,  # wrong token
+        b"\xff" * 64,  # garbage
+        tcp.header(tcp.OP_HELLO, nbytes=32) + token + b"\x00" * 40,  # bad magic after hello
+        tcp.header(tcp.OP_HELLO, nbytes=32) + token + tcp.header(tcp.OP_READ, count=tcp.MAX_OPS + 1),
+        tcp.header(tcp.OP_HELLO, nbytes=32) + token + tcp.header(9),  # unknown op
+    ]
+    for frame in cases:
+        sock = _raw_connection(setup)
+        sock.sendall(frame)
+        assert _closed_by_peer(sock)
+    with pytest.raises(ConnectFailed):
+        bad = PeerInfo(2, setup.peer_info.host_id, setup.peer.pid, "127.0.0.1",
+                       setup.peer.descriptor[:6] + b"y" * 32)
+        setup.transport.connect(bad, time.monotonic() + 3)
+    setup.transport.read(setup.channel, setup.plan([0], [0], [4096]), setup.deadline())
+    np.testing.assert_array_equal(setup.local[:4096], setup.expected()[:4096])
+
+
+def test_shm_supports_only_shared_ranges_and_sees_late_regions(setup: Setup):
+    if setup.name != "shm":
+        pytest.skip("shm only")
+    t, ch = setup.transport, setup.channel
+    assert t.supports(ch, setup.plan([0], [0], [PEER_BYTES]))
+    assert not t.supports(ch, setup.plan([0], [0], [PEER_BYTES + 1]))
+    info = setup.peer.command("add", str(1 << 20))  # registered after we connected
+    late = CopyPlan([setup.local.ctypes.data], [info["addr"] + 100], [5000])
+    assert t.supports(ch, late)
+    t.read(ch, late, setup.deadline())
+    from peer_server import pattern
+
+    np.testing.assert_array_equal(setup.local[:5000], pattern(info["nbytes"], info["seed"])[100:5100])
+
+
+@pytest.mark.parametrize("name", [n for n in ("loopback", "process_vm") if n in TESTED])
+def test_in_process_peer_closed_is_transport_closed(name):
+    server, client = transport_class(name)(ctx()), transport_class(name)(ctx())
+    buf = np.ones(4096, dtype=np.uint8)
+    dst = np.zeros(4096, dtype=np.uint8)
+    server.register(Region(buf.ctypes.data, 4096))
+    peer = PeerInfo(5, "h", os.getpid(), "127.0.0.1", server.local_info())
+    channel = client.connect(peer, time.monotonic() + 5)
+    plan = CopyPlan([dst.ctypes.data], [buf.ctypes.data], [4096])
+    client.read(channel, plan, time.monotonic() + 5)
+    assert (dst == 1).all()
+    server.close()
+    with pytest.raises(TransportClosed):
+        client.read(channel, plan, time.monotonic() + 5)
+    with pytest.raises(ConnectFailed):
+        client.connect(peer, time.monotonic() + 5)
+    client.close()
