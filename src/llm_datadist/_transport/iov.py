@@ -26,7 +26,10 @@ IOV_MAX = 1024  # iovecs per process_vm_* call (UIO_MAXIOV)
 CHUNK_BYTES = 1 << 30  # bytes per call; the kernel truncates one call at MAX_RW_COUNT (~2 GiB)
 
 PARALLEL_MIN_BYTES = 16 << 20  # batches at least this large are split across COPY_THREADS threads
-COPY_THREADS = max(1, min(2, os.cpu_count() or 1))
+# Threads for large batches: 2 where the machine has them; LLM_DATADIST_COPY_THREADS=1 turns the split off.
+_ENV_THREADS = os.environ.get("LLM_DATADIST_COPY_THREADS", "")
+COPY_THREADS = int(_ENV_THREADS) if _ENV_THREADS.isdigit() and int(_ENV_THREADS) > 0 else \
+    max(1, min(2, os.cpu_count() or 1))
 
 _U64 = np.uint64
 _ADDRESS_SPACE_BYTES = min(1 << 62, sys.maxsize)  # covers 57-bit (LA57) user address spaces

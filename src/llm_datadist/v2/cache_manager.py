@@ -44,13 +44,15 @@ class CacheManager:
         return self._engine
 
     # -- registration ---------------------------------------------------------------------------
-    def _default_remote_accessible(self, desc: CacheDesc, remote_accessible: Optional[bool]) -> bool:
-        raise_if_true(self._is_call_linked and remote_accessible is True,
-                      "you can not register remote accessible cache after link.")
+    @staticmethod
+    def _default_remote_accessible(desc: CacheDesc, remote_accessible: Optional[bool]) -> bool:
+        """None: DEVICE caches are remote accessible, HOST caches are not.
+
+        Registration is allowed at any time, also after a rank-table ``link`` (DECISIONS D12, which replaces
+        the official "you can not register remote accessible cache after link" rule and its False default).
+        """
         if remote_accessible is not None:
             return remote_accessible
-        if self._is_call_linked:
-            return False
         return desc.placement != Placement.HOST
 
     @staticmethod
@@ -264,6 +266,9 @@ class CacheManager:
         raise_if_false(size == -1 or size > 0, "size must be -1 or > 0, but got {}", size)
         if req_id is not None:
             check_uint64("req_id", req_id)
+        raise_if_false(dst.cache_desc.data_type == src.cache_desc.data_type,
+                       "copy_cache needs caches of one data type, but got {} and {}",
+                       dst.cache_desc.data_type, src.cache_desc.data_type)  # DECISIONS D7
         with map_errors("copy_cache"):
             local_ops.copy_cache(self._live_engine(), dst.cache_id, src.cache_id, dst_batch_index,
                                  src_batch_index, offset, size)
