@@ -15,18 +15,6 @@ from llm_datadist._engine import rpc
 from llm_datadist.status import LLMStatusCode
 
 
-@pytest.fixture(autouse=True)
-def no_thread_leak():
-    before = set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 3.0
-    extra = []
-    while time.monotonic() < deadline:
-        extra = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-        if not extra:
-            break
-        time.sleep(0.02)
-    assert not extra, extra
 
 
 def _tcp_pair():
