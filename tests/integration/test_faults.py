@@ -88,9 +88,11 @@ def _wait_stopped(pid: int) -> None:
     raise AssertionError(f"process {pid} did not stop")
 
 
-def test_stopped_peer_times_out_within_sync_kv_timeout(spawn_peer):
+def test_stopped_peer_times_out_within_sync_kv_timeout(spawn_peer, monkeypatch):
+    """Over tcp the stopped owner must serve the bytes: LLM_TIMEOUT. (process_vm is one-sided: it still works.)"""
+    monkeypatch.setenv("LLM_DATADIST_TRANSPORT", "tcp")
     port = free_port()
-    peer = start_prefill(spawn_peer, 91, port)
+    peer = start_prefill(spawn_peer, 91, port, env={"LLM_DATADIST_TRANSPORT": "tcp"})
     dd = local_dd(92, sync_kv_timeout=500)
     try:
         cache, _arrays = local_blocks(dd, nt=4)

@@ -324,3 +324,18 @@ def test_concurrent_pulls_from_32_threads_two_peers(spawn_peer):
                 assert np.array_equal(arrays[t][2 * k + 1], expected[k % 2][t][k + 32])
     finally:
         dd.finalize()
+
+
+def test_blocks_view_refreshes_when_owner_reregisters(prefill):
+    """Normal mode caches blocks views per link; a re-registration on the owner is seen at once (D12)."""
+    dd = local_dd(24)
+    try:
+        cache, arrays = local_blocks(dd)
+        assert dd.link_clusters([cluster(11, prefill.port)], 5000)[0] == LLMStatusCode.LLM_SUCCESS
+        dd.cache_manager.pull_blocks(BlocksCacheKey(11, 0), cache, [1], [1])
+        assert np.array_equal(arrays[0][1], expected_blocks(5)[0][1])
+        prefill.call("register", name="kv2", num_tensors=NT, num_blocks=NB, block_bytes=BB, seed=6, model_id=0)
+        dd.cache_manager.pull_blocks(BlocksCacheKey(11, 0), cache, [1], [2])
+        assert np.array_equal(arrays[0][2], expected_blocks(6)[0][1])
+    finally:
+        dd.finalize()

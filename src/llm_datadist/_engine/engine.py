@@ -184,7 +184,7 @@ class Engine:
         if self._exposed(entry):
             for region in self._tensor_regions(entry):
                 self._expose(region)
-        self._table_changed()
+        self._table_changed(entry.is_blocks)
         return entry
 
     def allocate(self, spec: CacheSpec, keys: Sequence[Optional[KeyId]], blocks_model_id: Optional[int]) -> CacheEntry:
@@ -208,28 +208,39 @@ class Engine:
             for addr in addrs:
                 pool.free(addr)
             raise
-        self._table_changed()
+        self._table_changed(entry.is_blocks)
         return entry
 
     def deallocate(self, cache_id: int) -> None:
         if self.pools[DEVICE] is None and self.pools[HOST] is None:
             raise FeatureNotEnabled("no memory pool is configured (mem_pool_cfg / host_mem_pool_cfg)")
+        blocks = self._is_blocks(cache_id)
         self.registry.release_id(cache_id)
-        self._table_changed()
+        self._table_changed(blocks)
 
     def remove_key(self, key: KeyId) -> None:
         if self.pools[DEVICE] is None and self.pools[HOST] is None:
             raise FeatureNotEnabled("no memory pool is configured (mem_pool_cfg / host_mem_pool_cfg)")
         self.registry.remove_key(key)
-        self._table_changed()
+        self._table_changed(False)
 
     def unregister(self, cache_id: int) -> None:
+        blocks = self._is_blocks(cache_id)
         self.registry.unregister(cache_id)
-        self._table_changed()
+        self._table_changed(blocks)
 
-    def _table_changed(self) -> None:
-        """Peers snapshot our table only in remote-cache-accessible mode; tell them it changed."""
-        if self.opts.remote_cache_accessible and self.links.has_links():
+    def _is_blocks(self, cache_id: int) -> bool:
+        try:
+            return self.registry.get(cache_id).is_blocks
+        except EngineError:
+            return False
+
+    def _table_changed(self, blocks: bool) -> None:
+        """Tell linked peers our table changed before the call returns, so none uses a stale view (D12).
+
+        Peers keep the whole table in remote-cache-accessible mode and blocks-cache views in normal mode.
+        """
+        if (self.opts.remote_cache_accessible or blocks) and self.links.has_links():
             self.links.notify_table_changed(self.registry.version)
 
     def entry(self, cache_id: int) -> CacheEntry:

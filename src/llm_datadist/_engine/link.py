@@ -28,6 +28,7 @@ class Link:
         self._routes: List[Tuple[Transport, Channel]] = []
         self._lock = threading.Lock()
         self._table: Optional[proto.Table] = None
+        self._blocks_views: Dict[int, proto.CacheView] = {}
         self.closed = False
         self.peer_unlinked = False
 
@@ -112,10 +113,21 @@ class Link:
         return self.conn.call(msg, deadline)
 
     def resolve(self, source: SourceSpec, deadline: float) -> proto.CacheView:
-        """Ask the peer to resolve a key/id (normal mode: the owner answers, every time)."""
-        return self.call(proto.Resolve(kind=source.kind, cluster_id=source.cluster_id, ident=source.ident,
+        """Ask the peer to resolve a key/id (normal mode: the owner answers).
+
+        Blocks keys are never consumed, so their views are kept until the peer announces a change of
+        its blocks caches (TableChanged); keys and ids are resolved by the owner on every pull.
+        """
+        if source.kind == "blocks":
+            view = self._blocks_views.get(source.model_id)
+            if view is not None:
+                return view
+        view = self.call(proto.Resolve(kind=source.kind, cluster_id=source.cluster_id, ident=source.ident,
                                        model_id=source.model_id, cache_id=source.cache_id,
                                        batch_index=source.batch_index), deadline)
+        if source.kind == "blocks":
+            self._blocks_views[source.model_id] = view
+        return view
 
     def resolve_from_table(self, source: SourceSpec, deadline: float) -> proto.CacheView:
         """Remote-cache-accessible mode: look up the peer's table snapshot, refreshing once on a miss (D13)."""
@@ -132,6 +144,7 @@ class Link:
     def invalidate_table(self) -> None:
         """The peer's table changed: the next lookup fetches a fresh snapshot."""
         self._table = None
+        self._blocks_views.clear()
 
     def consume(self, cache_id: int, slot: int, lo: int, hi: int, deadline: float) -> None:
         self.call(proto.Consume(cache_id=cache_id, slot=slot, tensor_lo=lo, tensor_hi=hi), deadline)

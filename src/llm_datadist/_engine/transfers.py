@@ -45,9 +45,9 @@ def _remote_view(engine, link: Link, source: SourceSpec, deadline: float):
 def _move(engine, link: Link, source: SourceSpec, deadline: float, make_plan: Callable, read: bool):
     """Resolve the remote side, plan and move; returns the remote view used.
 
-    In remote-cache-accessible mode the view comes from a table snapshot; if the peer rejects the ranges
-    (the cache went away or was replaced since the snapshot), the table is refreshed and the move retried
-    once, so a vanished cache reports LLM_KV_CACHE_NOT_EXIST (D13).
+    A view may come from a snapshot (the table in remote-cache-accessible mode, a blocks view in normal
+    mode); if the peer rejects the ranges (the cache went away or was replaced since), the snapshot is
+    dropped and the move retried once, so a vanished cache reports LLM_KV_CACHE_NOT_EXIST (D13).
     """
     view = _remote_view(engine, link, source, deadline)
     plan: CopyPlan = make_plan(view)
@@ -55,7 +55,7 @@ def _move(engine, link: Link, source: SourceSpec, deadline: float, make_plan: Ca
         (link.read if read else link.write)(plan, deadline)
         return view
     except RemoteRejected:
-        if not engine.opts.remote_cache_accessible:
+        if not engine.opts.remote_cache_accessible and source.kind != "blocks":
             raise
         link.invalidate_table()
         fresh = _remote_view(engine, link, source, deadline)
