@@ -7,16 +7,15 @@ import ipaddress
 import json
 import logging
 import threading
-import time
 from enum import IntEnum
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from llm_datadist._engine import local_ops, planner, transfers
+from llm_datadist._engine import local_ops, transfers
 from llm_datadist._engine.errors import EngineError
 from llm_datadist._engine.types import CacheSpec, LayerSel, SourceSpec
-from llm_datadist._transport.base import RemoteRejected, TransportError
+from llm_datadist._transport.base import TransportError
 from llm_datadist._transport.iov import local_copy
 from llm_datadist.configs import LLMRole
 from llm_datadist.data_type import DataType, dtype_size
@@ -307,52 +306,6 @@ def _spec(desc: Any, is_blocks: bool = False) -> CacheSpec:
                      is_blocks=is_blocks)
 
 
-class _AsBlocks:
-    """A cache (local entry or peer view) seen as blocks: num_blocks = shape[0] (V1 MIX caches, §10.1)."""
-
-    is_blocks = True
-
-    def __init__(self, view: Any) -> None:
-        self.tensor_addrs = view.tensor_addrs
-        self.stride = view.stride
-        self.dim0 = view.dim0
-        self.num_tensors = view.num_tensors
-        self.cache_id = view.cache_id
-
-
-def _blocks_transfer(engine, index: CacheIndex, cache_id: int, src_blocks: List[int], dst_blocks: List[int],
-                     layers: LayerSel, pull: bool) -> None:
-    """Blocks between a local cache and a remote cache addressed by id (both seen as blocks).
-
-    The remote view comes from the peer's table snapshot; if the peer rejects the ranges (the cache went away
-    since the snapshot) the table is refreshed and the move retried once, as the engine's own transfers do.
-    """
-    deadline = time.monotonic() + engine.opts.sync_kv_timeout_ms / 1000.0
-    _require(index.cluster_id != engine.cluster_id, "a cache can not be transferred with own cluster")
-    with engine.registry.pinned(cache_id) as local:
-        _require(local.remote_accessible or local.owned, f"local cache {cache_id} is not remote accessible")
-        link = engine.link_for_transfer(int(index.cluster_id))
-        source = SourceSpec("id", int(index.cluster_id), cache_id=int(index.cache_id))
-
-        def move(view) -> None:
-            _require(view.remote_accessible, f"remote cache {view.cache_id} is not remote accessible")
-            lview, rview = _AsBlocks(local), _AsBlocks(view)
-            if pull:
-                link.read(planner.plan_blocks(rview, lview, src_blocks, dst_blocks, layers, True), deadline)
-            else:
-                link.write(planner.plan_blocks(lview, rview, src_blocks, dst_blocks, layers, False), deadline)
-
-        view = link.resolve_from_table(source, deadline)
-        try:
-            move(view)
-        except RemoteRejected:
-            link.invalidate_table()
-            fresh = link.resolve_from_table(source, deadline)
-            if fresh.cache_id == view.cache_id and list(fresh.tensor_addrs) == list(view.tensor_addrs):
-                raise
-            move(fresh)
-
-
 class LlmDataDist:
     """A V1 instance: ``LlmDataDist(cluster_id, role)``, then ``Initialize(options)``.
 
@@ -492,8 +445,9 @@ class LlmDataDist:
         src, dst, n = _ranges(KvCacheExtParam() if ext_param is None else ext_param, push=False)
         s_blk, d_blk = _check_ints("src_blocks", src_blocks), _check_ints("dst_blocks", dst_blocks, True)
         _require(len(s_blk) == len(d_blk), f"src_blocks ({len(s_blk)}) and dst_blocks ({len(d_blk)}) differ")
-        _blocks_transfer(engine, src_cache_index, int(dst_cache.cache_id), s_blk, d_blk, _layer_sel(src, dst, n),
-                         pull=True)
+        _require(src_cache_index.cluster_id != engine.cluster_id, "a cache can not be transferred with own cluster")
+        transfers.blocks_by_id(engine, int(src_cache_index.cluster_id), int(src_cache_index.cache_id),
+                               int(dst_cache.cache_id), s_blk, d_blk, _layer_sel(src, dst, n), pull=True)
         return S.LLM_SUCCESS
 
     @staticmethod
@@ -541,7 +495,9 @@ class LlmDataDist:
         _require(len(s_blk) == len(d_blk), f"src_blocks ({len(s_blk)}) and dst_blocks ({len(d_blk)}) differ")
         _require(dst_cache_index.batch_index == 0, "dst_cache_index.batch_index must be 0 for blocks")
         layers = self._push_layers(engine, src_cache, ext_param)
-        _blocks_transfer(engine, dst_cache_index, int(src_cache.cache_id), s_blk, d_blk, layers, pull=False)
+        _require(dst_cache_index.cluster_id != engine.cluster_id, "a cache can not be transferred with own cluster")
+        transfers.blocks_by_id(engine, int(dst_cache_index.cluster_id), int(dst_cache_index.cache_id),
+                               int(src_cache.cache_id), s_blk, d_blk, layers, pull=False)
         return S.LLM_SUCCESS
 
     # -- local copies (legacy semantics, §13.3) ---------------------------------------------------

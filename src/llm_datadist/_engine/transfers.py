@@ -165,4 +165,35 @@ def push_blocks(engine, dest: SourceSpec, cache_id: int, src_blocks: Sequence[in
         _move(engine, link, dest, deadline, make_plan, read=False)
 
 
-__all__ = ["pull_cache", "pull_blocks", "push_cache", "push_blocks"]
+class AsBlocks:
+    """A cache (local entry or peer view) seen as blocks, num_blocks = shape[0] (V1 MIX caches, §10.1)."""
+
+    is_blocks = True
+
+    def __init__(self, view) -> None:
+        self.tensor_addrs = view.tensor_addrs
+        self.stride = view.stride
+        self.dim0 = view.dim0
+        self.num_tensors = view.num_tensors
+        self.cache_id = view.cache_id
+
+
+def blocks_by_id(engine, cluster_id: int, remote_cache_id: int, cache_id: int, src_blocks: Sequence[int],
+                 dst_blocks: Sequence[int], layers: LayerSel, pull: bool) -> None:
+    """V1 PullKvBlocks/PushKvBlocks: blocks between a local cache and a remote cache addressed by id,
+    both seen as blocks whatever they were registered as."""
+    deadline = _deadline(engine)
+    with _local(engine, cache_id) as local:
+        link = _link(engine, cluster_id)
+        source = SourceSpec("id", cluster_id, cache_id=remote_cache_id)
+
+        def make_plan(view) -> CopyPlan:
+            lview, rview = AsBlocks(local), AsBlocks(view)
+            if pull:
+                return planner.plan_blocks(rview, lview, src_blocks, dst_blocks, layers, local_is_dst=True)
+            return planner.plan_blocks(lview, rview, src_blocks, dst_blocks, layers, local_is_dst=False)
+
+        _move(engine, link, source, deadline, make_plan, read=pull)
+
+
+__all__ = ["pull_cache", "pull_blocks", "push_cache", "push_blocks", "blocks_by_id"]
