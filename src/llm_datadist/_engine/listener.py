@@ -71,6 +71,10 @@ class Listener:
                 return
             self._closed = True
         self._stop.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() at once on Linux
+        except OSError:
+            pass
         if self._thread is not threading.current_thread():
             self._thread.join(JOIN_TIMEOUT_S)
         self._sock.close()
