@@ -1,0 +1,268 @@
+"""``llm-datadist bench``: transfer bandwidth and latency side by side with the machine's ceiling and the peers."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from llm_datadist.cli.bench_common import (DEFAULT_SIZES, MIB, QUICK_SIZES, CpuWatch, SuiteSpec, format_size,
+                                           merge_samples, parse_sizes, record)
+from llm_datadist.cli.progress import Progress, format_duration
+
+__all__ = ["main", "build_parser"]
+
+PROG = "llm-datadist bench"
+TRANSPORTS = ("process_vm", "shm", "tcp")
+DIRECTIONS = ("pull", "push")
+PEER_NAMES = ("nixl", "mooncake")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Two processes move scattered blocks with pull_blocks/push_blocks over every transport "
+                               "and 'auto'; the same run measures the ceiling (memcpy of the same blocks, a raw "
+                               "loopback socket) and, with --peers, NIXL and Mooncake. Writes results.md, "
+                               "results.jsonl and bench.png to --out.")
+    parser.add_argument("--quick", action="store_true", help="3 sizes, 32 MiB per pass, 3 passes (under a minute)")
+    parser.add_argument("--out", default="bench-out", help="output folder (default %(default)s)")
+    parser.add_argument("--sizes", help="block sizes, e.g. 16K,64K,2M (default 16K..2M, 8 sizes)")
+    parser.add_argument("--transports", help=f"comma list of {', '.join(TRANSPORTS)}, auto (default: every "
+                                             f"available one and auto)")
+    parser.add_argument("--directions", default="pull,push", help="pull, push or both (default %(default)s)")
+    parser.add_argument("--passes", type=int, help="measured passes per point (default 10; quick 3)")
+    parser.add_argument("--warmup", type=int, help="warm-up passes per point (default 2; quick 1)")
+    parser.add_argument("--total-mib", type=int, help="MiB moved per pass (default 128; quick 32)")
+    parser.add_argument("--peers", nargs="?", const="nixl,mooncake", default="",
+                        help="also run the peer engines (nixl, mooncake; default both) from --peer-python")
+    parser.add_argument("--peer-python", help="interpreter that has the peers (default .venv-peers/bin/python)")
+    parser.add_argument("--peer-scripts", help="folder of the peer drivers (default benchmarks/peers)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat everything this many times and pool the samples (a noisy machine; default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the scattered block order")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per step before giving up")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _options(args: argparse.Namespace) -> Dict[str, Any]:
+    """Validated settings (raises ValueError with a user-facing message)."""
+    sizes = parse_sizes(args.sizes) if args.sizes else (QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    total = (args.total_mib or (32 if args.quick else 128)) * MIB
+    passes = args.passes or (3 if args.quick else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    directions = tuple(d.strip() for d in args.directions.split(",") if d.strip())
+    if not directions or set(directions) - set(DIRECTIONS):
+        raise ValueError(f"--directions takes pull and/or push, not {args.directions!r}")
+    if passes <= 0 or warmup < 0 or total <= 0 or args.rounds <= 0:
+        raise ValueError("--passes, --rounds and --total-mib must be > 0, --warmup >= 0")
+    too_big = [format_size(s) for s in sizes if s > total or s % 8]
+    if too_big:
+        raise ValueError(f"block sizes {', '.join(too_big)} exceed --total-mib or are not multiples of 8 bytes")
+    peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
+    if set(peers) - set(PEER_NAMES):
+        raise ValueError(f"--peers takes {', '.join(PEER_NAMES)}, not {args.peers!r}")
+    return dict(sizes=sizes, total=total, passes=passes, warmup=warmup, directions=directions, peers=peers,
+                transports=_transports(args.transports))
+
+
+def _transports(text: Optional[str]) -> List[str]:
+    from llm_datadist._transport import available_transports
+
+    available = [t for t in TRANSPORTS if t in available_transports()]
+    if not text:
+        return available + ["auto"]
+    chosen = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in chosen if t not in TRANSPORTS + ("auto",)]
+    if unknown:
+        raise ValueError(f"unknown transport(s) {', '.join(unknown)}; choose from {', '.join(TRANSPORTS)}, auto")
+    return chosen
+
+
+def _cuda_note() -> Optional[str]:
+    """None when torch sees a CUDA device (device placements run), else why they are skipped."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed: no CUDA, host/device and device/device placements skipped"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return None
+    except Exception as exc:  # noqa: BLE001 - a broken CUDA stack means host only
+        return f"torch CUDA check failed ({exc}): device placements skipped"
+    return "torch sees no CUDA device: host/device and device/device placements skipped"
+
+
+def _suites(opts: Dict[str, Any], args: argparse.Namespace, placements: Sequence[str]) -> List[SuiteSpec]:
+    quick = args.quick
+    base = 1000 + (os.getpid() % 100000) * 2
+    suites = []
+    for placement in placements:
+        names = opts["transports"] if placement == "host/host" else ["auto"]
+        for name in names:
+            transport = None if name == "auto" else name
+            suffix = "" if placement == "host/host" else f"[{placement}]"
+            suites.append(SuiteSpec(
+                name=name + suffix, transport=transport, pool=name == "shm", placement=placement,
+                sizes=opts["sizes"], directions=opts["directions"], passes=opts["passes"], warmup=opts["warmup"],
+                total_bytes=opts["total"], seed=args.seed, latency_iters=100 if quick else 1000,
+                model_iters=3 if quick else 20, link_repeats=2 if quick else 5, timeout_s=args.timeout,
+                owner_id=base, initiator_id=base + 1, paired=name != "tcp"))
+    return suites
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def _library_state() -> str:
+    """The checkout's commit and whether library files differ from it (the numbers belong to that state)."""
+    import subprocess
+
+    import llm_datadist
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(llm_datadist.__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "src/llm_datadist"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    if head.returncode != 0:
+        return "installed package (not a git checkout)"
+    changed = len([line for line in dirty.stdout.splitlines() if line.strip()])
+    return f"git {head.stdout.strip()}" + (f" + {changed} uncommitted library files" if changed else "")
+
+
+def _meta(args: argparse.Namespace, opts: Dict[str, Any]) -> Dict[str, Any]:
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        pass
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                host=f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs", cpu=cpu,
+                python=platform.python_version(), numpy=np.__version__, total_mib=opts["total"] // MIB,
+                passes=opts["passes"], warmup=opts["warmup"], rounds=args.rounds,
+                mode="quick" if args.quick else "full",
+                sizes=[format_size(s) for s in opts["sizes"]], transports=opts["transports"],
+                directions=list(opts["directions"]), library=_library_state(), load_before=_loadavg())
+
+
+def _ceiling(opts: Dict[str, Any], args: argparse.Namespace, progress: Progress, copier) -> List[Dict[str, Any]]:
+    from llm_datadist.cli.bench_ceiling import measure_memcpy
+
+    def step() -> None:
+        progress.update(1, note="memcpy ceiling")
+
+    return measure_memcpy(copier, opts["sizes"], opts["total"], opts["passes"], opts["warmup"], args.seed, step)
+
+
+def _run_all(opts: Dict[str, Any], args: argparse.Namespace, suites: List[SuiteSpec], progress: Progress,
+             workdir: str) -> List[Dict[str, Any]]:
+    from llm_datadist.cli.bench_ceiling import load_copier, measure_plan
+    from llm_datadist.cli.bench_peers import default_peer_python, find_peer_scripts, run_peers
+    from llm_datadist.cli.bench_runner import run_suite
+    from llm_datadist.cli.bench_socket import best_raw_tcp, measure_raw_tcp
+
+    records: List[Dict[str, Any]] = [measure_plan(seed=args.seed)]
+    copier = load_copier()
+    python = args.peer_python or default_peer_python()
+    scripts = find_peer_scripts(args.peer_scripts)
+    for round_no in range(1, args.rounds + 1):
+        records += _watched("memcpy ceiling", round_no, lambda: _ceiling(opts, args, progress, copier))
+        records += _watched("raw tcp socket", round_no, lambda: measure_raw_tcp(
+            opts["sizes"], opts["total"], opts["passes"], opts["warmup"], args.seed,
+            lambda: progress.update(1, note="raw tcp socket")))
+        for spec in suites:
+            records += [dict(r, round=round_no) if r.get("kind") == "cpu" else r for r in run_suite(spec, progress)]
+        if opts["peers"]:
+            records += _watched("peers", round_no, lambda: run_peers(
+                opts["peers"], python, scripts, workdir, opts["sizes"], opts["total"], opts["passes"], opts["warmup"],
+                args.seed, opts["directions"], progress))
+    if not args.quick:  # one more ceiling round after the transports: the machine drifts
+        records += _watched("memcpy ceiling", args.rounds + 1, lambda: _ceiling(opts, args, progress, copier))
+    return best_raw_tcp(merge_samples(records))
+
+
+def _watched(step: str, round_no: int, fn) -> List[Dict[str, Any]]:
+    """Run one step and append how busy the machine was meanwhile (ours and everything else)."""
+    watch = CpuWatch()
+    out = fn()
+    return list(out) + [record("cpu", step, round=round_no, **watch.stop())]
+
+
+def _write(out: str, records: List[Dict[str, Any]], meta: Dict[str, Any]) -> List[str]:
+    from llm_datadist.cli.bench_plot import plot
+    from llm_datadist.cli.bench_report import Results, markdown, write_jsonl
+
+    os.makedirs(out, exist_ok=True)
+    results = Results(records)
+    title = f"llm-datadist bench, {meta['mode']} run, {meta['date']}"
+    png = os.path.join(out, "bench.png")
+    problem = plot(results, png, title)
+    if problem:
+        records.append(record("note", "plot", message=problem))
+        results = Results(records)
+    text = markdown(results, title, meta)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    write_jsonl(os.path.join(out, "results.jsonl"), [record("meta", "run", **meta)] + records)
+    print(text)
+    return [os.path.join(out, n) for n in ("results.md", "results.jsonl")] + ([] if problem else [png])
+
+
+def _total_units(opts: Dict[str, Any], suites: List[SuiteSpec], args: argparse.Namespace) -> int:
+    n_sizes = len(opts["sizes"])
+    peers = len(opts["peers"]) * n_sizes * len(opts["directions"])
+    per_round = 2 * n_sizes + sum(s.work_units() for s in suites) + peers
+    return per_round * args.rounds + (0 if args.quick else n_sizes)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the benchmark; 0 when every suite of the library ran, 1 when one failed, 2 on bad options."""
+    args = build_parser().parse_args(argv)
+    try:
+        opts = _options(args)
+    except ValueError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    cuda_note = _cuda_note()
+    placements = ["host/host"] + ([] if cuda_note else ["host/device", "device/device"])
+    suites = _suites(opts, args, placements)
+    meta = _meta(args, opts)
+    print(f"{PROG}: {meta['mode']}, sizes {','.join(meta['sizes'])}, {meta['total_mib']} MiB per pass, "
+          f"{opts['passes']} passes (+{opts['warmup']} warm-up), suites {', '.join(s.name for s in suites)}"
+          f"{', peers ' + ','.join(opts['peers']) if opts['peers'] else ''}", file=sys.stderr)
+    progress = Progress(_total_units(opts, suites, args), label="bench", enabled=not args.no_progress)
+    workdir = tempfile.mkdtemp(prefix="llmdd-bench-")
+    start = time.monotonic()
+    try:
+        records = _run_all(opts, args, suites, progress, workdir)
+    except KeyboardInterrupt:
+        progress.close()
+        return 130
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    progress.close()
+    if cuda_note:
+        records.append(record("note", "placements", message=cuda_note))
+    meta.update(load_after=_loadavg(), wall_s=round(time.monotonic() - start, 1))
+    files = _write(args.out, records, meta)
+    print(f"{PROG}: done in {format_duration(meta['wall_s'])}; wrote {', '.join(files)}", file=sys.stderr)
+    ours = {s.name for s in suites}
+    return 1 if any(r.get("kind") == "error" and r.get("mechanism") in ours for r in records) else 0

@@ -1,0 +1,107 @@
+"""Runs one ``bench`` suite: spawns the owner and the initiator, follows progress, collects records or the error."""
+from __future__ import annotations
+
+import multiprocessing
+import time
+from multiprocessing.connection import wait as wait_any
+from typing import Any, Dict, List, Optional
+
+from llm_datadist.cli.bench_common import CpuWatch, SuiteSpec, record
+from llm_datadist.cli.bench_initiator import initiator_main
+from llm_datadist.cli.bench_worker import owner_main
+
+__all__ = ["run_suite"]
+
+
+def _start(spec: SuiteSpec):
+    ctx = multiprocessing.get_context("spawn")
+    owner_peer, init_peer = ctx.Pipe()
+    owner_parent, owner_child = ctx.Pipe(duplex=False)
+    init_parent, init_child = ctx.Pipe(duplex=False)
+    procs = {
+        "owner": ctx.Process(target=owner_main, args=(spec, owner_peer, owner_child), name=f"bench-owner-{spec.name}"),
+        "initiator": ctx.Process(target=initiator_main, args=(spec, init_peer, init_child),
+                                 name=f"bench-initiator-{spec.name}"),
+    }
+    try:
+        for proc in procs.values():
+            proc.daemon = True
+            proc.start()
+    except BaseException:
+        _stop(procs, grace=0.0)
+        raise
+    for conn in (owner_peer, init_peer, owner_child, init_child):
+        conn.close()
+    return procs, {"owner": owner_parent, "initiator": init_parent}
+
+
+def _stop(procs: Dict[str, Any], grace: float) -> None:
+    end = time.monotonic() + grace
+    for proc in procs.values():
+        if proc.pid is not None:
+            proc.join(max(0.0, end - time.monotonic()))
+    for proc in procs.values():
+        if proc.pid is not None and proc.is_alive():
+            proc.terminate()
+            proc.join(2.0)
+        if proc.pid is not None and proc.is_alive():
+            proc.kill()
+            proc.join(2.0)
+
+
+def _exit_text(code: Optional[int]) -> str:
+    if code is None:
+        return "still running"
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
+def _collect(spec: SuiteSpec, procs, conns, records: List[Dict[str, Any]], progress) -> Optional[str]:
+    """Read both pipes until both processes say done; returns an error text or None."""
+    deadline = time.monotonic() + spec.timeout_s * 4 + 60.0
+    done: set = set()
+    live = dict(conns)
+    while len(done) < 2:
+        if time.monotonic() > deadline:
+            return f"timed out after {spec.timeout_s * 4 + 60:.0f} s"
+        for conn in wait_any(list(live.values()), timeout=0.5):
+            role = next(r for r, c in live.items() if c is conn)
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                del live[role]
+                if role not in done:
+                    procs[role].join(2.0)
+                    return f"the {role} process exited unexpectedly ({_exit_text(procs[role].exitcode)})"
+                continue
+            if msg[0] == "error":
+                return f"{role}: {msg[1]}"
+            if msg[0] == "record":
+                records.append(msg[1])
+            elif msg[0] == "progress":
+                progress.update(msg[1], note=msg[2])
+            elif msg[0] == "done":
+                done.add(role)
+    return None
+
+
+def run_suite(spec: SuiteSpec, progress) -> List[Dict[str, Any]]:
+    """All records of one suite; a failure becomes an ``error`` record (the other suites still run)."""
+    records: List[Dict[str, Any]] = []
+    watch = CpuWatch()
+    procs, conns = _start(spec)
+    try:
+        error = _collect(spec, procs, conns, records, progress)
+    except KeyboardInterrupt:
+        _stop(procs, grace=0.0)
+        raise
+    _stop(procs, grace=10.0 if error is None else 1.0)
+    for conn in conns.values():
+        conn.close()
+    records.append(record("cpu", spec.name, placement=spec.placement, **watch.stop()))
+    if error is not None:
+        first = error.strip().splitlines()[0] if error.strip() else error
+        records.append(record("error", spec.name, placement=spec.placement, transport=spec.transport or "auto",
+                              message=first, detail=error))
+        got = sum(1 for r in records if r.get("kind") == "bandwidth")
+        progress.update(max(0, spec.work_units() - got - 1), note=f"{spec.name} failed")
+    return records
