@@ -37,6 +37,7 @@ INT64_MAX = 2**63 - 1
 UINT64_MAX = 2**64 - 1
 
 ClassSpec = Union[type, Sequence[type]]
+_PLAIN_INTS = frozenset((int, bool))
 
 
 def _as_tuple(classes: ClassSpec) -> Tuple[type, ...]:
@@ -80,6 +81,8 @@ def check_isinstance(
     if inner is None:
         return
     inner_accepted = _as_tuple(inner)
+    if inner_accepted == (int,) and set(map(type, value)) <= _PLAIN_INTS:
+        return  # fast path for long block lists: one C-level pass instead of a Python loop
     for item in value:
         if not isinstance(item, inner_accepted):
             raise TypeError(
