@@ -169,16 +169,7 @@ def _release(mm: mmap.mmap, fd: int, unlink_path: Optional[str]) -> None:
         mm.close()
     except (BufferError, ValueError, OSError) as exc:  # pragma: no cover - exports are never kept
         _log.warning("could not unmap shared segment: %s", exc)
-    if fd >= 0:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    if unlink_path:
-        try:
-            os.unlink(unlink_path)
-        except OSError:
-            pass
+    _release_fd_only(fd, unlink_path)
 
 
 def _create_fd(nbytes: int) -> Tuple[int, str, Optional[str]]:
@@ -276,10 +267,11 @@ class SharedSegment:
 
 
 def _release_fd_only(fd: int, unlink_path: Optional[str]) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     if unlink_path:
         try:
             os.unlink(unlink_path)
