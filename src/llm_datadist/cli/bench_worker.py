@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from llm_datadist.cli.bench_common import MIB, Buffer, SuiteSpec, fill_pattern, placement_kinds, verify_blocks
+from llm_datadist.cli.ipc import recv_message
 
 __all__ = ["BenchError", "CacheSide", "make_instance", "owner_main", "recv_reply", "report_failure"]
 
@@ -172,15 +173,7 @@ class CacheSide:
 
 def recv_reply(conn, deadline: float, who: str):
     """The next message from ``who``; BenchError on timeout, EOF, an error or an abort."""
-    if not conn.poll(max(0.0, deadline - time.monotonic())):
-        raise BenchError(f"timed out waiting for the {who} process")
-    try:
-        msg = conn.recv()
-    except (EOFError, OSError):
-        raise BenchError(f"the {who} process went away") from None
-    if msg[0] in ("error", "abort"):
-        raise BenchError(f"the {who} process failed: {msg[1] if len(msg) > 1 else 'aborted'}")
-    return msg
+    return recv_message(conn, deadline, who, BenchError, ("error", "abort"))
 
 
 def _owner_verify(side: CacheSide, model_id: int, block: int, src: List[int], dst: List[int],

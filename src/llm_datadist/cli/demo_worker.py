@@ -11,6 +11,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from llm_datadist.cli.ipc import recv_message
+
 __all__ = ["CacheShape", "DemoConfig", "DemoError", "Pattern", "LOCALHOST", "child_main"]
 
 LOCALHOST = "127.0.0.1"
@@ -210,15 +212,7 @@ def _rank_link(cfg: DemoConfig, datadist, deadline: float) -> int:
 
 def _recv(conn, deadline: float, who: str):
     """The next message from the peer process, or DemoError on timeout, EOF or an abort from the peer."""
-    if not conn.poll(max(0.0, deadline - time.monotonic())):
-        raise DemoError(f"timed out waiting for the {who} process")
-    try:
-        msg = conn.recv()
-    except (EOFError, OSError):
-        raise DemoError(f"the {who} process went away") from None
-    if msg[0] == "abort":
-        raise DemoError(f"the {who} process aborted")
-    return msg
+    return recv_message(conn, deadline, who, DemoError)
 
 
 def _route(datadist, peer_id: int) -> str:
