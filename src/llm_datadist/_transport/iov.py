@@ -127,14 +127,19 @@ def _pvm_rw(func, what: str, pid: int, local: np.ndarray, remote: np.ndarray,
     return int(cum[n])
 
 
-def _pvm_split(func, what: str, pid: int, local: np.ndarray, remote: np.ndarray, sizes: np.ndarray,
-               deadline: Optional[float], threads: int) -> int:
-    """Run :func:`_pvm_rw` on ``threads`` byte-balanced slices of the batch at once (GIL released)."""
+def _split_run(run: Callable[[np.ndarray, np.ndarray, np.ndarray], object], local: np.ndarray, remote: np.ndarray,
+               sizes: np.ndarray, threads: int) -> int:
+    """Run ``run(local, remote, sizes)`` on ``threads`` byte-balanced slices of a batch at once.
+
+    Small batches (under PARALLEL_MIN_BYTES) run on the calling thread only. The copy primitives release
+    the GIL, so the slices really proceed in parallel.
+    """
     sizes = np.ascontiguousarray(sizes, dtype=_U64)
     n = int(sizes.shape[0])
     total = int(sizes.sum()) if n else 0
     if threads <= 1 or n < threads or total < PARALLEL_MIN_BYTES:
-        return _pvm_rw(func, what, pid, local, remote, sizes, deadline)
+        run(local, remote, sizes)
+        return total
     cum = np.cumsum(sizes)
     cuts = np.searchsorted(cum, np.arange(1, threads, dtype=np.float64) * (total / threads)).tolist()
     edges = sorted(set([0] + [int(c) + 1 for c in cuts] + [n]))
@@ -142,11 +147,11 @@ def _pvm_split(func, what: str, pid: int, local: np.ndarray, remote: np.ndarray,
 
     def part(a: int, b: int) -> None:
         try:
-            _pvm_rw(func, what, pid, local[a:b], remote[a:b], sizes[a:b], deadline)
+            run(local[a:b], remote[a:b], sizes[a:b])
         except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
             errors.append(exc)
 
-    helpers = [threading.Thread(target=part, args=(a, b), daemon=True, name="pvm-copy")
+    helpers = [threading.Thread(target=part, args=(a, b), daemon=True, name="llm-dd-copy")
                for a, b in zip(edges[1:-1], edges[2:])]
     for thread in helpers:
         thread.start()
@@ -156,6 +161,13 @@ def _pvm_split(func, what: str, pid: int, local: np.ndarray, remote: np.ndarray,
     if errors:
         raise errors[0]
     return total
+
+
+def _pvm_split(func, what: str, pid: int, local: np.ndarray, remote: np.ndarray, sizes: np.ndarray,
+               deadline: Optional[float], threads: int) -> int:
+    """:func:`_pvm_rw` over the batch, split across ``threads`` threads when it is large."""
+    return _split_run(lambda lo, re, sz: _pvm_rw(func, what, pid, lo, re, sz, deadline), local, remote, sizes,
+                      threads)
 
 
 def pvm_read(pid: int, plan_local: np.ndarray, plan_remote: np.ndarray, sizes: np.ndarray,
@@ -241,7 +253,7 @@ def local_copy(plan: CopyPlan, deadline: Optional[float] = None, checked: bool =
         checked: True uses process_vm_readv on our own pid (when permitted), so an unmapped address
             raises RemoteRejected instead of crashing; False uses memmove (faster on 4 KiB-page
             shared mappings; callers must guarantee every range is mapped).
-        threads: Threads for large batches on the checked path (see :func:`pvm_read`).
+        threads: Threads for large batches (at least PARALLEL_MIN_BYTES), on either path.
 
     Raises:
         RemoteRejected: an address is not mapped (checked path).
@@ -255,7 +267,8 @@ def local_copy(plan: CopyPlan, deadline: Optional[float] = None, checked: bool =
     if checked and self_pvm_permitted():
         pvm_read(os.getpid(), plan.local, plan.remote, plan.sizes, deadline, threads)
     else:
-        _memmove_all(plan.local, plan.remote, plan.sizes, deadline)
+        _split_run(lambda lo, re, sz: _memmove_all(lo, re, sz, deadline), plan.local, plan.remote, plan.sizes,
+                   threads)
 
 
 def view(addr: int, nbytes: int) -> memoryview:
