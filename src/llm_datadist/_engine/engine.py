@@ -14,7 +14,7 @@ from llm_datadist._engine.links import LinkManager
 from llm_datadist._engine.memory import backend_for
 from llm_datadist._engine.pool import MemPool, parse_pool_config
 from llm_datadist._engine.registry import CacheEntry, KeyId, Registry
-from llm_datadist._engine.types import DEVICE, HOST, CacheSpec, SourceSpec
+from llm_datadist._engine.types import DEVICE, HOST, CacheSpec
 from llm_datadist._transport import available_transports, transport_class
 from llm_datadist._transport.base import Region, Transport, TransportContext
 from llm_datadist.v2.config import EngineOptions, link_timeout_s
@@ -51,7 +51,6 @@ class Engine:
         self._next_comm_id = 1
         self._regions: Dict[tuple, list] = {}  # (addr, nbytes) -> [Region, exposure count]
         self._lock = threading.RLock()
-        self.comm_linked = False  # a two-sided link() was called (register rules of §9.5)
         self.closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -189,8 +188,7 @@ class Engine:
 
     def allocate(self, spec: CacheSpec, keys: Sequence[Optional[KeyId]], blocks_model_id: Optional[int]) -> CacheEntry:
         """allocate_cache / allocate_blocks_cache from the pool of the placement."""
-        if self.pools[DEVICE] is None and self.pools[HOST] is None:
-            raise FeatureNotEnabled("no memory pool is configured (mem_pool_cfg / host_mem_pool_cfg)")
+        self._require_a_pool()
         pool = self.pools.get(spec.placement)
         if pool is None:
             raise ParamInvalid("no memory pool is configured for this placement")
@@ -211,16 +209,19 @@ class Engine:
         self._table_changed(entry.is_blocks)
         return entry
 
-    def deallocate(self, cache_id: int) -> None:
+    def _require_a_pool(self) -> None:
+        """The pool APIs (allocate, deallocate, remove_cache_key) need at least one pool (§9.2)."""
         if self.pools[DEVICE] is None and self.pools[HOST] is None:
             raise FeatureNotEnabled("no memory pool is configured (mem_pool_cfg / host_mem_pool_cfg)")
+
+    def deallocate(self, cache_id: int) -> None:
+        self._require_a_pool()
         blocks = self._is_blocks(cache_id)
         self.registry.release_id(cache_id)
         self._table_changed(blocks)
 
     def remove_key(self, key: KeyId) -> None:
-        if self.pools[DEVICE] is None and self.pools[HOST] is None:
-            raise FeatureNotEnabled("no memory pool is configured (mem_pool_cfg / host_mem_pool_cfg)")
+        self._require_a_pool()
         self.registry.remove_key(key)
         self._table_changed(False)
 
@@ -324,7 +325,6 @@ class Engine:
             comm = CommDomain(self.links, comm_id, comm_name, members, self.cluster_id, addresses,
                               link_timeout_s(self.opts))
             self._comms[comm_id] = comm
-            self.comm_linked = True
         comm.start()
         return comm_id
 
@@ -366,4 +366,3 @@ def _quietly(fn, *args) -> None:
         _log.debug("teardown step failed", exc_info=True)
 
 
-__all__ = ["Engine", "EngineError", "SourceSpec", "view_of"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Dict, List, Optional, Tuple
 
 from llm_datadist._engine import protocol as proto
@@ -197,7 +196,3 @@ def _with_slot(view: proto.CacheView, slot: int) -> proto.CacheView:
 def check_view_accessible(view: proto.CacheView, what: str) -> None:
     if not view.remote_accessible:
         raise ParamInvalid(f"{what} cache {view.cache_id} is not remote accessible")
-
-
-def now() -> float:
-    return time.monotonic()

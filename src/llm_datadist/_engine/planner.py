@@ -134,9 +134,7 @@ def _oriented(s_ops: np.ndarray, d_ops: np.ndarray, sizes: np.ndarray, local_is_
 
 def covered_tensors(layers: LayerSel, src_nt: int) -> Tuple[int, int]:
     """The [lo, hi) source tensor range a pull reads (for key consumption accounting, D16)."""
-    if layers.src is None:
-        if layers.dst is None:
-            return 0, src_nt
+    if layers.src is None:  # all source tensors (only a dst range given: it must match the whole source)
         return 0, src_nt
     n = layers.tensors_per_layer
     return layers.src.start * n, layers.src.stop * n
