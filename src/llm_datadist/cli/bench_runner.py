@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from multiprocessing.connection import wait as wait_any
 from typing import Any, Dict, List, Optional
 
 from llm_datadist.cli.bench_common import CpuWatch, SuiteSpec, record
 from llm_datadist.cli.bench_initiator import initiator_main
-from llm_datadist.cli.bench_worker import owner_main
+from llm_datadist.cli.bench_worker import BenchError, owner_main
+from llm_datadist.cli.ipc import child_messages
 
 __all__ = ["run_suite"]
 
@@ -49,30 +49,13 @@ def _stop(procs: Dict[str, Any], grace: float) -> None:
             proc.join(2.0)
 
 
-def _exit_text(code: Optional[int]) -> str:
-    if code is None:
-        return "still running"
-    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-
-
 def _collect(spec: SuiteSpec, procs, conns, records: List[Dict[str, Any]], progress) -> Optional[str]:
     """Read both pipes until both processes say done; returns an error text or None."""
-    deadline = time.monotonic() + spec.timeout_s * 4 + 60.0
+    limit = spec.timeout_s * 4 + 60.0
     done: set = set()
-    live = dict(conns)
-    while len(done) < 2:
-        if time.monotonic() > deadline:
-            return f"timed out after {spec.timeout_s * 4 + 60:.0f} s"
-        for conn in wait_any(list(live.values()), timeout=0.5):
-            role = next(r for r, c in live.items() if c is conn)
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                del live[role]
-                if role not in done:
-                    procs[role].join(2.0)
-                    return f"the {role} process exited unexpectedly ({_exit_text(procs[role].exitcode)})"
-                continue
+    try:
+        for role, msg in child_messages(conns, procs, time.monotonic() + limit, done, BenchError,
+                                        lambda: f"timed out after {limit:.0f} s"):
             if msg[0] == "error":
                 return f"{role}: {msg[1]}"
             if msg[0] == "record":
@@ -81,6 +64,8 @@ def _collect(spec: SuiteSpec, procs, conns, records: List[Dict[str, Any]], progr
                 progress.update(msg[1], note=msg[2])
             elif msg[0] == "done":
                 done.add(role)
+    except BenchError as exc:
+        return str(exc)
     return None
 
 

@@ -8,12 +8,12 @@ import multiprocessing
 import os
 import sys
 import time
-from multiprocessing.connection import wait as wait_any
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 
 from llm_datadist.cli.demo_worker import LOCALHOST, CacheShape, DemoConfig, DemoError, child_main
+from llm_datadist.cli.ipc import child_messages
 from llm_datadist.cli.progress import Progress, format_duration
 
 __all__ = ["PRESETS", "Preset", "add_arguments", "build_config", "run", "summary"]
@@ -156,38 +156,21 @@ def _stop(procs: Dict[str, Any], grace: float) -> None:
 
 def _supervise(cfg: DemoConfig, procs, conns, progress: Progress) -> Dict[str, Any]:
     """Collect both processes' reports; raises DemoError on an error, an early exit or the timeout."""
-    deadline = time.monotonic() + cfg.timeout_s + 10.0
     results: Dict[str, Any] = {}
+    done: set = set()
     moved, pull_s = 0, 0.0
-    live = dict(conns)
-    while len(results) < 2:
-        if time.monotonic() > deadline:
-            raise DemoError(f"timed out after {cfg.timeout_s:.0f} s ({progress.count}/{cfg.requests} requests)")
-        for conn in wait_any(list(live.values()), timeout=0.5):
-            role = next(r for r, c in live.items() if c is conn)
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                del live[role]
-                if role not in results:
-                    procs[role].join(2.0)
-                    raise DemoError(f"the {role} process exited unexpectedly ({_exit_text(procs[role].exitcode)})") \
-                        from None
-                continue
-            if msg[0] == "error":
-                raise DemoError(f"{msg[1]} process: {msg[2]}")
-            if msg[0] == "progress":
-                moved, pull_s = moved + cfg.request_bytes, pull_s + msg[1]
-                progress.update(1, note=f"{_gbps(moved, pull_s):.2f} GB/s")
-            else:
-                results[role] = msg[1]
+    timeout_text = lambda: f"timed out after {cfg.timeout_s:.0f} s ({progress.count}/{cfg.requests} requests)"  # noqa: E731
+    for role, msg in child_messages(conns, procs, time.monotonic() + cfg.timeout_s + 10.0, done, DemoError,
+                                    timeout_text):
+        if msg[0] == "error":
+            raise DemoError(f"{msg[1]} process: {msg[2]}")
+        if msg[0] == "progress":
+            moved, pull_s = moved + cfg.request_bytes, pull_s + msg[1]
+            progress.update(1, note=f"{_gbps(moved, pull_s):.2f} GB/s")
+        else:
+            results[role] = msg[1]
+            done.add(role)
     return results
-
-
-def _exit_text(code: Optional[int]) -> str:
-    if code is None:
-        return "still running"
-    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
 
 def _gbps(nbytes: float, seconds: float) -> float:

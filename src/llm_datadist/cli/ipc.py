@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import time
-from typing import Tuple, Type
+from multiprocessing.connection import wait as wait_any
+from typing import Callable, Dict, Iterator, Optional, Set, Tuple, Type
 
 
 def recv_message(conn, deadline: float, who: str, error: Type[Exception],
@@ -22,3 +23,34 @@ def recv_message(conn, deadline: float, who: str, error: Type[Exception],
         reason = msg[1] if len(msg) > 1 else "aborted"
         raise error(f"the {who} process failed: {reason}")
     return msg
+
+
+def exit_text(code: Optional[int]) -> str:
+    """How a child process ended, for error messages."""
+    if code is None:
+        return "still running"
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
+def child_messages(conns: Dict[str, object], procs: Dict[str, object], deadline: float, done: Set[str],
+                   error: Type[Exception], timeout_text: Callable[[], str]) -> Iterator[Tuple[str, tuple]]:
+    """Yield ``(role, message)`` from child processes until every role is in ``done`` (the caller adds them).
+
+    Raises ``error`` when the deadline passes or a process goes away before it is done.
+    """
+    live = dict(conns)
+    while len(done) < len(conns):
+        if time.monotonic() > deadline:
+            raise error(timeout_text())
+        for conn in wait_any(list(live.values()), timeout=0.5):
+            role = next(r for r, c in live.items() if c is conn)
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                del live[role]
+                if role not in done:
+                    procs[role].join(2.0)
+                    raise error(f"the {role} process exited unexpectedly ({exit_text(procs[role].exitcode)})") \
+                        from None
+                continue
+            yield role, msg
