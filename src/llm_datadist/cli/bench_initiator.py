@@ -10,8 +10,9 @@ import numpy as np
 from llm_datadist.cli.bench_ceiling import TwoThreads, load_copier, split_ops
 from llm_datadist.cli.bench_common import (Buffer, SuiteSpec, block_order, fill_pattern, gbps, placement_kinds, record,
                                            verify_blocks)
-from llm_datadist.cli.bench_worker import (LAT_BLOCK, LAT_BLOCKS, LOCALHOST, MODEL_BLOCK, MODEL_BLOCKS, MODEL_TENSORS,
+from llm_datadist.cli.bench_worker import (LAT_BLOCK, LAT_BLOCKS, MODEL_BLOCK, MODEL_BLOCKS, MODEL_TENSORS,
                                            BenchError, CacheSide, make_instance, recv_reply, report_failure)
+from llm_datadist.cli.instance import LOCALHOST
 
 __all__ = ["initiator_main"]
 

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import os
-import socket
 import sys
 import time
 import traceback
@@ -13,23 +11,17 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from llm_datadist.cli.bench_common import MIB, Buffer, SuiteSpec, fill_pattern, placement_kinds, verify_blocks
+from llm_datadist.cli.instance import make_datadist
 from llm_datadist.cli.ipc import recv_message
 
 __all__ = ["BenchError", "CacheSide", "make_instance", "owner_main", "recv_reply", "report_failure"]
 
-LOCALHOST = "127.0.0.1"
 MODEL_TENSORS, MODEL_BLOCKS, MODEL_BLOCK = 56, 32, 64 * 1024
 LAT_BLOCKS, LAT_BLOCK = 64, 16 * 1024
 
 
 class BenchError(RuntimeError):
     """A failed benchmark step; the message is what the user sees."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOCALHOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def pool_bytes(spec: SuiteSpec) -> int:
@@ -40,35 +32,11 @@ def pool_bytes(spec: SuiteSpec) -> int:
 
 def make_instance(spec: SuiteSpec, cluster_id: int, owner: bool):
     """An initialized LLMDataDist in remote-cache-accessible mode; returns (datadist, listen port or 0)."""
-    from llm_datadist import LLMConfig, LLMDataDist, LLMException, LLMRole
-
     if spec.transport is None:
         os.environ.pop("LLM_DATADIST_TRANSPORT", None)  # "auto" means the library's own choice
     listen = owner or spec.transport is not None  # transfer_backend needs listen_ip_info on both sides
-    last: Optional[Exception] = None
-    for _ in range(5):
-        config = LLMConfig()
-        config.device_id = 0
-        config.enable_cache_manager = True
-        config.enable_remote_cache_accessible = True
-        config.sync_kv_timeout = int(spec.timeout_s * 1000)
-        config.link_total_time = max(1, int(spec.timeout_s))
-        port = _free_port() if listen else 0
-        if listen:
-            config.listen_ip_info = f"{LOCALHOST}:{port}"
-        if spec.transport:
-            config.transfer_backend = spec.transport
-        if spec.pool:
-            config.host_mem_pool_cfg = json.dumps({"memory_size": pool_bytes(spec)})
-        datadist = LLMDataDist(LLMRole.PROMPT if owner else LLMRole.DECODER, cluster_id)
-        try:
-            datadist.init(config.generate_options())
-            return datadist, port
-        except LLMException as exc:
-            last = exc
-            if exc.status_code.name == "LLM_FEATURE_NOT_ENABLED":
-                break
-    raise BenchError(f"LLMDataDist.init failed: {last}")
+    return make_datadist(owner, cluster_id, listen, spec.transport, int(spec.timeout_s * 1000), int(spec.timeout_s),
+                         BenchError, pool_bytes(spec) if spec.pool else 0)
 
 
 class _HostView:

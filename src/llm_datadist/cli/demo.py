@@ -12,7 +12,8 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from llm_datadist.cli.demo_worker import LOCALHOST, CacheShape, DemoConfig, DemoError, child_main
+from llm_datadist.cli.demo_worker import CacheShape, DemoConfig, DemoError, child_main
+from llm_datadist.cli.instance import LOCALHOST
 from llm_datadist.cli.ipc import child_messages
 from llm_datadist.cli.progress import Progress, format_duration
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import socket
 import sys
 import time
 import traceback
@@ -11,11 +10,11 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from llm_datadist.cli.instance import LOCALHOST, make_datadist
 from llm_datadist.cli.ipc import recv_message
 
-__all__ = ["CacheShape", "DemoConfig", "DemoError", "Pattern", "LOCALHOST", "child_main"]
+__all__ = ["CacheShape", "DemoConfig", "DemoError", "Pattern", "child_main"]
 
-LOCALHOST = "127.0.0.1"
 _U64 = np.uint64
 
 
@@ -139,39 +138,10 @@ class Pattern:
 # ---------------------------------------------------------------------------------------------------------------
 # Both worker processes (public API only, apart from reading the chosen route for the summary)
 # ---------------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOCALHOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def _make_instance(cfg: DemoConfig, role_name: str, cluster_id: int, listen: bool):
     """An initialised LLMDataDist; returns (instance, listen port or 0). Retries taken ports."""
-    from llm_datadist import LLMConfig, LLMDataDist, LLMException, LLMRole
-
-    role = LLMRole.PROMPT if role_name == "prefill" else LLMRole.DECODER
-    last: Optional[Exception] = None
-    for _ in range(5):
-        config = LLMConfig()
-        config.device_id = 0
-        config.enable_cache_manager = True
-        config.enable_remote_cache_accessible = True
-        config.sync_kv_timeout = cfg.sync_timeout_ms
-        config.link_total_time = max(1, int(cfg.timeout_s))
-        port = _free_port() if listen else 0
-        if listen:
-            config.listen_ip_info = f"{LOCALHOST}:{port}"
-        if cfg.transport:
-            config.transfer_backend = cfg.transport
-        datadist = LLMDataDist(role, cluster_id)
-        try:
-            datadist.init(config.generate_options())
-            return datadist, port
-        except LLMException as exc:
-            last = exc
-            if not listen or exc.status_code.name == "LLM_FEATURE_NOT_ENABLED":
-                break
-    raise DemoError(f"LLMDataDist.init failed: {last}")
+    return make_datadist(role_name == "prefill", cluster_id, listen, cfg.transport, cfg.sync_timeout_ms,
+                         int(cfg.timeout_s), DemoError)
 
 
 def _register(cfg: DemoConfig, datadist, cluster_id: int, num_blocks: int):
