@@ -271,13 +271,37 @@ def test_235_blocks_source_needs_batch_index_0(pair):
     _param_invalid(lambda: p.cm.transfer_cache_async(src, Recorder(), [cfg], [0], [0]))
 
 
-def test_blocks_source_needs_src_block_indices_and_vice_versa(pair):
+def test_src_block_indices_need_a_blocks_source(pair):
     p, _ = pair
-    blocks, _ = p.cache(blocks=True)
     cont, _ = p.cache()
     cfg = TransferConfig(D_CLUSTER, [1] * 8)
-    _param_invalid(lambda: p.cm.transfer_cache_async(blocks, Recorder(), [cfg], None, [0], 64), match="blocks")
     _param_invalid(lambda: p.cm.transfer_cache_async(cont, Recorder(), [cfg], [0], [0]), match="blocks")
+
+
+def test_d28_blocks_source_without_indices_sends_block_0_to_raw_addresses(pair):
+    """Only src_block_indices select blocks-to-blocks; without them block 0 of each tensor is one slot."""
+    p, d = pair
+    src, sarr = p.cache(dim0=4, blocks=True)
+    _dst, darr = d.cache(dim0=2, fill=0)
+    cfg = TransferConfig(D_CLUSTER, _addrs(darr, range(0, 2), batch=1), range(0, 2))
+    assert _run(p.cm.transfer_cache_async(src, Recorder(), [cfg])) == [S.LLM_SUCCESS]
+    for t in range(4):
+        assert (darr[t][1] == sarr[t][0]).all() and not darr[t][0].any()
+    assert not any(darr[t].any() for t in range(4, 8))
+
+
+def test_d28_blocks_source_without_indices_cut_into_destination_blocks(pair):
+    p, d = pair
+    src, sarr = p.cache(dim0=4, blocks=True)
+    _dst, darr = d.cache(dim0=4, fill=0)
+    cfg = TransferConfig(D_CLUSTER, _addrs(darr, range(0, 1)), range(0, 1))
+    task = p.cm.transfer_cache_async(src, Recorder(), [cfg], None, [3, 1], SLOT // 2)
+    assert _run(task) == [S.LLM_SUCCESS]
+    for t in range(2):
+        flat = darr[t].reshape(-1)
+        assert (flat[3 * SLOT // 2:4 * SLOT // 2] == sarr[t][0][:SLOT // 2]).all()
+        assert (flat[SLOT // 2:SLOT] == sarr[t][0][SLOT // 2:]).all()
+        assert not flat[:SLOT // 2].any() and not flat[2 * SLOT:3 * SLOT // 2].any()
 
 
 def test_242_none_src_layer_range_filled_in_place(pair):
@@ -557,6 +581,29 @@ def test_243_blocks_keys_and_id_keys_to_blocks_caches(ra_pair):
     for t in range(4):
         assert (darr[t][[3, 1]] == sarr[t][[0, 2]]).all() and not darr[t][[0, 2]].any()
     assert not any(darr[t].any() for t in range(4, 8))
+
+
+def test_d28_official_sample_blocks_cache_to_blocks_key_without_indices(ra_pair):
+    """The official transfer_cache_async sample: a 2-tensor blocks cache, BlocksCacheKey, no block indices."""
+    p, d = ra_pair
+    src, sarr = p.cache(num_tensors=2, dim0=4, blocks=True)
+    dst, darr = d.cache(num_tensors=2, dim0=4, blocks=True, model_id=0, fill=0)
+    cfg = TransferWithCacheKeyConfig(BlocksCacheKey(D_CLUSTER, 0), range(0, 1), range(0, 1))
+    task = p.cm.transfer_cache_async(src, Recorder(), [cfg])
+    assert task.synchronize() == S.LLM_SUCCESS
+    assert task.get_results() == [S.LLM_SUCCESS]
+    for t in range(2):
+        assert (darr[t][0] == sarr[t][0]).all() and not darr[t][1:].any()
+
+
+def test_d28_blocks_source_to_id_key_slot(ra_pair):
+    p, d = ra_pair
+    src, sarr = p.cache(num_tensors=4, dim0=4, blocks=True)
+    dst, darr = d.cache(num_tensors=4, dim0=3, fill=0)
+    cfg = TransferWithCacheKeyConfig(CacheKeyByIdAndIndex(D_CLUSTER, dst.cache_id, 2), range(0, 2), range(0, 2))
+    assert _run(p.cm.transfer_cache_async(src, Recorder(), [cfg])) == [S.LLM_SUCCESS]
+    for t in range(4):
+        assert (darr[t][2] == sarr[t][0]).all() and not darr[t][:2].any()
 
 
 def test_d18_intended_layer_mapping_with_shifted_ranges(ra_pair):

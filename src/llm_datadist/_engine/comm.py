@@ -166,12 +166,25 @@ class CommDomain:
         if listener is not None:
             listener.close()
 
-    def close(self) -> None:
-        """Stop preparing and drop every link of this domain."""
+    def close(self, unlink_timeout_s: float = 0.0) -> None:
+        """Stop preparing and drop every link of this domain.
+
+        With ``unlink_timeout_s`` > 0 (``unlink``) each peer is told first and drops its end before this
+        returns; without (finalize) the links just close and the peers notice the closed connections.
+        """
         self._stop.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=5.0)
         self._close_listener()
+        deadline = time.monotonic() + unlink_timeout_s
         for link in self._links.links():
-            if link.comm_id == self.comm_id:
-                self._links.drop(link.cluster_id, link)
+            if link.comm_id != self.comm_id:
+                continue
+            if unlink_timeout_s > 0:
+                try:
+                    self._links.unlink(link, deadline)
+                except EngineError as exc:
+                    _log.info("comm domain %s: cluster %d did not confirm the unlink: %s", self.comm_name,
+                              link.cluster_id, exc)
+            else:
+                self._links.drop(link.key, link)

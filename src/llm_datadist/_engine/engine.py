@@ -290,7 +290,7 @@ class Engine:
         if isinstance(msg, proto.TableRequest):
             return proto.Table(version=self.registry.version, caches=[view_of(e) for e in self.registry.entries()])
         if isinstance(msg, proto.Unlink):
-            self.links.note_peer_unlink(msg.cluster_id)
+            self.links.note_peer_unlink(conn)
             return proto.Ack()
         if isinstance(msg, proto.TableChanged):
             self.links.invalidate_table_of(conn)
@@ -338,15 +338,21 @@ class Engine:
         comm = self.comm(comm_id)
         with self._lock:
             self._comms.pop(comm_id, None)
-        comm.close()
+        comm.close(unlink_timeout_s=self.opts.sync_kv_timeout_ms / 1000.0)
 
     def link_for_transfer(self, cluster_id: int):
-        link = self.links.get(cluster_id)
-        if link.comm_id:
+        """The newest link to ``cluster_id`` that can carry transfers (a comm domain's only once it is OK)."""
+        def usable(link) -> bool:
+            if not link.comm_id:
+                return True
             comm = self._comms.get(link.comm_id)
-            if comm is None or comm.status != 0:
-                raise NotLinked(f"comm domain of cluster {cluster_id} is not ready")
-        return link
+            return comm is not None and comm.status == 0
+
+        try:
+            return self.links.get(cluster_id, usable)
+        except NotLinked:
+            self.links.get(cluster_id)  # no link at all: NotLinked as is
+            raise NotLinked(f"comm domain of cluster {cluster_id} is not ready") from None
 
 
 def view_of(entry: CacheEntry, slot: int = 0) -> proto.CacheView:

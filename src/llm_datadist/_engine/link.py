@@ -6,7 +6,7 @@ import threading
 from typing import Dict, List, Optional, Tuple
 
 from llm_datadist._engine import protocol as proto
-from llm_datadist._engine.errors import CacheNotExist, LinkFailed, ParamInvalid
+from llm_datadist._engine.errors import CacheNotExist, LinkFailed, NotLinked, ParamInvalid
 from llm_datadist._engine.types import SourceSpec
 from llm_datadist._transport.base import Channel, ConnectFailed, CopyPlan, PeerInfo, Transport
 
@@ -17,11 +17,12 @@ class Link:
     """A symmetric link: either side resolves, reads and writes the other's caches through it."""
 
     def __init__(self, peer: PeerInfo, conn, transports: Dict[str, Transport], peer_ra: bool,
-                 comm_id: int = 0) -> None:
+                 comm_id: int = 0, serial: int = 0) -> None:
         self.peer = peer
         self.conn = conn
         self.peer_ra = peer_ra
         self.comm_id = comm_id
+        self.serial = serial  # creation order: the newest usable link to a cluster carries its transfers
         self._transports = transports
         self._peer_descriptors: Dict[str, bytes] = {}
         self._routes: List[Tuple[Transport, Channel]] = []
@@ -29,11 +30,21 @@ class Link:
         self._table: Optional[proto.Table] = None
         self._blocks_views: Dict[int, proto.CacheView] = {}
         self.closed = False
+        self.retired = False
         self.peer_unlinked = False
 
     @property
     def cluster_id(self) -> int:
         return self.peer.cluster_id
+
+    @property
+    def key(self) -> Tuple[int, int]:
+        """(peer cluster id, comm id): the link table key."""
+        return self.peer.cluster_id, self.comm_id
+
+    def retire(self) -> None:
+        """Take no new transfers (unlink in progress); the connection stays up until closed."""
+        self.retired = True
 
     def set_peer_transports(self, descriptors: Dict[str, bytes]) -> None:
         self._peer_descriptors = dict(descriptors)
@@ -46,6 +57,8 @@ class Link:
         general one and used for the plans it covers.
         """
         with self._lock:
+            if self.retired:
+                raise NotLinked(f"cluster {self.cluster_id} was unlinked")
             if self.closed:
                 raise LinkFailed(f"link to cluster {self.cluster_id} is closed")
             if self._routes:
@@ -107,6 +120,8 @@ class Link:
 
     # -- control --------------------------------------------------------------------------------
     def call(self, msg, deadline: float):
+        if self.retired:
+            raise NotLinked(f"cluster {self.cluster_id} was unlinked")
         if self.closed:
             raise LinkFailed(f"link to cluster {self.cluster_id} is closed")
         return self.conn.call(msg, deadline)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import logging
+import itertools
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from llm_datadist._engine import protocol as proto
 from llm_datadist._engine import rpc
@@ -20,50 +21,89 @@ _log = logging.getLogger(__name__)
 MAX_PARALLEL_LINKS = 16
 
 
+LinkKey = Tuple[int, int]  # (peer cluster id, comm id; 0 for link_clusters links)
+
+
 class LinkManager:
-    """Owns every link of one instance, keyed by the peer's cluster id."""
+    """Owns every link of one instance, keyed by (peer cluster id, comm id).
+
+    A link made by ``link_clusters`` has comm id 0; each rank-table comm domain has its own links, so
+    several domains with the same members coexist (the newest usable one carries transfers). A self link
+    (``link_clusters`` to our own listener) has two ends in this process: the client end is in the table,
+    the serving end is kept apart in ``_served`` so that lookups find exactly one link.
+    """
 
     def __init__(self, engine) -> None:
         self._engine = engine
-        self._links: Dict[int, Link] = {}
+        self._links: Dict[LinkKey, Link] = {}
+        self._served: Dict[int, Link] = {}  # id(link) -> serving end of a self link
         self._lock = threading.RLock()
         self._listener: Optional[Listener] = None
         self._listen: Optional[Tuple[str, int]] = None
+        self._serials = itertools.count(1)
         self._closed = False
 
     # -- table ----------------------------------------------------------------------------------
-    def get(self, cluster_id: int) -> Link:
+    def get(self, cluster_id: int, usable: Optional[Callable[[Link], bool]] = None) -> Link:
+        """The newest live link to ``cluster_id`` (that ``usable`` accepts); NotLinked if there is none."""
         with self._lock:
-            link = self._links.get(cluster_id)
-        if link is None or link.closed:
-            raise NotLinked(f"cluster {cluster_id} is not linked")
-        return link
+            candidates = [link for (cid, _), link in self._links.items()
+                          if cid == cluster_id and not (link.closed or link.retired)]
+        for link in sorted(candidates, key=lambda link: -link.serial):
+            if usable is None or usable(link):
+                return link
+        raise NotLinked(f"cluster {cluster_id} is not linked")
 
     def has_links(self) -> bool:
         with self._lock:
-            return any(not link.closed for link in self._links.values())
+            return any(not (link.closed or link.retired) for link in self._links.values())
+
+    def has_link_to(self, cluster_id: int) -> bool:
+        with self._lock:
+            return any(cid == cluster_id and not (link.closed or link.retired)
+                       for (cid, _), link in self._links.items())
 
     def links(self) -> List[Link]:
+        """Every link in the table (the serving ends of self links excluded)."""
         with self._lock:
             return list(self._links.values())
 
     def add(self, link: Link, replace: bool) -> None:
         with self._lock:
-            old = self._links.get(link.cluster_id)
+            old = self._links.get(link.key)
             if old is not None and not old.closed and not replace:
                 raise AlreadyLinked(f"cluster {link.cluster_id} is already linked")
-            self._links[link.cluster_id] = link
+            self._links[link.key] = link
         if old is not None and old is not link:
             _log.info("replacing stale link to cluster %d", link.cluster_id)
             old.close()
 
-    def drop(self, cluster_id: int, link: Optional[Link] = None) -> None:
+    def drop(self, key: LinkKey, link: Optional[Link] = None) -> None:
+        """Remove the link under ``key`` (only if it is ``link``, when given) and close it."""
         with self._lock:
-            current = self._links.get(cluster_id)
+            current = self._links.get(key)
             if current is None or (link is not None and current is not link):
                 return
-            del self._links[cluster_id]
+            del self._links[key]
         current.close()
+
+    def _forget(self, link: Link) -> bool:
+        """Take ``link`` out of the table (or the served set) without closing it; True if it was there."""
+        with self._lock:
+            if self._served.pop(id(link), None) is not None:
+                return True
+            if self._links.get(link.key) is link:
+                del self._links[link.key]
+                return True
+        return False
+
+    def link_of(self, conn) -> Optional[Link]:
+        """The link (either end of a self link) that owns the RPC connection ``conn``."""
+        with self._lock:
+            for link in list(self._links.values()) + list(self._served.values()):
+                if link.conn is conn:
+                    return link
+        return None
 
     # -- listening ------------------------------------------------------------------------------
     @property
@@ -107,7 +147,11 @@ class LinkManager:
             link = self._make_link(sock, hello.cluster_id, hello.host_id, hello.pid, addr[0], hello.transports,
                                    hello.remote_cache_accessible, comm, start=False)
             made["link"] = link
-            self.add(link, replace=True)  # a client that restarted replaces its stale link ("force link")
+            if hello.cluster_id == engine.cluster_id and comm is None:
+                with self._lock:  # the serving end of a self link: the client end goes into the table
+                    self._served[id(link)] = link
+            else:
+                self.add(link, replace=True)  # a client that restarted replaces its stale link ("force link")
             return engine.hello_ack(code=0, message="")
 
         try:
@@ -117,8 +161,8 @@ class LinkManager:
             ack = None
         link = made.get("link")
         if ack is None or ack.code != 0:
-            if link is not None:
-                self.drop(link.cluster_id, link)
+            if link is not None and self._forget(link):
+                link.close()
             _close_quietly(sock)
             return None
         link.conn.start()
@@ -131,19 +175,25 @@ class LinkManager:
         conn = rpc.Connection(sock, handler=self._engine.handle_request,
                               on_close=lambda _c: self._on_connection_lost(holder.get("link")),
                               name=f"llm-dd-link-{cluster_id}", start=False)
-        link = Link(peer, conn, self._engine.transports, peer_ra, comm_id=comm.comm_id if comm else 0)
+        link = Link(peer, conn, self._engine.transports, peer_ra, comm_id=comm.comm_id if comm else 0,
+                    serial=next(self._serials))
         link.set_peer_transports(transports)
         holder["link"] = link
         if start:
             conn.start()
         return link
 
-    def note_peer_unlink(self, cluster_id: int) -> None:
-        """The peer asked to unlink: its side closes the connection next, which drops ours."""
-        with self._lock:
-            link = self._links.get(cluster_id)
+    def note_peer_unlink(self, conn) -> None:
+        """The peer is unlinking over ``conn``: our end leaves the table before the reply goes out.
+
+        So when the peer's unlink returns, this side already answers NotLinked; the connection itself
+        closes when the peer closes it (or at finalize).
+        """
+        link = self.link_of(conn)
         if link is not None:
             link.peer_unlinked = True
+            link.retire()
+            self._forget(link)
 
     def _on_connection_lost(self, link: Optional[Link]) -> None:
         if link is None or self._closed:
@@ -151,25 +201,37 @@ class LinkManager:
         if link.peer_unlinked:
             _log.info("cluster %d unlinked", link.cluster_id)
         elif not link.closed:
-            _log.warning("connection to cluster %d lost; link removed", link.cluster_id)
-        self.drop(link.cluster_id, link)
+            _log.info("connection to cluster %d lost; link removed", link.cluster_id)
+        self._forget(link)
+        link.close()
 
     # -- client side ----------------------------------------------------------------------------
-    def connect(self, ip: str, port: int, expected_cluster: Optional[int], deadline: float, comm=None) -> Link:
-        """Open one link to a listening peer; raises EngineError subclasses."""
+    def connect(self, ip: str, port: int, expected_cluster: Optional[int], deadline: float, comm=None,
+                wait_for_listener: bool = False) -> Link:
+        """Open one link to a listening peer; raises EngineError subclasses.
+
+        With ``wait_for_listener`` a refused connection is retried until the deadline, so a client started a
+        moment before its server links as soon as the server listens.
+        """
         engine = self._engine
+        comm_id = comm.comm_id if comm else 0
         if expected_cluster is not None:
             with self._lock:
-                existing = self._links.get(expected_cluster)
+                existing = self._links.get((expected_cluster, comm_id))
             if existing is not None and not existing.closed:
                 raise AlreadyLinked(f"cluster {expected_cluster} is already linked")
         hello = engine.hello(comm, expected_cluster)
-        try:
-            sock, ack = rpc.open_connection(ip, port, hello, deadline, engine.opts.link_secret)
-        except EngineError:
-            raise
-        except OSError as exc:
-            raise LinkFailed(f"connect to {ip}:{port} failed: {exc}") from exc
+        delay = 0.01
+        while True:
+            try:
+                sock, ack = rpc.open_connection(ip, port, hello, deadline, engine.opts.link_secret)
+                break
+            except rpc.ConnectionRefused as exc:
+                remaining = deadline - time.monotonic()
+                if not wait_for_listener or remaining <= delay:
+                    raise LinkFailed(str(exc)) from exc
+                time.sleep(delay)  # nothing listens yet: back off, bounded by the link timeout
+                delay = min(delay * 2, 0.2)
         if ack.code != 0:
             _close_quietly(sock)
             raise EngineError(ack.message or "link refused", code=ack.code)
@@ -203,7 +265,7 @@ class LinkManager:
             return LLMStatusCode.LLM_PARAM_INVALID
         ip, port = remote[0]
         try:
-            self.connect(ip, port, cluster["cluster_id"], deadline)
+            self.connect(ip, port, cluster["cluster_id"], deadline, wait_for_listener=True)
             return LLMStatusCode.LLM_SUCCESS
         except EngineError as exc:
             _log.error("link to %s:%d failed: %s", ip, port, exc)
@@ -218,34 +280,47 @@ class LinkManager:
 
     def _unlink_one(self, cluster: dict, deadline: float, force: bool) -> LLMStatusCode:
         cluster_id = cluster["cluster_id"]
+        key = (cluster_id, 0)
         if force:
-            self.drop(cluster_id)
+            self.drop(key)
             return LLMStatusCode.LLM_SUCCESS
         if len(cluster["remote"]) != 1:
             return LLMStatusCode.LLM_PARAM_INVALID
         with self._lock:
-            link = self._links.get(cluster_id)
+            link = self._links.get(key)
         if link is None:
             return LLMStatusCode.LLM_NOT_YET_LINK
         try:
-            link.call(proto.Unlink(cluster_id=self._engine.cluster_id), deadline)
+            self.unlink(link, deadline)
         except EngineError as exc:
             _log.error("unlink of cluster %d failed: %s", cluster_id, exc)
-            self.drop(cluster_id, link)
             return LLMStatusCode.LLM_UNLINK_FAILED
-        self.drop(cluster_id, link)
         return LLMStatusCode.LLM_SUCCESS
+
+    def unlink(self, link: Link, deadline: float) -> None:
+        """Unlink in order: our end stops taking transfers, the peer drops its end and answers, we close.
+
+        Raises EngineError when the peer did not confirm (the link is closed on this side anyway).
+        """
+        link.retire()
+        try:
+            link.conn.call(proto.Unlink(cluster_id=self._engine.cluster_id), deadline)
+        finally:
+            self.drop(link.key, link)
 
     def invalidate_table_of(self, conn) -> None:
         """A peer announced a table change over ``conn``."""
-        for link in self.links():
-            if link.conn is conn:
-                link.invalidate_table()
+        link = self.link_of(conn)
+        if link is not None:
+            link.invalidate_table()
 
     def notify_table_changed(self, version: int) -> None:
         """Tell every linked peer that our cache table changed, so no stale snapshot is used (D12)."""
         deadline = time.monotonic() + 0.5
         for link in self.links():
+            if link.cluster_id == self._engine.cluster_id:  # a self link caches our own table: drop it here
+                link.invalidate_table()
+                continue
             try:
                 link.call(proto.TableChanged(version=version), deadline)
             except EngineError as exc:
@@ -259,7 +334,8 @@ class LinkManager:
         self._closed = True
         self.stop_listening()
         with self._lock:
-            links, self._links = list(self._links.values()), {}
+            links = list(self._links.values()) + list(self._served.values())
+            self._links, self._served = {}, {}
         for link in links:
             link.close()
 

@@ -336,6 +336,10 @@ def _send_best_effort(sock: socket.socket, msg: Message, deadline: float) -> Non
         pass
 
 
+class ConnectionRefused(errors.LinkFailed):
+    """Nothing listens at the address (yet)."""
+
+
 def _auth_failed(text: str) -> errors.LinkFailed:
     _log.warning("%s", text)
     return errors.LinkFailed(text)
@@ -375,6 +379,8 @@ def open_connection(host: str, port: int, hello: Hello, deadline: float,
         sock = socket.create_connection((host, port), timeout=remaining)
     except socket.timeout as exc:
         raise errors.Timeout(f"connect to {host}:{port} timed out") from exc
+    except ConnectionRefusedError as exc:
+        raise ConnectionRefused(f"cannot connect to {host}:{port}: {exc}") from exc
     except OSError as exc:
         raise errors.LinkFailed(f"cannot connect to {host}:{port}: {exc}") from exc
     try:

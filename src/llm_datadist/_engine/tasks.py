@@ -75,8 +75,8 @@ def _blocks(values: Sequence[int], limit: int, what: str) -> np.ndarray:
 
 
 def _slot_base(src, layer: int, batch_index: int) -> np.ndarray:
-    if src.is_blocks:
-        raise ParamInvalid(f"cache {src.cache_id} is a blocks cache; src_block_indices are needed")
+    """Source addresses of one batch slot; a blocks source without src_block_indices is read as slot 0,
+    i.e. its block 0 (D28, as the official library)."""
     if batch_index >= src.dim0:
         raise ParamInvalid(f"src_batch_index {batch_index} >= batch size {src.dim0} of cache {src.cache_id}")
     return _src_bases(src, layer) + _U64(batch_index * src.stride)
@@ -157,11 +157,12 @@ def _key_plan(job: TaskJob, src, cfg: ConfigJob, layer: int, view: proto.CacheVi
                 raise ParamInvalid(f"block size differs: source {src.stride} bytes, remote {view.stride} bytes")
             return block_plan(src, layer, job.src_blocks, bases, job.dst_blocks, view.dim0)
         return chunk_plan(src, layer, cfg.src_batch_index, bases, job.dst_blocks, view.stride, view.dim0)
-    if view.is_blocks:
+    if view.is_blocks and not src.is_blocks:
         raise ParamInvalid(f"remote cache {view.cache_id} is a blocks cache; dst_block_indices are needed")
     if src.stride > view.stride:
         raise ParamInvalid(f"source slot of {src.stride} bytes exceeds the remote slot of {view.stride} bytes")
-    return slot_plan(src, layer, cfg.src_batch_index, bases + _U64(view.slot * view.stride))
+    slot = 0 if view.is_blocks else view.slot  # blocks to blocks without indices: block 0 to block 0 (D28)
+    return slot_plan(src, layer, cfg.src_batch_index, bases + _U64(slot * view.stride))
 
 
 # ---- D24: raw destination ranges must lie inside the peer's accessible caches ---------------------

@@ -20,8 +20,10 @@ def _deadline(engine) -> float:
 
 
 def _link(engine, cluster_id: int) -> Link:
-    if cluster_id == engine.cluster_id:
-        raise ParamInvalid(f"cluster {cluster_id} is the local cluster; a cache can not be pulled from own cluster")
+    """The link for a transfer; our own cluster only through a self link (link_clusters to our listener)."""
+    if cluster_id == engine.cluster_id and not engine.links.has_link_to(cluster_id):
+        raise ParamInvalid(f"cluster {cluster_id} is the local cluster; a cache can not be pulled from own cluster "
+                           f"without a self link")
     return engine.link_for_transfer(cluster_id)
 
 

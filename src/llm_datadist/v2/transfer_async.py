@@ -128,8 +128,6 @@ def transfer_cache_async(cache_manager, src_cache: Cache, layer_synchronizer: La
     src_is_blocks = src_cache.is_blocks_cache or bool(src_blocks)
     for cfg in transfer_configs:
         _check_config(cfg, num_layers, src_is_blocks)
-    raise_if_true(src_cache.is_blocks_cache and not src_blocks, "transfer from blocks to cache is not supported: "
-                  "src_block_indices are needed for a blocks source cache")
     raise_if_true(bool(src_blocks) and not src_cache.is_blocks_cache,
                   "src_block_indices need a blocks source cache")
     engine = cache_manager._live_engine()
