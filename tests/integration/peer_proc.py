@@ -84,6 +84,38 @@ class Peer:
         code, codes = self.dd.link_clusters(infos, timeout)
         return {"code": int(code), "codes": [int(x) for x in codes]}
 
+    def op_unlink_clusters(self, cluster_id, ip, port, force=False, timeout=3000):
+        info = LLMClusterInfo()
+        info.remote_cluster_id = cluster_id
+        info.append_local_ip_info("127.0.0.1", 0)
+        info.append_remote_ip_info(ip, port)
+        code, codes = self.dd.unlink_clusters([info], timeout, force=force)
+        return {"code": int(code), "codes": [int(x) for x in codes]}
+
+    def op_unlink(self, comm_id):
+        self.dd.unlink(comm_id)
+        return {}
+
+    def op_push_blocks(self, name, cluster_id, model_id, src_blocks, dst_blocks):
+        cache, _ = self.caches[name]
+        self.dd.cache_manager.push_blocks(BlocksCacheKey(cluster_id, model_id), cache, src_blocks, dst_blocks)
+        return {}
+
+    def op_pull_code_after(self, name, cluster_id, model_id, src_blocks, dst_blocks, timeout=5.0):
+        """Pull until it fails (bounded); returns the first failure code and how many pulls succeeded first."""
+        cache, _ = self.caches[name]
+        deadline = time.monotonic() + timeout
+        succeeded = 0
+        while time.monotonic() < deadline:
+            try:
+                self.dd.cache_manager.pull_blocks(BlocksCacheKey(cluster_id, model_id), cache, src_blocks,
+                                                  dst_blocks)
+            except LLMException as exc:
+                return {"code": int(exc.status_code), "succeeded": succeeded}
+            succeeded += 1
+            time.sleep(0.01)
+        return {"code": 0, "succeeded": succeeded}
+
     def op_link(self, comm_name, ranks, rank_table):
         comm_id = self.dd.link(comm_name, {int(k): v for k, v in ranks}, rank_table)
         return {"comm_id": comm_id}
@@ -117,12 +149,16 @@ class Peer:
     def op_exit(self, finalize=True):
         if finalize and self.dd is not None:
             self.dd.finalize()
-        sys.stdout.write(json.dumps({"ok": True}) + "\n")
-        sys.stdout.flush()
+        REPLIES.write(json.dumps({"ok": True}) + "\n")
+        REPLIES.flush()
         os._exit(0)
 
 
+REPLIES = sys.stdout  # the reply channel; library log lines go to stderr instead
+
+
 def main() -> None:
+    sys.stdout = sys.stderr
     peer = Peer()
     for line in sys.stdin:
         request = json.loads(line)
@@ -133,8 +169,8 @@ def main() -> None:
             reply = {"ok": False, "code": int(exc.status_code), "error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - report everything to the test
             reply = {"ok": False, "code": -1, "error": f"{type(exc).__name__}: {exc}", "tb": traceback.format_exc()}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
+        REPLIES.write(json.dumps(reply) + "\n")
+        REPLIES.flush()
 
 
 if __name__ == "__main__":
