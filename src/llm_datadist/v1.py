@@ -12,14 +12,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from llm_datadist._engine import local_ops, transfers
-from llm_datadist._engine.errors import EngineError
-from llm_datadist._engine.types import CacheSpec, LayerSel, SourceSpec
-from llm_datadist._transport.base import TransportError
-from llm_datadist._transport.iov import local_copy
+from llm_datadist._engine.api import CacheSpec, EngineError, LayerSel, SourceSpec, status_of
+from llm_datadist._engine.api import requests as rq
 from llm_datadist.configs import LLMRole
 from llm_datadist.data_type import DataType, dtype_size
-from llm_datadist.status import LLMException, LLMStatusCode, code_2_status
+from llm_datadist.status import LLMException, LLMStatusCode
 
 __all__ = [
     "LlmDataDist", "LlmRole", "CachePlacement", "CacheDesc", "CacheIndex", "Cache", "IpInfo", "ClusterInfo",
@@ -159,15 +156,7 @@ def _is_int(value: Any, low: int, high: int) -> bool:
 
 
 def _code_of(exc: BaseException) -> LLMStatusCode:
-    if isinstance(exc, _Fail):
-        return exc.code
-    if isinstance(exc, LLMException):
-        return code_2_status(exc.status_code)
-    if isinstance(exc, (EngineError, TransportError)):
-        return code_2_status(exc.code)
-    if isinstance(exc, (TypeError, ValueError)):
-        return S.LLM_PARAM_INVALID
-    return S.LLM_FAILED
+    return exc.code if isinstance(exc, _Fail) else status_of(exc)
 
 
 def _api(*outputs: Callable[[], Any], needs_init: bool = True):
@@ -184,8 +173,8 @@ def _api(*outputs: Callable[[], Any], needs_init: bool = True):
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
                 code = _code_of(exc)
-                if type(exc) in (_Fail, LLMException) or isinstance(exc, (EngineError, TransportError)):
-                    _log.error("%s failed (%s): %s", fn.__name__, code, exc)
+                if isinstance(exc, (_Fail, LLMException, EngineError)) or status_of(exc) != S.LLM_FAILED:
+                    _log.info("%s failed (%s): %s", fn.__name__, code, exc)  # the caller gets the code
                 else:
                     _log.exception("%s failed unexpectedly", fn.__name__)
                 code = self._post_code(fn.__name__, code)
@@ -379,14 +368,14 @@ class LlmDataDist:
         options = {} if options is None else options
         _check_type("options", options, dict)
         listen = parse_ip_port(options[OPTION_LISTEN_IP_INFO]) if OPTION_LISTEN_IP_INFO in options else None
-        self._dd._apply_role(engine, LLMRole(int(role)), listen)
+        engine.set_role(int(role), listen)
         self._dd._role = LLMRole(int(role))
         self._role = LlmRole(int(role))
         return S.LLM_SUCCESS
 
     # -- links ----------------------------------------------------------------------------------
     @staticmethod
-    def _clusters(clusters: Any, timeout_in_millis: Any) -> List[dict]:
+    def _clusters(clusters: Any, timeout_in_millis: Any):
         _require(_is_int(timeout_in_millis, 1, 2**31 - 1), f"timeout must be in (0, 2^31), got {timeout_in_millis!r}")
         _require(isinstance(clusters, (list, tuple)) and len(clusters) > 0, "clusters can not be empty")
         parsed = []
@@ -396,15 +385,15 @@ class LlmDataDist:
             local = [_ipv4(info) for info in cluster.local_ip_infos]
             _require(len(local) <= 1, "at most one local ip info is supported")
             remote = [_ipv4(info) for info in cluster.remote_ip_infos]
-            parsed.append({"cluster_id": int(cluster.remote_cluster_id), "remote": remote})
-        return parsed
+            parsed.append((int(cluster.remote_cluster_id), remote))
+        return rq.peers(parsed)
 
     @_api(list)
     def LinkLlmClusters(self, clusters: Sequence[ClusterInfo], timeout_in_millis: int = 1000):
         """Link to listening peers; returns (status, [status per cluster])."""
         engine = self._engine()
-        parsed = self._clusters(clusters, timeout_in_millis)
-        code, codes = engine.links.link_clusters(parsed, timeout_in_millis / 1000.0)
+        peers = self._clusters(clusters, timeout_in_millis)
+        code, codes = engine.link_clusters(rq.LinkClusters(peers, timeout_in_millis / 1000.0))
         return code, list(codes)
 
     @_api(list)
@@ -412,9 +401,9 @@ class LlmDataDist:
                           force_flag: bool = False):
         """Unlink peers (``force_flag``: only the local side); returns (status, [status per cluster])."""
         engine = self._engine()
-        parsed = self._clusters(clusters, timeout_in_millis)
+        peers = self._clusters(clusters, timeout_in_millis)
         _check_type("force_flag", force_flag, bool)
-        code, codes = engine.links.unlink_clusters(parsed, timeout_in_millis / 1000.0, force_flag)
+        code, codes = engine.unlink_clusters(rq.UnlinkClusters(peers, timeout_in_millis / 1000.0, force_flag))
         return code, list(codes)
 
     # -- transfers ------------------------------------------------------------------------------
@@ -430,8 +419,8 @@ class LlmDataDist:
         src, dst, n = _ranges(KvCacheExtParam() if ext_param is None else ext_param, push=False)
         source = SourceSpec("id", int(src_cache_index.cluster_id), cache_id=int(src_cache_index.cache_id),
                             batch_index=int(src_cache_index.batch_index))
-        transfers.pull_cache(engine, source, int(dst_cache.cache_id), int(batch_index), int(size),
-                             _layer_sel(src, dst, n))
+        engine.transfer(rq.PullCache(source, int(dst_cache.cache_id), int(batch_index), int(size),
+                                     _layer_sel(src, dst, n)))
         return S.LLM_SUCCESS
 
     @_api()
@@ -446,8 +435,9 @@ class LlmDataDist:
         s_blk, d_blk = _check_ints("src_blocks", src_blocks), _check_ints("dst_blocks", dst_blocks, True)
         _require(len(s_blk) == len(d_blk), f"src_blocks ({len(s_blk)}) and dst_blocks ({len(d_blk)}) differ")
         _require(src_cache_index.cluster_id != engine.cluster_id, "a cache can not be transferred with own cluster")
-        transfers.blocks_by_id(engine, int(src_cache_index.cluster_id), int(src_cache_index.cache_id),
-                               int(dst_cache.cache_id), s_blk, d_blk, _layer_sel(src, dst, n), pull=True)
+        engine.transfer(rq.BlocksById(int(src_cache_index.cluster_id), int(src_cache_index.cache_id),
+                                      int(dst_cache.cache_id), tuple(s_blk), tuple(d_blk), _layer_sel(src, dst, n),
+                                      pull=True))
         return S.LLM_SUCCESS
 
     @staticmethod
@@ -456,10 +446,10 @@ class LlmDataDist:
         if src.start < 0:
             _require(_is_int(src_cache.cache_desc.num_tensors, 1, 2**32 - 1), "src_cache.cache_desc.num_tensors "
                      "must be > 0 to push every layer")
-            entry = engine.entry(int(src_cache.cache_id))
-            _require(entry.num_tensors % n == 0, f"num_tensors {entry.num_tensors} is not a multiple of "
+            info = engine.cache_info(int(src_cache.cache_id))
+            _require(info.num_tensors % n == 0, f"num_tensors {info.num_tensors} is not a multiple of "
                      f"tensor_num_per_layer {n}")
-            src = range(0, entry.num_tensors // n)
+            src = range(0, info.num_tensors // n)
             dst = src if dst.start < 0 else range(dst.start, dst.start + len(src))
         elif dst.start < 0:
             dst = src
@@ -483,7 +473,7 @@ class LlmDataDist:
         layers = self._push_layers(engine, src_cache, ext_param)
         dest = SourceSpec("id", int(dst_cache_index.cluster_id), cache_id=int(dst_cache_index.cache_id),
                           batch_index=int(dst_cache_index.batch_index))
-        transfers.push_cache(engine, dest, int(src_cache.cache_id), int(src_batch_index), layers)
+        engine.transfer(rq.PushCache(dest, int(src_cache.cache_id), int(src_batch_index), layers))
         return S.LLM_SUCCESS
 
     @_api()
@@ -496,8 +486,8 @@ class LlmDataDist:
         _require(dst_cache_index.batch_index == 0, "dst_cache_index.batch_index must be 0 for blocks")
         layers = self._push_layers(engine, src_cache, ext_param)
         _require(dst_cache_index.cluster_id != engine.cluster_id, "a cache can not be transferred with own cluster")
-        transfers.blocks_by_id(engine, int(dst_cache_index.cluster_id), int(dst_cache_index.cache_id),
-                               int(src_cache.cache_id), s_blk, d_blk, layers, pull=False)
+        engine.transfer(rq.BlocksById(int(dst_cache_index.cluster_id), int(dst_cache_index.cache_id),
+                                      int(src_cache.cache_id), tuple(s_blk), tuple(d_blk), layers, pull=False))
         return S.LLM_SUCCESS
 
     # -- local copies (legacy semantics, §13.3) ---------------------------------------------------
@@ -512,8 +502,8 @@ class LlmDataDist:
                  "batch indices must be uint32")
         _require(_is_int(offset, 0, _UINT64_MAX), f"invalid offset {offset!r}")
         _require(_is_int(size, -1, 2**63 - 1) and size != 0, f"size must be -1 or > 0, got {size!r}")
-        local_ops.copy_cache(engine, int(dst_cache.cache_id), int(src_cache.cache_id), int(dst_batch_index),
-                             int(src_batch_index), int(offset), int(size))
+        engine.copy(rq.CopyCache(int(dst_cache.cache_id), int(src_cache.cache_id), int(dst_batch_index),
+                                 int(src_batch_index), int(offset), int(size)))
         return S.LLM_SUCCESS
 
     @_api()
@@ -527,12 +517,12 @@ class LlmDataDist:
         _require(isinstance(dst_blocks_list, (list, tuple)) and len(dst_blocks_list) == len(s_blk),
                  "dst_blocks_list must have one list per src block")
         pairs = [(s, d) for s, dsts in zip(s_blk, dst_blocks_list) for d in _check_ints("dst_blocks", dsts, True)]
-        src, dst = engine.entry(int(src_cache.cache_id)), engine.entry(int(dst_cache.cache_id))
+        src, dst = engine.cache_info(int(src_cache.cache_id)), engine.cache_info(int(dst_cache.cache_id))
         _require(src.num_tensors == dst.num_tensors, f"num_tensors differ ({src.num_tensors}, {dst.num_tensors})")
         _require(src.stride == dst.stride, f"block sizes differ ({src.stride}, {dst.stride} bytes)")
         _require(all(s < src.dim0 and d < dst.dim0 for s, d in pairs), "block index out of range")
         if pairs:
-            local_copy(local_ops.swap_plan(src.tensor_addrs, dst.tensor_addrs, src.stride, pairs))
+            engine.copy(rq.CopyBlocks(int(src_cache.cache_id), int(dst_cache.cache_id), tuple(pairs)))
         return S.LLM_SUCCESS
 
     # -- caches ---------------------------------------------------------------------------------
@@ -542,16 +532,16 @@ class LlmDataDist:
         engine = self._engine()
         spec = _spec(cache_desc)
         _require(spec.placement == CachePlacement.kDevice, "AllocateCache only supports kDevice")
-        entry = engine.allocate(spec, [], None)
+        info = engine.allocate(rq.Allocate(spec))
         desc = CacheDesc(CachePlacement(spec.placement), spec.num_tensors, cache_desc.data_type, list(spec.shape))
-        return S.LLM_SUCCESS, Cache(entry.cache_id, list(entry.tensor_addrs), desc)
+        return S.LLM_SUCCESS, Cache(info.cache_id, list(info.tensor_addrs), desc)
 
     @_api()
     def DeallocateCache(self, cache_id: int) -> LLMStatusCode:
         """Free an allocated cache; an unknown or already freed id is a success."""
         engine = self._engine()
         _require(_is_int(cache_id, -2**63, 2**63 - 1), f"invalid cache_id {cache_id!r}")
-        if any(pool is not None for pool in engine.pools.values()):
+        if engine.has_pool():
             engine.deallocate(int(cache_id))
         return S.LLM_SUCCESS
 
@@ -565,8 +555,8 @@ class LlmDataDist:
                  f"{cache_desc.num_tensors}")
         _require(all(_is_int(a, 1, _UINT64_MAX) for a in addrs), "addrs must be non-zero addresses")
         _require(cfg is None or isinstance(cfg, RegisterCfg), "cfg must be a RegisterCfg")
-        entry = engine.register(_spec(cache_desc), [int(a) for a in addrs], [], None, True)
-        return S.LLM_SUCCESS, entry.cache_id
+        info = engine.register(rq.Register(_spec(cache_desc), tuple(int(a) for a in addrs), (), None, True))
+        return S.LLM_SUCCESS, info.cache_id
 
     @_api()
     def UnregisterKvCache(self, cache_id: int) -> LLMStatusCode:

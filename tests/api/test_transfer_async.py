@@ -12,7 +12,7 @@ import pytest
 from llm_datadist import (BlocksCacheKey, CacheDesc, CacheKeyByIdAndIndex, CacheTask, DataType, LayerSynchronizer,
                           LLMClusterInfo, LLMConfig, LLMDataDist, LLMException, LLMRole, LLMStatusCode, Placement,
                           TransferConfig, TransferWithCacheKeyConfig)
-from llm_datadist._engine import tasks
+from llm_datadist._engine.engine import TASK_WORKERS
 
 S = LLMStatusCode
 P_CLUSTER, D_CLUSTER = 11, 12
@@ -419,19 +419,25 @@ def test_241_timeout_argument_checks(pair):
     assert task.synchronize() == S.LLM_SUCCESS
 
 
-def test_worker_is_one_daemon_thread_and_is_gone_after(pair):
+def test_tasks_run_on_a_bounded_pool_of_daemon_threads(pair):
+    """More tasks than workers queue up; every one completes; the pool never grows past its bound."""
     p, d = pair
-    src, _ = p.cache()
-    _dst, darr = d.cache(fill=0)
+    src, sarr = p.cache()
     gate = threading.Event()
-    task = p.cm.transfer_cache_async(src, Recorder(gates={0: gate}),
-                                     [TransferConfig(D_CLUSTER, _addrs(darr, range(4)))])
-    workers = [t for t in threading.enumerate() if t.name.startswith("llm-dd-layers")]
-    assert workers and all(t.daemon for t in workers)
-    assert tasks.running_tasks(p.dd._engine)
+    started, results = [], []
+    for _ in range(TASK_WORKERS + 4):
+        _dst, darr = d.cache(fill=0)
+        started.append((p.cm.transfer_cache_async(src, Recorder(gates={0: gate}),
+                                                  [TransferConfig(D_CLUSTER, _addrs(darr, range(4)))]), darr))
+    workers = [t for t in threading.enumerate() if t.name.startswith(f"llm-dd-tasks-{P_CLUSTER}")]
+    assert 0 < len(workers) <= TASK_WORKERS and all(t.daemon for t in workers)
+    assert len(p.dd._engine.tasks.running()) == TASK_WORKERS + 4
     gate.set()
-    assert task.synchronize() == S.LLM_SUCCESS
-    assert tasks.running_tasks(p.dd._engine) == []
+    for task, darr in started:
+        results.append(task.synchronize())
+        assert all((darr[t][0] == sarr[t][0]).all() and not darr[t][1:].any() for t in range(8))
+    assert results == [S.LLM_SUCCESS] * (TASK_WORKERS + 4)
+    assert p.dd._engine.tasks.running() == []
 
 
 def test_continuous_to_blocks_with_partial_last_chunk(pair):
@@ -556,16 +562,17 @@ def test_finalize_cancels_a_running_task_and_leaves_no_thread():
         time.sleep(0.01)
     threading.Timer(0.3, gate.set).start()
     started = time.monotonic()
+    workers = [t for t in threading.enumerate() if t.name.startswith(p.dd._engine.executor.name)]
+    assert workers
     p.dd.finalize()
     assert time.monotonic() - started < 10
     assert task.synchronize(10000) == S.LLM_FAILED
     assert task.get_results() == [S.LLM_FAILED]
     assert sync.calls == [(0, None), (1, None)]  # no layer after the cancellation
     d.dd.finalize()
-    deadline = time.monotonic() + 5
-    while any(t.name.startswith("llm-dd-layers") for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not any(t.name.startswith("llm-dd-layers") for t in threading.enumerate())
+    for worker in workers:
+        worker.join(5)
+        assert not worker.is_alive()
 
 
 # ---- behaviour, remote-cache-accessible mode (TransferWithCacheKeyConfig) --------------------------

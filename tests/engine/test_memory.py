@@ -327,17 +327,18 @@ def test_cuda_available_never_imports_torch(monkeypatch):
     assert cuda_available() is True
 
 
-def test_device_backend_with_cuda_but_no_cuda_module_falls_back(monkeypatch):
+def test_device_backend_with_cuda_but_no_cuda_backend_falls_back(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", _fake_torch(True))
-    monkeypatch.setattr(memory, "_cuda_backend", lambda device_id: None)
+    monkeypatch.setattr(memory, "_DEVICE_BACKENDS", {})
     assert isinstance(backend_for(1, 0), CpuDevice)
 
 
-def test_device_backend_uses_cuda_module_when_present(monkeypatch):
+def test_device_backend_uses_a_registered_cuda_backend_when_cuda_is_active(monkeypatch):
     sentinel = object()
-    fake = types.ModuleType("llm_datadist._engine.cuda_memory")
-    fake.CudaMemory = lambda device_id: sentinel  # type: ignore[attr-defined]
+    monkeypatch.setattr(memory, "_DEVICE_BACKENDS", {})
+    memory.register_backend("cuda", lambda device_id: sentinel)
+    monkeypatch.setitem(sys.modules, "torch", _fake_torch(False))
+    assert isinstance(backend_for(1, 0), CpuDevice)  # registered but CUDA inactive: host memory
     monkeypatch.setitem(sys.modules, "torch", _fake_torch(True))
-    monkeypatch.setitem(sys.modules, "llm_datadist._engine.cuda_memory", fake)
     assert backend_for(1, 0) is sentinel
     assert isinstance(backend_for(0, 0), HostMemory)

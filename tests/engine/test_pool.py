@@ -106,7 +106,7 @@ def test_absolute_alignment_to_large_pages(page_shift):
         assert all(a % page == 0 for a in addrs)
         region = p.region
         assert region.addr == p.addr and region.nbytes == p.total
-        assert region.shm_name and region.shm_offset >= 0
+        assert region.segment is not None and region.segment.path and region.segment.offset >= 0
     finally:
         p.close()
 
@@ -277,9 +277,10 @@ def test_region_can_be_mapped_by_a_peer(pool):
     write_bytes(addr, b"pooled")
     region = pool.region
     assert region.kind == "host"
-    peer_addr, closer = map_shared(region.shm_name, region.shm_offset + region.nbytes)
+    segment = region.segment
+    peer_addr, closer = map_shared(segment.path, segment.offset + region.nbytes)
     try:
-        peer = peer_addr + region.shm_offset + (addr - region.addr)
+        peer = peer_addr + segment.offset + (addr - region.addr)
         assert read_bytes(peer, 6) == b"pooled"
         write_bytes(peer + 100, b"back")
         assert read_bytes(addr + 100, 4) == b"back"

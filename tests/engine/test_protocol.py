@@ -40,7 +40,8 @@ SAMPLES = [
             comm_members=[1, 2, 2**64 - 1], client_nonce=b"n" * 32, listen_port=26000),
     p.Hello(protocol_version=p.PROTOCOL_VERSION, cluster_id=0, role=0, host_id="", pid=0,
             remote_cache_accessible=False, transports={}),
-    p.HelloAck(cluster_id=9, role=2, host_id="h", pid=1, remote_cache_accessible=True, transports={"tcp": b"x"}),
+    p.HelloAck(cluster_id=9, role=2, host_id="h", pid=1, remote_cache_accessible=True, transports={"tcp": b"x"},
+               nonce=b"n" * 16, credentials={"tcp": b"k" * 32}),
     p.HelloAck(code=int(LLMStatusCode.LLM_LINK_FAILED), message="refused"),
     p.AuthChallenge(server_nonce=b"s" * 32, server_proof=b"p" * 32),
     p.AuthProof(client_proof=b"c" * 32),
@@ -62,6 +63,10 @@ SAMPLES = [
     p.Ack(code=int(LLMStatusCode.LLM_FAILED)),
     p.Error(code=int(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST), message="cache 3 does not exist"),
     p.Error(code=int(LLMStatusCode.LLM_UNKNOWN_ERROR), message=""),
+    p.Credentials(credentials={"tcp": b"t" * 32}),
+    p.WriteGrant(guards=[(3, 2**64 - 1), (0, 1)]),
+    p.Granted(grant_id=9),
+    p.WriteRelease(grant_id=9),
 ]
 
 

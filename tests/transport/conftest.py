@@ -14,16 +14,19 @@ import numpy as np
 import pytest
 
 from llm_datadist._transport import available_transports, transport_class
-from llm_datadist._transport.base import CopyPlan, PeerInfo, Region, TransportContext
+from llm_datadist._transport.base import CopyPlan, Guard, PeerInfo, RemoteRegion, TransportContext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from peer_server import HOST_ID, pattern  # noqa: E402
+from peer_server import HOST_ID, Peer, pattern  # noqa: E402
 
 PEER_BYTES = 72 << 20
 LOCAL_BYTES = 80 << 20
-TESTED = [n for n in ("loopback", "process_vm", "shm", "tcp") if n in available_transports()]
+# The one list of transports the suite runs against; a new backend is tested by adding it here (with a skip
+# mark when it needs an optional package or a GPU).
+ALL = ["loopback", "process_vm", "shm", "tcp"]
+TESTED = [n for n in ALL if n in available_transports()]
 ONE_SIDED = {"loopback", "process_vm", "shm"}  # the serving side does no work during a transfer
 
 
@@ -31,37 +34,31 @@ def ctx() -> TransportContext:
     return TransportContext(host_id=HOST_ID, pid=os.getpid(), bind_host="127.0.0.1")
 
 
+def _described(info: dict) -> dict:
+    """A peer's JSON description with bytes and the guard decoded."""
+    out = dict(info)
+    for key in ("descriptor", "local_info", "nonce", "credential"):
+        if key in out:
+            out[key] = bytes.fromhex(out[key])
+    if "guard" in out:
+        out["guard"] = Guard(*out["guard"])
+    return out
+
+
 class InProcessPeer:
     """The serving side of a loopback pair: a second transport instance in this process."""
 
     def __init__(self, name: str, nbytes: int) -> None:
-        self.transport = transport_class(name)(ctx())
+        self._peer = Peer(name, nbytes)
+        self.transport = self._peer.transport
         self.pid = os.getpid()
-        self._buffers: List[np.ndarray] = []
-        self._pristine: List[np.ndarray] = []
-        info = self._add(nbytes)
-        self.addr, self.nbytes, self.seed = info["addr"], info["nbytes"], info["seed"]
-        self.descriptor = self.transport.local_info()
-
-    def _add(self, nbytes: int) -> dict:
-        seed = len(self._buffers) + 1
-        buf = pattern(nbytes, seed)
-        self._buffers.append(buf)
-        self._pristine.append(buf.copy())
-        self.transport.register(Region(buf.ctypes.data, nbytes))
-        return {"addr": buf.ctypes.data, "nbytes": nbytes, "seed": seed}
+        self.info = _described(self._peer.hello())
 
     def command(self, *words: str) -> dict:
-        if words[0] == "reset":
-            for buf, pristine in zip(self._buffers, self._pristine):
-                buf[:] = pristine
-            return {"ok": True}
-        if words[0] == "add":
-            return self._add(int(words[1]))
-        raise ValueError(words)
+        return _described(self._peer.command(list(words)))
 
     def close(self) -> None:
-        self.transport.close()
+        self._peer.close()
 
 
 class ProcessPeer:
@@ -71,10 +68,8 @@ class ProcessPeer:
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "peer_server.py"), name, str(nbytes)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        info = json.loads(self._line(30.0))
-        self.pid = info["pid"]
-        self.addr, self.nbytes, self.seed = info["addr"], info["nbytes"], info["seed"]
-        self.descriptor = bytes.fromhex(info["descriptor"])
+        self.info = _described(json.loads(self._line(30.0)))
+        self.pid = self.info["pid"]
 
     def _line(self, timeout: float) -> str:
         result: List[str] = []
@@ -88,7 +83,7 @@ class ProcessPeer:
     def command(self, *words: str) -> dict:
         self.proc.stdin.write(" ".join(words) + "\n")
         self.proc.stdin.flush()
-        return json.loads(self._line(30.0))
+        return _described(json.loads(self._line(30.0)))
 
     def signal(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)
@@ -131,32 +126,51 @@ class ProcessPeer:
 
 
 class Setup:
-    """A local transport connected to a serving peer, plus helpers to build and check plans."""
+    """A local transport connected to a serving peer as an engine would connect it, plus plan helpers."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._expected: Optional[np.ndarray] = None
         self.one_sided = name in ONE_SIDED
         self.peer = InProcessPeer(name, PEER_BYTES) if name == "loopback" else ProcessPeer(name, PEER_BYTES)
+        info = self.peer.info
+        self.addr, self.nbytes, self.seed, self.guard = info["addr"], info["nbytes"], info["seed"], info["guard"]
         self.transport = transport_class(name)(ctx())
         self.local = np.zeros(LOCAL_BYTES, dtype=np.uint8)
-        self.transport.register(Region(self.local.ctypes.data, LOCAL_BYTES))
         self.peer_info = PeerInfo(cluster_id=2, host_id=HOST_ID, pid=self.peer.pid, address="127.0.0.1",
-                                  descriptor=self.peer.descriptor)
-        self.channel = self.transport.connect(self.peer_info, time.monotonic() + 10)
+                                  descriptor=info["local_info"], credential=info["credential"], nonce=info["nonce"])
+        self.regions = [RemoteRegion(self.addr, self.nbytes, "host", info["descriptor"])]
+        self.channel = self.connect()
+
+    def connect(self):
+        channel = self.transport.connect(self.peer_info, time.monotonic() + 10)
+        self.transport.learn(channel, self.regions)
+        return channel
+
+    def add(self, nbytes: int) -> dict:
+        """A region the peer registers after we connected; learned the way an engine learns it."""
+        info = self.peer.command("add", str(nbytes))
+        self.regions.append(RemoteRegion(info["addr"], info["nbytes"], "host", info["descriptor"]))
+        self.transport.learn(self.channel, self.regions)
+        return info
 
     def expected(self) -> np.ndarray:
         """The peer region's content after a reset (computed once)."""
         if self._expected is None:
-            self._expected = pattern(self.peer.nbytes, self.peer.seed)
+            self._expected = pattern(self.nbytes, self.seed)
             self._expected.flags.writeable = False
         return self._expected
 
-    def plan(self, local_off: np.ndarray, remote_off: np.ndarray, sizes: np.ndarray) -> CopyPlan:
-        """A plan from offsets into our local buffer and the peer's region."""
+    def plan(self, local_off, remote_off, sizes, guard: Optional[Guard] = None, base: Optional[int] = None) -> CopyPlan:
+        """A plan from offsets into our local buffer and the peer's region, guarded by that region's guard."""
         return CopyPlan(np.asarray(local_off, dtype=np.uint64) + np.uint64(self.local.ctypes.data),
-                        np.asarray(remote_off, dtype=np.uint64) + np.uint64(self.peer.addr),
-                        np.asarray(sizes, dtype=np.uint64))
+                        np.asarray(remote_off, dtype=np.uint64) + np.uint64(self.addr if base is None else base),
+                        np.asarray(sizes, dtype=np.uint64), guards=(guard or self.guard,))
+
+    def raw_plan(self, local, remote, sizes) -> CopyPlan:
+        """A plan over absolute addresses (for refusals), guarded by the peer's guard."""
+        return CopyPlan(np.asarray(local, dtype=np.uint64), np.asarray(remote, dtype=np.uint64),
+                        np.asarray(sizes, dtype=np.uint64), guards=(self.guard,))
 
     def deadline(self, seconds: float = 20.0) -> float:
         return time.monotonic() + seconds

@@ -70,17 +70,60 @@ def _truncating(budget):
     return fake, calls
 
 
-def test_partial_transfers_resume_exactly_where_they_stopped():
+def test_a_short_transfer_is_an_error_never_a_silent_resume():
+    """The kernel stops at the first iovec it cannot copy: a short result means unmapped memory."""
     rng = np.random.default_rng(1)
     src = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
     dst = np.zeros(2 << 20, dtype=np.uint8)
     d, s, n = _scattered(rng, 700, 5000, src.size, dst.size)
     fake, calls = _truncating(12345)
-    moved = iov._pvm_rw(fake, "fake", os.getpid(), d.astype(U64) + _addr(dst), s.astype(U64) + _addr(src),
-                        n.astype(U64), None)
-    assert moved == int(n.sum())
-    assert len(calls) > 10
+    with pytest.raises(RemoteRejected):
+        iov._pvm_rw(fake, "fake", os.getpid(), d.astype(U64) + _addr(dst), s.astype(U64) + _addr(src),
+                    n.astype(U64), None)
+    assert len(calls) == 1
+
+
+def _recording():
+    """process_vm_readv that records the remote iovecs of every call, then runs the real one."""
+    calls = []
+
+    def fake(pid, lptr, lcnt, rptr, rcnt, flags):
+        riov = np.ctypeslib.as_array((ctypes.c_uint64 * (2 * rcnt)).from_address(rptr)).reshape(rcnt, 2).copy()
+        calls.append(riov)
+        return iov._READV(pid, lptr, lcnt, rptr, rcnt, flags)
+
+    return fake, calls
+
+
+def test_guards_ride_first_and_last_in_every_call():
+    rng = np.random.default_rng(4)
+    src = rng.integers(0, 256, 4 << 20, dtype=np.uint8)
+    dst = np.zeros(8 << 20, dtype=np.uint8)
+    word = np.array([0xDEADBEEF12345679], dtype=U64)
+    d, s, n = _scattered(rng, 2500, 3000, src.size, dst.size)  # several calls of 1022 data iovecs
+    guards = iov.Guards(np.array([_addr(word)], dtype=U64), word.copy())
+    fake, calls = _recording()
+    iov._pvm_rw(fake, "fake", os.getpid(), d.astype(U64) + _addr(dst), s.astype(U64) + _addr(src),
+                n.astype(U64), None, guards)
     _assert_copied(dst, d, src, s, n)
+    assert len(calls) == 3
+    for riov in calls:
+        assert riov.shape[0] <= iov.IOV_MAX
+        assert riov[0, 0] == _addr(word) and riov[-1, 0] == _addr(word) and riov[0, 1] == riov[-1, 1] == 8
+
+
+def test_a_guard_that_changed_is_stale_memory():
+    from llm_datadist._transport.base import StaleMemory
+
+    src = np.ones(4096, dtype=np.uint8)
+    dst = np.zeros(4096, dtype=np.uint8)
+    word = np.array([7], dtype=U64)
+    with pytest.raises(StaleMemory):
+        iov.pvm_read(os.getpid(), np.array([_addr(dst)]), np.array([_addr(src)]), np.array([4096], dtype=U64),
+                     guards=iov.Guards(np.array([_addr(word)], dtype=U64), np.array([9], dtype=U64)))
+    iov.pvm_read(os.getpid(), np.array([_addr(dst)]), np.array([_addr(src)]), np.array([4096], dtype=U64),
+                 guards=iov.Guards(np.array([_addr(word)], dtype=U64), np.array([7], dtype=U64)))
+    assert (dst == 1).all()
 
 
 def test_unmapped_remote_memory_is_rejected_after_partial_copy():
@@ -97,7 +140,7 @@ def test_unmapped_remote_memory_is_rejected_after_partial_copy():
         iov.pvm_read(os.getpid(), np.array([_addr(dst)]), np.array([base], dtype=U64),
                      np.array([2 * page], dtype=U64))
     with pytest.raises(RemoteRejected):
-        iov.local_copy(CopyPlan([_addr(dst)], [base + page], [16]))
+        iov.local_copy(np.array([_addr(dst)]), np.array([base + page], dtype=U64), np.array([16], dtype=U64))
     libc.mprotect(base + page, page, 3)
     mm.close()
 
@@ -120,7 +163,7 @@ def test_deadline_is_checked_between_chunks():
         iov.pvm_read(os.getpid(), offs + _addr(dst), offs + _addr(src), np.full(2048, 16, dtype=U64),
                      deadline=time.monotonic() - 1)
     with pytest.raises(TransferTimeout):
-        iov.local_copy(CopyPlan(offs + _addr(dst), offs + _addr(src), np.full(2048, 8)),
+        iov.local_copy(offs + _addr(dst), offs + _addr(src), np.full(2048, 8, dtype=U64),
                        deadline=time.monotonic() - 1, checked=False)
 
 
@@ -132,9 +175,10 @@ def test_local_copy_paths(monkeypatch, checked):
     d, s, n = _scattered(rng, 1500, 1000, src.size, dst.size)
     if checked:
         monkeypatch.setattr(iov, "_SELF_PVM", False)  # pvm refused: the memmove fallback must work
-    iov.local_copy(CopyPlan(d.astype(U64) + _addr(dst), s.astype(U64) + _addr(src), n), checked=checked)
+    iov.local_copy(d.astype(U64) + _addr(dst), s.astype(U64) + _addr(src), n.astype(U64), checked=checked)
     _assert_copied(dst, d, src, s, n)
-    iov.local_copy(CopyPlan([], [], []))
+    empty = np.zeros(0, dtype=U64)
+    iov.local_copy(empty, empty, empty)
 
 
 def test_views_are_writable_windows_on_raw_memory():

@@ -1,37 +1,62 @@
-"""The per-instance engine: registry, pools, transports, links and comm domains of one LLMDataDist."""
+"""The per-instance engine: registry, guards, pools, transports, links, comm domains and tasks of one LLMDataDist."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
 import threading
-from typing import Dict, List, Optional, Sequence
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from llm_datadist._engine import local_ops, transfers
 from llm_datadist._engine import protocol as proto
+from llm_datadist._engine import requests as rq
 from llm_datadist._engine.comm import CommDomain, parse_rank_addresses
-from llm_datadist._engine.errors import CacheNotExist, EngineError, FeatureNotEnabled, NotLinked, ParamInvalid
+from llm_datadist._engine.errors import (CacheNotExist, EngineError, FeatureNotEnabled, NotLinked, ParamInvalid,
+                                         Timeout)
+from llm_datadist._engine.executor import Executor
+from llm_datadist._engine.guards import Guards
 from llm_datadist._engine.links import LinkManager
 from llm_datadist._engine.memory import backend_for
+from llm_datadist._engine.options import EngineOptions, link_timeout_s
 from llm_datadist._engine.pool import MemPool, parse_pool_config
 from llm_datadist._engine.registry import CacheEntry, KeyId, Registry
+from llm_datadist._engine.tasks import LayerTask, TaskJob, TaskSet
 from llm_datadist._engine.types import DEVICE, HOST, CacheSpec
-from llm_datadist._transport import available_transports, transport_class
+from llm_datadist._transport import available_transports, transport_class, unavailable_reason
 from llm_datadist._transport.base import Region, Transport, TransportContext
-from llm_datadist.v2.config import EngineOptions, link_timeout_s
 
 _log = logging.getLogger(__name__)
 MAX_COMM_DOMAINS = 512
 DEFAULT_TRANSPORTS = ("loopback", "process_vm", "shm", "tcp")
+TASK_WORKERS = 8  # layer-wise tasks running at once; more wait in the executor's queue
+_ENGINES = itertools.count(1)
+RELEASE_GRACE_S = 2.0  # beyond sync_kv_timeout, how long an unregister waits for transfers using the cache
 
 
 def host_identity() -> str:
-    """Identity of this host (boot id + hostname): equal ids mean a peer shares our memory system."""
+    """Identity of this host (hostname + boot id): equal ids make same-host routes worth trying.
+
+    Only a hint: every same-host route proves the peer's identity itself before it is used.
+    """
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
     except OSError:
         boot = "no-boot-id"
     return f"{socket.gethostname()}/{boot}"
+
+
+class _Exposed:
+    """A region registered with every transport, how many caches use it, and its descriptors for peers."""
+
+    __slots__ = ("region", "count", "descriptors")
+
+    def __init__(self, region: Region) -> None:
+        self.region = region
+        self.count = 0
+        self.descriptors: Dict[str, bytes] = {}
 
 
 class Engine:
@@ -43,15 +68,23 @@ class Engine:
         self.role = opts.role
         self.host_id = host_identity()
         self.pid = os.getpid()
-        self.registry = Registry(on_release=self._on_release)
+        self.guards = Guards()
+        self.registry = Registry(on_release=self._on_release, on_invalidate=self._on_invalidate)
         self.pools: Dict[int, Optional[MemPool]] = {DEVICE: None, HOST: None}
         self.transports: Dict[str, Transport] = {}
         self.links = LinkManager(self)
+        self.executor = Executor(TASK_WORKERS, f"llm-dd-tasks-{opts.cluster_id}-{next(_ENGINES)}")
+        self.tasks = TaskSet(self, self.executor)
         self._comms: Dict[int, CommDomain] = {}
         self._next_comm_id = 1
-        self._regions: Dict[tuple, list] = {}  # (addr, nbytes) -> [Region, exposure count]
+        self._regions: Dict[Tuple[int, int], _Exposed] = {}
         self._lock = threading.RLock()
         self.closed = False
+
+    @property
+    def nonce(self) -> bytes:
+        """This instance's random identity (its guard table holds it)."""
+        return self.guards.nonce
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -66,22 +99,23 @@ class Engine:
 
     def _transport_names(self) -> Sequence[str]:
         backend = self.opts.transfer_backend
-        available = available_transports()
         if backend is None or backend == "hixl":
+            available = available_transports()
             return [name for name in DEFAULT_TRANSPORTS if name in available]
         try:
-            transport_class(backend)
+            reason = unavailable_reason(backend)
         except KeyError:
             raise FeatureNotEnabled(f"transfer backend {backend!r} is unknown") from None
-        if backend not in available:
-            raise FeatureNotEnabled(f"transfer backend {backend!r} is not available on this machine")
+        if reason:
+            raise FeatureNotEnabled(f"transfer backend {backend!r} is not available on this machine: {reason}")
         return [backend]
 
     def _start_transports(self) -> None:
         ctx = TransportContext(host_id=self.host_id, pid=self.pid, bind_host=self.opts.listen_ip or "0.0.0.0",
-                               device_id=self.opts.device_id)
+                               device_id=self.opts.device_id, guards=self.guards)
         for name in self._transport_names():
             self.transports[name] = transport_class(name)(ctx)
+        self._expose(self.guards.region)
         _log.info("cluster %d transports: %s", self.cluster_id, ", ".join(self.transports))
 
     def _start_pools(self) -> None:
@@ -93,34 +127,44 @@ class Engine:
                 self._expose(pool.region)
 
     def close(self) -> None:
+        """Finalize: stop tasks, comm domains and links, release every cache, stop transports and pools."""
         if self.closed:
             return
         self.closed = True
-        from llm_datadist._engine import tasks  # running transfer_cache_async workers stop first
-
-        tasks.cancel_tasks(self)
+        self.tasks.cancel_all()
+        self.executor.shutdown(0.5)
         for comm in list(self._comms.values()):
             comm.close()
         self._comms.clear()
         self.links.close()
+        entries = self.registry.entries()
         self.registry.clear()
+        deadline = time.monotonic() + RELEASE_GRACE_S
+        for entry in entries:
+            if not entry.freed.wait(max(0.0, deadline - time.monotonic())):
+                _log.warning("cache %d is still in use at finalize; its memory is released when that ends",
+                             entry.cache_id)
         for transport in self.transports.values():
             _quietly(transport.close)
         for pool in self.pools.values():
             if pool is not None:
                 _quietly(pool.close)
+        _quietly(self.guards.close)
         _log.info("cluster %d finalized", self.cluster_id)
 
     # -- regions exposed to peers ---------------------------------------------------------------
-    def _expose(self, region: Region) -> None:
+    def _expose(self, region: Region) -> _Exposed:
         key = (region.addr, region.nbytes)
         with self._lock:
-            held = self._regions.setdefault(key, [region, 0])
-            held[1] += 1
-            first = held[1] == 1
-        if first:
-            for transport in self.transports.values():
-                transport.register(region)
+            held = self._regions.get(key)
+            if held is None:
+                held = self._regions[key] = _Exposed(region)
+                for name, transport in self.transports.items():
+                    descriptor = transport.register(region)
+                    if descriptor:
+                        held.descriptors[name] = descriptor
+            held.count += 1
+            return held
 
     def _unexpose(self, region: Region) -> None:
         key = (region.addr, region.nbytes)
@@ -128,22 +172,45 @@ class Engine:
             held = self._regions.get(key)
             if held is None:
                 return
-            held[1] -= 1
-            last = held[1] == 0
-            if last:
-                del self._regions[key]
-        if last:
-            for transport in self.transports.values():
-                transport.deregister(held[0])
+            held.count -= 1
+            if held.count:
+                return
+            del self._regions[key]
+        for transport in self.transports.values():
+            transport.deregister(held.region)
 
     def _tensor_regions(self, entry: CacheEntry) -> List[Region]:
-        kind = "host"
-        return [Region(addr=a, nbytes=entry.tensor_nbytes, kind=kind) for a in entry.tensor_addrs]
+        writable = entry.remote_accessible or entry.owned
+        return [Region(addr=a, nbytes=entry.tensor_nbytes, kind=entry.kind, device_id=entry.device_id,
+                       writable=writable) for a in entry.tensor_addrs]
 
     def _exposed(self, entry: CacheEntry) -> bool:
-        return not entry.owned and (entry.remote_accessible or not self.opts.remote_cache_accessible)
+        return entry.owned or entry.remote_accessible or not self.opts.remote_cache_accessible
+
+    def _region_views(self, entry: CacheEntry) -> List[proto.RegionView]:
+        """The descriptors peers need for the memory of a cache (only regions that have any)."""
+        if entry.owned:
+            pool = self.pools.get(entry.placement)
+            keys = [(pool.region.addr, pool.region.nbytes)] if pool is not None else []
+        else:
+            keys = [(a, entry.tensor_nbytes) for a in dict.fromkeys(entry.tensor_addrs)]
+        views = []
+        with self._lock:
+            for key in keys:
+                held = self._regions.get(key)
+                if held is not None and held.descriptors:
+                    views.append((key[0], key[1], held.region.kind, dict(held.descriptors)))
+        return views
+
+    def _on_invalidate(self, entry: CacheEntry) -> None:
+        if entry.guard is not None:
+            self.guards.invalidate(entry.guard)
 
     def _on_release(self, entry: CacheEntry) -> None:
+        """Free a cache's memory: first wait for server-side requests admitted under its old generation."""
+        deadline = time.monotonic() + self.opts.sync_kv_timeout_ms / 1000.0 + RELEASE_GRACE_S
+        for transport in self.transports.values():
+            _quietly(transport.fence, deadline)
         if entry.owned:
             pool = self.pools.get(entry.placement)
             if pool is not None:
@@ -153,6 +220,15 @@ class Engine:
             for region in self._tensor_regions(entry):
                 self._unexpose(region)
 
+    def _await_release(self, entry: CacheEntry) -> None:
+        """After unregister/deallocate: return only once nothing of this library touches the memory any more."""
+        if entry.freed.is_set():
+            return
+        timeout = self.opts.sync_kv_timeout_ms / 1000.0 + RELEASE_GRACE_S
+        if not entry.freed.wait(timeout):
+            raise Timeout(f"cache {entry.cache_id} is still in use by a transfer after {timeout:.1f} s (a stopped "
+                          f"peer holding a write?); its memory is released when that transfer ends")
+
     # -- registration ---------------------------------------------------------------------------
     def _entry(self, spec: CacheSpec, addrs: Sequence[int], owned: bool, remote_accessible: bool) -> CacheEntry:
         if not 1 <= len(spec.shape) < 32:
@@ -161,14 +237,15 @@ class Engine:
             raise ParamInvalid(f"every dim of shape {list(spec.shape)} must be > 0")
         if spec.num_tensors <= 0:
             raise ParamInvalid("num_tensors must be > 0")
-        nbytes = spec.tensor_nbytes
+        backend = backend_for(spec.placement, self.opts.device_id)
         return CacheEntry(cache_id=self.registry.new_id(), tensor_addrs=tuple(int(a) for a in addrs),
-                          tensor_nbytes=nbytes, dim0=spec.dim0, placement=spec.placement, is_blocks=spec.is_blocks,
-                          owned=owned, remote_accessible=remote_accessible, data_type=spec.data_type,
-                          shape=tuple(spec.shape), device_id=self.opts.device_id)
+                          tensor_nbytes=spec.tensor_nbytes, dim0=spec.dim0, placement=spec.placement,
+                          is_blocks=spec.is_blocks, owned=owned,
+                          remote_accessible=remote_accessible, data_type=spec.data_type, shape=tuple(spec.shape),
+                          device_id=self.opts.device_id, kind=backend.kind)
 
-    def register(self, spec: CacheSpec, addrs: Sequence[int], keys: Sequence[Optional[KeyId]],
-                 blocks_model_id: Optional[int], remote_accessible: bool) -> CacheEntry:
+    def _register(self, spec: CacheSpec, addrs: Sequence[int], keys: Sequence[Optional[KeyId]],
+                  blocks_model_id: Optional[int], remote_accessible: bool) -> CacheEntry:
         """register_cache / register_blocks_cache: record user memory after checking it is mapped."""
         if len(addrs) != spec.num_tensors:
             raise ParamInvalid(f"{len(addrs)} addresses given for {spec.num_tensors} tensors")
@@ -176,17 +253,26 @@ class Engine:
         backend = backend_for(spec.placement, self.opts.device_id)
         for addr in entry.tensor_addrs:
             backend.check_range(addr, entry.tensor_nbytes)
-        if spec.is_blocks:
-            self.registry.add_blocks(entry, blocks_model_id, replace=True)
-        else:
-            self.registry.add_registered(entry, keys)
-        if self._exposed(entry):
+        entry.guard = self.guards.acquire()
+        exposed = self._exposed(entry)
+        if exposed:
             for region in self._tensor_regions(entry):
                 self._expose(region)
+        try:
+            if spec.is_blocks:
+                self.registry.add_blocks(entry, blocks_model_id, replace=True)
+            else:
+                self.registry.add_registered(entry, keys)
+        except BaseException:
+            self.guards.invalidate(entry.guard)
+            if exposed:
+                for region in self._tensor_regions(entry):
+                    self._unexpose(region)
+            raise
         self._table_changed(entry.is_blocks)
         return entry
 
-    def allocate(self, spec: CacheSpec, keys: Sequence[Optional[KeyId]], blocks_model_id: Optional[int]) -> CacheEntry:
+    def _allocate(self, spec: CacheSpec, keys: Sequence[Optional[KeyId]], blocks_model_id: Optional[int]) -> CacheEntry:
         """allocate_cache / allocate_blocks_cache from the pool of the placement."""
         self._require_a_pool()
         pool = self.pools.get(spec.placement)
@@ -198,11 +284,14 @@ class Engine:
         addrs = pool.allocate_many([entry.tensor_nbytes] * spec.num_tensors)
         entry.tensor_addrs = tuple(addrs)
         try:
+            entry.guard = self.guards.acquire()
             if spec.is_blocks:
                 self.registry.add_blocks(entry, blocks_model_id, replace=False)
             else:
                 self.registry.add_allocated(entry, keys)
         except BaseException:
+            if entry.guard is not None:
+                self.guards.invalidate(entry.guard)
             for addr in addrs:
                 pool.free(addr)
             raise
@@ -210,15 +299,17 @@ class Engine:
         return entry
 
     def _require_a_pool(self) -> None:
-        """The pool APIs (allocate, deallocate, remove_cache_key) need at least one pool (§9.2)."""
+        """The pool APIs (allocate, deallocate, remove_cache_key) need at least one pool."""
         if self.pools[DEVICE] is None and self.pools[HOST] is None:
             raise FeatureNotEnabled("no memory pool is configured (mem_pool_cfg / host_mem_pool_cfg)")
 
     def deallocate(self, cache_id: int) -> None:
         self._require_a_pool()
-        blocks = self._is_blocks(cache_id)
+        entry = self._find(cache_id)
         self.registry.release_id(cache_id)
-        self._table_changed(blocks)
+        self._table_changed(entry is not None and entry.is_blocks)
+        if entry is not None and entry.released:
+            self._await_release(entry)
 
     def remove_key(self, key: KeyId) -> None:
         self._require_a_pool()
@@ -226,20 +317,25 @@ class Engine:
         self._table_changed(False)
 
     def unregister(self, cache_id: int) -> None:
-        blocks = self._is_blocks(cache_id)
+        entry = self._find(cache_id)
+        if entry is None:
+            return
         self.registry.unregister(cache_id)
-        self._table_changed(blocks)
+        self._table_changed(entry.is_blocks)
+        self._await_release(entry)
 
-    def _is_blocks(self, cache_id: int) -> bool:
+    def _find(self, cache_id: int) -> Optional[CacheEntry]:
         try:
-            return self.registry.get(cache_id).is_blocks
+            return self.registry.get(cache_id)
         except EngineError:
-            return False
+            return None
 
     def _table_changed(self, blocks: bool) -> None:
-        """Tell linked peers our table changed before the call returns, so none uses a stale view (D12).
+        """Tell linked peers our table changed (a notice each, none waits for the others).
 
-        Peers keep the whole table in remote-cache-accessible mode and blocks-cache views in normal mode.
+        Peers keep the whole table in remote-cache-accessible mode and blocks-cache views in normal mode. The
+        notice only spares them a failed attempt: a view they use after a change fails its guard check and is
+        refreshed, so correctness never depends on the notice arriving.
         """
         if (self.opts.remote_cache_accessible or blocks) and self.links.has_links():
             self.links.notify_table_changed(self.registry.version)
@@ -248,7 +344,7 @@ class Engine:
         return self.registry.get(cache_id)
 
     def check_ranges(self, addrs: Sequence[int], nbytes: int, placement: int) -> None:
-        """D23: every [addr, addr + nbytes) must be memory of the placement's kind in this process."""
+        """Every [addr, addr + nbytes) must be memory of the placement's kind in this process."""
         backend = backend_for(placement, self.opts.device_id)
         for addr in addrs:
             backend.check_range(int(addr), nbytes)
@@ -256,13 +352,30 @@ class Engine:
     def remap(self, ranges: Sequence[tuple]) -> None:
         """Re-register exposed ranges that contain the given ones with every transport (after a memory error)."""
         with self._lock:
-            exposed = [held[0] for held in self._regions.values()]
+            exposed = [held for held in self._regions.values()]
         for addr, size in ranges:
-            for region in exposed:
+            for held in exposed:
+                region = held.region
                 if region.addr <= addr and addr + size <= region.end:
-                    for transport in self.transports.values():
+                    for name, transport in self.transports.items():
                         transport.deregister(region)
-                        transport.register(region)
+                        descriptor = transport.register(region)
+                        if descriptor:
+                            held.descriptors[name] = descriptor
+        self._table_changed(True)
+
+    # -- views of our caches for peers ------------------------------------------------------------
+    def view_of(self, entry: CacheEntry, slot: int = 0) -> proto.CacheView:
+        keys = [(k.namespace, k.ident, k.model_id, s) for s, k in sorted(entry.slot_keys.items())]
+        guard = entry.guard
+        return proto.CacheView(cache_id=entry.cache_id, tensor_addrs=list(entry.tensor_addrs),
+                               tensor_nbytes=entry.tensor_nbytes, stride=entry.stride, dim0=entry.dim0,
+                               num_tensors=entry.num_tensors, placement=entry.placement, is_blocks=entry.is_blocks,
+                               remote_accessible=entry.remote_accessible or entry.owned, owned=entry.owned,
+                               slot=slot, keys=keys,
+                               blocks_model_id=-1 if entry.blocks_model_id is None else entry.blocks_model_id,
+                               kind=entry.kind, guard=(guard.slot, guard.value, guard.addr) if guard else (0, 0, 0),
+                               regions=self._region_views(entry))
 
     # -- handshake ------------------------------------------------------------------------------
     def hello(self, comm: Optional[CommDomain], target_cluster_id: Optional[int] = None) -> proto.Hello:
@@ -272,13 +385,26 @@ class Engine:
                            transports={n: t.local_info() for n, t in self.transports.items()},
                            comm_name=comm.comm_name if comm else "",
                            comm_members=sorted(comm.members) if comm else [],
-                           target_cluster_id=target_cluster_id)
+                           target_cluster_id=target_cluster_id, nonce=self.nonce)
 
-    def hello_ack(self, code: int, message: str) -> proto.HelloAck:
+    def hello_ack(self, credentials: Dict[str, bytes]) -> proto.HelloAck:
         return proto.HelloAck(cluster_id=self.cluster_id, role=self.role, host_id=self.host_id, pid=self.pid,
                               remote_cache_accessible=self.opts.remote_cache_accessible,
                               transports={n: t.local_info() for n, t in self.transports.items()},
-                              code=code, message=message)
+                              nonce=self.nonce, credentials=credentials)
+
+    def grant_credentials(self, link_id: int) -> Dict[str, bytes]:
+        """Per-link credentials of every transport for the peer of ``link_id``."""
+        granted = {}
+        for name, transport in self.transports.items():
+            credential = transport.grant(link_id)
+            if credential:
+                granted[name] = credential
+        return granted
+
+    def revoke_credentials(self, link_id: int) -> None:
+        for transport in self.transports.values():
+            _quietly(transport.revoke, link_id)
 
     # -- serving side (runs in link reader threads, no user thread involved) ----------------------
     def handle_request(self, conn, msg):
@@ -288,7 +414,16 @@ class Engine:
             self.registry.note_pulled(msg.cache_id, msg.slot, msg.tensor_lo, msg.tensor_hi)
             return proto.Ack()
         if isinstance(msg, proto.TableRequest):
-            return proto.Table(version=self.registry.version, caches=[view_of(e) for e in self.registry.entries()])
+            caches = [self.view_of(e) if self._exposed(e) else _redacted(e) for e in self.registry.entries()]
+            return proto.Table(version=self.registry.version, caches=caches)
+        if isinstance(msg, proto.WriteGrant):
+            return self.links.grant_write(conn, msg)
+        if isinstance(msg, proto.WriteRelease):
+            self.links.release_write(conn, msg.grant_id)
+            return proto.Ack()
+        if isinstance(msg, proto.Credentials):
+            self.links.note_credentials(conn, msg.credentials)
+            return proto.Ack()
         if isinstance(msg, proto.Unlink):
             self.links.note_peer_unlink(conn)
             return proto.Ack()
@@ -299,17 +434,26 @@ class Engine:
             return proto.Ack()
         raise ParamInvalid(f"unexpected request {type(msg).__name__}")
 
+    def writable_entry(self, slot: int, value: int) -> CacheEntry:
+        """The live cache of a generation that accepts writes from peers (CacheNotExist / ParamInvalid)."""
+        entry = self.registry.by_guard(slot, value)
+        if not (self._exposed(entry) and (entry.remote_accessible or entry.owned)):
+            raise ParamInvalid(f"cache {entry.cache_id} does not accept writes from peers")
+        return entry
+
     def _resolve_local(self, msg: proto.Resolve) -> proto.CacheView:
         if msg.kind == "id":
             entry = self.registry.get(msg.cache_id)
+            if not self._exposed(entry):
+                raise CacheNotExist(f"cache {msg.cache_id} does not exist")
             if msg.batch_index >= entry.dim0:
                 raise CacheNotExist(f"batch index {msg.batch_index} >= batch size {entry.dim0} of cache {msg.cache_id}")
-            return view_of(entry, msg.batch_index)
+            return self.view_of(entry, msg.batch_index)
         if msg.kind == "blocks":
-            return view_of(self.registry.lookup_blocks(msg.model_id))
+            return self.view_of(self.registry.lookup_blocks(msg.model_id))
         if msg.kind in ("req", "prefix"):
             entry, slot = self.registry.lookup_key(KeyId(msg.kind, msg.ident, msg.model_id))
-            return view_of(entry, slot)
+            return self.view_of(entry, slot)
         raise ParamInvalid(f"unknown resolve kind {msg.kind!r}")
 
     # -- comm domains (rank-table link) ---------------------------------------------------------
@@ -355,14 +499,105 @@ class Engine:
             raise NotLinked(f"comm domain of cluster {cluster_id} is not ready") from None
 
 
-def view_of(entry: CacheEntry, slot: int = 0) -> proto.CacheView:
-    """Describe a local cache for a peer."""
-    keys = [(k.namespace, k.ident, k.model_id, s) for s, k in sorted(entry.slot_keys.items())]
-    return proto.CacheView(cache_id=entry.cache_id, tensor_addrs=list(entry.tensor_addrs),
-                           tensor_nbytes=entry.tensor_nbytes, stride=entry.stride, dim0=entry.dim0,
-                           num_tensors=entry.num_tensors, placement=entry.placement, is_blocks=entry.is_blocks,
-                           remote_accessible=entry.remote_accessible or entry.owned, owned=entry.owned, slot=slot,
-                           keys=keys, blocks_model_id=-1 if entry.blocks_model_id is None else entry.blocks_model_id)
+    # -- the Engine API (what the facades call; see _engine/api.py) -----------------------------------
+    def register(self, req: rq.Register) -> rq.CacheInfo:
+        return _info(self._register(req.spec, req.addrs, req.keys, req.blocks_model_id, req.remote_accessible))
+
+    def allocate(self, req: rq.Allocate) -> rq.CacheInfo:
+        return _info(self._allocate(req.spec, req.keys, req.blocks_model_id))
+
+    def cache_info(self, cache_id: int) -> rq.CacheInfo:
+        return _info(self.registry.get(cache_id))
+
+    def has_pool(self) -> bool:
+        return any(pool is not None for pool in self.pools.values())
+
+    def transfer(self, req: rq.Transfer) -> None:
+        """A pull or push between this instance and a linked one (synchronous)."""
+        if isinstance(req, rq.PullBlocks):
+            transfers.pull_blocks(self, req.source, req.cache_id, req.src_blocks, req.dst_blocks, req.layers)
+        elif isinstance(req, rq.PullCache):
+            transfers.pull_cache(self, req.source, req.cache_id, req.batch_index, req.size, req.layers)
+        elif isinstance(req, rq.PushBlocks):
+            transfers.push_blocks(self, req.dest, req.cache_id, req.src_blocks, req.dst_blocks, req.layers)
+        elif isinstance(req, rq.PushCache):
+            transfers.push_cache(self, req.dest, req.cache_id, req.src_batch_index, req.layers)
+        elif isinstance(req, rq.BlocksById):
+            transfers.blocks_by_id(self, req.cluster_id, req.remote_cache_id, req.cache_id, req.src_blocks,
+                                   req.dst_blocks, req.layers, req.pull)
+        else:
+            raise ParamInvalid(f"not a transfer request: {type(req).__name__}")
+
+    def copy(self, req: rq.LocalCopy) -> None:
+        """A copy between caches of this instance."""
+        if isinstance(req, rq.CopyCache):
+            local_ops.copy_cache(self, req.dst_id, req.src_id, req.dst_index, req.src_index, req.offset, req.size)
+        elif isinstance(req, rq.CopyBlocks):
+            if req.src_id == req.dst_id:
+                local_ops.copy_blocks(self, req.src_id, req.pairs)
+            else:
+                local_ops.copy_blocks_between(self, req.src_id, req.dst_id, req.pairs)
+        elif isinstance(req, rq.SwapBlocks):
+            local_ops.swap_blocks(self, req.src_id, req.src_addrs, req.dst_id, req.dst_addrs, req.block_size,
+                                  req.num_blocks, req.placements, req.pairs)
+        else:
+            raise ParamInvalid(f"not a copy request: {type(req).__name__}")
+
+    def start_layerwise(self, job: TaskJob) -> LayerTask:
+        """transfer_cache_async: queue the layer-wise push task and return its waiter."""
+        return self.tasks.start(job)
+
+    def link_clusters(self, req: rq.LinkClusters):
+        """Link every peer in parallel; (overall, [code per peer]), never raises."""
+        return self.links.link_clusters([{"cluster_id": p.cluster_id, "remote": list(p.remote)} for p in req.peers],
+                                        req.timeout_s)
+
+    def unlink_clusters(self, req: rq.UnlinkClusters):
+        return self.links.unlink_clusters([{"cluster_id": p.cluster_id, "remote": list(p.remote)}
+                                           for p in req.peers], req.timeout_s, req.force)
+
+    def check_linked(self, cluster_id: int) -> None:
+        """NotLinked unless a link to the cluster exists."""
+        self.links.get(cluster_id)
+
+    def route(self, cluster_id: int, every: bool = False) -> str:
+        """The general data route of the link to a cluster, or with ``every`` all of them joined by ">"
+        ("" before its first transfer)."""
+        link = self.links.get(cluster_id)
+        return ">".join(link.route_names) if every else link.route_name
+
+    def comm_status(self, comm_id: int) -> int:
+        return self.comm(comm_id).status
+
+    def set_role(self, role: int, listen: Optional[Tuple[str, int]]) -> None:
+        """switch_role: move, start or stop listening (no link may exist), then take the new role label."""
+        hixl = self.opts.transfer_backend is not None and self.opts.transfer_backend == "hixl"
+        if hixl:
+            if listen is not None and listen != (self.opts.listen_ip, self.opts.listen_port):
+                raise FeatureNotEnabled("the listen address can not change with the hixl backend")
+        else:
+            self.links.check_no_links()
+            if listen is not None:
+                self.links.start_listening(*listen)
+            else:
+                self.links.stop_listening()
+        self.role = int(role)
+
+
+def _redacted(entry: CacheEntry) -> proto.CacheView:
+    """A cache peers may not access: listed (so a pull of it is refused as not remote accessible) without its
+    addresses, memory descriptors or generation."""
+    return proto.CacheView(cache_id=entry.cache_id, tensor_addrs=[], tensor_nbytes=entry.tensor_nbytes,
+                           stride=entry.stride, dim0=entry.dim0, num_tensors=entry.num_tensors,
+                           placement=entry.placement, is_blocks=entry.is_blocks, remote_accessible=False, owned=False,
+                           blocks_model_id=-1 if entry.blocks_model_id is None else entry.blocks_model_id,
+                           kind=entry.kind)
+
+
+def _info(entry: CacheEntry) -> rq.CacheInfo:
+    return rq.CacheInfo(cache_id=entry.cache_id, tensor_addrs=tuple(entry.tensor_addrs),
+                        num_tensors=entry.num_tensors, stride=entry.stride, dim0=entry.dim0,
+                        is_blocks=entry.is_blocks)
 
 
 def _quietly(fn, *args) -> None:
@@ -370,5 +605,3 @@ def _quietly(fn, *args) -> None:
         fn(*args)
     except Exception:  # noqa: BLE001 - teardown continues past one failure
         _log.debug("teardown step failed", exc_info=True)
-
-

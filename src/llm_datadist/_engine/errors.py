@@ -7,7 +7,7 @@ from typing import Iterator, Optional
 
 from llm_datadist.status import LLMException, LLMStatusCode, code_2_status
 
-_log = logging.getLogger("LLM_DATADIST")
+_log = logging.getLogger(__name__)
 
 
 class EngineError(Exception):
@@ -83,18 +83,41 @@ def error_for_code(code: int, message: str) -> EngineError:
     return cls(message, code=status)
 
 
-def to_llm_exception(func_name: str, exc: BaseException) -> LLMException:
-    """Convert an engine or transport failure to the public exception, with a clear message."""
+def _transport_code(exc: BaseException) -> LLMStatusCode:
+    from llm_datadist._transport import base
+
+    if isinstance(exc, base.StaleMemory):
+        return LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+    if isinstance(exc, base.RemoteRejected):
+        return LLMStatusCode.LLM_PARAM_INVALID
+    if isinstance(exc, base.TransferTimeout):
+        return LLMStatusCode.LLM_TIMEOUT
+    return LLMStatusCode.LLM_LINK_FAILED  # ConnectFailed, TransportClosed, anything else of a transport
+
+
+def status_of(exc: BaseException) -> LLMStatusCode:
+    """The public status of any failure: the one boundary between engine errors and status codes (v1, v2)."""
     from llm_datadist._transport.base import TransportError
 
     if isinstance(exc, EngineError):
-        code = exc.code
-    elif isinstance(exc, TransportError):
-        code = exc.code
-    else:
-        code = LLMStatusCode.LLM_FAILED
+        return exc.code
+    if isinstance(exc, TransportError):
+        return _transport_code(exc)
+    if isinstance(exc, LLMException):
+        return code_2_status(exc.status_code)
+    if isinstance(exc, (TypeError, ValueError)):
+        return LLMStatusCode.LLM_PARAM_INVALID
+    return LLMStatusCode.LLM_FAILED
+
+
+def to_llm_exception(func_name: str, exc: BaseException) -> LLMException:
+    """Convert an engine or transport failure to the public exception, with a clear message.
+
+    It is raised, so it is logged at DEBUG only (the caller decides what to log).
+    """
+    code = status_of(exc)
     message = f"{func_name} failed, error code is {code}, {exc}"
-    _log.error(message)
+    _log.debug(message)
     return LLMException(message, status_code=code)
 
 

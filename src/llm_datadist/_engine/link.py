@@ -1,34 +1,68 @@
-"""One established link to a peer instance: its RPC connection, data channel and cache-table cache."""
+"""One established link to a peer instance: its RPC connection, data routes, views of the peer's caches."""
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Dict, List, Optional, Tuple
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import msgspec
 
 from llm_datadist._engine import protocol as proto
 from llm_datadist._engine.errors import CacheNotExist, LinkFailed, NotLinked, ParamInvalid
 from llm_datadist._engine.types import SourceSpec
-from llm_datadist._transport.base import Channel, ConnectFailed, CopyPlan, PeerInfo, Transport
+from llm_datadist._transport.base import (PROCESS, SAME_HOST, Channel, ConnectFailed, CopyPlan, PeerInfo,
+                                          RemoteRegion, Transport)
 
 _log = logging.getLogger(__name__)
+CREDENTIALS_WAIT_S = 5.0  # how long the serving end waits for the client's credentials before a route needs them
+CLOSE_WAIT_S = 5.0  # how long close() waits for transfers still running on the link
+
+
+class Route:
+    """A connected transport of a link."""
+
+    __slots__ = ("transport", "channel")
+
+    def __init__(self, transport: Transport, channel: Channel) -> None:
+        self.transport = transport
+        self.channel = channel
+
+    @property
+    def name(self) -> str:
+        return self.transport.name
 
 
 class Link:
-    """A symmetric link: either side resolves, reads and writes the other's caches through it."""
+    """A symmetric link: either side resolves, reads and writes the other's caches through it.
+
+    Routes are connected on first use, in priority order, until a transport that covers every plan is up
+    (a partial one such as shm stays in front of it); each plan takes the first route whose memory kinds
+    and coverage fit. Transfers count themselves in, so ``close`` can wait for them before the channels go.
+    """
 
     def __init__(self, peer: PeerInfo, conn, transports: Dict[str, Transport], peer_ra: bool,
-                 comm_id: int = 0, serial: int = 0) -> None:
+                 comm_id: int = 0, serial: int = 0, descriptors: Optional[Dict[str, bytes]] = None,
+                 same_host: bool = False, on_closed: Optional[Callable[["Link"], None]] = None) -> None:
         self.peer = peer
         self.conn = conn
         self.peer_ra = peer_ra
         self.comm_id = comm_id
         self.serial = serial  # creation order: the newest usable link to a cluster carries its transfers
+        self.same_host = same_host
         self._transports = transports
-        self._peer_descriptors: Dict[str, bytes] = {}
-        self._routes: List[Tuple[Transport, Channel]] = []
+        self._descriptors: Dict[str, bytes] = dict(descriptors or {})
+        self._credentials: Dict[str, bytes] = {}
+        self._have_credentials = threading.Event()
+        self._routes: List[Route] = []
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._active = 0
         self._table: Optional[proto.Table] = None
         self._blocks_views: Dict[int, proto.CacheView] = {}
+        self._regions: Dict[Tuple[int, int], proto.RegionView] = {}
+        self._on_closed = on_closed
+        self.grants: Dict[int, list] = {}  # owner side: write grants the peer holds over this link
         self.closed = False
         self.retired = False
         self.peer_unlinked = False
@@ -46,91 +80,126 @@ class Link:
         """Take no new transfers (unlink in progress); the connection stays up until closed."""
         self.retired = True
 
-    def set_peer_transports(self, descriptors: Dict[str, bytes]) -> None:
-        self._peer_descriptors = dict(descriptors)
+    def set_credentials(self, credentials: Dict[str, bytes]) -> None:
+        """What the peer granted us for this link (from its HelloAck or its Credentials request)."""
+        self._credentials = dict(credentials)
+        self._have_credentials.set()
 
     # -- data routes ----------------------------------------------------------------------------
-    def _ensure_routes(self, deadline: float) -> List[Tuple[Transport, Channel]]:
-        """Connect reachable transports in priority order until one that covers every plan is up.
+    def _check_open(self) -> None:
+        if self.retired:
+            raise NotLinked(f"cluster {self.cluster_id} was unlinked")
+        if self.closed:
+            raise LinkFailed(f"link to cluster {self.cluster_id} is closed")
 
-        A transport that overrides ``supports`` (shm: only shared segments) is kept in front of the
-        general one and used for the plans it covers.
-        """
+    def routes(self, deadline: float) -> List[Route]:
+        """The connected routes, connecting them on first use."""
+        routes = self._routes
+        if routes:
+            return routes
         with self._lock:
-            if self.retired:
-                raise NotLinked(f"cluster {self.cluster_id} was unlinked")
-            if self.closed:
-                raise LinkFailed(f"link to cluster {self.cluster_id} is closed")
-            if self._routes:
-                return self._routes
-            errors: List[str] = []
-            for transport in sorted(self._transports.values(), key=lambda t: -t.priority):
-                channel = self._connect(transport, deadline, errors)
-                if channel is None:
-                    continue
-                self._routes.append((transport, channel))
-                if type(transport).supports is Transport.supports:
-                    break
+            self._check_open()
             if not self._routes:
-                raise LinkFailed(f"no transport reaches cluster {self.cluster_id}: "
-                                 f"{'; '.join(errors) or 'none shared'}")
-            same = "same host" if self.peer.same_host(self._routes[0][0].ctx.host_id) else "cross host"
-            _log.info("link to cluster %d routes over %s (%s, peer %s pid %d)", self.cluster_id,
-                      " then ".join(t.name for t, _ in self._routes), same, self.peer.address, self.peer.pid)
+                self._routes = self._connect_all(deadline)
             return self._routes
 
+    def _connect_all(self, deadline: float) -> List[Route]:
+        errors: List[str] = []
+        routes: List[Route] = []
+        for transport in sorted(self._transports.values(), key=lambda t: -t.priority):
+            channel = self._connect(transport, deadline, errors)
+            if channel is None:
+                continue
+            routes.append(Route(transport, channel))
+            if not transport.caps.partial:
+                break
+        if not routes:
+            raise LinkFailed(f"no transport reaches cluster {self.cluster_id}: {'; '.join(errors) or 'none shared'}")
+        where = "same host" if self.same_host else "cross host"
+        _log.info("link to cluster %d routes over %s (%s, peer %s pid %d)", self.cluster_id,
+                  " then ".join(r.name for r in routes), where, self.peer.address, self.peer.pid)
+        if self._regions:
+            for route in routes:
+                route.transport.learn(route.channel, self._remote_regions(route.name))
+        return routes
+
+    def _reachable(self, transport: Transport) -> bool:
+        locality = transport.caps.locality
+        if locality == PROCESS or locality == SAME_HOST:
+            return self.same_host
+        return True
+
     def _connect(self, transport: Transport, deadline: float, errors: List[str]) -> Optional[Channel]:
-        descriptor = self._peer_descriptors.get(transport.name)
-        if descriptor is None:
+        descriptor = self._descriptors.get(transport.name)
+        if descriptor is None or not self._reachable(transport):
             return None
-        peer = PeerInfo(self.peer.cluster_id, self.peer.host_id, self.peer.pid, self.peer.address, descriptor)
+        if transport.name not in self._credentials and not self._have_credentials.is_set():
+            self._have_credentials.wait(max(0.0, min(CREDENTIALS_WAIT_S, deadline - time.monotonic())))
+        peer = PeerInfo(self.peer.cluster_id, self.peer.host_id, self.peer.pid, self.peer.address, descriptor,
+                        self._credentials.get(transport.name, b""), self.peer.nonce)
         if not transport.can_reach(peer):
             return None
         try:
-            channel = transport.connect(peer, deadline)
+            return transport.connect(peer, deadline)
         except ConnectFailed as exc:
             errors.append(f"{transport.name}: {exc}")
+            _log.debug("link to cluster %d: %s not usable: %s", self.cluster_id, transport.name, exc)
             return None
-        return channel
 
-    def _route_for(self, plan: CopyPlan, deadline: float) -> Tuple[Transport, Channel]:
-        routes = self._ensure_routes(deadline)
-        for transport, channel in routes:
-            if transport.supports(channel, plan):
-                return transport, channel
-        raise LinkFailed(f"no transport to cluster {self.cluster_id} can move this plan")
+    def route_for(self, plan: CopyPlan, deadline: float) -> Route:
+        for route in self.routes(deadline):
+            kinds = route.transport.caps.memory_kinds
+            if plan.local_kind in kinds and plan.remote_kind in kinds and route.transport.covers(route.channel, plan):
+                return route
+        raise LinkFailed(f"no transport to cluster {self.cluster_id} moves {plan.local_kind} <-> "
+                         f"{plan.remote_kind} memory for this plan")
 
     @property
     def route_name(self) -> str:
         """The general (last) route of the link, e.g. "process_vm" or "tcp"; "" before the first transfer."""
         routes = self._routes
-        return routes[-1][0].name if routes else ""
+        return routes[-1].name if routes else ""
 
-    def read(self, plan: CopyPlan, deadline: float) -> None:
-        if len(plan) == 0:
-            return
-        transport, channel = self._route_for(plan, deadline)
-        transport.read(channel, plan, deadline)
+    @property
+    def route_names(self) -> List[str]:
+        return [r.name for r in self._routes]
 
-    def write(self, plan: CopyPlan, deadline: float) -> None:
-        if len(plan) == 0:
-            return
-        transport, channel = self._route_for(plan, deadline)
-        transport.write(channel, plan, deadline)
+    def enter(self) -> None:
+        """Count a transfer in (NotLinked/LinkFailed once the link is going away)."""
+        with self._lock:
+            self._check_open()
+            self._active += 1
 
-    # -- control --------------------------------------------------------------------------------
-    def call(self, msg, deadline: float):
-        if self.retired:
-            raise NotLinked(f"cluster {self.cluster_id} was unlinked")
-        if self.closed:
-            raise LinkFailed(f"link to cluster {self.cluster_id} is closed")
-        return self.conn.call(msg, deadline)
+    def leave(self) -> None:
+        with self._lock:
+            self._active -= 1
+            if not self._active:
+                self._idle.notify_all()
+
+    # -- views of the peer's caches ---------------------------------------------------------------
+    def _remote_regions(self, transport_name: str) -> List[RemoteRegion]:
+        return [RemoteRegion(addr, nbytes, kind, descs[transport_name])
+                for (addr, nbytes, kind, descs) in self._regions.values() if transport_name in descs]
+
+    def note_view(self, view: proto.CacheView) -> proto.CacheView:
+        """Learn the region descriptors a view carries; returns the view."""
+        new = False
+        for region in view.regions:
+            key = (region[0], region[1])
+            if self._regions.get(key) != region:
+                self._regions[key] = region
+                new = True
+        if new:
+            for route in self._routes:
+                route.transport.learn(route.channel, self._remote_regions(route.name))
+        return view
 
     def resolve(self, source: SourceSpec, deadline: float) -> proto.CacheView:
         """Ask the peer to resolve a key/id (normal mode: the owner answers).
 
         Blocks keys are never consumed, so their views are kept until the peer announces a change of
-        its blocks caches (TableChanged); keys and ids are resolved by the owner on every pull.
+        its blocks caches (TableChanged) or a transfer finds the view stale; keys and ids are resolved by
+        the owner on every pull.
         """
         if source.kind == "blocks":
             view = self._blocks_views.get(source.model_id)
@@ -139,18 +208,26 @@ class Link:
         view = self.call(proto.Resolve(kind=source.kind, cluster_id=source.cluster_id, ident=source.ident,
                                        model_id=source.model_id, cache_id=source.cache_id,
                                        batch_index=source.batch_index), deadline)
+        self.note_view(view)
         if source.kind == "blocks":
             self._blocks_views[source.model_id] = view
         return view
 
+    def table(self, deadline: float, fresh: bool = False) -> proto.Table:
+        """The peer's cache table (a snapshot, fetched again when ``fresh`` or after a change notice)."""
+        table = self._table
+        if table is None or fresh:
+            table = self.call(proto.TableRequest(), deadline)
+            for view in table.caches:
+                self.note_view(view)
+            self._table = table
+        return table
+
     def resolve_from_table(self, source: SourceSpec, deadline: float) -> proto.CacheView:
-        """Remote-cache-accessible mode: look up the peer's table snapshot, refreshing once on a miss (D13)."""
-        if self._table is None:
-            self._table = self.call(proto.TableRequest(), deadline)
-        view = _lookup(self._table, source)
+        """Remote-cache-accessible mode: look up the peer's table snapshot, refreshing once on a miss."""
+        view = _lookup(self.table(deadline), source)
         if view is None:
-            self._table = self.call(proto.TableRequest(), deadline)
-            view = _lookup(self._table, source)
+            view = _lookup(self.table(deadline, fresh=True), source)
         if view is None:
             raise CacheNotExist(f"cluster {self.cluster_id} has no cache for {_describe(source)}")
         return view
@@ -160,21 +237,30 @@ class Link:
         self._table = None
         self._blocks_views.clear()
 
+    # -- control --------------------------------------------------------------------------------
+    def call(self, msg, deadline: float):
+        self._check_open()
+        return self.conn.call(msg, deadline)
+
     def consume(self, cache_id: int, slot: int, lo: int, hi: int, deadline: float) -> None:
         self.call(proto.Consume(cache_id=cache_id, slot=slot, tensor_lo=lo, tensor_hi=hi), deadline)
 
     def close(self) -> None:
+        """Wait (bounded) for transfers still running, then disconnect the routes and the connection."""
         with self._lock:
             if self.closed:
                 return
             self.closed = True
+            self._idle.wait_for(lambda: self._active == 0, CLOSE_WAIT_S)
             routes, self._routes = self._routes, []
-        for transport, channel in routes:
+        for route in routes:
             try:
-                transport.disconnect(channel)
+                route.transport.disconnect(route.channel)
             except Exception:  # noqa: BLE001 - closing must never fail
                 _log.debug("disconnect failed", exc_info=True)
         self.conn.close()
+        if self._on_closed is not None:
+            self._on_closed(self)
 
 
 def _describe(source: SourceSpec) -> str:
@@ -191,21 +277,15 @@ def _lookup(table: proto.Table, source: SourceSpec) -> Optional[proto.CacheView]
             if view.cache_id == source.cache_id:
                 if source.batch_index >= view.dim0:
                     raise CacheNotExist(f"batch index {source.batch_index} >= remote batch size {view.dim0}")
-                return _with_slot(view, source.batch_index)
+                return msgspec.structs.replace(view, slot=source.batch_index)
         elif source.kind == "blocks":
             if view.is_blocks and view.blocks_model_id == source.model_id:
                 return view
         else:
             for namespace, ident, model_id, slot in view.keys:
                 if namespace == source.kind and ident == source.ident and model_id == source.model_id:
-                    return _with_slot(view, slot)
+                    return msgspec.structs.replace(view, slot=slot)
     return None
-
-
-def _with_slot(view: proto.CacheView, slot: int) -> proto.CacheView:
-    import msgspec
-
-    return msgspec.structs.replace(view, slot=slot)
 
 
 def check_view_accessible(view: proto.CacheView, what: str) -> None:

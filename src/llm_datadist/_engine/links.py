@@ -37,6 +37,7 @@ class LinkManager:
         self._engine = engine
         self._links: Dict[LinkKey, Link] = {}
         self._served: Dict[int, Link] = {}  # id(link) -> serving end of a self link
+        self._by_conn: Dict[int, Link] = {}  # id(rpc connection) -> link
         self._lock = threading.RLock()
         self._listener: Optional[Listener] = None
         self._listen: Optional[Tuple[str, int]] = None
@@ -100,10 +101,7 @@ class LinkManager:
     def link_of(self, conn) -> Optional[Link]:
         """The link (either end of a self link) that owns the RPC connection ``conn``."""
         with self._lock:
-            for link in list(self._links.values()) + list(self._served.values()):
-                if link.conn is conn:
-                    return link
-        return None
+            return self._by_conn.get(id(conn))
 
     # -- listening ------------------------------------------------------------------------------
     @property
@@ -138,21 +136,20 @@ class LinkManager:
 
         def decide(hello: proto.Hello) -> proto.HelloAck:
             if hello.remote_cache_accessible != engine.opts.remote_cache_accessible:
-                return engine.hello_ack(int(LLMStatusCode.LLM_PARAM_INVALID), "remote cache accessible mode differs")
+                return _refusal(LLMStatusCode.LLM_PARAM_INVALID, "remote cache accessible mode differs")
             if hello.target_cluster_id is not None and hello.target_cluster_id != engine.cluster_id:
-                return engine.hello_ack(int(LLMStatusCode.LLM_LINK_FAILED),
-                                        f"this is cluster {engine.cluster_id}, not {hello.target_cluster_id}")
+                return _refusal(LLMStatusCode.LLM_LINK_FAILED,
+                                f"this is cluster {engine.cluster_id}, not {hello.target_cluster_id}")
             if comm is not None and not comm.accepts(hello):
-                return engine.hello_ack(int(LLMStatusCode.LLM_LINK_FAILED), "not a member of this comm domain")
-            link = self._make_link(sock, hello.cluster_id, hello.host_id, hello.pid, addr[0], hello.transports,
-                                   hello.remote_cache_accessible, comm, start=False)
+                return _refusal(LLMStatusCode.LLM_LINK_FAILED, "not a member of this comm domain")
+            link = self._make_link(sock, hello, addr[0], comm)
             made["link"] = link
             if hello.cluster_id == engine.cluster_id and comm is None:
                 with self._lock:  # the serving end of a self link: the client end goes into the table
                     self._served[id(link)] = link
             else:
                 self.add(link, replace=True)  # a client that restarted replaces its stale link ("force link")
-            return engine.hello_ack(code=0, message="")
+            return engine.hello_ack(engine.grant_credentials(link.serial))
 
         try:
             _hello, ack = rpc.accept_handshake(sock, deadline, engine.opts.link_secret, decide)
@@ -169,19 +166,73 @@ class LinkManager:
         _log.info("accepted link from cluster %d (%s)", link.cluster_id, addr[0])
         return link
 
-    def _make_link(self, sock, cluster_id, host_id, pid, address, transports, peer_ra, comm, start=True) -> Link:
-        peer = PeerInfo(cluster_id=cluster_id, host_id=host_id, pid=pid, address=address, descriptor=b"")
+    def _make_link(self, sock, hello, address: str, comm, start: bool = False) -> Link:
+        """A link over a handshaken socket; ``hello`` is the peer's Hello or HelloAck."""
+        engine = self._engine
+        peer = PeerInfo(cluster_id=hello.cluster_id, host_id=hello.host_id, pid=hello.pid, address=address,
+                        descriptor=b"", nonce=hello.nonce)
         holder: Dict[str, Link] = {}
-        conn = rpc.Connection(sock, handler=self._engine.handle_request,
+        conn = rpc.Connection(sock, handler=engine.handle_request,
                               on_close=lambda _c: self._on_connection_lost(holder.get("link")),
-                              name=f"llm-dd-link-{cluster_id}", start=False)
-        link = Link(peer, conn, self._engine.transports, peer_ra, comm_id=comm.comm_id if comm else 0,
-                    serial=next(self._serials))
-        link.set_peer_transports(transports)
+                              name=f"llm-dd-link-{hello.cluster_id}", start=False)
+        link = Link(peer, conn, engine.transports, hello.remote_cache_accessible,
+                    comm_id=comm.comm_id if comm else 0, serial=next(self._serials), descriptors=hello.transports,
+                    same_host=hello.host_id == engine.host_id, on_closed=self._link_closed)
         holder["link"] = link
+        with self._lock:
+            self._by_conn[id(conn)] = link
         if start:
             conn.start()
         return link
+
+    def note_credentials(self, conn, credentials: Dict[str, bytes]) -> None:
+        """The client end granted us its per-link credentials (first request after the handshake)."""
+        link = self.link_of(conn)
+        if link is not None:
+            link.set_credentials(credentials)
+
+    # -- one-sided write grants (owner side) ------------------------------------------------------
+    def grant_write(self, conn, msg: proto.WriteGrant) -> proto.Granted:
+        """Hold the caches a peer's one-sided write targets, so their release waits for the write."""
+        link = self.link_of(conn)
+        if link is None:
+            raise NotLinked("write grant over a connection that is no link")
+        registry = self._engine.registry
+        held = []
+        try:
+            for slot, value in msg.guards:
+                held.append(registry.pin_entry(self._engine.writable_entry(slot, value)))
+        except BaseException:
+            for entry in held:
+                registry.unpin(entry)
+            raise
+        grant_id = next(self._serials)
+        with self._lock:
+            if link.closed or link.retired:
+                for entry in held:
+                    registry.unpin(entry)
+                raise NotLinked(f"cluster {link.cluster_id} is unlinking")
+            link.grants[grant_id] = held
+        return proto.Granted(grant_id=grant_id)
+
+    def release_write(self, conn, grant_id: int) -> None:
+        link = self.link_of(conn)
+        if link is None:
+            return
+        with self._lock:
+            held = link.grants.pop(grant_id, [])
+        for entry in held:
+            self._engine.registry.unpin(entry)
+
+    def _link_closed(self, link: Link) -> None:
+        """A link went away: its peer's grants end and the credentials given to it are revoked."""
+        with self._lock:
+            grants, link.grants = link.grants, {}
+            self._by_conn.pop(id(link.conn), None)
+        for held in grants.values():
+            for entry in held:
+                self._engine.registry.unpin(entry)
+        self._engine.revoke_credentials(link.serial)
 
     def note_peer_unlink(self, conn) -> None:
         """The peer is unlinking over ``conn``: our end leaves the table before the reply goes out.
@@ -238,11 +289,12 @@ class LinkManager:
         if expected_cluster is not None and ack.cluster_id != expected_cluster:
             _close_quietly(sock)
             raise LinkFailed(f"{ip}:{port} is cluster {ack.cluster_id}, not the expected {expected_cluster}")
-        link = self._make_link(sock, ack.cluster_id, ack.host_id, ack.pid, ip, ack.transports,
-                               ack.remote_cache_accessible, comm)
+        link = self._make_link(sock, ack, ip, comm, start=True)
+        link.set_credentials(ack.credentials)
         try:
+            link.conn.call(proto.Credentials(credentials=engine.grant_credentials(link.serial)), deadline)
             self.add(link, replace=False)
-        except AlreadyLinked:
+        except EngineError:
             link.close()
             raise
         _log.info("linked to cluster %d at %s:%d", ack.cluster_id, ip, port)
@@ -345,6 +397,11 @@ def _overall(codes: List[LLMStatusCode]) -> LLMStatusCode:
         if code != LLMStatusCode.LLM_SUCCESS:
             return code
     return LLMStatusCode.LLM_SUCCESS
+
+
+def _refusal(code: LLMStatusCode, message: str) -> proto.HelloAck:
+    """A refused handshake: the code and the reason, nothing about this instance."""
+    return proto.HelloAck(code=int(code), message=message)
 
 
 def _close_quietly(sock: socket.socket) -> None:

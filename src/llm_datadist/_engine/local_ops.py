@@ -1,63 +1,104 @@
-"""Local copies inside one instance: copy_cache, copy_blocks and swap_blocks as one vectorised plan each."""
+"""Local copies inside one instance (copy_cache, copy_blocks, swap_blocks, V1 copies): planned by the one planner,
+run by the memory backend of the caches' kind, with both caches pinned."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+import contextlib
+from typing import Iterator, Sequence, Tuple
 
 import numpy as np
 
 from llm_datadist._engine import planner
 from llm_datadist._engine.errors import ParamInvalid
+from llm_datadist._engine.memory import backend_for
+from llm_datadist._engine.planner import Side, side_of
 from llm_datadist._transport.base import CopyPlan
-from llm_datadist._transport.iov import local_copy
+
+_U64 = np.uint64
+
+
+@contextlib.contextmanager
+def _pinned(engine, *cache_ids: int) -> Iterator[list]:
+    """Pin each distinct cache (a concurrent unregister/deallocate waits for the copy)."""
+    with contextlib.ExitStack() as stack:
+        entries = {}
+        for cache_id in dict.fromkeys(cache_ids):
+            entries[cache_id] = stack.enter_context(engine.registry.pinned(cache_id))
+        yield [entries[cache_id] for cache_id in cache_ids]
+
+
+def run(engine, plan: CopyPlan, placement: int) -> None:
+    """Run a local plan with the backend of its memory (after the caller pinned the caches)."""
+    if plan.local_kind != plan.remote_kind:
+        raise ParamInvalid(f"a local copy between {plan.remote_kind} and {plan.local_kind} memory is not supported")
+    backend = backend_for(placement, engine.opts.device_id)
+    backend.copy(plan.local, plan.remote, plan.sizes, None)
 
 
 def copy_cache(engine, dst_id: int, src_id: int, dst_index: int, src_index: int, offset: int, size: int) -> None:
     """Copy ``size`` bytes (-1: the rest of the source slot) of one slot per tensor, at ``offset``."""
-    dst, src = engine.entry(dst_id), engine.entry(src_id)
-    if src.num_tensors != dst.num_tensors:
-        raise ParamInvalid(f"num_tensors differ: source {src.num_tensors}, destination {dst.num_tensors}")
-    if src_index >= src.dim0 or dst_index >= dst.dim0:
-        raise ParamInvalid(f"batch index out of range (source {src_index}/{src.dim0}, destination "
-                           f"{dst_index}/{dst.dim0})")
-    if offset > 0 and (offset >= src.stride or offset >= dst.stride):
-        raise ParamInvalid(f"offset {offset} must be smaller than both strides ({src.stride}, {dst.stride})")
-    nbytes = src.stride - offset if size == -1 else size
-    if nbytes > src.stride - offset or nbytes > dst.stride - offset:
-        raise ParamInvalid(f"size {nbytes} at offset {offset} exceeds a slot ({src.stride}, {dst.stride} bytes)")
-    s = np.asarray(src.tensor_addrs, dtype=np.uint64) + np.uint64(src_index * src.stride + offset)
-    d = np.asarray(dst.tensor_addrs, dtype=np.uint64) + np.uint64(dst_index * dst.stride + offset)
-    local_copy(planner.plan_local_copy(d, s, np.full(s.shape, nbytes, dtype=np.uint64)))
+    with _pinned(engine, dst_id, src_id) as (dst_entry, src_entry):
+        dst, src = side_of(dst_entry), side_of(src_entry)
+        if src.num_tensors != dst.num_tensors:
+            raise ParamInvalid(f"num_tensors differ: source {src.num_tensors}, destination {dst.num_tensors}")
+        if src_index >= src.count or dst_index >= dst.count:
+            raise ParamInvalid(f"batch index out of range (source {src_index}/{src.count}, destination "
+                               f"{dst_index}/{dst.count})")
+        if offset > 0 and (offset >= src.stride or offset >= dst.stride):
+            raise ParamInvalid(f"offset {offset} must be smaller than both strides ({src.stride}, {dst.stride})")
+        nbytes = src.stride - offset if size == -1 else size
+        if nbytes > src.stride - offset or nbytes > dst.stride - offset:
+            raise ParamInvalid(f"size {nbytes} at offset {offset} exceeds a slot ({src.stride}, {dst.stride} bytes)")
+        tensors = np.arange(src.num_tensors, dtype=_U64)
+        ops = planner.slot_ops(src, tensors, src_index, dst, tensors, dst_index, nbytes, offset)
+        run(engine, planner.local_plan(ops, dst.kind), dst_entry.placement)
 
 
-def copy_blocks(engine, cache_id: int, mapping: Dict[int, List[int]]) -> None:
-    """Copy block ``src`` to each listed destination block, in every tensor of one blocks cache."""
-    entry = engine.entry(cache_id)
-    pairs = [(src, dst) for src, dsts in mapping.items() for dst in dsts]
+def copy_blocks(engine, cache_id: int, pairs: Sequence[Tuple[int, int]]) -> None:
+    """Copy block ``src`` to block ``dst`` for every (src, dst) pair, in every tensor of one blocks cache."""
     if not pairs:
         return
-    src_blocks, dst_blocks = (np.asarray(col, dtype=np.int64) for col in zip(*pairs))
-    for blocks in (src_blocks, dst_blocks):
-        if int(blocks.min()) < 0 or int(blocks.max()) >= entry.dim0:
-            raise ParamInvalid(f"block index out of range [0, {entry.dim0})")
-    addrs = np.asarray(entry.tensor_addrs, dtype=np.uint64)
-    bs = np.uint64(entry.stride)
-    s = np.add.outer(addrs, src_blocks.astype(np.uint64) * bs).ravel()
-    d = np.add.outer(addrs, dst_blocks.astype(np.uint64) * bs).ravel()
-    local_copy(planner.plan_local_copy(d, s, np.full(s.shape, bs, dtype=np.uint64)))
+    with _pinned(engine, cache_id) as (entry,):
+        side = side_of(entry)
+        _blocks_between(engine, side, side, pairs, entry.placement)
 
 
-def swap_plan(src_addrs: Sequence[int], dst_addrs: Sequence[int], block_size: int,
-              pairs: Sequence[Tuple[int, int]]) -> CopyPlan:
-    """Block copies between two caches given by raw addresses (swap in / swap out)."""
-    src_blocks = np.asarray([p[0] for p in pairs], dtype=np.uint64)
-    dst_blocks = np.asarray([p[1] for p in pairs], dtype=np.uint64)
-    bs = np.uint64(block_size)
-    s = np.add.outer(np.asarray(src_addrs, dtype=np.uint64), src_blocks * bs).ravel()
-    d = np.add.outer(np.asarray(dst_addrs, dtype=np.uint64), dst_blocks * bs).ravel()
-    return planner.plan_local_copy(d, s, np.full(s.shape, bs, dtype=np.uint64))
+def copy_blocks_between(engine, src_id: int, dst_id: int, pairs: Sequence[Tuple[int, int]]) -> None:
+    """Blocks of one cache into blocks of another, caches seen as blocks (V1 CopyKvBlocks)."""
+    with _pinned(engine, src_id, dst_id) as (src_entry, dst_entry):
+        src, dst = side_of(src_entry, as_blocks=True), side_of(dst_entry, as_blocks=True)
+        if src.num_tensors != dst.num_tensors:
+            raise ParamInvalid(f"num_tensors differ ({src.num_tensors}, {dst.num_tensors})")
+        if pairs:
+            _blocks_between(engine, src, dst, pairs, dst_entry.placement)
 
 
-def swap_blocks(src_addrs: Sequence[int], dst_addrs: Sequence[int], block_size: int,
+def _blocks_between(engine, src: Side, dst: Side, pairs: Sequence[Tuple[int, int]], placement: int) -> None:
+    tensors = np.arange(src.num_tensors, dtype=_U64)
+    ops = planner.blocks_ops(src, tensors, [p[0] for p in pairs], dst, tensors, [p[1] for p in pairs])
+    run(engine, planner.local_plan(ops, dst.kind), placement)
+
+
+def swap_blocks(engine, src_cache_id: int, src_addrs: Sequence[int], dst_cache_id: int, dst_addrs: Sequence[int],
+                block_size: int, num_blocks: Tuple[int, int], placements: Tuple[int, int],
                 pairs: Sequence[Tuple[int, int]]) -> None:
-    if pairs:
-        local_copy(swap_plan(src_addrs, dst_addrs, block_size, pairs))
+    """Copy blocks between a HOST and a DEVICE blocks cache (swap in / swap out).
+
+    Caches of this instance (id >= 0) are pinned; CPU caches made with ``Cache.create_cpu_cache`` (id -1) are
+    the caller's memory, checked to be mapped.
+    """
+    if not pairs:
+        return
+    ids = [c for c in (src_cache_id, dst_cache_id) if c >= 0]
+    with _pinned(engine, *ids):
+        for addrs, placement in ((src_addrs, placements[0]), (dst_addrs, placements[1])):
+            engine.check_ranges(addrs, block_size * (num_blocks[0] if addrs is src_addrs else num_blocks[1]),
+                                placement)
+        src = Side(tuple(src_addrs), block_size, num_blocks[0], True,
+                   backend_for(placements[0], engine.opts.device_id).kind)
+        dst = Side(tuple(dst_addrs), block_size, num_blocks[1], True,
+                   backend_for(placements[1], engine.opts.device_id).kind)
+        if src.kind != dst.kind:
+            raise ParamInvalid(f"swap_blocks between {src.kind} and {dst.kind} memory needs a backend for both")
+        tensors = np.arange(len(src_addrs), dtype=_U64)
+        ops = planner.blocks_ops(src, tensors, [p[0] for p in pairs], dst, tensors, [p[1] for p in pairs])
+        run(engine, planner.local_plan(ops, dst.kind), placements[1])

@@ -1,10 +1,10 @@
-"""Host memory facilities: mapping checks, shareable segments, raw views and per-placement backends."""
+"""Memory facilities: mapping checks, shareable segments, raw views and one backend per memory kind."""
 from __future__ import annotations
 
 import abc
+import atexit
 import ctypes
 import errno
-import importlib
 import itertools
 import logging
 import mmap
@@ -18,11 +18,13 @@ from typing import Callable, ClassVar, Optional, Tuple
 import numpy as np
 
 from llm_datadist._engine.errors import OutOfMemory, ParamInvalid
+from llm_datadist._transport import iov
+from llm_datadist._transport.base import CUDA, HOST, Segment
 
 __all__ = [
     "PAGE_SIZE", "PLACEMENT_HOST", "PLACEMENT_DEVICE", "HOST", "CUDA",
     "is_mapped", "SharedSegment", "map_shared", "MemoryBackend", "HostMemory", "CpuDevice",
-    "backend_for", "cuda_available", "read_bytes", "write_bytes", "np_view",
+    "backend_for", "register_backend", "cuda_available", "read_bytes", "write_bytes", "np_view",
 ]
 
 _log = logging.getLogger(__name__)
@@ -30,8 +32,6 @@ _log = logging.getLogger(__name__)
 PAGE_SIZE = mmap.PAGESIZE
 PLACEMENT_HOST = 0
 PLACEMENT_DEVICE = 1
-HOST = "host"
-CUDA = "cuda"
 
 _ADDR_LIMIT = 1 << 64
 _CHUNK_PAGES = 1 << 18  # pages checked per mincore call (1 GiB with 4 KiB pages; vec of 256 KiB)
@@ -214,6 +214,11 @@ class SharedSegment:
         self._mm = mm
         self._closed = False
         self._finalizer = weakref.finalize(self, _release, mm, fd, unlink_path)
+        # Never unmap at interpreter exit: daemon threads and the engines' own exit-time finalize may still
+        # touch the memory then, and the kernel reclaims it anyway. A /dev/shm file is still unlinked.
+        self._finalizer.atexit = False
+        if unlink_path:
+            atexit.register(_release_fd_only, -1, unlink_path)
         if hugepages and nbytes >= _HUGE_MIN:
             _madvise(mm, getattr(mmap, "MADV_HUGEPAGE", None))
         if prefault:
@@ -226,6 +231,11 @@ class SharedSegment:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def segment(self) -> Segment:
+        """How a process of this host opens the same memory (path, identity of the file)."""
+        st = os.fstat(self.fd)
+        return Segment(path=self.name, offset=0, dev=st.st_dev, ino=st.st_ino, size=self.nbytes)
 
     def prefault(self, offset: int = 0, nbytes: Optional[int] = None) -> None:
         """Reserve and fault in ``[offset, offset + nbytes)`` now (default: the whole segment).
@@ -337,7 +347,12 @@ SharedSegment.map_shared = staticmethod(map_shared)  # type: ignore[attr-defined
 # Backends per placement
 # ----------------------------------------------------------------------------------------------
 class MemoryBackend(abc.ABC):
-    """Where the memory of one placement lives; the CUDA backend implements the same interface."""
+    """Where the memory of one kind lives: address checks, pool segments and local copies.
+
+    One backend per memory kind (``host``; ``cuda`` once a CUDA backend registers itself with
+    :func:`register_backend`). Placement DEVICE maps to the CUDA backend when CUDA is active, else to host
+    memory (a "CPU device").
+    """
 
     kind: ClassVar[str] = HOST
     placement: ClassVar[int] = PLACEMENT_HOST
@@ -352,6 +367,10 @@ class MemoryBackend(abc.ABC):
     @abc.abstractmethod
     def allocate_segment(self, nbytes: int, prefault: bool = False) -> SharedSegment:
         """Allocate one shareable segment of ``nbytes`` bytes (OutOfMemory when impossible)."""
+
+    @abc.abstractmethod
+    def copy(self, dst: np.ndarray, src: np.ndarray, sizes: np.ndarray, deadline: Optional[float]) -> None:
+        """Copy ``sizes[i]`` bytes from ``src[i]`` to ``dst[i]``, both in memory of this kind (one batch)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device_id={self.device_id})"
@@ -370,6 +389,11 @@ class HostMemory(MemoryBackend):
 
     def allocate_segment(self, nbytes: int, prefault: bool = False) -> SharedSegment:
         return SharedSegment(nbytes, prefault=prefault)
+
+    def copy(self, dst: np.ndarray, src: np.ndarray, sizes: np.ndarray, deadline: Optional[float]) -> None:
+        """process_vm_readv on our own pid (an unmapped address fails instead of crashing), two threads
+        for large batches."""
+        iov.local_copy(dst, src, sizes, deadline, checked=True, threads=iov.COPY_THREADS)
 
 
 class CpuDevice(HostMemory):
@@ -393,27 +417,27 @@ def cuda_available() -> bool:
         return False
 
 
-def _cuda_backend(device_id: int) -> Optional[MemoryBackend]:
-    """The CUDA backend when its module exists (added later), else None."""
-    name = "llm_datadist._engine.cuda_memory"
-    try:
-        module = importlib.import_module(name)
-    except ImportError as exc:
-        if getattr(exc, "name", None) != name:
-            _log.warning("CUDA memory backend unavailable, using host memory: %s", exc)
-        return None
-    return module.CudaMemory(device_id)  # type: ignore[no-any-return]
+_DEVICE_BACKENDS: "dict[str, Callable[[int], MemoryBackend]]" = {}
+
+
+def register_backend(kind: str, factory: Callable[[int], MemoryBackend]) -> None:
+    """Make ``factory(device_id)`` the backend of Placement.DEVICE memory of ``kind`` (e.g. ``cuda``)."""
+    _DEVICE_BACKENDS[kind] = factory
+
+
+def device_backends() -> "list[str]":
+    """Kinds of device memory that have a registered backend."""
+    return list(_DEVICE_BACKENDS)
 
 
 def backend_for(placement: int, device_id: int = 0) -> MemoryBackend:
-    """The memory backend of a placement: HOST → HostMemory, DEVICE → CUDA if present else CpuDevice."""
+    """The memory backend of a placement: HOST → HostMemory, DEVICE → CUDA when active and registered,
+    else CpuDevice."""
     if int(placement) == PLACEMENT_HOST:
         return HostMemory(device_id)
     if int(placement) != PLACEMENT_DEVICE:
         raise ParamInvalid(f"unknown placement {placement!r}")
-    if cuda_available():
-        backend = _cuda_backend(device_id)
-        if backend is not None:
-            return backend
+    factory = _DEVICE_BACKENDS.get(CUDA)
+    if factory is not None and cuda_available():
+        return factory(device_id)
     return CpuDevice(device_id)
-

@@ -1,25 +1,71 @@
-"""Vectorised transfer planning: (views, blocks, layers, size) -> one bounds-checked CopyPlan."""
+"""The one transfer planner: (sides, tensors, blocks or slots) -> one bounds-checked CopyPlan, for every path.
+
+Pulls, pushes, layer-wise pushes and local copies all describe their two caches as ``Side`` objects and ask
+for one of three shapes: blocks to blocks, slot to slot, or a slot cut into destination blocks (chunks). Every
+index is checked against the side it addresses before an address is computed; the result is oriented (which
+side is local) and merged once.
+"""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 from llm_datadist._engine.errors import ParamInvalid
 from llm_datadist._engine.types import LayerSel
-from llm_datadist._transport.base import CopyPlan
+from llm_datadist._transport.base import HOST, CopyPlan, Guard
 
-# A "view" is anything with tensor_addrs, tensor_nbytes, stride, dim0, num_tensors, is_blocks:
-# a local registry entry or a peer's CacheView.
+_U64 = np.uint64
+UNBOUNDED = 1 << 62  # block count of a raw destination (addresses the caller vouches for)
 
 
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """One cache as the planner sees it: tensor base addresses, bytes per block/slot, blocks/slots per tensor."""
+
+    bases: Tuple[int, ...]
+    stride: int
+    count: int
+    is_blocks: bool
+    kind: str = HOST
+    guards: Tuple[Guard, ...] = ()  # generation words of the cache(s) behind this side
+    cache_id: int = -1
+    extent: Optional[Tuple[Tuple[int, int], ...]] = None  # raw sides: [start, end) of every tensor that may be hit
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.bases)
+
+
+def side_of(cache, as_blocks: Optional[bool] = None) -> Side:
+    """A Side of a local CacheEntry or a peer's CacheView (``as_blocks`` overrides its blocks flag)."""
+    return Side(bases=tuple(cache.tensor_addrs), stride=int(cache.stride), count=int(cache.dim0),
+                is_blocks=bool(cache.is_blocks if as_blocks is None else as_blocks),
+                kind=getattr(cache, "kind", HOST) or HOST, guards=guards_of(cache), cache_id=int(cache.cache_id))
+
+
+def guards_of(cache) -> Tuple[Guard, ...]:
+    """The generation guard of a local entry (a Guard) or of a peer's view ((slot, value, addr))."""
+    guard = getattr(cache, "guard", None)
+    if isinstance(guard, (tuple, list)):
+        return (Guard(int(guard[0]), int(guard[1]), int(guard[2])),) if guard[1] else ()
+    return (guard,) if guard is not None else ()
+
+
+def raw_side(bases: Sequence[int], stride: int) -> Side:
+    """Destination addresses given by the caller (layer-wise TransferConfig): unbounded block count."""
+    return Side(bases=tuple(int(b) for b in bases), stride=stride, count=UNBOUNDED, is_blocks=True)
+
+
+# ---- tensor selection ------------------------------------------------------------------------------------
 def tensor_pairs(src_nt: int, dst_nt: int, layers: LayerSel, local_nt: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Source and destination tensor indices selected by the layer ranges (API-SPEC §9.7.4)."""
+    """Source and destination tensor indices selected by the layer ranges (all tensors when none is given)."""
     n = layers.tensors_per_layer
     if layers.src is None and layers.dst is None:
         if src_nt != dst_nt:
             raise ParamInvalid(f"tensor count mismatch: source has {src_nt} tensors, destination {dst_nt}")
-        idx = np.arange(src_nt, dtype=np.uint64)
+        idx = np.arange(src_nt, dtype=_U64)
         return idx, idx
     if local_nt % n != 0:
         raise ParamInvalid(f"num_tensors {local_nt} is not a multiple of tensor_num_per_layer {n}")
@@ -30,111 +76,117 @@ def tensor_pairs(src_nt: int, dst_nt: int, layers: LayerSel, local_nt: int) -> T
     return src, dst
 
 
+def layer_tensors(layer: int, per_layer: int, num_tensors: int, what: str) -> np.ndarray:
+    """The tensors of one layer (``per_layer`` consecutive tensors)."""
+    first = layer * per_layer
+    if first + per_layer > num_tensors:
+        raise ParamInvalid(f"layer {layer} is outside the {num_tensors // per_layer} layers of the {what} cache")
+    return np.arange(first, first + per_layer, dtype=_U64)
+
+
 def _range_tensors(layer_range: Optional[range], n: int, count: int, name: str) -> np.ndarray:
     if layer_range is None:
-        return np.arange(count, dtype=np.uint64)
+        return np.arange(count, dtype=_U64)
     lo, hi = layer_range.start * n, layer_range.stop * n
     if hi > count:
         raise ParamInvalid(f"{name} {layer_range} exceeds the {count // n} layers of the cache")
-    return np.arange(lo, hi, dtype=np.uint64)
+    return np.arange(lo, hi, dtype=_U64)
 
 
-def _addrs(view) -> np.ndarray:
-    return np.asarray(view.tensor_addrs, dtype=np.uint64)
+def covered_tensors(layers: LayerSel, src_nt: int) -> Tuple[int, int]:
+    """The [lo, hi) source tensor range a pull reads (for key consumption accounting)."""
+    if layers.src is None:
+        return 0, src_nt
+    n = layers.tensors_per_layer
+    return layers.src.start * n, layers.src.stop * n
 
 
-def _check_indices(indices: np.ndarray, limit: int, what: str) -> None:
-    if indices.size and (int(indices.max()) >= limit):
-        raise ParamInvalid(f"{what} index {int(indices.max())} out of range, the cache has {limit}")
+# ---- index checks ----------------------------------------------------------------------------------------
+def block_indices(blocks: Sequence[int], limit: int, what: str) -> np.ndarray:
+    """Block indices as uint64, each in ``[0, limit)`` (ParamInvalid otherwise)."""
+    try:
+        arr = np.asarray(blocks, dtype=np.int64)
+    except (OverflowError, ValueError, TypeError):
+        raise ParamInvalid(f"{what} indices must be integers in [0, {limit})") from None
+    if arr.ndim != 1:
+        raise ParamInvalid(f"{what} indices must be a flat list")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= limit):
+        bad = int(arr.min()) if int(arr.min()) < 0 else int(arr.max())
+        raise ParamInvalid(f"{what} index {bad} out of range, the cache has {limit}")
+    return arr.astype(_U64)
 
 
-def _block_array(blocks: Sequence[int], what: str) -> np.ndarray:
-    arr = np.asarray(blocks, dtype=np.int64)
-    if arr.size and int(arr.min()) < 0:
-        raise ParamInvalid(f"{what} contains a negative index")
-    return arr.astype(np.uint64)
+def _check_slot(side: Side, slot: int, what: str) -> None:
+    if not 0 <= slot < side.count:
+        raise ParamInvalid(f"{what} batch index {slot} out of range {side.count}")
 
 
-def _outer(tensor_bases: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    return np.add.outer(tensor_bases, offsets).ravel()
+def _bases(side: Side, tensors: np.ndarray) -> np.ndarray:
+    return np.asarray(side.bases, dtype=_U64)[tensors]
 
 
-def plan_blocks(src, dst, src_blocks: Sequence[int], dst_blocks: Sequence[int], layers: LayerSel,
-                local_is_dst: bool) -> CopyPlan:
-    """Blocks to blocks: src block ``src_blocks[i]`` -> dst block ``dst_blocks[i]`` for every tensor."""
-    if not src.is_blocks or not dst.is_blocks:
-        raise ParamInvalid("blocks transfer needs blocks caches on both sides")
-    s_blk, d_blk = _block_array(src_blocks, "src_blocks"), _block_array(dst_blocks, "dst_blocks")
+# ---- the three shapes (source -> destination arrays) -------------------------------------------------------
+def blocks_ops(src: Side, src_t: np.ndarray, src_blocks: Sequence[int], dst: Side, dst_t: np.ndarray,
+               dst_blocks: Sequence[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block ``src_blocks[i]`` of every selected source tensor to block ``dst_blocks[i]`` of its destination."""
+    s_blk = block_indices(src_blocks, src.count, "source block")
+    d_blk = block_indices(dst_blocks, dst.count, "destination block")
     if s_blk.size != d_blk.size:
         raise ParamInvalid(f"src_blocks ({s_blk.size}) and dst_blocks ({d_blk.size}) differ in length")
     if s_blk.size == 0:
         raise ParamInvalid("block lists can not be empty")
     if src.stride != dst.stride:
         raise ParamInvalid(f"block size differs: source {src.stride} bytes, destination {dst.stride} bytes")
-    _check_indices(s_blk, src.dim0, "source block")
-    _check_indices(d_blk, dst.dim0, "destination block")
-    local_nt = dst.num_tensors if local_is_dst else src.num_tensors
-    s_t, d_t = tensor_pairs(src.num_tensors, dst.num_tensors, layers, local_nt)
-    bs = np.uint64(src.stride)
-    s_ops = _outer(_addrs(src)[s_t], s_blk * bs)
-    d_ops = _outer(_addrs(dst)[d_t], d_blk * bs)
-    sizes = np.full(s_ops.shape, bs, dtype=np.uint64)
-    return _oriented(s_ops, d_ops, sizes, local_is_dst)
+    bs = _U64(src.stride)
+    s = np.add.outer(_bases(src, src_t), s_blk * bs).ravel()
+    d = np.add.outer(_bases(dst, dst_t), d_blk * bs).ravel()
+    return s, d, np.full(s.shape, bs, dtype=_U64)
 
 
-def plan_slot(src, dst, src_slot: int, dst_slot: int, size: int, layers: LayerSel, local_is_dst: bool) -> CopyPlan:
-    """Continuous slot to continuous slot; ``size`` -1 means one destination stride."""
-    if src.is_blocks or dst.is_blocks:
-        raise ParamInvalid("slot transfer needs continuous caches on both sides")
-    if src_slot >= src.dim0:
-        raise ParamInvalid(f"source batch index {src_slot} out of range {src.dim0}")
-    if dst_slot >= dst.dim0:
-        raise ParamInvalid(f"destination batch index {dst_slot} out of range {dst.dim0}")
-    nbytes = dst.stride if size == -1 else size
-    if nbytes > dst.stride or nbytes > src.stride:
-        raise ParamInvalid(f"size {nbytes} exceeds a slot (source {src.stride}, destination {dst.stride} bytes)")
-    local_nt = dst.num_tensors if local_is_dst else src.num_tensors
-    s_t, d_t = tensor_pairs(src.num_tensors, dst.num_tensors, layers, local_nt)
-    s_ops = _addrs(src)[s_t] + np.uint64(src_slot * src.stride)
-    d_ops = _addrs(dst)[d_t] + np.uint64(dst_slot * dst.stride)
-    sizes = np.full(s_ops.shape, nbytes, dtype=np.uint64)
-    return _oriented(s_ops, d_ops, sizes, local_is_dst)
+def slot_ops(src: Side, src_t: np.ndarray, src_slot: int, dst: Side, dst_t: np.ndarray, dst_slot: int,
+             nbytes: int, offset: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``nbytes`` at ``offset`` of one slot per selected tensor into the same place of a destination slot."""
+    _check_slot(src, src_slot, "source")
+    _check_slot(dst, dst_slot, "destination")
+    if nbytes <= 0 or offset + nbytes > src.stride or offset + nbytes > dst.stride:
+        raise ParamInvalid(f"{nbytes} bytes at offset {offset} exceed a slot (source {src.stride}, destination "
+                           f"{dst.stride} bytes)")
+    s = _bases(src, src_t) + _U64(src_slot * src.stride + offset)
+    d = _bases(dst, dst_t) + _U64(dst_slot * dst.stride + offset)
+    return s, d, np.full(s.shape, nbytes, dtype=_U64)
 
 
-def plan_slot_to_blocks(src, dst, src_slot: int, dst_blocks: Sequence[int], layers: LayerSel) -> CopyPlan:
-    """Continuous source slot cut into destination-block-sized chunks, chunk i -> ``dst_blocks[i]``."""
-    if src.is_blocks or not dst.is_blocks:
-        raise ParamInvalid("continuous-to-blocks transfer needs a continuous source and a blocks destination")
-    if src_slot >= src.dim0:
-        raise ParamInvalid(f"source batch index {src_slot} out of range {src.dim0}")
-    d_blk = _block_array(dst_blocks, "dst_blocks")
-    _check_indices(d_blk, dst.dim0, "destination block")
-    bs = dst.stride
-    if d_blk.size * bs > src.stride:
-        raise ParamInvalid(f"{d_blk.size} blocks of {bs} bytes exceed the source slot of {src.stride} bytes")
-    s_t, d_t = tensor_pairs(src.num_tensors, dst.num_tensors, layers, dst.num_tensors)
-    chunk = np.arange(d_blk.size, dtype=np.uint64) * np.uint64(bs)
-    s_ops = _outer(_addrs(src)[s_t] + np.uint64(src_slot * src.stride), chunk)
-    d_ops = _outer(_addrs(dst)[d_t], d_blk * np.uint64(bs))
-    sizes = np.full(s_ops.shape, bs, dtype=np.uint64)
-    return _oriented(s_ops, d_ops, sizes, True)
+def chunk_ops(src: Side, src_t: np.ndarray, src_slot: int, dst: Side, dst_t: np.ndarray,
+              dst_blocks: Sequence[int], chunk: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A source slot cut into ``chunk``-byte pieces, piece j to destination block ``dst_blocks[j]``.
+
+    The last piece may be partial; the destination blocks are ``chunk`` bytes apart.
+    """
+    _check_slot(src, src_slot, "source")
+    if chunk <= 0:
+        raise ParamInvalid("the destination block size must be > 0")
+    d_blk = block_indices(dst_blocks, dst.count, "destination block")
+    pieces = -(-src.stride // chunk)
+    if d_blk.size > pieces:
+        raise ParamInvalid(f"{d_blk.size} destination blocks of {chunk} bytes exceed the source slot of "
+                           f"{src.stride} bytes ({pieces} pieces)")
+    offsets = np.arange(d_blk.size, dtype=_U64) * _U64(chunk)
+    sizes = np.minimum(_U64(chunk), _U64(src.stride) - offsets)
+    s = np.add.outer(_bases(src, src_t) + _U64(src_slot * src.stride), offsets).ravel()
+    d = np.add.outer(_bases(dst, dst_t), d_blk * _U64(chunk)).ravel()
+    return s, d, np.tile(sizes, int(dst_t.size))
 
 
-def plan_local_copy(dst_addrs, src_addrs, sizes) -> CopyPlan:
-    """A local copy plan: ``local`` is the destination, ``remote`` the source (same process)."""
-    return CopyPlan(np.asarray(dst_addrs, dtype=np.uint64), np.asarray(src_addrs, dtype=np.uint64),
-                    np.asarray(sizes, dtype=np.uint64)).merged()
-
-
-def _oriented(s_ops: np.ndarray, d_ops: np.ndarray, sizes: np.ndarray, local_is_dst: bool) -> CopyPlan:
+# ---- orientation -----------------------------------------------------------------------------------------
+def oriented(ops: Tuple[np.ndarray, np.ndarray, np.ndarray], src: Side, dst: Side, local_is_dst: bool) -> CopyPlan:
+    """The plan seen from the local side; the remote side's guard travels with it."""
+    s, d, sizes = ops
     if local_is_dst:
-        return CopyPlan(d_ops, s_ops, sizes).merged()
-    return CopyPlan(s_ops, d_ops, sizes).merged()
+        return CopyPlan(d, s, sizes, dst.kind, src.kind, src.guards).merged()
+    return CopyPlan(s, d, sizes, src.kind, dst.kind, dst.guards).merged()
 
 
-def covered_tensors(layers: LayerSel, src_nt: int) -> Tuple[int, int]:
-    """The [lo, hi) source tensor range a pull reads (for key consumption accounting, D16)."""
-    if layers.src is None:  # all source tensors (only a dst range given: it must match the whole source)
-        return 0, src_nt
-    n = layers.tensors_per_layer
-    return layers.src.start * n, layers.src.stop * n
+def local_plan(ops: Tuple[np.ndarray, np.ndarray, np.ndarray], kind: str) -> CopyPlan:
+    """A copy inside this process: ``local`` is the destination, ``remote`` the source."""
+    s, d, sizes = ops
+    return CopyPlan(d, s, sizes, kind, kind).merged()

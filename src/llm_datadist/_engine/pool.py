@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from llm_datadist._engine.errors import Finalized, OutOfMemory, ParamInvalid
 from llm_datadist._engine.memory import PAGE_SIZE, MemoryBackend, SharedSegment
-from llm_datadist._transport.base import Region
+from llm_datadist._transport.base import Region, Segment
 
 __all__ = ["PoolConfig", "parse_pool_config", "MemPool", "DEFAULT_PAGE_SHIFT"]
 
@@ -94,8 +94,9 @@ class MemPool:
         self._segment: Optional[SharedSegment] = backend.allocate_segment(max(self._total, self._page) + slack)
         seg = self._segment
         self._base = -(-seg.addr // self._page) * self._page
+        shared = seg.segment()
         self._region = Region(addr=self._base, nbytes=self._total, kind=backend.kind, device_id=backend.device_id,
-                              shm_name=seg.name, shm_offset=self._base - seg.addr)
+                              segment=Segment(shared.path, self._base - seg.addr, shared.dev, shared.ino, shared.size))
         self._lock = threading.Lock()
         self._free_offs: List[int] = [0] if self._total else []  # sorted offsets of free blocks
         self._free_size: Dict[int, int] = {0: self._total} if self._total else {}

@@ -22,7 +22,11 @@ from llm_datadist._engine import errors
 # before the body is decoded. The first 6 bytes of a frame (magic, version) never move.
 #   1: first version. Hello/AuthChallenge/AuthProof/AuthResult/HelloAck handshake; Resolve, Consume,
 #      TableRequest, TableChanged, Unlink, Ping requests; CacheView, Table, Ack, Error replies.
-PROTOCOL_VERSION = 1
+#   2: instance nonces in Hello/HelloAck; per-link data-plane credentials (HelloAck.credentials, then the
+#      client's Credentials request) instead of secrets in the transport descriptors; CacheView carries the
+#      memory kind, the generation guard and the region descriptors of the cache; WriteGrant/Granted and
+#      WriteRelease for one-sided writes; request id 0 marks a notification (no reply).
+PROTOCOL_VERSION = 2
 
 # Frame: a 22-byte big-endian header, magic(4s) version(u16) type(u16) flags(u16) request_id(u64)
 # length(u32), then ``length`` bytes of msgpack holding one tagged Struct of the type the header names.
@@ -67,6 +71,12 @@ Addrs = Annotated[List[U64], Meta(max_length=MAX_TENSORS)]
 Key = Tuple[Name, WireInt, WireInt, U32]  # (namespace, ident, model_id, slot)
 Keys = Annotated[List[Key], Meta(max_length=MAX_KEYS)]
 ResolveKind = Literal["req", "prefix", "id", "blocks"]
+Nonce = Annotated[bytes, Meta(max_length=64)]
+GuardRef = Tuple[U32, U64, U64]  # (slot, value, address of the word in the owner)
+Kind = Annotated[str, Meta(max_length=16)]
+RegionView = Tuple[U64, U64, Kind, Transports]  # (addr, nbytes, memory kind, {transport: descriptor})
+Regions = Annotated[List[RegionView], Meta(max_length=MAX_TENSORS)]
+GuardPairs = Annotated[List[Tuple[U32, U64]], Meta(max_length=MAX_CACHES)]
 
 
 class _Msg(msgspec.Struct, tag=True, forbid_unknown_fields=True):
@@ -89,6 +99,7 @@ class Hello(_Msg):
     client_nonce: AuthBytes = b""
     listen_port: U16 = 0
     target_cluster_id: Optional[U64] = None  # the cluster the client means to reach, when it knows it
+    nonce: Nonce = b""  # the client instance's identity (its guard table proves it on one host)
 
 
 class HelloAck(_Msg):
@@ -102,6 +113,8 @@ class HelloAck(_Msg):
     transports: Transports = msgspec.field(default_factory=dict)
     code: Code = 0
     message: Text = ""
+    nonce: Nonce = b""
+    credentials: Transports = msgspec.field(default_factory=dict)  # granted to the client for this link
 
 
 class AuthChallenge(_Msg):
@@ -141,6 +154,9 @@ class CacheView(_Msg):
     slot: U32 = 0
     keys: Keys = msgspec.field(default_factory=list)
     blocks_model_id: WireInt = -1
+    kind: Kind = "host"
+    guard: GuardRef = (0, 0, 0)
+    regions: Regions = msgspec.field(default_factory=list)
 
 
 class Resolve(_Msg):
@@ -190,6 +206,30 @@ class TableChanged(_Msg):
     version: U64
 
 
+class Credentials(_Msg):
+    """Client to server right after the handshake: what the client grants the server for this link; Ack."""
+
+    credentials: Transports
+
+
+class WriteGrant(_Msg):
+    """Ask the owner to hold caches (by generation) while a one-sided write runs; reply Granted."""
+
+    guards: GuardPairs
+
+
+class Granted(_Msg):
+    """The caches are held until WriteRelease(grant_id) or the link closes."""
+
+    grant_id: U64
+
+
+class WriteRelease(_Msg):
+    """The one-sided write of a grant is over (a notification)."""
+
+    grant_id: U64
+
+
 class Ack(_Msg):
     """Generic success reply."""
 
@@ -204,12 +244,13 @@ class Error(_Msg):
 
 
 Message = Union[Hello, HelloAck, AuthChallenge, AuthProof, AuthResult, CacheView, Resolve, Consume,
-                TableRequest, Table, TableChanged, Unlink, Ping, Ack, Error]
+                TableRequest, Table, TableChanged, Unlink, Ping, Ack, Error, Credentials, WriteGrant, Granted,
+                WriteRelease]
 
 _TYPE_IDS: Dict[type, int] = {
     Hello: 1, HelloAck: 2, AuthChallenge: 3, AuthProof: 4, AuthResult: 5,
     Resolve: 16, CacheView: 17, Consume: 18, TableRequest: 19, Table: 20, Unlink: 21, Ping: 22,
-    Ack: 23, Error: 24, TableChanged: 25,
+    Ack: 23, Error: 24, TableChanged: 25, Credentials: 26, WriteGrant: 27, Granted: 28, WriteRelease: 29,
 }
 _BY_TYPE_ID: Dict[int, type] = {v: k for k, v in _TYPE_IDS.items()}
 _ENCODER = msgspec.msgpack.Encoder()

@@ -67,6 +67,8 @@ class CacheEntry:
     data_type: int = 0
     shape: Tuple[int, ...] = ()
     device_id: int = 0
+    kind: str = "host"  # memory kind of its tensors (the backend that owns the memory)
+    guard: Any = None  # the Guard (generation word) peers check before trusting a view of this cache
     context: Any = None
     # state, owned by the Registry
     id_ref: bool = True
@@ -76,6 +78,7 @@ class CacheEntry:
     released: bool = False
     pins: int = 0
     release_pending: bool = False
+    freed: threading.Event = dataclasses.field(default_factory=threading.Event)  # set once memory is released
 
     def __post_init__(self) -> None:
         self.tensor_addrs = tuple(int(a) for a in self.tensor_addrs)
@@ -111,17 +114,22 @@ class CacheEntry:
 class Registry:
     """Cache table of one instance, under one RLock.
 
-    ``on_release(entry)`` is called exactly once per entry whose memory must be released (owned: back to the
-    pool; registered: deregister from transports), outside the lock and after the last :meth:`unpin`.
+    ``on_invalidate(entry)`` is called under the lock the moment an entry leaves the table (its generation
+    word changes there, before the call that removed it returns). ``on_release(entry)`` is called exactly once
+    per entry whose memory must be released (owned: back to the pool; registered: deregister from transports),
+    outside the lock and after the last :meth:`unpin`; ``entry.freed`` is set after it.
     """
 
-    def __init__(self, on_release: Optional[Callable[[CacheEntry], None]] = None) -> None:
+    def __init__(self, on_release: Optional[Callable[[CacheEntry], None]] = None,
+                 on_invalidate: Optional[Callable[[CacheEntry], None]] = None) -> None:
         self._on_release = on_release
+        self._on_invalidate = on_invalidate
         self._lock = threading.RLock()
         self._next_id = 1
         self._entries: Dict[int, CacheEntry] = {}
         self._keys: Dict[KeyId, Tuple[int, int]] = {}  # key -> (cache_id, slot)
         self._blocks: Dict[int, int] = {}  # model_id -> cache_id
+        self._by_slot: Dict[int, CacheEntry] = {}  # guard slot -> live entry
         self._version = 0
         self._snap: Optional[Tuple[int, Tuple[Dict[str, Any], ...]]] = None
 
@@ -168,6 +176,8 @@ class Registry:
         entry.id_ref, entry.released, entry.release_pending, entry.pins = True, False, False, 0
         entry.slot_keys, entry.pulled, entry.blocks_model_id = {}, {}, None
         self._entries[entry.cache_id] = entry
+        if entry.guard is not None:
+            self._by_slot[entry.guard.slot] = entry
 
     def _add_keyed(self, entry: CacheEntry, keys: Sequence[Optional[KeyId]], owned: bool) -> None:
         with self._lock:
@@ -239,6 +249,14 @@ class Registry:
             if cache_id is not None:
                 return self._entries[cache_id]
         raise CacheNotExist(f"no blocks cache is bound to model_id {model_id}")
+
+    def by_guard(self, slot: int, value: int) -> CacheEntry:
+        """The live entry whose generation is (slot, value); CacheNotExist when it was released."""
+        with self._lock:
+            entry = self._by_slot.get(slot)
+            if entry is not None and entry.guard is not None and entry.guard.value == value:
+                return entry
+        raise CacheNotExist(f"the cache of generation slot {slot} was released")
 
     def slot_key(self, cache_id: int, slot: int) -> Optional[KeyId]:
         """The key bound to a slot, or None (also for unknown caches)."""
@@ -361,6 +379,14 @@ class Registry:
             entry.pins += 1
             return entry
 
+    def pin_entry(self, entry: CacheEntry) -> CacheEntry:
+        """Pin a live entry found by other means (:meth:`by_guard`); CacheNotExist if released since."""
+        with self._lock:
+            if self._entries.get(entry.cache_id) is not entry:
+                raise CacheNotExist(f"cache {entry.cache_id} was released")
+            entry.pins += 1
+            return entry
+
     def unpin(self, entry: CacheEntry) -> None:
         """Undo one :meth:`pin`; runs a release that was deferred by it."""
         with self._lock:
@@ -400,6 +426,10 @@ class Registry:
         if self._entries.get(entry.cache_id) is not entry:
             return []
         del self._entries[entry.cache_id]
+        if entry.guard is not None and self._by_slot.get(entry.guard.slot) is entry:
+            del self._by_slot[entry.guard.slot]
+        if self._on_invalidate is not None:
+            self._on_invalidate(entry)
         for key in entry.slot_keys.values():
             self._keys.pop(key, None)
         entry.slot_keys, entry.pulled = {}, {}
@@ -419,12 +449,13 @@ class Registry:
             self._call_release(entry)
 
     def _call_release(self, entry: CacheEntry) -> None:
-        if self._on_release is None:
-            return
         try:
-            self._on_release(entry)
+            if self._on_release is not None:
+                self._on_release(entry)
         except Exception:  # noqa: BLE001 - a release failure must not stop the others
             _log.exception("releasing cache %s failed", entry.cache_id)
+        finally:
+            entry.freed.set()
 
 
 def _key_str(key: KeyId) -> str:

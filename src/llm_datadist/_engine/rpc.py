@@ -176,6 +176,16 @@ class Connection:
         assert reply is not None
         return reply
 
+    def notify(self, msg: Message, deadline: float) -> None:
+        """Send a request that wants no reply (request id 0); the peer's handler runs, nothing comes back.
+
+        Raises:
+            errors.Timeout / errors.LinkFailed: the frame could not be sent.
+        """
+        if self._closed:
+            raise self._closed_error()
+        self._send(protocol.encode(msg, 0), deadline)
+
     def close(self, reason: str = "closed locally") -> None:
         """Close the connection (idempotent); waiters fail at once with LinkFailed."""
         with self._lock:
@@ -300,6 +310,10 @@ class Connection:
 
     def _handle(self, request_id: int, msg: Message) -> None:
         reply = self._run_handler(msg)
+        if request_id == 0:  # a notification: nobody waits for an answer
+            if isinstance(reply, Error):
+                _log.debug("%s: notification %s failed: %s", self.name, type(msg).__name__, reply.message)
+            return
         try:
             data = protocol.encode(reply, request_id, is_reply=True)
         except protocol.ProtocolError as exc:

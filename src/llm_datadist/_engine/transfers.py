@@ -1,4 +1,4 @@
-"""Pull and push between linked instances: resolve, plan, move, then account keys on the owner."""
+"""Transfers between linked instances: the one resolve -> plan -> move -> retry path of pulls, pushes and tasks."""
 from __future__ import annotations
 
 import contextlib
@@ -6,20 +6,25 @@ import logging
 import time
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
+
 from llm_datadist._engine import planner
-from llm_datadist._engine.errors import ParamInvalid
+from llm_datadist._engine import protocol as proto
+from llm_datadist._engine.errors import CacheNotExist, EngineError, ParamInvalid
 from llm_datadist._engine.link import Link, check_view_accessible
+from llm_datadist._engine.planner import Side, side_of
 from llm_datadist._engine.types import LayerSel, SourceSpec
-from llm_datadist._transport.base import CopyPlan, RemoteRejected
+from llm_datadist._transport.base import CopyPlan, RemoteRejected, StaleMemory
 
 _log = logging.getLogger(__name__)
+MakePlan = Callable[[proto.CacheView], CopyPlan]
 
 
-def _deadline(engine) -> float:
+def deadline_of(engine) -> float:
     return time.monotonic() + engine.opts.sync_kv_timeout_ms / 1000.0
 
 
-def _link(engine, cluster_id: int) -> Link:
+def link_to(engine, cluster_id: int) -> Link:
     """The link for a transfer; our own cluster only through a self link (link_clusters to our listener)."""
     if cluster_id == engine.cluster_id and not engine.links.has_link_to(cluster_id):
         raise ParamInvalid(f"cluster {cluster_id} is the local cluster; a cache can not be pulled from own cluster "
@@ -28,7 +33,7 @@ def _link(engine, cluster_id: int) -> Link:
 
 
 @contextlib.contextmanager
-def _local(engine, cache_id: int) -> Iterator:
+def local_cache(engine, cache_id: int) -> Iterator:
     """The local cache entry, pinned so that a concurrent unregister/deallocate waits for the transfer."""
     with engine.registry.pinned(cache_id) as entry:
         if engine.opts.remote_cache_accessible and not (entry.remote_accessible or entry.owned):
@@ -36,7 +41,35 @@ def _local(engine, cache_id: int) -> Iterator:
         yield entry
 
 
-def _remote_view(engine, link: Link, source: SourceSpec, deadline: float):
+def send(link: Link, plan: CopyPlan, write: bool, deadline: float) -> None:
+    """Move one plan over the link's route for it.
+
+    A one-sided write first asks the owner to hold the destination caches (a write grant), so the owner's
+    unregister waits for the write instead of freeing memory under it; the grant is released after.
+    """
+    if len(plan) == 0:
+        return
+    link.enter()
+    try:
+        route = link.route_for(plan, deadline)
+        if not (write and route.transport.caps.one_sided):
+            (route.transport.write if write else route.transport.read)(route.channel, plan, deadline)
+            return
+        if not plan.guards:
+            raise ParamInvalid("a one-sided write needs the generation of its destination cache")
+        granted = link.conn.call(proto.WriteGrant(guards=[(g.slot, g.value) for g in plan.guards]), deadline)
+        try:
+            route.transport.write(route.channel, plan, deadline)
+        finally:
+            try:
+                link.conn.notify(proto.WriteRelease(grant_id=granted.grant_id), deadline + 1.0)
+            except EngineError as exc:  # the link is gone: the owner drops the grant with it
+                _log.debug("write release to cluster %d not sent: %s", link.cluster_id, exc)
+    finally:
+        link.leave()
+
+
+def _view(engine, link: Link, source: SourceSpec, deadline: float) -> proto.CacheView:
     if engine.opts.remote_cache_accessible:
         view = link.resolve_from_table(source, deadline)
         check_view_accessible(view, "remote")
@@ -44,31 +77,34 @@ def _remote_view(engine, link: Link, source: SourceSpec, deadline: float):
     return link.resolve(source, deadline)
 
 
-def _move(engine, link: Link, source: SourceSpec, deadline: float, make_plan: Callable, read: bool):
-    """Resolve the remote side, plan and move; returns the remote view used.
+def move(engine, link: Link, source: SourceSpec, make_plan: MakePlan, write: bool, deadline: float):
+    """Resolve the remote cache, plan, move; returns the view used.
 
-    A view may come from a snapshot (the table in remote-cache-accessible mode, a blocks view in normal
-    mode); if the peer rejects the ranges (the cache went away or was replaced since), the snapshot is
-    dropped and the move retried once, so a vanished cache reports LLM_KV_CACHE_NOT_EXIST (D13).
+    A view may be a snapshot (the peer's table in remote-cache-accessible mode, a blocks view in normal
+    mode). When the owner released or replaced that memory since (a guard no longer matches, or the owner
+    refuses the ranges), the snapshot is dropped and the move retried once on a fresh view; a cache that is
+    really gone ends as LLM_KV_CACHE_NOT_EXIST.
     """
-    view = _remote_view(engine, link, source, deadline)
-    plan: CopyPlan = make_plan(view)
+    view = _view(engine, link, source, deadline)
     try:
-        (link.read if read else link.write)(plan, deadline)
+        send(link, make_plan(view), write, deadline)
         return view
-    except RemoteRejected:
-        if not engine.opts.remote_cache_accessible and source.kind != "blocks":
-            raise
+    except (StaleMemory, CacheNotExist, RemoteRejected) as exc:
         link.invalidate_table()
-        fresh = _remote_view(engine, link, source, deadline)
-        if fresh.cache_id == view.cache_id and list(fresh.tensor_addrs) == list(view.tensor_addrs):
-            raise
-    plan = make_plan(fresh)
-    (link.read if read else link.write)(plan, deadline)
+        try:
+            fresh = _view(engine, link, source, deadline)
+        except CacheNotExist:
+            raise CacheNotExist(f"cluster {link.cluster_id} released the cache during the transfer") from exc
+        if tuple(fresh.guard) == tuple(view.guard) and not isinstance(exc, StaleMemory):
+            raise  # the same live cache refused the ranges: not a stale view
+    try:
+        send(link, make_plan(fresh), write, deadline)
+    except StaleMemory as exc:
+        raise CacheNotExist(f"cluster {link.cluster_id} released the cache during the transfer") from exc
     return fresh
 
 
-def _consume(engine, link: Link, view, layers: LayerSel, deadline: float) -> None:
+def _consume(engine, link: Link, view: proto.CacheView, layers: LayerSel, deadline: float) -> None:
     """After a successful pull in normal mode, tell the owner which tensors of the slot were pulled."""
     if engine.opts.remote_cache_accessible or view.is_blocks or not view.owned:
         return
@@ -78,124 +114,169 @@ def _consume(engine, link: Link, view, layers: LayerSel, deadline: float) -> Non
     link.consume(view.cache_id, view.slot, lo, hi, deadline)
 
 
-def _continuous(view) -> None:
-    if view.is_blocks:
-        raise ParamInvalid(f"remote cache {view.cache_id} is a blocks cache")
-
-
-def _blocks(view) -> None:
-    if not view.is_blocks:
-        raise ParamInvalid(f"remote cache {view.cache_id} is not a blocks cache")
+def _need(view: proto.CacheView, blocks: bool, hint: str = "") -> None:
+    if blocks and not view.is_blocks:
+        raise ParamInvalid(f"remote cache {view.cache_id} is not a blocks cache{hint}")
+    if not blocks and view.is_blocks:
+        raise ParamInvalid(f"remote cache {view.cache_id} is a blocks cache{hint}")
 
 
 def pull_cache(engine, source: SourceSpec, cache_id: int, batch_index: int, size: int, layers: LayerSel) -> None:
     """Pull one remote slot into slot ``batch_index`` of a local continuous cache."""
-    deadline = _deadline(engine)
-    with _local(engine, cache_id) as local:
-        if local.is_blocks:
+    deadline = deadline_of(engine)
+    with local_cache(engine, cache_id) as entry:
+        if entry.is_blocks:
             raise ParamInvalid("pull_cache needs a continuous destination cache")
-        if batch_index >= local.dim0:
-            raise ParamInvalid(f"batch_index {batch_index} >= batch size {local.dim0}")
+        local = side_of(entry)
+        if batch_index >= local.count:
+            raise ParamInvalid(f"batch_index {batch_index} >= batch size {local.count}")
         if size != -1 and size > local.stride:
             raise ParamInvalid(f"size {size} exceeds the local slot of {local.stride} bytes")
-        link = _link(engine, source.cluster_id)
+        link = link_to(engine, source.cluster_id)
 
-        def make_plan(view) -> CopyPlan:
-            _continuous(view)
-            return planner.plan_slot(view, local, view.slot, batch_index, size, layers, local_is_dst=True)
+        def make_plan(view: proto.CacheView) -> CopyPlan:
+            _need(view, blocks=False)
+            remote = side_of(view)
+            src_t, dst_t = planner.tensor_pairs(remote.num_tensors, local.num_tensors, layers, local.num_tensors)
+            nbytes = local.stride if size == -1 else size
+            return planner.oriented(planner.slot_ops(remote, src_t, view.slot, local, dst_t, batch_index, nbytes),
+                                    remote, local, local_is_dst=True)
 
-        view = _move(engine, link, source, deadline, make_plan, read=True)
+        view = move(engine, link, source, make_plan, False, deadline)
         _consume(engine, link, view, layers, deadline)
 
 
 def pull_blocks(engine, source: SourceSpec, cache_id: int, src_blocks: Sequence[int], dst_blocks: Sequence[int],
                 layers: LayerSel) -> None:
     """Pull remote blocks (or one remote slot cut into blocks) into local blocks."""
-    deadline = _deadline(engine)
-    with _local(engine, cache_id) as local:
-        if not local.is_blocks:
+    deadline = deadline_of(engine)
+    with local_cache(engine, cache_id) as entry:
+        if not entry.is_blocks:
             raise ParamInvalid("pull_blocks needs a blocks destination cache")
-        link = _link(engine, source.cluster_id)
+        local = side_of(entry)
+        link = link_to(engine, source.cluster_id)
 
-        def make_plan(view) -> CopyPlan:
+        def make_plan(view: proto.CacheView) -> CopyPlan:
+            remote = side_of(view)
+            src_t, dst_t = planner.tensor_pairs(remote.num_tensors, local.num_tensors, layers, local.num_tensors)
             if source.kind == "blocks":
-                _blocks(view)
-                return planner.plan_blocks(view, local, src_blocks, dst_blocks, layers, local_is_dst=True)
-            if view.is_blocks:
-                raise ParamInvalid(f"remote cache {view.cache_id} is a blocks cache; use a BlocksCacheKey")
-            return planner.plan_slot_to_blocks(view, local, view.slot, dst_blocks, layers)
+                _need(view, blocks=True)
+                ops = planner.blocks_ops(remote, src_t, src_blocks, local, dst_t, dst_blocks)
+            else:
+                _need(view, blocks=False, hint="; use a BlocksCacheKey")
+                if len(dst_blocks) * local.stride > remote.stride:
+                    raise ParamInvalid(f"{len(dst_blocks)} blocks of {local.stride} bytes exceed the source slot of "
+                                       f"{remote.stride} bytes")
+                ops = planner.chunk_ops(remote, src_t, view.slot, local, dst_t, dst_blocks, local.stride)
+            return planner.oriented(ops, remote, local, local_is_dst=True)
 
-        view = _move(engine, link, source, deadline, make_plan, read=True)
+        view = move(engine, link, source, make_plan, False, deadline)
         if source.kind != "blocks":
             _consume(engine, link, view, layers, deadline)
 
 
 def push_cache(engine, dest: SourceSpec, cache_id: int, src_batch_index: int, layers: LayerSel) -> None:
     """Write one local slot into a remote slot addressed by cache id and batch index."""
-    deadline = _deadline(engine)
-    with _local(engine, cache_id) as local:
-        if local.is_blocks:
+    deadline = deadline_of(engine)
+    with local_cache(engine, cache_id) as entry:
+        if entry.is_blocks:
             raise ParamInvalid("push_cache needs a continuous source cache")
-        if src_batch_index >= local.dim0:
-            raise ParamInvalid(f"src_batch_index {src_batch_index} >= batch size {local.dim0}")
-        link = _link(engine, dest.cluster_id)
+        local = side_of(entry)
+        if src_batch_index >= local.count:
+            raise ParamInvalid(f"src_batch_index {src_batch_index} >= batch size {local.count}")
+        link = link_to(engine, dest.cluster_id)
 
-        def make_plan(view) -> CopyPlan:
-            _continuous(view)
-            if local.stride > view.stride:
+        def make_plan(view: proto.CacheView) -> CopyPlan:
+            _need(view, blocks=False)
+            remote = side_of(view)
+            if local.stride > remote.stride:
                 raise ParamInvalid(f"local slot of {local.stride} bytes exceeds the remote slot of "
-                                   f"{view.stride} bytes")
-            return planner.plan_slot(local, view, src_batch_index, view.slot, local.stride, layers,
-                                     local_is_dst=False)
+                                   f"{remote.stride} bytes")
+            src_t, dst_t = planner.tensor_pairs(local.num_tensors, remote.num_tensors, layers, local.num_tensors)
+            ops = planner.slot_ops(local, src_t, src_batch_index, remote, dst_t, view.slot, local.stride)
+            return planner.oriented(ops, local, remote, local_is_dst=False)
 
-        _move(engine, link, dest, deadline, make_plan, read=False)
+        move(engine, link, dest, make_plan, True, deadline)
 
 
 def push_blocks(engine, dest: SourceSpec, cache_id: int, src_blocks: Sequence[int], dst_blocks: Sequence[int],
                 layers: LayerSel) -> None:
     """Write local blocks into a remote blocks cache addressed by BlocksCacheKey."""
-    deadline = _deadline(engine)
-    with _local(engine, cache_id) as local:
-        if not local.is_blocks:
+    deadline = deadline_of(engine)
+    with local_cache(engine, cache_id) as entry:
+        if not entry.is_blocks:
             raise ParamInvalid("push_blocks needs a blocks source cache")
-        link = _link(engine, dest.cluster_id)
+        local = side_of(entry)
+        link = link_to(engine, dest.cluster_id)
 
-        def make_plan(view) -> CopyPlan:
-            _blocks(view)
-            return planner.plan_blocks(local, view, src_blocks, dst_blocks, layers, local_is_dst=False)
+        def make_plan(view: proto.CacheView) -> CopyPlan:
+            _need(view, blocks=True)
+            remote = side_of(view)
+            src_t, dst_t = planner.tensor_pairs(local.num_tensors, remote.num_tensors, layers, local.num_tensors)
+            ops = planner.blocks_ops(local, src_t, src_blocks, remote, dst_t, dst_blocks)
+            return planner.oriented(ops, local, remote, local_is_dst=False)
 
-        _move(engine, link, dest, deadline, make_plan, read=False)
-
-
-class AsBlocks:
-    """A cache (local entry or peer view) seen as blocks, num_blocks = shape[0] (V1 MIX caches, §10.1)."""
-
-    is_blocks = True
-
-    def __init__(self, view) -> None:
-        self.tensor_addrs = view.tensor_addrs
-        self.stride = view.stride
-        self.dim0 = view.dim0
-        self.num_tensors = view.num_tensors
-        self.cache_id = view.cache_id
+        move(engine, link, dest, make_plan, True, deadline)
 
 
 def blocks_by_id(engine, cluster_id: int, remote_cache_id: int, cache_id: int, src_blocks: Sequence[int],
                  dst_blocks: Sequence[int], layers: LayerSel, pull: bool) -> None:
     """V1 PullKvBlocks/PushKvBlocks: blocks between a local cache and a remote cache addressed by id,
-    both seen as blocks whatever they were registered as."""
-    deadline = _deadline(engine)
-    with _local(engine, cache_id) as local:
-        link = _link(engine, cluster_id)
+    both seen as blocks whatever they were registered as (num_blocks = shape[0])."""
+    deadline = deadline_of(engine)
+    with local_cache(engine, cache_id) as entry:
+        local = side_of(entry, as_blocks=True)
+        link = link_to(engine, cluster_id)
         source = SourceSpec("id", cluster_id, cache_id=remote_cache_id)
 
-        def make_plan(view) -> CopyPlan:
-            lview, rview = AsBlocks(local), AsBlocks(view)
-            if pull:
-                return planner.plan_blocks(rview, lview, src_blocks, dst_blocks, layers, local_is_dst=True)
-            return planner.plan_blocks(lview, rview, src_blocks, dst_blocks, layers, local_is_dst=False)
+        def make_plan(view: proto.CacheView) -> CopyPlan:
+            remote = side_of(view, as_blocks=True)
+            src, dst = (remote, local) if pull else (local, remote)
+            src_t, dst_t = planner.tensor_pairs(src.num_tensors, dst.num_tensors, layers, local.num_tensors)
+            return planner.oriented(planner.blocks_ops(src, src_t, src_blocks, dst, dst_t, dst_blocks), src, dst,
+                                    local_is_dst=pull)
 
-        _move(engine, link, source, deadline, make_plan, read=pull)
+        move(engine, link, source, make_plan, not pull, deadline)
 
 
-__all__ = ["pull_cache", "pull_blocks", "push_cache", "push_blocks", "blocks_by_id"]
+def raw_destination(link: Link, bases: Sequence[int], stride: int, deadline: float, fresh: bool = False) -> Side:
+    """A destination given by raw peer addresses (layer-wise TransferConfig), checked against the peer's table.
+
+    Every address must lie inside a remote-accessible cache of the peer (the table is fetched fresh once if
+    not); the side carries those caches' guards, and :func:`check_inside` checks every planned range.
+    """
+    for refresh in (fresh, True):
+        owners = _owners_of(link.table(deadline, fresh=refresh), bases)
+        if owners is not None:
+            extent = tuple((int(a), int(a) + int(v.tensor_nbytes)) for v in owners for a in v.tensor_addrs)
+            guards = tuple(g for v in owners for g in planner.guards_of(v))
+            return Side(bases=tuple(int(b) for b in bases), stride=stride, count=planner.UNBOUNDED,
+                        is_blocks=True, kind=owners[0].kind, guards=guards, extent=extent)
+    raise ParamInvalid(f"a destination address is not inside any remote accessible cache of cluster "
+                       f"{link.cluster_id}")
+
+
+def check_inside(plan: CopyPlan, side: Side) -> None:
+    """Every remote range of ``plan`` lies inside one tensor of the caches ``side`` was found in."""
+    if side.extent is None:
+        return
+    bounds = sorted(side.extent)
+    starts = np.asarray([b[0] for b in bounds], dtype=np.uint64)
+    ends = np.asarray([b[1] for b in bounds], dtype=np.uint64)
+    idx = np.searchsorted(starts, plan.remote, side="right").astype(np.int64) - 1
+    ok = idx >= 0
+    if not bool(np.all(ok & (plan.remote + plan.sizes <= ends[np.clip(idx, 0, None)]))):
+        raise ParamInvalid("a destination address range is not inside any remote accessible cache")
+
+
+def _owners_of(table: proto.Table, bases: Sequence[int]):
+    """The accessible caches of the table that contain the base addresses (one per address), or None."""
+    owners = []
+    for base in bases:
+        owner = next((v for v in table.caches if (v.remote_accessible or v.owned)
+                      and any(int(a) <= base < int(a) + int(v.tensor_nbytes) for a in v.tensor_addrs)), None)
+        if owner is None:
+            return None
+        if all(o is not owner for o in owners):
+            owners.append(owner)
+    return owners

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from typing import Dict, List, Type
+from typing import Dict, List, Tuple, Type
 
 logger = logging.getLogger(__name__)
 
@@ -14,8 +14,6 @@ _REGISTRY: Dict[str, str] = {
     "process_vm": "llm_datadist._transport.process_vm:ProcessVmTransport",
     "shm": "llm_datadist._transport.shm:ShmTransport",
     "tcp": "llm_datadist._transport.tcp:TcpTransport",
-    "cuda_ipc": "llm_datadist._transport.cuda_ipc:CudaIpcTransport",
-    "nixl": "llm_datadist._transport.nixl:NixlTransport",
 }
 _CACHE: Dict[str, type] = {}
 _LOCK = threading.Lock()
@@ -54,16 +52,30 @@ def transport_class(name: str) -> Type:
     return cls
 
 
+def unavailable_reason(name: str) -> str:
+    """Why transport ``name`` cannot work in this process ("" when it can).
+
+    Raises:
+        KeyError: unknown name.
+    """
+    if name not in _REGISTRY:
+        raise KeyError(name)
+    try:
+        return str(transport_class(name).unavailable_reason())
+    except Exception as exc:  # noqa: BLE001 - a broken optional transport is simply unavailable
+        logger.debug("transport %s failed to load", name, exc_info=True)
+        return f"it failed to load: {exc}"
+
+
 def available_transports() -> List[str]:
-    """Names of the transports whose ``available()`` is True in this process, in registry order."""
-    names = []
-    for name in list(_REGISTRY):
-        try:
-            if transport_class(name).available():
-                names.append(name)
-        except Exception:  # noqa: BLE001 - a broken optional transport is simply unavailable
-            logger.debug("transport %s failed to load", name, exc_info=True)
-    return names
+    """Names of the transports that work in this process, in registry order."""
+    return [name for name in list(_REGISTRY) if not unavailable_reason(name)]
 
 
-__all__ = ["available_transports", "register_transport", "transport_class", "transport_names"]
+def transport_report() -> List[Tuple[str, str]]:
+    """(name, reason it is unavailable or "") for every registered transport."""
+    return [(name, unavailable_reason(name)) for name in list(_REGISTRY)]
+
+
+__all__ = ["available_transports", "register_transport", "transport_class", "transport_names", "transport_report",
+           "unavailable_reason"]

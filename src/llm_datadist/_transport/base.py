@@ -1,78 +1,110 @@
-"""Transport contract: small, synchronous, batch-first byte movers between registered memory.
+"""Transport contract v2: capability-declared, descriptor-based byte movers between registered memory.
 
-Lifecycle of a transport inside one LLMDataDist instance::
+A transport moves the bytes of a ``CopyPlan`` between this process and one peer, and nothing else: keys,
+layers, blocks, timeouts per API and retries are the engine's business. Lifecycle inside one instance::
 
-    t = TransportCls(ctx)            # at init; may start a data server thread (tcp)
-    t.register(region) ...           # every region peers may touch (engine decides which)
-    info = t.local_info()            # bytes, sent to peers in the link handshake
-    ch = t.connect(peer, deadline)   # per link; raises ConnectFailed if unusable (permissions, ...)
-    t.read(ch, plan, deadline)       # remote -> local, whole batch, thread-safe
-    t.write(ch, plan, deadline)      # local -> remote, whole batch, thread-safe
-    t.disconnect(ch); t.close()      # idempotent
+    t = TransportCls(ctx)                # at init; may start a data server (tcp)
+    desc = t.register(region)            # every region peers may touch; desc travels in the cache table
+    info = t.local_info()                # non-secret descriptor, sent in the link handshake
+    cred = t.grant(link_id)              # per-link credential, sent only after the peer proved the secret
+    ch = t.connect(peer, deadline)       # per link; ConnectFailed if unusable (permissions, identity)
+    t.learn(ch, remote_regions)          # the peer's region descriptors, from its cache table (refreshed)
+    t.covers(ch, plan)                   # can this channel move every op of the plan?
+    t.read(ch, plan, deadline)           # remote -> local, whole batch, thread-safe
+    t.write(ch, plan, deadline)          # local -> remote, whole batch, thread-safe
+    p = t.start(ch, plan, deadline, write)  # optional asynchronous form: p.poll() / p.wait(deadline)
+    t.fence(deadline)                    # after the engine invalidated a generation: wait for requests
+                                         # the serving side validated before now
+    t.revoke(link_id); t.disconnect(ch); t.close()   # idempotent
 
-Policy (validation of keys, layer/block planning, timeouts per API) lives in the engine. A transport
-only moves the bytes of a ``CopyPlan`` and raises ``TransportError`` subclasses, never anything else.
-Every server side of a transport re-validates requested ranges against its registered regions.
+Capabilities (``Transport.caps``) say what the engine may route over a transport: the memory kinds it moves,
+how far it reaches (same process, same host, network), whether it is one-sided (the owner's CPU does no work:
+the engine obtains a write grant before a write, and every read checks the plan's guards), whether it covers
+only some plans (shm: only shared segments, so a general route is kept behind it) and whether it has a native
+asynchronous form.
+
+Guards: every plan names the generation words of the remote caches it touches (``Guard``). The owner changes a
+word before it releases that memory. One-sided transports read each word before and after the copy (in the
+same system call where they can) and raise ``StaleMemory`` on a mismatch; two-sided transports send the guards
+to the serving side, which checks them against ``ctx.guards`` after admitting the request and holds the
+request open (``fence``) until it is done. So a transfer that raced a release fails; it never reports success
+with bytes of freed or reused memory.
+
+Transports raise only ``TransportError`` subclasses; the engine maps them to status codes.
 """
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import ClassVar, FrozenSet, Optional
+from typing import Callable, ClassVar, FrozenSet, Optional, Sequence, Tuple
 
 import numpy as np
-
-from llm_datadist.status import LLMStatusCode
 
 HOST = "host"
 CUDA = "cuda"
 
+# Locality: how far a transport reaches.
+PROCESS = "process"
+SAME_HOST = "host"
+NETWORK = "network"
+
 
 class TransportError(Exception):
-    """Base of all transport failures; ``code`` is the public status it maps to."""
-
-    code: LLMStatusCode = LLMStatusCode.LLM_FAILED
-
-    def __init__(self, message: str = "", code: Optional[int] = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = LLMStatusCode(code)
+    """Base of all transport failures."""
 
 
 class ConnectFailed(TransportError):
-    """The channel could not be set up (unreachable, refused, no permission)."""
-
-    code = LLMStatusCode.LLM_LINK_FAILED
+    """The channel could not be set up (unreachable, refused, no permission, wrong identity)."""
 
 
 class TransferTimeout(TransportError):
     """The deadline passed before the batch completed."""
 
-    code = LLMStatusCode.LLM_TIMEOUT
-
 
 class RemoteRejected(TransportError):
     """The serving side refused the request (range outside registered memory, bad frame)."""
 
-    code = LLMStatusCode.LLM_PARAM_INVALID
+
+class StaleMemory(RemoteRejected):
+    """A guard did not match: the peer released or replaced that memory since the plan was made."""
 
 
 class TransportClosed(TransportError):
     """The peer went away or the transport was closed during the transfer."""
 
-    code = LLMStatusCode.LLM_LINK_FAILED
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What the engine may route over a transport."""
+
+    memory_kinds: FrozenSet[str] = frozenset({HOST})
+    locality: str = NETWORK
+    one_sided: bool = False
+    partial: bool = False
+    asynchronous: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """The shareable file behind a region: ``path`` opens it, the region starts at ``offset``."""
+
+    path: str
+    offset: int
+    dev: int
+    ino: int
+    size: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Region:
-    """A registered memory range. ``shm_name`` is set when the range lies in a shareable segment."""
+    """A registered memory range of this process."""
 
     addr: int
     nbytes: int
     kind: str = HOST
     device_id: int = 0
-    shm_name: Optional[str] = None
-    shm_offset: int = 0
+    segment: Optional[Segment] = None
+    writable: bool = True  # whether peers may write into it (read-only regions: the guard table)
 
     @property
     def end(self) -> int:
@@ -80,17 +112,43 @@ class Region:
 
 
 @dataclasses.dataclass(frozen=True)
+class RemoteRegion:
+    """One of the peer's regions as one transport sees it: the peer's ``register`` descriptor."""
+
+    addr: int
+    nbytes: int
+    kind: str
+    descriptor: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Guard:
+    """The generation word of a remote cache: ``value`` at ``addr`` in the owner, slot ``slot`` of its table."""
+
+    slot: int
+    value: int
+    addr: int
+
+
+class GuardTable(abc.ABC):
+    """The owner's generation words, as a transport's serving side checks them."""
+
+    @abc.abstractmethod
+    def valid(self, slot: int, value: int) -> bool:
+        """Whether slot ``slot`` currently holds ``value`` (a live cache)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class PeerInfo:
-    """What the handshake told us about a peer, as a transport needs it."""
+    """What the handshake told us about a peer, as one transport needs it."""
 
     cluster_id: int
     host_id: str
     pid: int
     address: str  # IP address the control connection came from / went to
     descriptor: bytes  # the peer transport's local_info()
-
-    def same_host(self, host_id: str) -> bool:
-        return self.host_id == host_id
+    credential: bytes = b""  # what the peer granted us for this link (tcp: a data-plane token)
+    nonce: bytes = b""  # the peer instance's random identity, proven by its guard table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,22 +159,29 @@ class TransportContext:
     pid: int
     bind_host: str = "0.0.0.0"
     device_id: int = 0
+    guards: Optional[GuardTable] = None
 
 
 class CopyPlan:
     """A batch of copies: ``sizes[i]`` bytes between ``local[i]`` and ``remote[i]`` (uint64 arrays).
 
-    Plans are built vectorised by the engine's planner; transports consume them whole.
+    ``local_kind``/``remote_kind`` are the memory kinds of each side; ``guards`` the remote generation words
+    the plan relies on. Plans are built by the engine's planner; transports consume them whole.
     """
 
-    __slots__ = ("local", "remote", "sizes")
+    __slots__ = ("local", "remote", "sizes", "local_kind", "remote_kind", "guards", "_merged")
 
-    def __init__(self, local: np.ndarray, remote: np.ndarray, sizes: np.ndarray) -> None:
+    def __init__(self, local: np.ndarray, remote: np.ndarray, sizes: np.ndarray, local_kind: str = HOST,
+                 remote_kind: str = HOST, guards: Tuple[Guard, ...] = (), merged: bool = False) -> None:
         self.local = np.ascontiguousarray(local, dtype=np.uint64)
         self.remote = np.ascontiguousarray(remote, dtype=np.uint64)
         self.sizes = np.ascontiguousarray(sizes, dtype=np.uint64)
         if not (self.local.shape == self.remote.shape == self.sizes.shape) or self.local.ndim != 1:
             raise ValueError("CopyPlan arrays must be 1-D and of equal length")
+        self.local_kind = local_kind
+        self.remote_kind = remote_kind
+        self.guards = tuple(guards)
+        self._merged = merged
 
     def __len__(self) -> int:
         return int(self.sizes.shape[0])
@@ -126,25 +191,32 @@ class CopyPlan:
         return int(self.sizes.sum()) if len(self) else 0
 
     def merged(self) -> "CopyPlan":
-        """Merge neighbouring ops that are contiguous on both sides (order preserved)."""
+        """Neighbouring ops that are contiguous on both sides merged (order kept); computed once."""
+        if self._merged:
+            return self
         n = len(self)
-        if n < 2:
-            return self
-        end_l = self.local[:-1] + self.sizes[:-1]
-        end_r = self.remote[:-1] + self.sizes[:-1]
-        joins = (end_l == self.local[1:]) & (end_r == self.remote[1:])
-        if not joins.any():
-            return self
-        starts = np.flatnonzero(np.concatenate(([True], ~joins)))
-        sizes = np.add.reduceat(self.sizes, starts)
-        return CopyPlan(self.local[starts], self.remote[starts], sizes)
+        if n >= 2:
+            end_l = self.local[:-1] + self.sizes[:-1]
+            end_r = self.remote[:-1] + self.sizes[:-1]
+            joins = (end_l == self.local[1:]) & (end_r == self.remote[1:])
+            if joins.any():
+                starts = np.flatnonzero(np.concatenate(([True], ~joins)))
+                return CopyPlan(self.local[starts], self.remote[starts], np.add.reduceat(self.sizes, starts),
+                                self.local_kind, self.remote_kind, self.guards, merged=True)
+        self._merged = True
+        return self
 
     def swapped(self) -> "CopyPlan":
-        """The same plan seen from the other side (local and remote exchanged)."""
-        return CopyPlan(self.remote, self.local, self.sizes)
+        """The same copies seen from the other side (local and remote exchanged, no guards)."""
+        return CopyPlan(self.remote, self.local, self.sizes, self.remote_kind, self.local_kind, (), self._merged)
+
+    def part(self, start: int, stop: int) -> "CopyPlan":
+        """Ops ``[start, stop)`` with the same kinds and guards."""
+        return CopyPlan(self.local[start:stop], self.remote[start:stop], self.sizes[start:stop], self.local_kind,
+                        self.remote_kind, self.guards, self._merged)
 
     def __repr__(self) -> str:
-        return f"CopyPlan(ops={len(self)}, bytes={self.total_bytes})"
+        return f"CopyPlan(ops={len(self)}, bytes={self.total_bytes}, guards={len(self.guards)})"
 
 
 class Channel:
@@ -157,46 +229,79 @@ class Channel:
         """Release resources held by the channel (idempotent)."""
 
 
+class Pending:
+    """An asynchronous transfer started by :meth:`Transport.start`."""
+
+    def __init__(self, poll: Callable[[], bool], wait: Callable[[float], None]) -> None:
+        self._poll = poll
+        self._wait = wait
+
+    def poll(self) -> bool:
+        """True once the transfer completed; raises its TransportError if it failed."""
+        return self._poll()
+
+    def wait(self, deadline: float) -> None:
+        """Block until completion (TransferTimeout at ``deadline``); raises the transfer's error."""
+        self._wait(deadline)
+
+
+def completed() -> Pending:
+    """A Pending that is already done (the synchronous transports' ``start``)."""
+    return Pending(lambda: True, lambda _deadline: None)
+
+
 class Transport(abc.ABC):
-    """Base class of every transport. Subclasses set the class attributes below."""
+    """Base class of every transport. Subclasses set ``name``, ``priority`` and ``caps``."""
 
     name: ClassVar[str] = ""
     priority: ClassVar[int] = 0  # higher wins when several can reach a peer
-    memory_kinds: ClassVar[FrozenSet[str]] = frozenset({HOST})
-    same_host_only: ClassVar[bool] = False
-    same_process_only: ClassVar[bool] = False
+    caps: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, ctx: TransportContext) -> None:
         self.ctx = ctx
 
     @classmethod
     def available(cls) -> bool:
-        """Whether this transport can work in this process at all. Never raises."""
-        return True
+        """Whether this transport works in this process at all. Never raises."""
+        return not cls.unavailable_reason()
 
-    def register(self, region: Region) -> None:
-        """Expose a region to peers (server-side validation, shm export, ...)."""
+    @classmethod
+    def unavailable_reason(cls) -> str:
+        """Why the transport cannot work here ("" when it can). Never raises."""
+        return ""
+
+    def register(self, region: Region) -> bytes:
+        """Expose a region to peers; returns its descriptor for peers (b"" when peers need none)."""
+        return b""
 
     def deregister(self, region: Region) -> None:
         """Stop exposing a region; unknown regions are ignored."""
 
     def local_info(self) -> bytes:
-        """Descriptor sent to peers in the handshake (ports, tokens, pid, probe address...)."""
+        """Non-secret descriptor sent to peers in the handshake (ports, pid, identity probe...)."""
         return b""
+
+    def grant(self, link_id: int) -> bytes:
+        """A credential for the peer of link ``link_id`` (tcp: a data-plane token); b"" when none is needed."""
+        return b""
+
+    def revoke(self, link_id: int) -> None:
+        """Invalidate what :meth:`grant` gave that link (at unlink); connections using it are closed."""
 
     def can_reach(self, peer: PeerInfo) -> bool:
         """Cheap locality check before connect (same host, same process...)."""
-        if self.same_host_only and not peer.same_host(self.ctx.host_id):
-            return False
-        return True
-
-    def supports(self, channel: Channel, plan: CopyPlan) -> bool:
-        """Whether this channel can move every op of the plan (shm: ranges inside shared segments)."""
         return True
 
     @abc.abstractmethod
     def connect(self, peer: PeerInfo, deadline: float) -> Channel:
-        """Open a channel to the peer, checking permissions once. Raises ConnectFailed."""
+        """Open a channel to the peer, checking permissions and identity once. Raises ConnectFailed."""
+
+    def learn(self, channel: Channel, regions: Sequence[RemoteRegion]) -> None:
+        """Take note of the peer's current region descriptors (replaces what was learned before)."""
+
+    def covers(self, channel: Channel, plan: CopyPlan) -> bool:
+        """Whether this channel can move every op of the plan (memory kinds are checked by the engine)."""
+        return True
 
     @abc.abstractmethod
     def read(self, channel: Channel, plan: CopyPlan, deadline: float) -> None:
@@ -205,6 +310,14 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def write(self, channel: Channel, plan: CopyPlan, deadline: float) -> None:
         """Copy ``plan.sizes[i]`` bytes from local ``plan.local[i]`` to peer ``plan.remote[i]``."""
+
+    def start(self, channel: Channel, plan: CopyPlan, deadline: float, write: bool) -> Pending:
+        """Begin a transfer and return at once where the transport can; by default it runs to its end here."""
+        (self.write if write else self.read)(channel, plan, deadline)
+        return completed()
+
+    def fence(self, deadline: float) -> None:
+        """Wait until the serving side finished every request it admitted before this call."""
 
     def disconnect(self, channel: Channel) -> None:
         """Close a channel (idempotent)."""

@@ -15,8 +15,8 @@ import numpy as np
 
 from llm_datadist._transport.base import (
     ConnectFailed,
-    CopyPlan,
     RemoteRejected,
+    StaleMemory,
     TransferTimeout,
     TransportClosed,
     TransportError,
@@ -70,61 +70,98 @@ def _errno_error(err: int, what: str) -> TransportError:
     return TransportError(msg)
 
 
-def _chunk_end(cum: np.ndarray, i: int, n: int) -> int:
-    """End index of the chunk starting at ``i``: at most IOV_MAX entries and about CHUNK_BYTES bytes."""
-    j = min(i + IOV_MAX, n)
+def _chunk_end(cum: np.ndarray, i: int, n: int, per_call: int) -> int:
+    """End index of the chunk starting at ``i``: at most ``per_call`` entries and about CHUNK_BYTES bytes."""
+    j = min(i + per_call, n)
     if int(cum[j]) - int(cum[i]) > CHUNK_BYTES:
         k = int(np.searchsorted(cum, cum[i] + _U64(CHUNK_BYTES), side="right")) - 1
         j = max(i + 1, min(k, j))
     return j
 
 
+class Guards:
+    """Generation words read around every process_vm_readv batch: addresses in the peer and expected values."""
+
+    __slots__ = ("addrs", "values")
+
+    def __init__(self, addrs: np.ndarray, values: np.ndarray) -> None:
+        self.addrs = np.ascontiguousarray(addrs, dtype=_U64)
+        self.values = np.ascontiguousarray(values, dtype=_U64)
+
+    def __len__(self) -> int:
+        return int(self.addrs.shape[0])
+
+
+def _call(func, what: str, pid: int, liov: np.ndarray, riov: np.ndarray, expected: int) -> None:
+    """One process_vm call over complete iovec arrays; a short transfer is an error, never resumed."""
+    count = int(liov.shape[0])
+    while True:
+        got = func(pid, liov.ctypes.data, count, riov.ctypes.data, count, 0)
+        if got == expected:
+            return
+        if got < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            raise _errno_error(err, what)
+        # the kernel stops at the first iovec it cannot copy: unmapped memory on one side
+        raise RemoteRejected(f"{what}: copied {got} of {expected} bytes (memory not mapped)")
+
+
 def _pvm_rw(func, what: str, pid: int, local: np.ndarray, remote: np.ndarray,
-            sizes: np.ndarray, deadline: Optional[float]) -> int:
-    """Move ``sizes[i]`` bytes between ``local[i]`` and ``remote[i]`` with one call per chunk."""
+            sizes: np.ndarray, deadline: Optional[float], guards: Optional[Guards] = None) -> int:
+    """Move ``sizes[i]`` bytes between ``local[i]`` and ``remote[i]`` with one call per chunk.
+
+    With ``guards`` (reads only) every call also reads each guard word first and last, into a scratch
+    buffer, and the words must equal their expected values both times (StaleMemory otherwise): the data
+    of that call was copied while the owner still held it.
+    """
     if func is None:
         raise ConnectFailed(f"{what} is not available on this system")
     local = np.ascontiguousarray(local, dtype=_U64)
     remote = np.ascontiguousarray(remote, dtype=_U64)
     sizes = np.ascontiguousarray(sizes, dtype=_U64)
     n = int(sizes.shape[0])
-    if n == 0:
+    g = len(guards) if guards is not None else 0
+    if n == 0 and g == 0:
         return 0
-    liov = np.empty((n, 2), dtype=_U64)
-    riov = np.empty((n, 2), dtype=_U64)
-    liov[:, 0] = local
-    liov[:, 1] = sizes
-    riov[:, 0] = remote
-    riov[:, 1] = sizes
+    per_call = IOV_MAX - 2 * g
+    if per_call < 1:
+        raise RemoteRejected(f"{what}: too many guards ({g})")
     cum = np.zeros(n + 1, dtype=_U64)
-    np.cumsum(sizes, out=cum[1:])
-    lbase, rbase = liov.ctypes.data, riov.ctypes.data
-    i, skip = 0, 0
-    while i < n:
+    if n:
+        np.cumsum(sizes, out=cum[1:])
+    scratch = np.zeros(2 * g, dtype=_U64)
+    guard_l = np.empty((2 * g, 2), dtype=_U64)
+    guard_r = np.empty((2 * g, 2), dtype=_U64)
+    if g:
+        guard_l[:, 0] = scratch.ctypes.data + np.arange(2 * g, dtype=_U64) * _U64(8)
+        guard_l[:, 1] = 8
+        guard_r[:g, 0] = guards.addrs  # type: ignore[union-attr]
+        guard_r[g:, 0] = guards.addrs  # type: ignore[union-attr]
+        guard_r[:, 1] = 8
+    i = 0
+    while True:
         if deadline is not None and time.monotonic() > deadline:
-            raise TransferTimeout(f"{what}: deadline passed after {int(cum[i]) + skip} bytes")
-        j = _chunk_end(cum, i, n)
-        expected = int(cum[j]) - int(cum[i]) - skip
-        got = func(pid, lbase + 16 * i, j - i, rbase + 16 * i, j - i, 0)
-        if got == expected:
-            i, skip = j, 0
-            continue
-        if got < 0:
-            err = ctypes.get_errno()
-            if err == errno.EINTR:
-                continue
-            raise _errno_error(err, what)
-        if got == 0:
-            raise RemoteRejected(f"{what}: no progress at op {i} (unmapped memory?)")
-        pos = int(cum[i]) + skip + got  # absolute byte position reached in the flattened plan
-        k = int(np.searchsorted(cum, _U64(pos), side="right")) - 1
-        skip = pos - int(cum[k])
-        liov[k, 0] = local[k] + _U64(skip)
-        liov[k, 1] = sizes[k] - _U64(skip)
-        riov[k, 0] = remote[k] + _U64(skip)
-        riov[k, 1] = liov[k, 1]
-        i = k
-    return int(cum[n])
+            raise TransferTimeout(f"{what}: deadline passed after {int(cum[i])} bytes")
+        j = _chunk_end(cum, i, n, per_call) if n else 0
+        m = j - i
+        liov = np.empty((m + 2 * g, 2), dtype=_U64)
+        riov = np.empty((m + 2 * g, 2), dtype=_U64)
+        liov[g:g + m, 0] = local[i:j]
+        liov[g:g + m, 1] = sizes[i:j]
+        riov[g:g + m, 0] = remote[i:j]
+        riov[g:g + m, 1] = sizes[i:j]
+        if g:
+            liov[:g], liov[g + m:] = guard_l[:g], guard_l[g:]
+            riov[:g], riov[g + m:] = guard_r[:g], guard_r[g:]
+        _call(func, what, pid, liov, riov, int(cum[j]) - int(cum[i]) + 16 * g)
+        if g and not (np.array_equal(scratch[:g], guards.values)  # type: ignore[union-attr]
+                      and np.array_equal(scratch[g:], guards.values)):  # type: ignore[union-attr]
+            raise StaleMemory(f"{what}: the peer released or replaced that memory during the transfer")
+        i = j
+        if i >= n:
+            return int(cum[n])
 
 
 def _split_run(run: Callable[[np.ndarray, np.ndarray, np.ndarray], object], local: np.ndarray, remote: np.ndarray,
@@ -164,14 +201,14 @@ def _split_run(run: Callable[[np.ndarray, np.ndarray, np.ndarray], object], loca
 
 
 def _pvm_split(func, what: str, pid: int, local: np.ndarray, remote: np.ndarray, sizes: np.ndarray,
-               deadline: Optional[float], threads: int) -> int:
+               deadline: Optional[float], threads: int, guards: Optional[Guards] = None) -> int:
     """:func:`_pvm_rw` over the batch, split across ``threads`` threads when it is large."""
-    return _split_run(lambda lo, re, sz: _pvm_rw(func, what, pid, lo, re, sz, deadline), local, remote, sizes,
-                      threads)
+    return _split_run(lambda lo, re, sz: _pvm_rw(func, what, pid, lo, re, sz, deadline, guards), local, remote,
+                      sizes, threads)
 
 
 def pvm_read(pid: int, plan_local: np.ndarray, plan_remote: np.ndarray, sizes: np.ndarray,
-             deadline: Optional[float] = None, threads: int = 1) -> int:
+             deadline: Optional[float] = None, threads: int = 1, guards: Optional[Guards] = None) -> int:
     """Copy ``sizes[i]`` bytes from ``plan_remote[i]`` in process ``pid`` to ``plan_local[i]`` here.
 
     Args:
@@ -181,6 +218,7 @@ def pvm_read(pid: int, plan_local: np.ndarray, plan_remote: np.ndarray, sizes: n
         sizes: uint64 byte counts.
         deadline: ``time.monotonic()`` value checked between 1024-iovec chunks.
         threads: Split batches of at least PARALLEL_MIN_BYTES across this many threads.
+        guards: Generation words read first and last in every call (see :func:`_pvm_rw`).
 
     Returns:
         Total bytes copied.
@@ -189,9 +227,10 @@ def pvm_read(pid: int, plan_local: np.ndarray, plan_remote: np.ndarray, sizes: n
         TransportClosed: the process is gone (ESRCH).
         ConnectFailed: no permission (EPERM) or syscall missing.
         RemoteRejected: an address is not mapped (EFAULT).
+        StaleMemory: a guard word did not hold its expected value.
         TransferTimeout: the deadline passed between chunks.
     """
-    return _pvm_split(_READV, "process_vm_readv", pid, plan_local, plan_remote, sizes, deadline, threads)
+    return _pvm_split(_READV, "process_vm_readv", pid, plan_local, plan_remote, sizes, deadline, threads, guards)
 
 
 def pvm_write(pid: int, plan_local: np.ndarray, plan_remote: np.ndarray, sizes: np.ndarray,
@@ -243,12 +282,14 @@ def _memmove_all(local: np.ndarray, remote: np.ndarray, sizes: np.ndarray,
         collections.deque(map(move, dst[s:e], src[s:e], cnt[s:e]), maxlen=0)
 
 
-def local_copy(plan: CopyPlan, deadline: Optional[float] = None, checked: bool = True,
-               threads: int = 1) -> None:
-    """Copy ``plan.remote[i]`` to ``plan.local[i]`` inside this process, the whole plan in one pass.
+def local_copy(dst: np.ndarray, src: np.ndarray, sizes: np.ndarray, deadline: Optional[float] = None,
+               checked: bool = True, threads: int = 1) -> None:
+    """Copy ``sizes[i]`` bytes from ``src[i]`` to ``dst[i]`` inside this process, the whole batch in one pass.
 
     Args:
-        plan: The copies; both sides are addresses in this process. Contiguous runs are merged.
+        dst: uint64 destination addresses.
+        src: uint64 source addresses.
+        sizes: uint64 byte counts (the caller merges contiguous runs first where that pays).
         deadline: ``time.monotonic()`` value checked between 1024-op chunks.
         checked: True uses process_vm_readv on our own pid (when permitted), so an unmapped address
             raises RemoteRejected instead of crashing; False uses memmove (faster on 4 KiB-page
@@ -259,16 +300,14 @@ def local_copy(plan: CopyPlan, deadline: Optional[float] = None, checked: bool =
         RemoteRejected: an address is not mapped (checked path).
         TransferTimeout: the deadline passed.
     """
-    if len(plan) == 0:
-        if deadline is not None and time.monotonic() > deadline:
-            raise TransferTimeout("local copy: deadline passed")
+    if deadline is not None and time.monotonic() > deadline:
+        raise TransferTimeout("local copy: deadline passed")
+    if not len(sizes):
         return
-    plan = plan.merged()
     if checked and self_pvm_permitted():
-        pvm_read(os.getpid(), plan.local, plan.remote, plan.sizes, deadline, threads)
+        pvm_read(os.getpid(), dst, src, sizes, deadline, threads)
     else:
-        _split_run(lambda lo, re, sz: _memmove_all(lo, re, sz, deadline), plan.local, plan.remote, plan.sizes,
-                   threads)
+        _split_run(lambda lo, re, sz: _memmove_all(lo, re, sz, deadline), dst, src, sizes, threads)
 
 
 def view(addr: int, nbytes: int) -> memoryview:

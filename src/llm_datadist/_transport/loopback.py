@@ -1,20 +1,26 @@
-"""Loopback transport: two instances inside one process copy memory directly, peer regions checked."""
+"""Loopback transport: two instances inside one process copy memory directly, peer regions and guards checked."""
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 import threading
 import weakref
-from typing import Optional
+from typing import Optional, Sequence
 
 from llm_datadist._transport import iov
 from llm_datadist._transport.base import (
+    HOST,
+    PROCESS,
+    Capabilities,
     Channel,
     ConnectFailed,
     CopyPlan,
+    Guard,
     PeerInfo,
     Region,
     RemoteRejected,
+    StaleMemory,
     Transport,
     TransportClosed,
     TransportContext,
@@ -32,6 +38,11 @@ def _parse(descriptor: bytes) -> Optional[tuple]:
         return None
     magic, pid, token = _DESC.unpack(descriptor)
     return (pid, token) if magic == _MAGIC else None
+
+
+def _guards_hold(guards: Sequence[Guard]) -> bool:
+    """Each guard word (in this process) holds its expected value."""
+    return all(ctypes.c_uint64.from_address(g.addr).value == g.value for g in guards)
 
 
 class LoopbackChannel(Channel):
@@ -60,32 +71,29 @@ class LoopbackTransport(Transport):
 
     name = "loopback"
     priority = 100
-    same_host_only = True
-    same_process_only = True
+    caps = Capabilities(memory_kinds=frozenset({HOST}), locality=PROCESS, one_sided=True)
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
         self._token = os.urandom(16)
-        self._table = iov.RangeTable()
+        self._readable = iov.RangeTable()
+        self._writable = iov.RangeTable()
         self.closed = False
         with _DIR_LOCK:
             _DIRECTORY[self._token] = self
 
-    def register(self, region: Region) -> None:
-        """Expose a region to peer instances of this process.
-
-        Args:
-            region: The range peers may read and write.
-        """
-        self._table.add(region.addr, region.nbytes)
+    def register(self, region: Region) -> bytes:
+        """Expose a region to peer instances of this process (writable ones for writes too)."""
+        self._readable.add(region.addr, region.nbytes)
+        if region.writable:
+            self._writable.add(region.addr, region.nbytes)
+        return b""
 
     def deregister(self, region: Region) -> None:
-        """Stop exposing a region; unknown regions are ignored.
-
-        Args:
-            region: A region passed to ``register`` before.
-        """
-        self._table.remove(region.addr, region.nbytes)
+        """Stop exposing a region; unknown regions are ignored."""
+        self._readable.remove(region.addr, region.nbytes)
+        if region.writable:
+            self._writable.remove(region.addr, region.nbytes)
 
     def local_info(self) -> bytes:
         """Descriptor: ``<4sQ16s`` = (b"LBK1", pid, 16-byte token of this instance)."""
@@ -99,18 +107,7 @@ class LoopbackTransport(Transport):
         return parsed[1] in _DIRECTORY
 
     def connect(self, peer: PeerInfo, deadline: float) -> Channel:
-        """Find the peer instance in the process-local directory.
-
-        Args:
-            peer: Handshake information; ``peer.descriptor`` is the peer's ``local_info()``.
-            deadline: Unused (connecting is immediate).
-
-        Returns:
-            A LoopbackChannel.
-
-        Raises:
-            ConnectFailed: bad descriptor, other process, or the instance no longer exists.
-        """
+        """Find the peer instance in the process-local directory (ConnectFailed if it is not there)."""
         if self.closed:
             raise ConnectFailed("loopback transport is closed")
         parsed = _parse(peer.descriptor)
@@ -124,45 +121,50 @@ class LoopbackTransport(Transport):
             raise ConnectFailed("loopback peer instance not found")
         return LoopbackChannel(peer, target)
 
-    def _checked_target(self, channel: Channel, plan: CopyPlan) -> "LoopbackTransport":
+    def _checked_target(self, channel: Channel, plan: CopyPlan, write: bool) -> "LoopbackTransport":
         if self.closed:
             raise TransportClosed("loopback transport is closed")
         if not isinstance(channel, LoopbackChannel):
             raise ConnectFailed("not a loopback channel")
         target = channel.target()
-        if not target._table.contains(plan.remote, plan.sizes):
+        table = target._writable if write else target._readable
+        if not table.contains(plan.remote, plan.sizes):
             raise RemoteRejected("range outside the peer's registered memory")
         return target
 
     def read(self, channel: Channel, plan: CopyPlan, deadline: float) -> None:
-        """Copy peer ``plan.remote[i]`` to local ``plan.local[i]`` for every op.
-
-        Args:
-            channel: From ``connect``.
-            plan: The copies; remote ranges must lie in the peer's registered regions.
-            deadline: ``time.monotonic()`` value, checked between 1024-op chunks.
+        """Copy peer ``plan.remote[i]`` to local ``plan.local[i]``, the guards checked before and after.
 
         Raises:
             RemoteRejected: a remote range is outside the peer's registered memory.
+            StaleMemory: a guard changed (the peer released that cache).
             TransportClosed: the channel, this transport or the peer is closed.
             TransferTimeout: the deadline passed.
         """
-        self._checked_target(channel, plan)
-        iov.local_copy(plan, deadline, threads=iov.COPY_THREADS)
+        self._checked_target(channel, plan, write=False)
+        if not _guards_hold(plan.guards):
+            raise StaleMemory("the peer released that cache")
+        iov.local_copy(plan.local, plan.remote, plan.sizes, deadline, threads=iov.COPY_THREADS)
+        if not _guards_hold(plan.guards):
+            raise StaleMemory("the peer released that cache during the copy")
 
     def write(self, channel: Channel, plan: CopyPlan, deadline: float) -> None:
-        """Copy local ``plan.local[i]`` to peer ``plan.remote[i]`` for every op.
+        """Copy local ``plan.local[i]`` to peer ``plan.remote[i]`` (the engine holds a write grant).
 
-        Args and errors as :meth:`read`.
+        Args and errors as :meth:`read`; only ranges of writable regions are accepted.
         """
-        self._checked_target(channel, plan)
-        iov.local_copy(plan.swapped(), deadline, threads=iov.COPY_THREADS)
+        self._checked_target(channel, plan, write=True)
+        if not _guards_hold(plan.guards):
+            raise StaleMemory("the peer released that cache")
+        iov.local_copy(plan.remote, plan.local, plan.sizes, deadline, threads=iov.COPY_THREADS)
 
     def close(self) -> None:
         """Leave the directory; channels to this instance fail with TransportClosed (idempotent)."""
         if self.closed:
             return
         self.closed = True
-        self._table.clear()
+        self._readable.clear()
+        self._writable.clear()
         with _DIR_LOCK:
             _DIRECTORY.pop(self._token, None)
+

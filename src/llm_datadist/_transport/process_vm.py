@@ -1,16 +1,18 @@
-"""Same-host transport over process_vm_readv/writev: one-sided, 1024 ops per syscall."""
+"""Same-host transport over process_vm_readv/writev: one-sided, 1024 ops per system call, guards in the batch."""
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import struct
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
 from llm_datadist._transport import iov
 from llm_datadist._transport.base import (
+    HOST,
+    SAME_HOST,
+    Capabilities,
     Channel,
     ConnectFailed,
     CopyPlan,
@@ -24,37 +26,37 @@ from llm_datadist._transport.base import (
 
 logger = logging.getLogger(__name__)
 
-_MAGIC = b"PVM1"
+_MAGIC = b"PVM2"
+_DESC = struct.Struct("<4sQQ")  # magic, pid, address of the instance's guard table (its header holds the nonce)
+_NONCE_OFFSET = 8  # the guard table header: 8 bytes of magic, then the 16-byte instance nonce
 _NONCE_BYTES = 16
-_DESC = struct.Struct("<4sQQ16s")  # magic, pid, probe address, nonce stored at the probe address
+_TOP = np.uint64(1 << 62)
 
 
-def _parse(descriptor: bytes) -> Optional[tuple]:
+def _parse(descriptor: bytes) -> Optional[Tuple[int, int]]:
     if len(descriptor) != _DESC.size:
         return None
-    magic, pid, probe, nonce = _DESC.unpack(descriptor)
-    return (int(pid), int(probe), nonce) if magic == _MAGIC else None
+    magic, pid, table = _DESC.unpack(descriptor)
+    return (int(pid), int(table)) if magic == _MAGIC else None
 
 
 def check_plan(plan: CopyPlan) -> None:
     """Reject plans that can never be valid (NULL addresses, address overflow)."""
     if len(plan) == 0:
         return
-    top = np.uint64(1 << 62)
-    bad = (plan.remote == 0) | (plan.local == 0) | (plan.sizes >= top)
-    bad |= (plan.remote >= top) | (plan.local >= top)
+    bad = (plan.remote == 0) | (plan.local == 0) | (plan.sizes >= _TOP)
+    bad |= (plan.remote >= _TOP) | (plan.local >= _TOP)
     if bad.any():
         raise RemoteRejected(f"invalid op at index {int(np.flatnonzero(bad)[0])}")
 
 
 class ProcessVmChannel(Channel):
-    """A channel to a process on this host: its pid and the probe that proves its identity."""
+    """A channel to a process on this host: its pid, and the identity guards read in every batch."""
 
-    def __init__(self, peer: PeerInfo, pid: int, probe: int, nonce: bytes) -> None:
+    def __init__(self, peer: PeerInfo, pid: int, identity: iov.Guards) -> None:
         super().__init__(peer)
         self.pid = pid
-        self.probe = probe
-        self.nonce = nonce
+        self.identity = identity  # the peer's nonce words: read when a plan brings no guard of its own
         self.closed = False
 
     def close(self) -> None:
@@ -63,64 +65,64 @@ class ProcessVmChannel(Channel):
 
 
 class ProcessVmTransport(Transport):
-    """process_vm_readv/writev between processes of one host (same uid or ptrace permission)."""
+    """process_vm_readv/writev between processes of one host (same uid or ptrace permission).
+
+    Identity: at connect the peer's instance nonce is read at the address its descriptor names and compared
+    with the nonce of the handshake, so a pid that means another process here (another pid namespace, a
+    reused pid) is refused. After that every read carries the plan's generation guards in the same system
+    call (first and last iovec), which proves again, per batch, that the peer and its cache are still there.
+    """
 
     name = "process_vm"
     priority = 60
-    same_host_only = True
+    caps = Capabilities(memory_kinds=frozenset({HOST}), locality=SAME_HOST, one_sided=True)
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
-        self._nonce = os.urandom(_NONCE_BYTES)
-        self._probe = ctypes.create_string_buffer(self._nonce, _NONCE_BYTES)
         self._closed = False
 
     @classmethod
-    def available(cls) -> bool:
-        """True when process_vm_readv exists and works on our own process. Never raises."""
+    def unavailable_reason(cls) -> str:
+        """Why process_vm_readv cannot be used here ("" when it works on our own process). Never raises."""
         try:
-            return iov.self_pvm_permitted()
-        except Exception:  # noqa: BLE001 - available() never raises
-            return False
+            return "" if iov.self_pvm_permitted() else "process_vm_readv is not permitted in this process"
+        except Exception as exc:  # noqa: BLE001 - never raises
+            return f"process_vm_readv failed: {exc}"
 
     def local_info(self) -> bytes:
-        """Descriptor: ``<4sQQ16s`` = (b"PVM1", pid, probe address, 16-byte nonce at that address)."""
-        return _DESC.pack(_MAGIC, os.getpid(), ctypes.addressof(self._probe), self._nonce)
+        """Descriptor: ``<4sQQ`` = (b"PVM2", pid, address of this instance's guard table)."""
+        table = getattr(self.ctx.guards, "addr", 0) if self.ctx.guards is not None else 0
+        return _DESC.pack(_MAGIC, os.getpid(), int(table))
 
     def can_reach(self, peer: PeerInfo) -> bool:
-        """Same host and a process_vm descriptor."""
-        return super().can_reach(peer) and _parse(peer.descriptor) is not None
+        """A process_vm descriptor with a guard table and a nonce to prove."""
+        parsed = _parse(peer.descriptor)
+        return parsed is not None and parsed[1] != 0 and len(peer.nonce) == _NONCE_BYTES
 
     def connect(self, peer: PeerInfo, deadline: float) -> Channel:
-        """Probe the peer once: read its nonce with process_vm_readv and compare.
-
-        Args:
-            peer: Handshake information; ``peer.descriptor`` is the peer's ``local_info()``.
-            deadline: Unused (the probe is one syscall).
-
-        Returns:
-            A ProcessVmChannel.
+        """Read the peer's nonce with process_vm_readv and compare it with the handshake's.
 
         Raises:
-            ConnectFailed: bad descriptor, no permission, process gone, or another process behind
-                that pid (different pid namespace).
+            ConnectFailed: bad descriptor, no permission, process gone, or another process behind that pid.
         """
         if self._closed:
             raise ConnectFailed("process_vm transport is closed")
         parsed = _parse(peer.descriptor)
-        if parsed is None:
+        if parsed is None or len(peer.nonce) != _NONCE_BYTES:
             raise ConnectFailed("not a process_vm descriptor")
-        pid, probe, nonce = parsed
+        pid, table = parsed
         try:
-            seen = iov.pvm_peek(pid, probe, _NONCE_BYTES)
+            seen = iov.pvm_peek(pid, table + _NONCE_OFFSET, _NONCE_BYTES)
         except TransportError as exc:
             raise ConnectFailed(f"process_vm_readv not permitted on pid {pid}: {exc}") from exc
-        if seen != nonce:
-            raise ConnectFailed(f"pid {pid} is not the expected peer (pid namespace?)")
+        if seen != peer.nonce:
+            raise ConnectFailed(f"pid {pid} here is not the peer (another pid namespace or a reused pid)")
+        words = np.frombuffer(peer.nonce, dtype=np.uint64)
+        identity = iov.Guards(np.array([table + _NONCE_OFFSET, table + _NONCE_OFFSET + 8], dtype=np.uint64), words)
         logger.debug("process_vm channel to pid %d", pid)
-        return ProcessVmChannel(peer, pid, probe, nonce)
+        return ProcessVmChannel(peer, pid, identity)
 
-    def _prepare(self, channel: Channel, plan: CopyPlan) -> ProcessVmChannel:
+    def _channel(self, channel: Channel, plan: CopyPlan) -> ProcessVmChannel:
         if self._closed:
             raise TransportClosed("process_vm transport is closed")
         if not isinstance(channel, ProcessVmChannel):
@@ -128,52 +130,50 @@ class ProcessVmTransport(Transport):
         if channel.closed:
             raise TransportClosed("process_vm channel is closed")
         check_plan(plan)
-        try:  # the pid may have been reused by another process since connect
-            same = iov.pvm_peek(channel.pid, channel.probe, _NONCE_BYTES) == channel.nonce
-        except TransportError as exc:
-            raise TransportClosed(f"peer pid {channel.pid} is gone: {exc}") from exc
-        if not same:
-            raise TransportClosed(f"peer pid {channel.pid} is gone (probe changed)")
         return channel
+
+    @staticmethod
+    def _guards(ch: ProcessVmChannel, plan: CopyPlan) -> iov.Guards:
+        if not plan.guards:
+            return ch.identity
+        return iov.Guards(np.array([g.addr for g in plan.guards], dtype=np.uint64),
+                          np.array([g.value for g in plan.guards], dtype=np.uint64))
 
     def read(self, channel: Channel, plan: CopyPlan, deadline: float) -> None:
         """Copy peer ``plan.remote[i]`` to local ``plan.local[i]`` with process_vm_readv.
 
-        Contiguous runs are merged first; one syscall moves up to 1024 ops; batches of 16 MiB or
-        more are split across ``iov.COPY_THREADS`` threads.
-
-        Args:
-            channel: From ``connect``.
-            plan: The copies (remote ranges already bounds-checked by the engine).
-            deadline: ``time.monotonic()`` value, checked between 1024-op chunks.
+        Every call reads the plan's guards first and last; batches of 16 MiB or more are split across
+        ``iov.COPY_THREADS`` threads.
 
         Raises:
             RemoteRejected: invalid or unmapped address.
+            StaleMemory: a guard did not match (the peer released or replaced that cache).
             TransportClosed: the peer process is gone or the channel is closed.
             TransferTimeout: the deadline passed.
         """
-        ch = self._prepare(channel, plan)
+        ch = self._channel(channel, plan)
         merged = plan.merged()
         try:
-            iov.pvm_read(ch.pid, merged.local, merged.remote, merged.sizes, deadline, iov.COPY_THREADS)
+            iov.pvm_read(ch.pid, merged.local, merged.remote, merged.sizes, deadline, iov.COPY_THREADS,
+                         self._guards(ch, plan))
         except ConnectFailed as exc:  # permission lost after connect: treat as a dead link
             raise TransportClosed(str(exc)) from exc
 
     def write(self, channel: Channel, plan: CopyPlan, deadline: float) -> None:
         """Copy local ``plan.local[i]`` to peer ``plan.remote[i]`` with process_vm_writev.
 
-        Args and errors as :meth:`read`.
+        The engine holds a write grant (the owner cannot release the caches meanwhile); the guards are read
+        once before writing, to be sure the pid is still the peer. Errors as :meth:`read`.
         """
-        ch = self._prepare(channel, plan)
+        ch = self._channel(channel, plan)
         merged = plan.merged()
+        empty = np.zeros(0, dtype=np.uint64)
         try:
+            iov.pvm_read(ch.pid, empty, empty, empty, deadline, 1, self._guards(ch, plan))
             iov.pvm_write(ch.pid, merged.local, merged.remote, merged.sizes, deadline, iov.COPY_THREADS)
         except ConnectFailed as exc:
             raise TransportClosed(str(exc)) from exc
 
     def close(self) -> None:
-        """Invalidate the probe so peers' channels fail with TransportClosed (idempotent)."""
-        if self._closed:
-            return
+        """Stop serving channels (idempotent)."""
         self._closed = True
-        ctypes.memset(self._probe, 0, _NONCE_BYTES)

@@ -1,4 +1,13 @@
-"""Same-host transport over shared segments: a peer maps our segments and copies with memcpy-class speed."""
+"""Same-host transport over shared segments: a peer maps our pool segments and copies at memcpy speed.
+
+Descriptors: ``register`` gives every region that lies in a shareable segment a descriptor (the segment's path,
+its device/inode identity, the region's offset); peers learn them from our cache table. ``local_info`` names
+our guard table segment. A peer maps that table read-only and checks that its header holds the nonce of the
+handshake before anything else: a path such as ``/proc/<pid>/fd/<n>`` means another process in another pid
+namespace, so a mismatch refuses the route instead of mapping the wrong memory. Every segment opened later
+must have the device/inode its descriptor names. Reads check the plan's guards in the mapped table before and
+after the copy; writes run under the engine's write grant.
+"""
 from __future__ import annotations
 
 import ctypes
@@ -7,19 +16,23 @@ import mmap
 import os
 import struct
 import threading
-import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from llm_datadist._transport import iov
 from llm_datadist._transport.base import (
+    HOST,
+    SAME_HOST,
+    Capabilities,
     Channel,
     ConnectFailed,
     CopyPlan,
     PeerInfo,
     Region,
+    RemoteRegion,
     RemoteRejected,
+    StaleMemory,
     Transport,
     TransportClosed,
     TransportContext,
@@ -29,16 +42,11 @@ SMALL_PIECE_BYTES = 64 << 10  # below this average piece size the syscall path b
 
 logger = logging.getLogger(__name__)
 
-_MAGIC = b"SHM1"
-_DESC = struct.Struct("<4sQ")  # magic, pid; then the index segment path (utf-8)
-_INDEX_MAGIC = b"LDSHMIX1"
-_HEADER = struct.Struct("<8sQQQ")  # magic, seqlock counter (odd while writing), count, capacity
-_HEADER_BYTES = 64
-_NAME_BYTES = 128
-_CAPACITY = 4096
-ENTRY = np.dtype([("addr", "<u8"), ("nbytes", "<u8"), ("offset", "<u8"), ("dev", "<u8"),
-                  ("ino", "<u8"), ("name", f"S{_NAME_BYTES}")])
-_INDEX_BYTES = _HEADER_BYTES + ENTRY.itemsize * _CAPACITY
+_INFO_MAGIC = b"SHM2"
+_INFO = struct.Struct("<4sQQQQQ")  # magic, pid, guard table addr, its size, dev, ino; then the path (utf-8)
+_REGION = struct.Struct("<QQQQ")  # dev, ino, offset of the region in the segment, segment size; then the path
+_NONCE = slice(8, 24)  # the guard table header: magic (8 bytes), then the 16-byte instance nonce
+_U64 = np.uint64
 
 
 def _mapping_address(mm: mmap.mmap) -> int:
@@ -48,131 +56,80 @@ def _mapping_address(mm: mmap.mmap) -> int:
     return addr
 
 
-class _Index:
-    """Our published list of shared regions: a memfd the peers map read-only (seqlock-protected)."""
-
-    def __init__(self) -> None:
-        self._fd = os.memfd_create("llm_datadist-shm-index", os.MFD_CLOEXEC)
-        os.ftruncate(self._fd, _INDEX_BYTES)
-        self._mm: Optional[mmap.mmap] = mmap.mmap(self._fd, _INDEX_BYTES)
-        self._entries: List[tuple] = []
-        self._seq = 0
-        self.path = f"/proc/{os.getpid()}/fd/{self._fd}"
-        self._publish()
-
-    def _publish(self) -> None:
-        mm = self._mm
-        if mm is None:
-            return
-        self._seq += 1  # odd: readers retry
-        mm[:_HEADER.size] = _HEADER.pack(_INDEX_MAGIC, self._seq, len(self._entries), _CAPACITY)
-        table = np.array(self._entries, dtype=ENTRY)
-        mm[_HEADER_BYTES:_HEADER_BYTES + table.nbytes] = table.tobytes()
-        self._seq += 1
-        mm[:_HEADER.size] = _HEADER.pack(_INDEX_MAGIC, self._seq, len(self._entries), _CAPACITY)
-
-    def add(self, region: Region) -> None:
-        try:
-            st = os.stat(region.shm_name)
-        except (OSError, TypeError, ValueError):
-            logger.debug("shm segment %r not found; region not shared", region.shm_name)
-            return
-        name = os.fsencode(region.shm_name)
-        if len(name) >= _NAME_BYTES or len(self._entries) >= _CAPACITY:
-            logger.debug("shm index cannot hold %r", region.shm_name)
-            return
-        self._entries.append((region.addr, region.nbytes, region.shm_offset, st.st_dev, st.st_ino, name))
-        self._publish()
-
-    def remove(self, region: Region) -> None:
-        for i, entry in enumerate(self._entries):
-            if entry[0] == region.addr and entry[1] == region.nbytes:
-                del self._entries[i]
-                self._publish()
-                return
-
-    def close(self) -> None:
-        if self._mm is not None:
-            self._entries = []
-            self._publish()
-            self._mm.close()
-            self._mm = None
-            os.close(self._fd)
-
-
-def read_index(mm: mmap.mmap) -> Tuple[int, np.ndarray]:
-    """A consistent snapshot ``(seq, entries)`` of a peer's index."""
-    for _ in range(10000):
-        magic, seq, count, cap = _HEADER.unpack(mm[:_HEADER.size])
-        if magic != _INDEX_MAGIC or count > cap or cap > _CAPACITY:
-            raise ConnectFailed("bad shm index segment")
-        if seq & 1:
-            time.sleep(0)
-            continue
-        table = np.frombuffer(mm[_HEADER_BYTES:_HEADER_BYTES + count * ENTRY.itemsize], dtype=ENTRY)
-        if _HEADER.unpack(mm[:_HEADER.size])[1] == seq:
-            return seq, table
-    raise ConnectFailed("shm index keeps changing")
+def _open_map(path: str, dev: int, ino: int, size: int, writable: bool) -> mmap.mmap:
+    """Map a peer's segment after checking it is the file the peer described (device and inode)."""
+    try:
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    except OSError as exc:
+        raise ConnectFailed(f"cannot open the peer's segment {path}: {exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (dev, ino):
+            raise ConnectFailed(f"{path} is not the peer's segment here (another namespace?)")
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return mmap.mmap(fd, size, prot=prot)
+    except (OSError, ValueError) as exc:
+        raise ConnectFailed(f"cannot map the peer's segment {path}: {exc}") from exc
+    finally:
+        os.close(fd)
 
 
 class ShmChannel(Channel):
-    """The peer's index, our mappings of its segments, and a lookup table of its shared regions."""
+    """The peer's guard table (mapped read-only), its shared regions and our lazy mappings of them."""
 
-    def __init__(self, peer: PeerInfo, pid: int, index: mmap.mmap) -> None:
+    def __init__(self, peer: PeerInfo, pid: int, guards: mmap.mmap, guards_addr: int, guards_size: int) -> None:
         super().__init__(peer)
         self.pid = pid
-        self._index: Optional[mmap.mmap] = index
-        self._seq = -1
+        self._guards: Optional[mmap.mmap] = guards
+        self._words = np.frombuffer(guards, dtype=_U64)  # read-only view of the peer's guard table
+        self._peer_guards = guards_addr
+        self._guards_size = guards_size
         self._maps: Dict[Tuple[int, int], Tuple[mmap.mmap, int]] = {}  # (dev, ino) -> (map, addr)
         self._lock = threading.Condition()
         self._busy = 0
-        self._starts = np.zeros(0, dtype=np.uint64)
-        self._ends = np.zeros(0, dtype=np.uint64)
-        self._table = np.zeros(0, dtype=ENTRY)
-        self._delta = np.zeros(0, dtype=np.uint64)  # local = remote + delta (mod 2**64)
+        self._starts = np.zeros(0, dtype=_U64)
+        self._ends = np.zeros(0, dtype=_U64)
+        self._entries: List[Tuple[int, int, int, int, int, str]] = []  # addr, nbytes, dev, ino, offset/size...
+        self._delta = np.zeros(0, dtype=_U64)  # local = remote + delta (mod 2**64)
         self._mapped = np.zeros(0, dtype=bool)
 
-    def _refresh(self) -> None:
-        if self._index is None:
-            raise TransportClosed("shm channel is closed")
-        seq = _HEADER.unpack(self._index[:_HEADER.size])[1]
-        if seq == self._seq:
-            return
-        seq, table = read_index(self._index)
-        order = np.argsort(table["addr"], kind="stable")
-        self._table = table[order]
-        self._starts = self._table["addr"].astype(np.uint64)
-        self._ends = self._starts + self._table["nbytes"]
-        self._delta = np.zeros(len(order), dtype=np.uint64)
-        self._mapped = np.zeros(len(order), dtype=bool)
-        self._seq = seq
+    def learn(self, regions: Sequence[RemoteRegion]) -> None:
+        entries = []
+        for region in regions:
+            desc = region.descriptor
+            if len(desc) <= _REGION.size:
+                continue
+            dev, ino, offset, size = _REGION.unpack(desc[:_REGION.size])
+            try:
+                path = desc[_REGION.size:].decode()
+            except UnicodeDecodeError:
+                continue
+            if offset + region.nbytes > size:
+                continue
+            entries.append((region.addr, region.nbytes, dev, ino, offset, size, path))
+        entries.sort()
+        with self._lock:
+            self._entries = entries  # type: ignore[assignment]
+            self._starts = np.array([e[0] for e in entries], dtype=_U64)
+            self._ends = self._starts + np.array([e[1] for e in entries], dtype=_U64)
+            self._delta = np.zeros(len(entries), dtype=_U64)
+            self._mapped = np.zeros(len(entries), dtype=bool)
 
     def _map_entry(self, k: int) -> None:
-        entry = self._table[k]
-        key = (int(entry["dev"]), int(entry["ino"]))
+        addr, _nbytes, dev, ino, offset, size, path = self._entries[k]  # type: ignore[misc]
+        key = (dev, ino)
         if key not in self._maps:
-            try:
-                fd = os.open(os.fsdecode(bytes(entry["name"])), os.O_RDWR)
-            except OSError as exc:
-                raise TransportClosed(f"cannot open peer segment: {exc}") from exc
-            try:
-                st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) != key:
-                    raise TransportClosed("peer segment was replaced")
-                mm = mmap.mmap(fd, st.st_size)
-            except (OSError, ValueError) as exc:
-                raise TransportClosed(f"cannot map peer segment: {exc}") from exc
-            finally:
-                os.close(fd)
+            mm = _open_map(path, dev, ino, size, writable=True)
             self._maps[key] = (mm, _mapping_address(mm))
         base = self._maps[key][1]
-        self._delta[k] = np.uint64((base + int(entry["offset"]) - int(entry["addr"])) % (1 << 64))
+        self._delta[k] = _U64((base + offset - addr) % (1 << 64))
         self._mapped[k] = True
 
     def translate(self, remote: np.ndarray, sizes: np.ndarray) -> Optional[np.ndarray]:
-        """Local addresses of remote ranges, mapping segments on first use; None if not all shared."""
+        """Local addresses of remote ranges, mapping segments on first use; None if not all are shared."""
         with self._lock:
-            self._refresh()
+            if self._guards is None:
+                raise TransportClosed("shm channel is closed")
             if self._starts.shape[0] == 0:
                 return None
             idx = np.searchsorted(self._starts, remote, side="right").astype(np.int64) - 1
@@ -186,31 +143,42 @@ class ShmChannel(Channel):
                 self._map_entry(k)
             return remote + self._delta[idx]
 
+    def guards_hold(self, plan: CopyPlan) -> bool:
+        """Each guard of the plan holds its value in our mapping of the peer's guard table."""
+        words = self._words
+        for guard in plan.guards:
+            offset = guard.addr - self._peer_guards
+            if offset % 8 or not 0 <= offset < words.shape[0] * 8:
+                return False
+            if int(words[offset // 8]) != guard.value:
+                return False
+        return True
+
     def enter(self) -> None:
         """Count an in-flight copy (mappings stay until it leaves)."""
         with self._lock:
-            if self._index is None:
+            if self._guards is None:
                 raise TransportClosed("shm channel is closed")
             self._busy += 1
 
     def leave(self) -> None:
-        """End of an in-flight copy."""
         with self._lock:
             self._busy -= 1
             self._lock.notify_all()
 
     def close(self) -> None:
-        """Unmap the peer's segments and index, after in-flight copies finish (idempotent)."""
+        """Unmap the peer's segments and guard table, after in-flight copies finish (idempotent)."""
         with self._lock:
-            if self._index is None:
+            if self._guards is None:
                 return
             self._lock.wait_for(lambda: self._busy == 0, timeout=30.0)
             for mm, _ in self._maps.values():
                 mm.close()
             self._maps.clear()
-            self._index.close()
-            self._index = None
-            self._starts = np.zeros(0, dtype=np.uint64)
+            self._words = np.zeros(0, dtype=_U64)
+            self._guards.close()
+            self._guards = None
+            self._starts = np.zeros(0, dtype=_U64)
 
 
 class ShmTransport(Transport):
@@ -218,136 +186,114 @@ class ShmTransport(Transport):
 
     name = "shm"
     priority = 70
-    same_host_only = True
+    caps = Capabilities(memory_kinds=frozenset({HOST}), locality=SAME_HOST, one_sided=True, partial=True)
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
         self._lock = threading.Lock()
-        self._index: Optional[_Index] = _Index()
-        self._channels: "List[ShmChannel]" = []
+        self._channels: List[ShmChannel] = []
+        self._info = b""
+        self._closed = False
 
     @classmethod
-    def available(cls) -> bool:
-        """True on Linux with memfd_create. Never raises."""
-        return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+    def unavailable_reason(cls) -> str:
+        """Linux with memfd_create and /proc. Never raises."""
+        if not hasattr(os, "memfd_create") or not os.path.isdir("/proc/self/fd"):
+            return "needs Linux memfd_create and /proc"
+        return ""
 
-    def register(self, region: Region) -> None:
-        """Publish a region that lies in a shared segment (``region.shm_name``); others are ignored.
-
-        Args:
-            region: The range; ``shm_name`` is a path peers can ``os.open`` and ``shm_offset`` the
-                offset of ``region.addr`` in that segment.
-        """
-        if region.shm_name and self._index is not None:
-            with self._lock:
-                self._index.add(region)
-
-    def deregister(self, region: Region) -> None:
-        """Withdraw a published region; unknown regions are ignored.
-
-        Args:
-            region: A region passed to ``register`` before.
-        """
-        if self._index is not None:
-            with self._lock:
-                self._index.remove(region)
+    def register(self, region: Region) -> bytes:
+        """A region in a shareable segment gets a descriptor (path, device, inode, offset); others b""."""
+        segment = region.segment
+        if segment is None:
+            return b""
+        if not region.writable and region.addr == getattr(self.ctx.guards, "addr", None):
+            self._info = _INFO.pack(_INFO_MAGIC, os.getpid(), region.addr, region.nbytes, segment.dev,
+                                    segment.ino) + segment.path.encode()
+            return b""
+        return _REGION.pack(segment.dev, segment.ino, segment.offset, segment.size) + segment.path.encode()
 
     def local_info(self) -> bytes:
-        """Descriptor: ``<4sQ`` (b"SHM1", pid) followed by the utf-8 path of our index segment."""
-        path = self._index.path if self._index is not None else ""
-        return _DESC.pack(_MAGIC, os.getpid()) + path.encode()
+        """Descriptor: ``<4sQQQQQ`` (b"SHM2", pid, guard table address, size, device, inode) + its path."""
+        return self._info
+
+    def can_reach(self, peer: PeerInfo) -> bool:
+        return len(peer.descriptor) > _INFO.size and peer.descriptor[:4] == _INFO_MAGIC and len(peer.nonce) == 16
 
     def connect(self, peer: PeerInfo, deadline: float) -> Channel:
-        """Map the peer's index segment; its shared regions are mapped lazily on first use.
-
-        Args:
-            peer: Handshake information; ``peer.descriptor`` is the peer's ``local_info()``.
-            deadline: Unused.
-
-        Returns:
-            A ShmChannel.
+        """Map the peer's guard table read-only and check its nonce (the peer's identity).
 
         Raises:
-            ConnectFailed: bad descriptor or the index cannot be opened (other host, permissions).
+            ConnectFailed: bad descriptor, the table cannot be opened here, or it is not the peer's.
         """
-        desc = peer.descriptor
-        if self._index is None:
+        if self._closed:
             raise ConnectFailed("shm transport is closed")
-        if len(desc) <= _DESC.size or desc[:4] != _MAGIC:
+        desc = peer.descriptor
+        if not self.can_reach(peer):
             raise ConnectFailed("not an shm descriptor")
-        pid = _DESC.unpack(desc[:_DESC.size])[1]
+        _magic, pid, addr, size, dev, ino = _INFO.unpack(desc[:_INFO.size])
         try:
-            fd = os.open(desc[_DESC.size:].decode(), os.O_RDONLY)
-            try:
-                mm = mmap.mmap(fd, _INDEX_BYTES, prot=mmap.PROT_READ)
-            finally:
-                os.close(fd)
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise ConnectFailed(f"cannot map the peer's shm index: {exc}") from exc
-        channel = ShmChannel(peer, pid, mm)
-        try:
-            read_index(mm)
-        except ConnectFailed:
-            channel.close()
-            raise
+            path = desc[_INFO.size:].decode()
+        except UnicodeDecodeError as exc:
+            raise ConnectFailed("bad shm descriptor") from exc
+        mm = _open_map(path, dev, ino, size, writable=False)
+        if bytes(mm[_NONCE]) != peer.nonce:
+            mm.close()
+            raise ConnectFailed(f"{path} is not the peer's guard table here (another pid namespace?)")
+        channel = ShmChannel(peer, pid, mm, addr, size)
         with self._lock:
             self._channels.append(channel)
         return channel
 
-    def supports(self, channel: Channel, plan: CopyPlan) -> bool:
+    def learn(self, channel: Channel, regions: Sequence[RemoteRegion]) -> None:
+        if isinstance(channel, ShmChannel):
+            channel.learn(regions)
+
+    def covers(self, channel: Channel, plan: CopyPlan) -> bool:
         """True only if every remote range lies inside one of the peer's shared regions."""
         if not isinstance(channel, ShmChannel):
             return False
         try:
             return channel.translate(plan.remote, plan.sizes) is not None
-        except Exception:  # noqa: BLE001 - supports() answers, it does not fail
+        except Exception:  # noqa: BLE001 - covers() answers, it does not fail
             return False
 
     def _run(self, channel: Channel, plan: CopyPlan, deadline: float, push: bool) -> None:
         if not isinstance(channel, ShmChannel):
             raise ConnectFailed("not an shm channel")
-        if self._index is None:
+        if self._closed:
             raise TransportClosed("shm transport is closed")
-        try:
-            os.kill(channel.pid, 0)
-        except ProcessLookupError as exc:
-            raise TransportClosed(f"peer pid {channel.pid} is gone") from exc
-        except PermissionError:
-            pass
         channel.enter()
         try:
             mapped = channel.translate(plan.remote, plan.sizes)
             if mapped is None:
                 raise RemoteRejected("range outside the peer's shared regions")
-            copy = CopyPlan(mapped, plan.local, plan.sizes) if push else CopyPlan(plan.local, mapped, plan.sizes)
+            if not channel.guards_hold(plan):
+                raise StaleMemory("the peer released that cache")
+            dst, src = (mapped, plan.local) if push else (plan.local, mapped)
             # Small pieces: process_vm_readv on our own pid (1024 per call, GIL released, so two threads
             # scale); large pieces: memmove, faster on the 4 KiB pages of shared segments. Every range
             # was translated into a mapped segment above, so memmove can not fault.
             small = plan.total_bytes < SMALL_PIECE_BYTES * len(plan)
-            iov.local_copy(copy, deadline, checked=small, threads=iov.COPY_THREADS)
+            iov.local_copy(dst, src, plan.sizes, deadline, checked=small, threads=iov.COPY_THREADS)
+            if not push and not channel.guards_hold(plan):
+                raise StaleMemory("the peer released that cache during the copy")
         finally:
             channel.leave()
 
     def read(self, channel: Channel, plan: CopyPlan, deadline: float) -> None:
-        """Copy from the peer's mapped segments to local ``plan.local[i]``.
-
-        Args:
-            channel: From ``connect``.
-            plan: The copies; every remote range must lie in a shared region of the peer.
-            deadline: ``time.monotonic()`` value, checked between 1024-op chunks.
+        """Copy from the peer's mapped segments to local ``plan.local[i]``, guards checked before and after.
 
         Raises:
             RemoteRejected: a remote range is not inside a shared region.
+            StaleMemory: a guard changed (the peer released that cache).
             TransportClosed: the peer is gone or the channel is closed.
             TransferTimeout: the deadline passed.
         """
         self._run(channel, plan, deadline, push=False)
 
     def write(self, channel: Channel, plan: CopyPlan, deadline: float) -> None:
-        """Copy local ``plan.local[i]`` into the peer's mapped segments.
-
-        Args and errors as :meth:`read`.
-        """
+        """Copy local ``plan.local[i]`` into the peer's mapped segments (under the engine's write grant)."""
         self._run(channel, plan, deadline, push=True)
 
     def disconnect(self, channel: Channel) -> None:
@@ -358,11 +304,9 @@ class ShmTransport(Transport):
                 self._channels.remove(channel)
 
     def close(self) -> None:
-        """Close every channel and our index segment (idempotent)."""
+        """Close every channel (idempotent)."""
         with self._lock:
             channels, self._channels = self._channels, []
-            index, self._index = self._index, None
+            self._closed = True
         for channel in channels:
             channel.close()
-        if index is not None:
-            index.close()

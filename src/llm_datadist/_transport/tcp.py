@@ -1,8 +1,6 @@
-"""TCP transport: a data server thread answers batched reads/writes of registered memory, zero-copy views."""
+"""TCP transport: batched reads/writes of registered memory through the peer's data server, per-link tokens."""
 from __future__ import annotations
 
-import collections
-import hmac
 import logging
 import os
 import socket
@@ -16,184 +14,29 @@ import numpy as np
 from llm_datadist._transport import iov
 from llm_datadist._transport import tcp_wire as wire
 from llm_datadist._transport.base import (
+    HOST,
+    NETWORK,
+    Capabilities,
     Channel,
     ConnectFailed,
     CopyPlan,
     PeerInfo,
     Region,
     RemoteRejected,
+    StaleMemory,
     TransferTimeout,
     Transport,
     TransportClosed,
     TransportContext,
     TransportError,
 )
+from llm_datadist._transport.tcp_server import DataServer
 
 logger = logging.getLogger(__name__)
 
-_DESC = struct.Struct("<4sH32s")  # magic, port, token
-_DESC_MAGIC = b"TCP1"
-SERVER_POLL_S = 0.5
-HELLO_TIMEOUT_S = 5.0
+_DESC = struct.Struct("<4sH")  # magic, data server port (no secret: tokens are granted per link)
+_DESC_MAGIC = b"TCP2"
 MAX_CONNS_PER_CHANNEL = 8
-MAX_SERVER_CONNS = 256
-
-
-class _Stop(Exception):
-    """Internal: the server is stopping."""
-
-
-class _Server:
-    """The data server: accepts token-authenticated connections, serves READ/WRITE frames."""
-
-    def __init__(self, host: str, table: iov.RangeTable, token: bytes) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.socket(family, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        wire.set_buffers(self._listener)  # inherited by accepted connections
-        self._listener.bind((host, 0))
-        self._listener.listen(64)
-        self._listener.settimeout(SERVER_POLL_S)
-        self.port = self._listener.getsockname()[1]
-        self._table = table
-        self._token = token
-        self._stop = threading.Event()
-        self._lock = threading.Condition()
-        self._conns: Set[socket.socket] = set()
-        self._threads: Set[threading.Thread] = set()
-        self._version = 0
-        self._active: collections.Counter = collections.Counter()
-        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"tcp-data-{self.port}",
-                                               daemon=True)
-        self._accept_thread.start()
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                break
-            with self._lock:
-                if self._stop.is_set() or len(self._conns) >= MAX_SERVER_CONNS:
-                    sock.close()
-                    continue
-                thread = threading.Thread(target=self._serve, args=(sock,), name="tcp-data-conn", daemon=True)
-                self._conns.add(sock)
-                self._threads.add(thread)
-            try:
-                thread.start()
-            except RuntimeError:  # cannot start a thread: drop this connection only
-                with self._lock:
-                    self._conns.discard(sock)
-                    self._threads.discard(thread)
-                sock.close()
-
-    def _stall(self) -> None:
-        if self._stop.is_set():
-            raise _Stop()
-
-    def _hello(self, sock: socket.socket) -> bool:
-        deadline = time.monotonic() + HELLO_TIMEOUT_S
-
-        def stall() -> None:
-            self._stall()
-            if time.monotonic() > deadline:
-                raise _Stop()
-
-        op, _, count, nbytes = wire.recv_header(sock, stall)
-        if op != wire.OP_HELLO or nbytes != wire.TOKEN_BYTES:
-            return False
-        token = bytes(wire.recv_bytes(sock, wire.TOKEN_BYTES, stall))
-        if not hmac.compare_digest(token, self._token):
-            return False
-        wire.send_bytes(sock, wire.header(wire.OP_REPLY), stall)
-        return True
-
-    def _serve(self, sock: socket.socket) -> None:
-        try:
-            wire.tune(sock)
-            wire.set_timeouts(sock, SERVER_POLL_S)
-            if not self._hello(sock):
-                return
-            while self._serve_one(sock):
-                pass
-        except (_Stop, TransportError, OSError, ValueError, struct.error):
-            pass
-        except Exception:  # noqa: BLE001 - a bad connection must never kill the server
-            logger.debug("tcp data connection failed", exc_info=True)
-        finally:
-            with self._lock:
-                self._conns.discard(sock)
-                self._threads.discard(threading.current_thread())
-            sock.close()
-
-    def _serve_one(self, sock: socket.socket) -> bool:
-        """Serve one request frame; False closes the connection."""
-        op, _, count, nbytes = wire.recv_header(sock, self._stall)
-        if op not in (wire.OP_READ, wire.OP_WRITE) or count > wire.MAX_OPS:
-            wire.send_bytes(sock, wire.header(wire.OP_REPLY, wire.ST_BAD_FRAME), self._stall)
-            return False
-        ranges = np.empty((count, 2), dtype=np.uint64)
-        if count:
-            wire.recv(sock, *wire.one(ranges), self._stall)
-        addrs, sizes = ranges[:, 0].copy(), ranges[:, 1].copy()
-        version = self._begin()
-        try:
-            if not self._table.contains(addrs, sizes):
-                wire.send_bytes(sock, wire.header(wire.OP_REPLY, wire.ST_REJECTED), self._stall)
-                return True
-            if int(sizes.sum()) != nbytes:
-                wire.send_bytes(sock, wire.header(wire.OP_REPLY, wire.ST_BAD_FRAME), self._stall)
-                return False
-            if op == wire.OP_READ:
-                wire.send_bytes(sock, wire.header(wire.OP_REPLY, wire.ST_OK, count, nbytes), self._stall)
-                wire.send(sock, addrs, sizes, self._stall)
-            else:
-                wire.send_bytes(sock, wire.header(wire.OP_REPLY), self._stall)
-                wire.recv(sock, addrs, sizes, self._stall)
-                wire.send_bytes(sock, wire.header(wire.OP_REPLY), self._stall)
-            return True
-        finally:
-            self._end(version)
-
-    def _begin(self) -> int:
-        with self._lock:
-            self._active[self._version] += 1
-            return self._version
-
-    def _end(self, version: int) -> None:
-        with self._lock:
-            self._active[version] -= 1
-            if not self._active[version]:
-                del self._active[version]
-            self._lock.notify_all()
-
-    def quiesce(self, timeout: float = 30.0) -> None:
-        """Wait until requests validated before now have finished (after a deregistration)."""
-        with self._lock:
-            self._version += 1
-            barrier = self._version
-            self._lock.wait_for(lambda: all(v >= barrier for v in self._active), timeout)
-
-    def close(self) -> None:
-        self._stop.set()
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() at once on Linux
-        except OSError:
-            pass
-        self._listener.close()
-        self._accept_thread.join(5.0)
-        with self._lock:
-            conns, threads = list(self._conns), list(self._threads)
-        for sock in conns:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for thread in threads:
-            thread.join(5.0)
 
 
 class TcpChannel(Channel):
@@ -225,7 +68,7 @@ class TcpChannel(Channel):
             stall = _client_stall(sock, deadline)
             stall()
             wire.send_bytes(sock, wire.header(wire.OP_HELLO, nbytes=wire.TOKEN_BYTES) + self._token, stall)
-            op, status, _, _ = wire.recv_header(sock, stall)
+            op, status, _, _, _ = wire.recv_header(sock, stall)
             if op != wire.OP_REPLY or status != wire.ST_OK:
                 raise ConnectFailed("peer refused the connection")
         except TransferTimeout:
@@ -304,20 +147,26 @@ def _client_stall(sock: socket.socket, deadline: float) -> Callable[[], None]:
 
 
 def _request(sock: socket.socket, op: int, plan: CopyPlan, stall: Callable[[], None]) -> None:
-    ranges = np.empty((len(plan), 2), dtype=np.uint64)
-    ranges[:, 0] = plan.remote
-    ranges[:, 1] = plan.sizes
-    head = np.frombuffer(wire.header(op, wire.ST_OK, len(plan), plan.total_bytes), dtype=np.uint8)
-    addrs = np.array([head.ctypes.data, ranges.ctypes.data], dtype=np.uint64)
-    wire.send(sock, addrs, np.array([wire.HDR.size, ranges.nbytes], dtype=np.uint64), stall)
+    g = len(plan.guards)
+    pairs = np.empty((g + len(plan), 2), dtype=np.uint64)
+    if g:
+        pairs[:g, 0] = [guard.slot for guard in plan.guards]
+        pairs[:g, 1] = [guard.value for guard in plan.guards]
+    pairs[g:, 0] = plan.remote
+    pairs[g:, 1] = plan.sizes
+    head = np.frombuffer(wire.header(op, wire.ST_OK, len(plan), plan.total_bytes, g), dtype=np.uint8)
+    addrs = np.array([head.ctypes.data, pairs.ctypes.data], dtype=np.uint64)
+    wire.send(sock, addrs, np.array([wire.HDR.size, pairs.nbytes], dtype=np.uint64), stall)
 
 
 def _expect_ok(sock: socket.socket, stall: Callable[[], None]) -> None:
-    op, status, _, _ = wire.recv_header(sock, stall)
+    op, status, _, _, _ = wire.recv_header(sock, stall)
     if op != wire.OP_REPLY:
         raise TransportClosed(f"unexpected frame op {op}")
     if status == wire.ST_REJECTED:
         raise RemoteRejected("range outside the peer's registered memory")
+    if status == wire.ST_STALE:
+        raise StaleMemory("the peer released that cache")
     if status != wire.ST_OK:
         raise _BadFrame(f"peer rejected the frame (status {status})")
 
@@ -346,18 +195,23 @@ def write_once(sock: socket.socket, plan: CopyPlan, deadline: float) -> None:
 
 
 class TcpTransport(Transport):
-    """Cross-host (and fallback) transport over TCP with a per-instance data server thread."""
+    """Cross-host (and fallback) transport over TCP; the serving side checks every request.
+
+    ``grant`` issues a fresh token per link (sent to the peer only over the authenticated control
+    connection) and ``revoke`` withdraws it at unlink, closing its connections.
+    """
 
     name = "tcp"
     priority = 10
+    caps = Capabilities(memory_kinds=frozenset({HOST}), locality=NETWORK, one_sided=False)
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
-        self._token = os.urandom(wire.TOKEN_BYTES)
-        self._table = iov.RangeTable()
+        self._readable = iov.RangeTable()
+        self._writable = iov.RangeTable()
         self._lock = threading.Lock()
         self._channels: Set[TcpChannel] = set()
-        self._server: Optional[_Server] = _Server(ctx.bind_host, self._table, self._token)
+        self._server: Optional[DataServer] = DataServer(ctx.bind_host, self._readable, self._writable, ctx.guards)
         logger.debug("tcp data server on %s:%d", ctx.bind_host, self._server.port)
 
     @property
@@ -365,47 +219,65 @@ class TcpTransport(Transport):
         """The data server's port."""
         return self._server.port if self._server is not None else 0
 
-    def register(self, region: Region) -> None:
-        """Let peers read and write the region through our data server.
+    @property
+    def server(self) -> Optional[DataServer]:
+        return self._server
 
-        Args:
-            region: Host memory range.
+    def register(self, region: Region) -> bytes:
+        """Let peers read (and, for writable regions, write) the region through our data server.
+
+        Read-only regions that are not cache memory (the guard table) are never served.
         """
-        self._table.add(region.addr, region.nbytes)
+        if region.writable:
+            self._writable.add(region.addr, region.nbytes)
+            self._readable.add(region.addr, region.nbytes)
+        elif region.segment is None or region.addr != getattr(self.ctx.guards, "addr", None):
+            self._readable.add(region.addr, region.nbytes)
+        return b""
 
     def deregister(self, region: Region) -> None:
-        """Stop serving the region; waits for requests already validated against it to finish.
-
-        Args:
-            region: A region passed to ``register`` before; unknown regions are ignored.
-        """
-        if self._table.remove(region.addr, region.nbytes) and self._server is not None:
-            self._server.quiesce()
+        """Stop serving the region; waits for requests already admitted against it to finish."""
+        removed = self._readable.remove(region.addr, region.nbytes)
+        if region.writable:
+            self._writable.remove(region.addr, region.nbytes)
+        if removed and self._server is not None:
+            self._server.fence(time.monotonic() + 30.0)
 
     def local_info(self) -> bytes:
-        """Descriptor: ``<4sH32s`` = (b"TCP1", data server port, 32-byte connection token)."""
-        return _DESC.pack(_DESC_MAGIC, self.port, self._token)
+        """Descriptor: ``<4sH`` = (b"TCP2", data server port)."""
+        return _DESC.pack(_DESC_MAGIC, self.port)
+
+    def grant(self, link_id: int) -> bytes:
+        """A fresh 32-byte token for link ``link_id``: the peer's key to our data server."""
+        if self._server is None:
+            return b""
+        token = os.urandom(wire.TOKEN_BYTES)
+        self._server.add_token(token, link_id)
+        return token
+
+    def revoke(self, link_id: int) -> None:
+        if self._server is not None:
+            self._server.revoke(link_id)
+
+    def fence(self, deadline: float) -> None:
+        if self._server is not None:
+            self._server.fence(deadline)
 
     def connect(self, peer: PeerInfo, deadline: float) -> Channel:
         """Open a first authenticated connection to ``peer.address`` and the advertised port.
 
-        Args:
-            peer: Handshake information; ``peer.descriptor`` is the peer's ``local_info()``.
-            deadline: ``time.monotonic()`` value for the TCP connect and token exchange.
-
-        Returns:
-            A TcpChannel (a pool of up to 8 connections, opened on demand).
-
         Raises:
-            ConnectFailed: bad descriptor, unreachable peer, refused token, or deadline passed.
+            ConnectFailed: bad descriptor, no credential for this link, unreachable peer, refused token.
         """
         if self._server is None:
             raise ConnectFailed("tcp transport is closed")
         desc = peer.descriptor
         if len(desc) != _DESC.size or desc[:4] != _DESC_MAGIC:
             raise ConnectFailed("not a tcp descriptor")
-        _, port, token = _DESC.unpack(desc)
-        channel = TcpChannel(peer, port, token)
+        if len(peer.credential) != wire.TOKEN_BYTES:
+            raise ConnectFailed("the peer granted no data-plane token for this link")
+        _, port = _DESC.unpack(desc)
+        channel = TcpChannel(peer, port, peer.credential)
         try:
             sock = channel.open_connection(deadline)
         except TransferTimeout as exc:
@@ -427,9 +299,7 @@ class TcpTransport(Transport):
             raise TransferTimeout("deadline passed before the transfer")
         plan = plan.merged()
         for start in range(0, len(plan), wire.MAX_OPS):
-            part = plan if len(plan) <= wire.MAX_OPS else CopyPlan(
-                plan.local[start:start + wire.MAX_OPS], plan.remote[start:start + wire.MAX_OPS],
-                plan.sizes[start:start + wire.MAX_OPS])
+            part = plan if len(plan) <= wire.MAX_OPS else plan.part(start, start + wire.MAX_OPS)
             sock = channel.acquire(deadline)
             reusable = False
             try:
@@ -482,4 +352,5 @@ class TcpTransport(Transport):
             channel.close()
         if server is not None:
             server.close()
-            self._table.clear()
+            self._readable.clear()
+            self._writable.clear()

@@ -10,14 +10,17 @@ import numpy as np
 from llm_datadist._transport import iov
 from llm_datadist._transport.base import RemoteRejected
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 # Changelog: 1 - HELLO/READ/WRITE/REPLY frames, (addr, len) uint64 pairs, two-phase writes.
+#            2 - per-link tokens in HELLO; READ/WRITE carry generation guards ((slot, value) uint64 pairs)
+#                before their ranges, checked by the server after it admitted the request.
 _MAGIC = b"LDT1"
-HDR = struct.Struct("<4sBBHIQ")  # magic, version, op, status, count, nbytes
+HDR = struct.Struct("<4sBBHIIQ")  # magic, version, op, status, count, guard count, nbytes
 OP_HELLO, OP_READ, OP_WRITE, OP_REPLY = 1, 2, 3, 4
-ST_OK, ST_REJECTED, ST_BAD_FRAME = 0, 1, 2
+ST_OK, ST_REJECTED, ST_BAD_FRAME, ST_STALE = 0, 1, 2, 3
 TOKEN_BYTES = 32
 MAX_OPS = 1 << 20  # ranges per request frame (16 MiB of descriptors)
+MAX_GUARDS = 1024
 SOCK_BUF_BYTES = 4 << 20
 IO_CHUNK_BYTES = 1 << 20
 
@@ -64,9 +67,9 @@ def connect(address: Tuple[str, int], timeout: float) -> socket.socket:
     raise error
 
 
-def header(op: int, status: int = ST_OK, count: int = 0, nbytes: int = 0) -> bytes:
+def header(op: int, status: int = ST_OK, count: int = 0, nbytes: int = 0, guards: int = 0) -> bytes:
     """One frame header."""
-    return HDR.pack(_MAGIC, PROTOCOL_VERSION, op, status, count, nbytes)
+    return HDR.pack(_MAGIC, PROTOCOL_VERSION, op, status, count, guards, nbytes)
 
 
 def send(sock: socket.socket, addrs: np.ndarray, sizes: np.ndarray, stall: Callable[[], None]) -> None:
@@ -100,9 +103,14 @@ def recv_bytes(sock: socket.socket, nbytes: int, stall: Callable[[], None]) -> b
     return buf.tobytes()
 
 
-def recv_header(sock: socket.socket, stall: Callable[[], None]) -> tuple:
-    """``(op, status, count, nbytes)`` of the next frame; RemoteRejected on bad magic or version."""
-    magic, version, op, status, count, nbytes = HDR.unpack(recv_bytes(sock, HDR.size, stall))
+def parse_header(data: bytes) -> tuple:
+    """``(op, status, count, guards, nbytes)`` of a frame header; RemoteRejected on bad magic or version."""
+    magic, version, op, status, count, guards, nbytes = HDR.unpack(data)
     if magic != _MAGIC or version != PROTOCOL_VERSION:
         raise RemoteRejected(f"bad frame (magic {magic!r}, version {version})")
-    return op, status, count, nbytes
+    return op, status, count, guards, nbytes
+
+
+def recv_header(sock: socket.socket, stall: Callable[[], None]) -> tuple:
+    """``(op, status, count, guards, nbytes)`` of the next frame."""
+    return parse_header(recv_bytes(sock, HDR.size, stall))

@@ -70,13 +70,14 @@ def _options(args: argparse.Namespace) -> Dict[str, Any]:
     if set(peers) - set(PEER_NAMES):
         raise ValueError(f"--peers takes {', '.join(PEER_NAMES)}, not {args.peers!r}")
     return dict(sizes=sizes, total=total, passes=passes, warmup=warmup, directions=directions, peers=peers,
-                transports=_transports(args.transports))
+                transports=_backends(args.transports))
 
 
-def _transports(text: Optional[str]) -> List[str]:
-    from llm_datadist._transport import available_transports
+def _backends(text: Optional[str]) -> List[str]:
+    from llm_datadist._engine.api import transport_report
 
-    available = [t for t in TRANSPORTS if t in available_transports()]
+    working = {name for name, reason in transport_report() if not reason}
+    available = [t for t in TRANSPORTS if t in working]
     if not text:
         return available + ["auto"]
     chosen = [t.strip() for t in text.split(",") if t.strip()]

@@ -175,38 +175,13 @@ def _memcpy_one(copier: Copier, two: Optional[TwoThreads], src_buf: Buffer, dst_
     return out
 
 
-class _FakeView:
-    """What the planner reads from a cache: addresses, geometry and the blocks flag."""
-
-    def __init__(self, base: int, num_tensors: int, num_blocks: int, block: int) -> None:
-        self.tensor_addrs = [base + t * num_blocks * block for t in range(num_tensors)]
-        self.tensor_nbytes = num_blocks * block
-        self.stride = block
-        self.dim0 = num_blocks
-        self.num_tensors = num_tensors
-        self.is_blocks = True
-
-
 def measure_plan(tensors: int = 188, blocks: int = 64, block: int = 16 * 1024, iters: int = 200,
                  seed: int = 0) -> Dict[str, Any]:
-    """Time ``planner.plan_blocks`` for one model-shaped pull (two fake views, scattered block ids)."""
-    from llm_datadist._engine.planner import plan_blocks
-    from llm_datadist._engine.types import LayerSel
+    """Time the engine's planner for one model-shaped pull (two fake caches, scattered block ids)."""
+    from llm_datadist._engine.api import plan_blocks_timing
 
-    pool = blocks * 4
-    src = _FakeView(1 << 32, tensors, pool, block)
-    dst = _FakeView(1 << 40, tensors, pool, block)
-    rng = np.random.default_rng(seed)
-    s_blocks = rng.choice(pool, blocks, replace=False).tolist()
-    d_blocks = rng.choice(pool, blocks, replace=False).tolist()
-    layers = LayerSel()
-    plan = plan_blocks(src, dst, s_blocks, d_blocks, layers, local_is_dst=True)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        plan_blocks(src, dst, s_blocks, d_blocks, layers, local_is_dst=True)
-        times.append(time.perf_counter() - start)
+    ops, times = plan_blocks_timing(tensors, blocks * 4, blocks, block, iters, seed)
     times.sort()
-    return record("plan", "planner.plan_blocks", tensors=tensors, blocks=blocks, ops=len(plan), iters=iters,
+    return record("plan", "planner.blocks_ops", tensors=tensors, blocks=blocks, ops=ops, iters=iters,
                   median_ms=times[len(times) // 2] * 1e3, p99_ms=times[int(len(times) * 0.99) - 1] * 1e3,
                   min_ms=times[0] * 1e3, target_ms=2.0)

@@ -52,8 +52,7 @@ class _Run:
 
     def route(self) -> str:
         try:  # private and read-only: the routes the engine chose for this link
-            link = self.datadist._engine.links.get(self.spec.owner_id)
-            return ">".join(t.name for t, _ in link._routes) or "unknown"
+            return str(self.datadist._engine.route(self.spec.owner_id, every=True)) or "unknown"
         except Exception:  # noqa: BLE001 - informational only
             return "unknown"
 

@@ -187,7 +187,7 @@ def _recv(conn, deadline: float, who: str):
 
 def _route(datadist, peer_id: int) -> str:
     try:  # private, read-only: the route the engine chose for this link
-        return str(datadist._engine.links.get(peer_id).route_name) or "unknown"
+        return str(datadist._engine.route(peer_id)) or "unknown"
     except Exception:  # noqa: BLE001 - the summary only
         return "unknown"
 

@@ -119,7 +119,7 @@ def _doctor(args: argparse.Namespace) -> int:
     """Print what this machine offers; 1 when a required dependency is missing."""
     rows: List[Row] = []
     ok = True
-    for section in (_doctor_versions, _doctor_transports, _doctor_cuda, _doctor_memory, _doctor_env):
+    for section in (_doctor_versions, _doctor_backends, _doctor_cuda, _doctor_memory, _doctor_env):
         try:
             section_rows, section_ok = section()
         except Exception as exc:  # noqa: BLE001 - one broken probe never hides the others
@@ -157,12 +157,15 @@ def _doctor_versions() -> Tuple[List[Row], bool]:
     return rows, ok
 
 
-def _doctor_transports() -> Tuple[List[Row], bool]:
-    from llm_datadist._transport import available_transports, transport_names
+def _doctor_backends() -> Tuple[List[Row], bool]:
+    from llm_datadist._engine.api import transport_report
 
-    available = available_transports()
-    rows = [("transports", f"{', '.join(available) or 'none'} available "
-                           f"(registered: {', '.join(transport_names())})")]
+    report = transport_report()
+    available = [name for name, reason in report if not reason]
+    rows = [("transports", f"{', '.join(available) or 'none'} available")]
+    for name, reason in report:
+        if reason:
+            rows.append(("", f"{name}: not available ({reason})"))
     forced = os.environ.get("LLM_DATADIST_TRANSPORT")
     if forced:
         rows.append(("", f"LLM_DATADIST_TRANSPORT={forced} forces that backend"))
@@ -171,9 +174,9 @@ def _doctor_transports() -> Tuple[List[Row], bool]:
 
 
 def _pvm_status() -> str:
-    from llm_datadist._transport import iov
+    from llm_datadist._engine.api import process_vm_status
 
-    own = "permitted" if iov.self_pvm_permitted() else "NOT permitted"
+    own = "permitted" if process_vm_status()[0] else "NOT permitted"
     scope = _read_text("/proc/sys/kernel/yama/ptrace_scope")
     scope_text = f"ptrace_scope {scope}" if scope is not None else "no Yama ptrace_scope"
     return f"own process: {own}; another process of this user: {_pvm_child_check()} ({scope_text})"
@@ -181,7 +184,7 @@ def _pvm_status() -> str:
 
 def _pvm_child_check() -> str:
     """Read a marker from a short-lived child with process_vm_readv: what a same-host link needs."""
-    from llm_datadist._transport import iov
+    from llm_datadist._engine.api import read_process_memory
 
     marker = b"llm-datadist-doctor"
     code = ("import ctypes, sys\nb = ctypes.create_string_buffer(%r, 32)\nprint(ctypes.addressof(b), flush=True)\n"
@@ -195,7 +198,7 @@ def _pvm_child_check() -> str:
         line = proc.stdout.readline() if proc.stdout else b""
         if not line.strip():
             return "unknown (the probe process did not start)"
-        seen = iov.pvm_peek(proc.pid, int(line), len(marker))
+        seen = read_process_memory(proc.pid, int(line), len(marker))
         return "permitted" if seen == marker else "NOT permitted (read the wrong memory)"
     except Exception as exc:  # noqa: BLE001 - a refusal is the answer, not an error
         return f"NOT permitted ({exc}); same-host links fall back to shm or tcp"
@@ -226,9 +229,11 @@ def _doctor_cuda() -> Tuple[List[Row], bool]:
     smi = shutil.which("nvidia-smi")
     parts.append(f"nvidia-smi {'at ' + smi if smi else 'not found'}")
     parts.append("/dev/nvidiactl " + ("present" if os.path.exists("/dev/nvidiactl") else "absent"))
-    backend = "present" if _has_module("llm_datadist._engine.cuda_memory") else "not built"
-    return [("cuda", "; ".join(parts)), ("", f"CUDA memory backend {backend}; without it Placement.DEVICE "
-                                             f"caches are host memory")], True
+    from llm_datadist._engine.api import memory_kinds
+
+    kinds = ", ".join(memory_kinds())
+    return [("cuda", "; ".join(parts)), ("", f"memory kinds with a backend: {kinds}; without a CUDA backend "
+                                             f"Placement.DEVICE caches are host memory")], True
 
 
 def _has_module(name: str) -> bool:

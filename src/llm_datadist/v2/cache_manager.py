@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Union
 
-from llm_datadist._engine import local_ops, transfers
-from llm_datadist._engine.errors import map_errors
-from llm_datadist._engine.registry import KeyId
-from llm_datadist._engine.types import UINT64_MAX, LayerSel
+from llm_datadist._engine.api import UINT64_MAX, KeyId, LayerSel, map_errors
+from llm_datadist._engine.api import requests as rq
 from llm_datadist.status import LLMException, LLMStatusCode
 from llm_datadist.utils.utils import (check_int64, check_isinstance, check_uint32, check_uint64, raise_if_false,
                                       raise_if_true)
@@ -75,8 +73,9 @@ class CacheManager:
         self._check_addrs(addrs, cache_desc, check_count=True)
         engine = self._live_engine()
         with map_errors("register_cache"):
-            entry = engine.register(spec_of(cache_desc, False), addrs, _key_ids(cache_keys), None, ra)
-        return Cache(entry.cache_id, cache_desc, list(addrs), self, True, False)
+            info = engine.register(rq.Register(spec_of(cache_desc, False), tuple(addrs), tuple(_key_ids(cache_keys)),
+                                               None, ra))
+        return Cache(info.cache_id, cache_desc, list(addrs), self, True, False)
 
     def register_blocks_cache(self, cache_desc: CacheDesc, addrs: List[int],
                               blocks_cache_key: Optional[BlocksCacheKey] = None,
@@ -91,8 +90,8 @@ class CacheManager:
         engine = self._live_engine()
         model_id = None if blocks_cache_key is None else blocks_cache_key.model_id
         with map_errors("register_blocks_cache"):
-            entry = engine.register(spec_of(cache_desc, True), addrs, [], model_id, ra)
-        return Cache(entry.cache_id, cache_desc, list(addrs), self, True, True)
+            info = engine.register(rq.Register(spec_of(cache_desc, True), tuple(addrs), (), model_id, ra))
+        return Cache(info.cache_id, cache_desc, list(addrs), self, True, True)
 
     def unregister_cache(self, cache_id: int) -> None:
         """Remove a cache and all of its keys; an unknown id is a no-op."""
@@ -116,8 +115,8 @@ class CacheManager:
         self._check_pool(cache_desc)
         engine = self._live_engine()
         with map_errors("allocate_cache"):
-            entry = engine.allocate(spec_of(cache_desc, False), _key_ids(cache_keys), None)
-        return Cache(entry.cache_id, cache_desc, list(entry.tensor_addrs), self, False, False)
+            info = engine.allocate(rq.Allocate(spec_of(cache_desc, False), tuple(_key_ids(cache_keys))))
+        return Cache(info.cache_id, cache_desc, list(info.tensor_addrs), self, False, False)
 
     def allocate_blocks_cache(self, cache_desc: CacheDesc, blocks_cache_key: Optional[BlocksCacheKey] = None) -> Cache:
         """Allocate a blocks cache from the pool of its placement."""
@@ -127,8 +126,8 @@ class CacheManager:
         engine = self._live_engine()
         model_id = None if blocks_cache_key is None else blocks_cache_key.model_id
         with map_errors("allocate_blocks_cache"):
-            entry = engine.allocate(spec_of(cache_desc, True), [], model_id)
-        return Cache(entry.cache_id, cache_desc, list(entry.tensor_addrs), self, False, True)
+            info = engine.allocate(rq.Allocate(spec_of(cache_desc, True), (), model_id))
+        return Cache(info.cache_id, cache_desc, list(info.tensor_addrs), self, False, True)
 
     def deallocate_cache(self, cache: Cache) -> None:
         """Drop the cache-id reference; memory returns to the pool once no key is bound (deferred free)."""
@@ -181,7 +180,7 @@ class CacheManager:
         check_cache_key(cache_key)
         source = cache_key_source(cache_key)
         with map_errors("pull_cache"):
-            transfers.pull_cache(self._live_engine(), source, cache.cache_id, batch_index, size, layers)
+            self._live_engine().transfer(rq.PullCache(source, cache.cache_id, batch_index, size, layers))
 
     def pull_blocks(self, src_cache_key, dst_cache: Cache, src_blocks: Sequence[int] = (),
                     dst_blocks: Sequence[int] = (), **kwargs) -> None:
@@ -202,8 +201,8 @@ class CacheManager:
                            "src_blocks should be empty when src_cache_key is not instance of BlocksCacheKey")
         source = cache_key_source(src_cache_key)
         with map_errors("pull_blocks"):
-            transfers.pull_blocks(self._live_engine(), source, dst_cache.cache_id, list(src_blocks),
-                                  list(dst_blocks), layers)
+            self._live_engine().transfer(rq.PullBlocks(source, dst_cache.cache_id, tuple(src_blocks),
+                                                       tuple(dst_blocks), layers))
 
     # -- pushes (remote-cache-accessible mode) ----------------------------------------------------
     def _push_layers(self, src_cache: Cache, src_range, dst_range, tensor_num_per_layer: int) -> LayerSel:
@@ -232,7 +231,7 @@ class CacheManager:
         raise_if_false(size == -1, "push_cache only supports size -1, but got {}", size)
         dest = cache_key_source(dst_cache_key)
         with map_errors("push_cache"):
-            transfers.push_cache(self._live_engine(), dest, src_cache.cache_id, src_batch_index, layers)
+            self._live_engine().transfer(rq.PushCache(dest, src_cache.cache_id, src_batch_index, layers))
 
     def push_blocks(self, dst_cache_key: BlocksCacheKey, src_cache: Cache, src_blocks: Sequence[int] = (),
                     dst_blocks: Sequence[int] = (), src_layer_range: Optional[range] = None,
@@ -249,8 +248,8 @@ class CacheManager:
         layers = self._push_layers(src_cache, src_layer_range, dst_layer_range, tensor_num_per_layer)
         dest = cache_key_source(dst_cache_key)
         with map_errors("push_blocks"):
-            transfers.push_blocks(self._live_engine(), dest, src_cache.cache_id, list(src_blocks),
-                                  list(dst_blocks), layers)
+            self._live_engine().transfer(rq.PushBlocks(dest, src_cache.cache_id, tuple(src_blocks),
+                                                       tuple(dst_blocks), layers))
 
     # -- local copies -----------------------------------------------------------------------------
     def copy_cache(self, dst: Cache, src: Cache, dst_batch_index: int = 0, src_batch_index: int = 0,
@@ -270,8 +269,8 @@ class CacheManager:
                        "copy_cache needs caches of one data type, but got {} and {}",
                        dst.cache_desc.data_type, src.cache_desc.data_type)  # DECISIONS D7
         with map_errors("copy_cache"):
-            local_ops.copy_cache(self._live_engine(), dst.cache_id, src.cache_id, dst_batch_index,
-                                 src_batch_index, offset, size)
+            self._live_engine().copy(rq.CopyCache(dst.cache_id, src.cache_id, dst_batch_index, src_batch_index,
+                                                  offset, size))
 
     def copy_blocks(self, cache: Cache, copy_block_info: Dict[int, List[int]]) -> None:
         """Copy block ``src`` to every block listed for it, in every tensor of one blocks cache."""
@@ -281,8 +280,9 @@ class CacheManager:
         for src, dsts in copy_block_info.items():
             check_isinstance("copy_block_info key", src, int, allow_none=False)
             check_isinstance("copy_block_info value", dsts, list, int, allow_none=False)
+        pairs = tuple((src, dst) for src, dsts in copy_block_info.items() for dst in dsts)
         with map_errors("copy_blocks"):
-            local_ops.copy_blocks(self._live_engine(), cache.cache_id, copy_block_info)
+            self._live_engine().copy(rq.CopyBlocks(cache.cache_id, cache.cache_id, pairs))
 
     def swap_blocks(self, src_cache: Cache, dst_cache: Cache, src_to_dst: Dict[int, int]) -> None:
         """Copy blocks between a HOST and a DEVICE blocks cache (swap in / swap out)."""
@@ -307,10 +307,11 @@ class CacheManager:
                       or len(dst_cache.tensor_addrs) != dst_desc.num_tensors, "a cache was released")
         engine = self._live_engine()
         with map_errors("swap_blocks"):
-            engine.check_ranges(src_cache.tensor_addrs, src_desc.size, src_desc.placement)
-            engine.check_ranges(dst_cache.tensor_addrs, dst_desc.size, dst_desc.placement)
-            local_ops.swap_blocks(src_cache.tensor_addrs, dst_cache.tensor_addrs, block_size,
-                                  list(src_to_dst.items()))
+            engine.copy(rq.SwapBlocks(src_cache.cache_id, tuple(src_cache.tensor_addrs), dst_cache.cache_id,
+                                      tuple(dst_cache.tensor_addrs), block_size,
+                                      (src_desc.batch_size, dst_desc.batch_size),
+                                      (int(src_desc.placement), int(dst_desc.placement)),
+                                      tuple(src_to_dst.items())))
 
     def remap_registered_memory(self, mem_infos: Union[MemInfo, List[MemInfo]]) -> None:
         """Validate and re-register ranges after a device memory error (re-exposes registered ranges)."""

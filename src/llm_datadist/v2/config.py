@@ -1,10 +1,10 @@
 """Init-option processing: the options dict of LLMDataDist.init -> a frozen EngineOptions."""
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Dict, Optional
 
+from llm_datadist._engine.api import EngineOptions
 from llm_datadist.status import LLMException, LLMStatusCode
 
 OPT_DEVICE_ID = "ge.exec.deviceId"
@@ -27,27 +27,6 @@ ENV_LINK_SECRET = "LLM_DATADIST_LINK_SECRET"
 ENV_TRANSPORT = "LLM_DATADIST_TRANSPORT"
 DEFAULT_SYNC_TIMEOUT_MS = 1000
 ROLE_NAMES = {1: "Prompt", 2: "Decoder", 3: "Mix"}
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineOptions:
-    """Everything the engine reads from the options, parsed once at init."""
-
-    cluster_id: int
-    role: int
-    cache_manager_mode: bool
-    remote_cache_accessible: bool
-    local_comm_res: Optional[str]
-    device_id: int
-    sync_kv_timeout_ms: int
-    listen_ip: Optional[str]
-    listen_port: Optional[int]
-    mem_pool_cfg: str
-    host_mem_pool_cfg: str
-    transfer_backend: Optional[str]
-    link_total_time_s: int
-    link_retry_count: int
-    link_secret: Optional[bytes]
 
 
 def _invalid(message: str, code: LLMStatusCode = LLMStatusCode.LLM_PARAM_INVALID) -> LLMException:
@@ -157,11 +136,3 @@ def build_engine_options(options: Dict[str, str], role: int, cluster_id: int) ->
         transfer_backend=backend, link_total_time_s=int(link_total), link_retry_count=int(retry),
         link_secret=_link_secret(opts),
     )
-
-
-def link_timeout_s(opts: EngineOptions) -> float:
-    """Rank-table link timeout: link_total_time, else HCCL_CONNECT_TIMEOUT, else 120 s."""
-    if opts.link_total_time_s > 0:
-        return float(opts.link_total_time_s)
-    env = os.environ.get("HCCL_CONNECT_TIMEOUT", "")
-    return float(env) if env.isdigit() and int(env) > 0 else 120.0

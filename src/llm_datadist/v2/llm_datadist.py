@@ -4,9 +4,10 @@ from __future__ import annotations
 import atexit
 import threading
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple  # noqa: F401
 
-from llm_datadist._engine.errors import map_errors
+from llm_datadist._engine import api
+from llm_datadist._engine.api import map_errors
 from llm_datadist.configs import LLMClusterInfo, LLMRole, int_to_ip
 from llm_datadist.status import LLMException, LLMStatusCode
 from llm_datadist.utils.log import logger
@@ -65,11 +66,8 @@ class LLMDataDist:
             check_isinstance("options", options, dict, allow_none=False)
             cfg._check_flow_graph_mem(options)
             opts = cfg.build_engine_options(options, self._role, self._cluster_id)
-            from llm_datadist._engine.engine import Engine
-
-            engine = Engine(opts)
             with map_errors("init"):
-                engine.start()
+                engine = api.open_engine(opts)
             self._options = cfg.complete_options(options, self._role)
             self._cm_mode = opts.cache_manager_mode
             self._engine = engine
@@ -116,10 +114,10 @@ class LLMDataDist:
         raise_if_true(self._cm_mode, "check_link_status is not supported when llm.EnableCacheManager is configured.")
         check_uint64("remote_cluster_id", remote_cluster_id)
         with map_errors("check_link_status"):
-            engine.links.get(remote_cluster_id)
+            engine.check_linked(remote_cluster_id)
 
     # -- one-sided links ------------------------------------------------------------------------
-    def _cluster_args(self, clusters, timeout: int, for_link: bool) -> List[dict]:
+    def _cluster_args(self, clusters, timeout: int, for_link: bool):
         check_int32("timeout", timeout)
         raise_if_false(timeout > 0, "timeout must be > 0, but got {}", timeout)
         check_isinstance("clusters", clusters, (list, tuple), LLMClusterInfo, allow_none=False)
@@ -128,9 +126,8 @@ class LLMDataDist:
             cluster_id = cluster.remote_cluster_id
             if not for_link or cluster_id is not None:
                 check_uint64("remote_cluster_id", cluster_id)
-            remote = [(int_to_ip(ip), port) for ip, port in cluster.remote_ip_info_list]
-            parsed.append({"cluster_id": cluster_id, "remote": remote})
-        return parsed
+            parsed.append((cluster_id, [(int_to_ip(ip), port) for ip, port in cluster.remote_ip_info_list]))
+        return api.requests.peers(parsed)
 
     def link_clusters(self, clusters, timeout: int = 3000) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
         """Link to listening peers (client side). Failures are returned as codes, never raised.
@@ -139,15 +136,15 @@ class LLMDataDist:
         from the handshake.
         """
         engine = self._require_engine()
-        parsed = self._cluster_args(clusters, timeout, for_link=True)
-        return engine.links.link_clusters(parsed, timeout / 1000.0)
+        peers = self._cluster_args(clusters, timeout, for_link=True)
+        return engine.link_clusters(api.requests.LinkClusters(peers, timeout / 1000.0))
 
     def unlink_clusters(self, clusters, timeout: int = 3000, force: bool = False):
         """Unlink peers: tell the server (normal) or drop only the local side (``force``)."""
         engine = self._require_engine()
         check_isinstance("force", force, bool, allow_none=False)
-        parsed = self._cluster_args(clusters, timeout, for_link=False)
-        return engine.links.unlink_clusters(parsed, timeout / 1000.0, force)
+        peers = self._cluster_args(clusters, timeout, for_link=False)
+        return engine.unlink_clusters(api.requests.UnlinkClusters(peers, timeout / 1000.0, force))
 
     def switch_role(self, role: LLMRole, switch_options: Optional[Dict[str, str]] = None) -> None:
         """Change the role label and start, move or stop listening; no link may exist."""
@@ -162,23 +159,8 @@ class LLMDataDist:
         listen = cfg.parse_listen_ip_info(options[cfg.OPT_LISTEN_IP_INFO]) if cfg.OPT_LISTEN_IP_INFO in options \
             else None
         with map_errors("switch_role"):
-            self._apply_role(engine, role, listen)
+            engine.set_role(int(role), listen)
         self._role = role
-
-    def _apply_role(self, engine, role: LLMRole, listen) -> None:
-        from llm_datadist._engine.errors import FeatureNotEnabled
-
-        hixl = engine.opts.transfer_backend is not None and engine.opts.transfer_backend == "hixl"
-        if hixl:
-            if listen is not None and listen != (engine.opts.listen_ip, engine.opts.listen_port):
-                raise FeatureNotEnabled("the listen address can not change with the hixl backend")
-        else:
-            engine.links.check_no_links()
-            if listen is not None:
-                engine.links.start_listening(*listen)
-            else:
-                engine.links.stop_listening()
-        engine.role = int(role)
 
     # -- rank-table (two-sided) links -----------------------------------------------------------
     def link(self, comm_name: str, cluster_rank_info: Dict[int, int], rank_table: str) -> int:
@@ -222,7 +204,7 @@ class LLMDataDist:
         """PREPARING while the domain links, then OK, or FAILED after the link timeout."""
         engine = self._check_comm_id(comm_id)
         with map_errors("query_register_mem_status"):
-            status = engine.comm(comm_id).status
+            status = engine.comm_status(comm_id)
         try:
             return RegisterMemStatus(status)
         except ValueError:

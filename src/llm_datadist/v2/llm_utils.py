@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from llm_datadist._engine.types import UINT64_MAX, CacheSpec, SourceSpec
+from llm_datadist._engine.api import UINT64_MAX, CacheSpec, SourceSpec
 from llm_datadist.data_type import dtype_size
 from llm_datadist.utils.utils import check_isinstance, check_uint32, raise_if_false
 from llm_datadist.v2.llm_types import BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex, Placement

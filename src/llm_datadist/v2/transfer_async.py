@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence, Union
 
-from llm_datadist._engine import tasks
-from llm_datadist._engine.errors import map_errors
+from llm_datadist._engine.api import TENSORS_PER_LAYER, ConfigJob, TaskJob, map_errors
 from llm_datadist.utils.utils import check_isinstance, check_uint64, raise_if_false, raise_if_true
 from llm_datadist.v2.llm_types import (BlocksCacheKey, Cache, CacheKeyByIdAndIndex, CacheTask, LayerSynchronizer,
                                        Placement, TransferConfig, TransferWithCacheKeyConfig)
@@ -12,7 +11,6 @@ from llm_datadist.v2.llm_utils import cache_key_source
 
 __all__ = ["transfer_cache_async"]
 
-TENSORS_PER_LAYER = tasks.TENSORS_PER_LAYER
 AnyConfig = Union[TransferConfig, TransferWithCacheKeyConfig]
 
 
@@ -78,12 +76,12 @@ def _check_config(cfg: AnyConfig, num_layers: int, src_is_blocks: bool) -> None:
                   "src_batch_index must be 0 when cache_key is a BlocksCacheKey, but got {}", cfg.src_batch_index)
 
 
-def _config_job(cfg: AnyConfig) -> tasks.ConfigJob:
+def _config_job(cfg: AnyConfig) -> ConfigJob:
     if isinstance(cfg, TransferConfig):
-        return tasks.ConfigJob(dst_cluster_id=cfg.dst_cluster_id, src_layers=cfg.src_layer_range,
+        return ConfigJob(dst_cluster_id=cfg.dst_cluster_id, src_layers=cfg.src_layer_range,
                                src_batch_index=cfg.src_batch_index, dst_addrs=tuple(int(a) for a in cfg.dst_addrs))
     dst_layers = cfg.dst_layer_range if cfg.dst_layer_range is not None else cfg.src_layer_range
-    return tasks.ConfigJob(dst_cluster_id=cfg.cache_key.cluster_id, src_layers=cfg.src_layer_range,
+    return ConfigJob(dst_cluster_id=cfg.cache_key.cluster_id, src_layers=cfg.src_layer_range,
                            src_batch_index=cfg.src_batch_index, dest=cache_key_source(cfg.cache_key),
                            dst_layers=dst_layers)
 
@@ -131,10 +129,10 @@ def transfer_cache_async(cache_manager, src_cache: Cache, layer_synchronizer: La
     raise_if_true(bool(src_blocks) and not src_cache.is_blocks_cache,
                   "src_block_indices need a blocks source cache")
     engine = cache_manager._live_engine()
-    job = tasks.TaskJob(src_cache_id=src_cache.cache_id, configs=tuple(_config_job(c) for c in transfer_configs),
+    job = TaskJob(src_cache_id=src_cache.cache_id, configs=tuple(_config_job(c) for c in transfer_configs),
                         synchronizer=layer_synchronizer, src_blocks=tuple(src_blocks), dst_blocks=tuple(dst_blocks),
                         dst_block_size=int(dst_block_memory_size or 0),
                         timeout_s=engine.opts.sync_kv_timeout_ms / 1000.0)
     with map_errors("transfer_cache_async"):
-        task = tasks.start_task(engine, job)
+        task = engine.start_layerwise(job)
     return CacheTask(task, len(job.configs))

@@ -1,0 +1,93 @@
+"""The Engine API: the one way into the engine for the v2 facade, the V1 API and the CLI.
+
+Facades build frozen requests (``requests``), call methods of ``Engine``, and turn failures into status codes
+or exceptions at one boundary (``status_of`` / ``map_errors``). Nothing above the engine imports the engine's
+other modules or the transports.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, List, Tuple
+
+from llm_datadist._engine import requests
+from llm_datadist._engine.errors import (EngineError, FeatureNotEnabled, LinkFailed, NotLinked, ParamInvalid,
+                                         map_errors, status_of, to_llm_exception)
+from llm_datadist._engine.options import EngineOptions, link_timeout_s
+from llm_datadist._engine.registry import UINT64_MAX, KeyId
+from llm_datadist._engine.requests import TENSORS_PER_LAYER, ConfigJob, TaskJob
+from llm_datadist._engine.types import DEVICE, HOST, CacheSpec, LayerSel, SourceSpec
+
+if TYPE_CHECKING:  # the engine itself (numpy, transports) loads on the first open_engine
+    from llm_datadist._engine.engine import Engine
+
+__all__ = [
+    "EngineOptions", "open_engine", "requests", "map_errors", "status_of", "to_llm_exception",
+    "EngineError", "FeatureNotEnabled", "LinkFailed", "NotLinked", "ParamInvalid", "KeyId", "UINT64_MAX",
+    "CacheSpec", "LayerSel", "SourceSpec", "ConfigJob", "TaskJob", "TENSORS_PER_LAYER", "HOST",
+    "DEVICE", "link_timeout_s", "transport_report", "process_vm_status", "plan_blocks_timing", "read_process_memory", "memory_kinds",
+]
+
+
+def open_engine(opts: EngineOptions) -> "Engine":
+    """A started engine for ``opts`` (EngineError if it cannot start; nothing is left running then)."""
+    from llm_datadist._engine.engine import Engine
+
+    engine = Engine(opts)
+    engine.start()
+    return engine
+
+
+def transport_report() -> List[Tuple[str, str]]:
+    """(transport name, why it is unavailable here or "") for every transport this build has."""
+    from llm_datadist._transport import transport_report as report
+
+    return report()
+
+
+def process_vm_status() -> Tuple[bool, int]:
+    """(process_vm_readv works on our own process, threads large copies are split across)."""
+    from llm_datadist._transport import iov
+
+    return iov.self_pvm_permitted(), iov.COPY_THREADS
+
+
+def read_process_memory(pid: int, addr: int, nbytes: int) -> bytes:
+    """``nbytes`` at ``addr`` of process ``pid`` with process_vm_readv (doctor's probe of a sibling process)."""
+    from llm_datadist._transport import iov
+
+    return iov.pvm_peek(pid, addr, nbytes)
+
+
+def memory_kinds() -> List[str]:
+    """The memory kinds this build has a backend for (``host`` always; ``cuda`` once registered)."""
+    from llm_datadist._engine import memory
+
+    return [memory.HOST] + sorted(memory.device_backends())
+
+
+def plan_blocks_timing(num_tensors: int, pool_blocks: int, picked: int, block_bytes: int, iters: int,
+                       seed: int = 0) -> Tuple[int, List[float]]:
+    """Plan a ``picked``-block pull over ``num_tensors`` tensors ``iters`` times (scattered block ids, two fake
+    caches); returns (ops in the plan, seconds per planning). The bench's planning row."""
+    import time
+
+    import numpy as np
+
+    from llm_datadist._engine import planner
+
+    src = planner.Side(tuple((1 << 32) + t * pool_blocks * block_bytes for t in range(num_tensors)), block_bytes,
+                       pool_blocks, True)
+    dst = planner.Side(tuple((1 << 40) + t * pool_blocks * block_bytes for t in range(num_tensors)), block_bytes,
+                       pool_blocks, True)
+    rng = np.random.default_rng(seed)
+    s_blk = rng.choice(pool_blocks, picked, replace=False).tolist()
+    d_blk = rng.choice(pool_blocks, picked, replace=False).tolist()
+    layers = LayerSel()
+    ops = 0
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        src_t, dst_t = planner.tensor_pairs(num_tensors, num_tensors, layers, num_tensors)
+        plan = planner.oriented(planner.blocks_ops(src, src_t, s_blk, dst, dst_t, d_blk), src, dst, True)
+        times.append(time.perf_counter() - start)
+        ops = len(plan)
+    return ops, times

@@ -1,0 +1,314 @@
+"""The tcp data server: per-link tokens, a poller for unauthenticated sockets, a thread per authenticated one.
+
+Connections first send a HELLO with a token; a poller thread reads those (idle or slow sockets cost no thread
+and the oldest is dropped when too many wait), and hands an authenticated connection to a serving thread.
+Every request is admitted (counted), then its token, generation guards and ranges are checked against the
+owner's truth, then served; ``fence`` waits for requests admitted before it. Revoking a link's token closes its
+connections at once.
+"""
+from __future__ import annotations
+
+import collections
+import hmac
+import logging
+import selectors
+import socket
+import struct
+import threading
+import time
+from typing import Dict, Optional, Set, Tuple
+
+import numpy as np
+
+from llm_datadist._transport import iov
+from llm_datadist._transport import tcp_wire as wire
+from llm_datadist._transport.base import GuardTable, TransportError
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.25
+HELLO_TIMEOUT_S = 2.0  # an unauthenticated connection must send its HELLO within this
+MAX_PENDING = 512  # unauthenticated connections waiting for their HELLO (the oldest is dropped beyond)
+MAX_SERVING = 256  # authenticated connections at once
+SERVE_POLL_S = 0.5
+
+
+class _Stop(Exception):
+    """Internal: the server is stopping or the connection's link was revoked."""
+
+
+class _Pending:
+    __slots__ = ("sock", "buf", "since")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.since = time.monotonic()
+
+
+class DataServer:
+    """Serves READ/WRITE requests of linked peers against registered memory."""
+
+    def __init__(self, host: str, readable: iov.RangeTable, writable: iov.RangeTable,
+                 guards: Optional[GuardTable]) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        wire.set_buffers(self._listener)  # inherited by accepted connections
+        self._listener.bind((host, 0))
+        self._listener.listen(128)
+        self._listener.setblocking(False)
+        self.port: int = self._listener.getsockname()[1]
+        self._readable = readable
+        self._writable = writable
+        self._guards = guards
+        self._stop = threading.Event()
+        self._lock = threading.Condition()
+        self._tokens: Dict[bytes, int] = {}  # token -> link id
+        self._serving: Dict[socket.socket, int] = {}  # authenticated connection -> link id
+        self._threads: Set[threading.Thread] = set()
+        self._version = 0
+        self._active: collections.Counter = collections.Counter()
+        self._pending: "collections.OrderedDict[int, _Pending]" = collections.OrderedDict()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ, None)
+        self._poller = threading.Thread(target=self._poll_loop, name=f"tcp-data-{self.port}", daemon=True)
+        self._poller.start()
+
+    # -- tokens -----------------------------------------------------------------------------------
+    def add_token(self, token: bytes, link_id: int) -> None:
+        with self._lock:
+            self._tokens[token] = link_id
+
+    def revoke(self, link_id: int) -> None:
+        """Forget the link's tokens and close its connections (requests in flight end with them)."""
+        with self._lock:
+            for token in [t for t, lid in self._tokens.items() if lid == link_id]:
+                del self._tokens[token]
+            victims = [sock for sock, lid in self._serving.items() if lid == link_id]
+        for sock in victims:
+            _shutdown(sock)
+
+    def _link_of(self, token: bytes) -> Optional[int]:
+        with self._lock:
+            for known, link_id in self._tokens.items():
+                if hmac.compare_digest(known, token):
+                    return link_id
+        return None
+
+    # -- unauthenticated phase (one poller thread) ---------------------------------------------------
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                events = self._selector.select(POLL_S)
+            except OSError:
+                break
+            for key, _mask in events:
+                if key.fileobj is self._listener:
+                    self._accept_all()
+                else:
+                    self._read_hello(key.data)
+            self._expire()
+        for pending in list(self._pending.values()):
+            self._drop(pending)
+
+    def _accept_all(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            sock.setblocking(False)
+            pending = _Pending(sock)
+            if len(self._pending) >= MAX_PENDING:
+                self._drop(next(iter(self._pending.values())))  # the oldest waits longest: it goes first
+            self._pending[sock.fileno()] = pending
+            self._selector.register(sock, selectors.EVENT_READ, pending)
+
+    def _read_hello(self, pending: _Pending) -> None:
+        need = wire.HDR.size + wire.TOKEN_BYTES - len(pending.buf)
+        try:
+            data = pending.sock.recv(need)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(pending)
+            return
+        pending.buf += data
+        if len(pending.buf) < wire.HDR.size + wire.TOKEN_BYTES:
+            return
+        self._forget_pending(pending)
+        try:
+            op, _, _, _, nbytes = wire.parse_header(bytes(pending.buf[:wire.HDR.size]))
+        except (TransportError, struct.error):
+            pending.sock.close()
+            return
+        link_id = self._link_of(bytes(pending.buf[wire.HDR.size:])) if op == wire.OP_HELLO and \
+            nbytes == wire.TOKEN_BYTES else None
+        if link_id is None:
+            pending.sock.close()  # an unknown or revoked token learns nothing
+            return
+        self._start_serving(pending.sock, link_id)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._pending:
+            oldest = next(iter(self._pending.values()))
+            if now - oldest.since < HELLO_TIMEOUT_S:
+                return
+            self._drop(oldest)
+
+    def _forget_pending(self, pending: _Pending) -> None:
+        self._pending.pop(pending.sock.fileno(), None)
+        try:
+            self._selector.unregister(pending.sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _drop(self, pending: _Pending) -> None:
+        self._forget_pending(pending)
+        pending.sock.close()
+
+    # -- authenticated connections ------------------------------------------------------------------
+    def _start_serving(self, sock: socket.socket, link_id: int) -> None:
+        with self._lock:
+            if self._stop.is_set() or len(self._serving) >= MAX_SERVING:
+                sock.close()
+                return
+            thread = threading.Thread(target=self._serve, args=(sock, link_id), name="tcp-data-conn", daemon=True)
+            self._serving[sock] = link_id
+            self._threads.add(thread)
+        try:
+            thread.start()
+        except RuntimeError:  # cannot start a thread: drop this connection only
+            with self._lock:
+                self._serving.pop(sock, None)
+                self._threads.discard(thread)
+            sock.close()
+
+    def _stall(self) -> None:
+        if self._stop.is_set():
+            raise _Stop()
+
+    def _serve(self, sock: socket.socket, link_id: int) -> None:
+        try:
+            wire.tune(sock)
+            wire.set_timeouts(sock, SERVE_POLL_S)
+            wire.send_bytes(sock, wire.header(wire.OP_REPLY), self._stall)
+            while self._serve_one(sock, link_id):
+                pass
+        except (_Stop, TransportError, OSError, ValueError, struct.error):
+            pass
+        except Exception:  # noqa: BLE001 - a bad connection must never kill the server
+            logger.debug("tcp data connection failed", exc_info=True)
+        finally:
+            with self._lock:
+                self._serving.pop(sock, None)
+                self._threads.discard(threading.current_thread())
+            sock.close()
+
+    def _reply(self, sock: socket.socket, status: int, count: int = 0, nbytes: int = 0) -> None:
+        wire.send_bytes(sock, wire.header(wire.OP_REPLY, status, count, nbytes), self._stall)
+
+    def _serve_one(self, sock: socket.socket, link_id: int) -> bool:
+        """Serve one request frame; False closes the connection."""
+        op, _, count, nguards, nbytes = wire.recv_header(sock, self._stall)
+        if op not in (wire.OP_READ, wire.OP_WRITE) or count > wire.MAX_OPS or nguards > wire.MAX_GUARDS:
+            self._reply(sock, wire.ST_BAD_FRAME)
+            return False
+        pairs = np.empty((nguards + count, 2), dtype=np.uint64)
+        if nguards + count:
+            wire.recv(sock, *wire.one(pairs), self._stall)
+        guards, ranges = pairs[:nguards], pairs[nguards:]
+        addrs, sizes = ranges[:, 0].copy(), ranges[:, 1].copy()
+        version = self._begin()
+        try:
+            status = self._check(link_id, op, guards, addrs, sizes)
+            if status != wire.ST_OK:
+                self._reply(sock, status)
+                return status != wire.ST_BAD_FRAME
+            if int(sizes.sum()) != nbytes:
+                self._reply(sock, wire.ST_BAD_FRAME)
+                return False
+            if op == wire.OP_READ:
+                self._reply(sock, wire.ST_OK, count, nbytes)
+                wire.send(sock, addrs, sizes, self._stall)
+            else:
+                self._reply(sock, wire.ST_OK)
+                wire.recv(sock, addrs, sizes, self._stall)
+                self._reply(sock, wire.ST_OK)
+            return True
+        finally:
+            self._end(version)
+
+    def _check(self, link_id: int, op: int, guards: np.ndarray, addrs: np.ndarray, sizes: np.ndarray) -> int:
+        """After admission: the link still holds a token, the guards hold, the ranges are registered."""
+        with self._lock:
+            if link_id not in self._tokens.values():
+                raise _Stop()  # revoked while the frame was on its way
+        if self._guards is None and len(guards):
+            return wire.ST_STALE
+        for slot, value in guards.tolist():
+            if not self._guards.valid(int(slot), int(value)):  # type: ignore[union-attr]
+                return wire.ST_STALE
+        table = self._writable if op == wire.OP_WRITE else self._readable
+        return wire.ST_OK if table.contains(addrs, sizes) else wire.ST_REJECTED
+
+    def _begin(self) -> int:
+        with self._lock:
+            self._active[self._version] += 1
+            return self._version
+
+    def _end(self, version: int) -> None:
+        with self._lock:
+            self._active[version] -= 1
+            if not self._active[version]:
+                del self._active[version]
+            self._lock.notify_all()
+
+    def fence(self, deadline: float) -> None:
+        """Wait until requests admitted before now have finished; past the deadline their connections close."""
+        with self._lock:
+            self._version += 1
+            barrier = self._version
+            done = self._lock.wait_for(lambda: all(v >= barrier for v in self._active),
+                                       max(0.0, deadline - time.monotonic()))
+            stuck = [] if done else list(self._serving)
+        for sock in stuck:  # a stalled peer: cut its connections so nothing moves after the fence
+            _shutdown(sock)
+        if stuck:
+            with self._lock:
+                self._lock.wait_for(lambda: all(v >= barrier for v in self._active), 5.0)
+
+    @property
+    def connections(self) -> Tuple[int, int]:
+        """(unauthenticated waiting, authenticated serving) connection counts."""
+        with self._lock:
+            return len(self._pending), len(self._serving)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._poller.join(5.0)
+        try:
+            self._selector.close()
+        except OSError:
+            pass
+        self._listener.close()
+        with self._lock:
+            conns, threads = list(self._serving), list(self._threads)
+            self._tokens.clear()
+        for sock in conns:
+            _shutdown(sock)
+        for thread in threads:
+            thread.join(5.0)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
