@@ -7,6 +7,7 @@ from enum import IntEnum
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from llm_datadist.status import LLMException, LLMStatusCode
+from llm_datadist.utils.addresses import parse_ip_port, rank_table_addresses
 from llm_datadist.utils.utils import (
     check_int32,
     check_isinstance,
@@ -14,6 +15,7 @@ from llm_datadist.utils.utils import (
     check_uint32,
     check_uint64,
     raise_if_false,
+    raise_if_true,
 )
 
 __all__ = ["LLMRole", "LLMConfig", "LlmConfig", "LLMClusterInfo", "role_option_value", "ip_to_int", "int_to_ip"]
@@ -38,24 +40,27 @@ def role_option_value(role: LLMRole) -> str:
     return _ROLE_OPTION_VALUES[LLMRole(role)]
 
 
-def ip_to_int(ip: Union[str, int]) -> int:
+def ip_to_int(ip: Union[str, int], option: str = "ip") -> int:
     """Convert an IPv4 string to the library's int form (first octet in the least-significant byte).
 
     Args:
         ip: a dotted IPv4 string (``socket.inet_aton`` syntax) or an int, returned as is.
+        option: what the ip is, named in the message.
 
     Returns:
         The little-endian integer form, e.g. ``"1.2.3.4"`` → ``0x04030201``.
 
     Raises:
-        RuntimeError: the string is not an IPv4 address.
+        LLMException: LLM_PARAM_INVALID (a RuntimeError, as the official library raises) when the string is
+            not an IPv4 address.
     """
     if isinstance(ip, int):
         return ip
     try:
-        packed = socket.inet_aton(ip)
+        packed: Optional[bytes] = socket.inet_aton(ip)
     except (OSError, ValueError, UnicodeError):
-        raise RuntimeError(f"Can not parse ip str:{ip}") from None
+        packed = None
+    raise_if_true(packed is None, "Can not parse ip str:{} ({} must be an IPv4 address)", ip, option)
     return int.from_bytes(packed, "little")
 
 
@@ -106,9 +111,9 @@ def _convert_cluster_info(cluster_info: str) -> str:
             f"cluster_info is not a valid json string: {cluster_info}", status_code=LLMStatusCode.LLM_PARAM_INVALID
         ) from None
     entries = info.get("listen_ip_info", []) if isinstance(info, dict) else []
-    for entry in entries if isinstance(entries, list) else []:
+    for index, entry in enumerate(entries if isinstance(entries, list) else []):
         if isinstance(entry, dict) and isinstance(entry.get("ip"), str):
-            entry["ip"] = ip_to_int(entry["ip"])
+            entry["ip"] = ip_to_int(entry["ip"], f"cluster_info listen_ip_info[{index}].ip")
     return json.dumps(info)
 
 
@@ -297,7 +302,10 @@ class LLMConfig:
 
     @listen_ip_info.setter
     def listen_ip_info(self, listen_ip_info: str) -> None:
-        self._listen_ip_info = self._check_str("listen_ip_info", listen_ip_info)
+        value = self._check_str("listen_ip_info", listen_ip_info)
+        if value:
+            parse_ip_port("listen_ip_info", value)
+        self._listen_ip_info = value
 
     @property
     def deploy_res_path(self) -> str:
@@ -354,7 +362,9 @@ class LLMConfig:
 
     @local_comm_res.setter
     def local_comm_res(self, local_comm_res: str) -> None:
-        self._local_comm_res = self._check_optional_str("local_comm_res", local_comm_res)
+        value = self._check_optional_str("local_comm_res", local_comm_res)
+        rank_table_addresses("local_comm_res", value)
+        self._local_comm_res = value
 
     @property
     def transfer_backend(self) -> str:
@@ -529,10 +539,10 @@ class LLMClusterInfo:
         return self._remote_ip_info_list
 
     @staticmethod
-    def _ip_info(ip: Union[str, int], port: int) -> Tuple[int, int]:
+    def _ip_info(ip: Union[str, int], port: int, which: str) -> Tuple[int, int]:
         check_isinstance("ip", ip, [str, int], allow_none=False)
         check_uint16("port", port)
-        return ip_to_int(ip), port
+        return ip_to_int(ip, f"the ip of {which}"), port
 
     def append_local_ip_info(self, ip: Union[str, int], port: int) -> None:
         """Add a local address.
@@ -544,9 +554,9 @@ class LLMClusterInfo:
         Raises:
             TypeError: wrong ip or port type.
             ValueError: port out of range.
-            RuntimeError: unparseable ip string.
+            LLMException: LLM_PARAM_INVALID (a RuntimeError) for an unparseable ip string.
         """
-        self._local_ip_info_list.append(self._ip_info(ip, port))
+        self._local_ip_info_list.append(self._ip_info(ip, port, "append_local_ip_info"))
 
     def append_remote_ip_info(self, ip: Union[str, int], port: int) -> None:
         """Add a remote (server) address.
@@ -558,6 +568,6 @@ class LLMClusterInfo:
         Raises:
             TypeError: wrong ip or port type.
             ValueError: port out of range.
-            RuntimeError: unparseable ip string.
+            LLMException: LLM_PARAM_INVALID (a RuntimeError) for an unparseable ip string.
         """
-        self._remote_ip_info_list.append(self._ip_info(ip, port))
+        self._remote_ip_info_list.append(self._ip_info(ip, port, "append_remote_ip_info"))

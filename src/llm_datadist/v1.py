@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import ipaddress
 import json
 import logging
 import threading
@@ -17,6 +16,7 @@ from llm_datadist._engine.api import requests as rq
 from llm_datadist.configs import LLMRole
 from llm_datadist.data_type import DataType, dtype_size
 from llm_datadist.status import LLMException, LLMStatusCode
+from llm_datadist.utils import addresses
 
 __all__ = [
     "LlmDataDist", "LlmRole", "CachePlacement", "CacheDesc", "CacheIndex", "Cache", "IpInfo", "ClusterInfo",
@@ -187,22 +187,8 @@ def _api(*outputs: Callable[[], Any], needs_init: bool = True):
 
 # ---- option parsing -----------------------------------------------------------------------------
 def parse_ip_port(text: Any) -> Tuple[str, int]:
-    """"ip:port" or "[ipv6]:port" -> (ip, port); raises _Fail(LLM_PARAM_INVALID)."""
-    _require(isinstance(text, str) and text, f"listen ip info must be a non-empty str, got {text!r}")
-    if text.startswith("["):
-        close = text.find("]")
-        _require(close > 0 and text[close + 1:close + 2] == ":", f"invalid listen ip info {text!r}")
-        host, port, version = text[1:close], text[close + 2:], 6
-    else:
-        parts = text.split(":")
-        _require(len(parts) == 2, f"listen ip info must be ip:port or [ipv6]:port, got {text!r}")
-        host, port, version = parts[0], parts[1], 4
-    try:
-        _require(ipaddress.ip_address(host).version == version, f"invalid ip in {text!r}")
-    except ValueError:
-        raise _Fail(S.LLM_PARAM_INVALID, f"invalid ip in {text!r}") from None
-    _require(port.isdigit() and int(port) <= 65535, f"invalid port in {text!r}")
-    return host, int(port)
+    """"ip:port" or "[ipv6]:port" -> (ip, port); raises LLMException(LLM_PARAM_INVALID) naming the option."""
+    return addresses.parse_ip_port(OPTION_LISTEN_IP_INFO, text, allow_ipv6=True)
 
 
 def _parse_device_ids(value: Any) -> List[int]:
@@ -213,15 +199,12 @@ def _parse_device_ids(value: Any) -> List[int]:
     return [int(item) for item in items]
 
 
-def _ipv4(info: Any) -> Tuple[str, int]:
+def _ipv4(info: Any, field: str) -> Tuple[str, int]:
     _require(isinstance(info, IpInfo), f"ip infos must be IpInfo, got {type(info).__name__}")
-    message = f"ip {info.ip!r} is not a valid IPv4 address"
-    try:
-        _require(isinstance(info.ip, str) and ipaddress.ip_address(info.ip).version == 4, message)
-    except ValueError:
-        raise _Fail(S.LLM_PARAM_INVALID, message) from None
-    _require(_is_int(info.port, 0, 65535), f"invalid port {info.port!r}")
-    return info.ip, int(info.port)
+    ip = addresses.parse_ip(f"{field}.ip", info.ip, allow_ipv6=False)
+    port = int(info.port) if isinstance(info.port, np.integer) else info.port
+    _require(isinstance(port, int) and not isinstance(port, bool), f"{field}.port must be an int, got {port!r}")
+    return ip, addresses.parse_port(f"{field}.port", port)
 
 
 def _v2_options(options: Dict[str, str]) -> Dict[str, str]:
@@ -382,9 +365,9 @@ class LlmDataDist:
         for cluster in clusters:
             _check_type("clusters element", cluster, ClusterInfo)
             _require(_is_int(cluster.remote_cluster_id, 0, _UINT64_MAX), "remote_cluster_id must be a uint64")
-            local = [_ipv4(info) for info in cluster.local_ip_infos]
+            local = [_ipv4(info, f"local_ip_infos[{i}]") for i, info in enumerate(cluster.local_ip_infos)]
             _require(len(local) <= 1, "at most one local ip info is supported")
-            remote = [_ipv4(info) for info in cluster.remote_ip_infos]
+            remote = [_ipv4(info, f"remote_ip_infos[{i}]") for i, info in enumerate(cluster.remote_ip_infos)]
             parsed.append((int(cluster.remote_cluster_id), remote))
         return rq.peers(parsed)
 

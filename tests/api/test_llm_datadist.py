@@ -472,8 +472,9 @@ def test_item_130_switch_role_bad_listen_ip_info(make_dd):
     with pytest.raises(LLMException) as exc:
         dd.switch_role(LLMRole.PROMPT, {"llm.listenIpInfo": "1.1.1.1"})
     assert exc.value.status_code == PARAM_INVALID
-    with pytest.raises(ValueError):
+    with pytest.raises(LLMException, match=r"llm\.listenIpInfo .*'port'") as exc:  # not a bare ValueError
         dd.switch_role(LLMRole.PROMPT, {"llm.listenIpInfo": "127.0.0.1:port"})
+    assert exc.value.status_code == PARAM_INVALID
     dd.switch_role(LLMRole.PROMPT)  # still usable
 
 

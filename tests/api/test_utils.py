@@ -10,11 +10,18 @@ import pytest
 
 from llm_datadist import LLMException, LLMStatusCode
 from llm_datadist.utils import log
+from llm_datadist.utils import utils
 from llm_datadist.utils.utils import (
+    check_dict,
+    check_inner,
     check_int32,
     check_int64,
     check_isinstance,
     check_layer_range,
+    check_list_int32,
+    check_list_int64,
+    check_list_uint64,
+    check_positive_or_set_default,
     check_uint8,
     check_uint16,
     check_uint32,
@@ -22,6 +29,23 @@ from llm_datadist.utils.utils import (
     raise_if_false,
     raise_if_true,
 )
+
+#: The public helpers of the official ``llm_datadist.utils.utils`` module, with their parameter names.
+OFFICIAL_HELPERS = {
+    "check_inner": ["arg_name", "arg_value", "inner_class"],
+    "check_dict": ["arg_name", "arg_value", "k_class", "v_class", "v_inner_class"],
+    "check_isinstance": ["arg_name", "arg_value", "classes", "inner_class", "extra_fmt", "allow_none"],
+    "check_uint64": ["arg_name", "arg_value"],
+    "check_int64": ["arg_name", "arg_value"],
+    "check_positive_or_set_default": ["arg_name", "arg_value", "default"],
+    "check_int32": ["arg_name", "arg_value"],
+    "check_uint32": ["arg_name", "arg_value"],
+    "check_list_int32": ["arg_name", "arg_value"],
+    "check_list_int64": ["arg_name", "arg_value"],
+    "check_list_uint64": ["arg_name", "arg_value"],
+    "check_uint16": ["arg_name", "arg_value"],
+    "check_uint8": ["arg_name", "arg_value"],
+}
 
 
 def test_check_isinstance_none_and_messages():
@@ -57,6 +81,85 @@ def test_range_checks(checker, low, high, kind):
     for bad in (None, 1.0, "1"):
         with pytest.raises(TypeError):
             checker("v", bad)
+
+
+def test_every_official_helper_with_its_signature():
+    import inspect
+
+    for name, params in OFFICIAL_HELPERS.items():
+        assert name in utils.__all__, name
+        assert list(inspect.signature(getattr(utils, name)).parameters) == params, name
+    sig = inspect.signature(check_isinstance).parameters
+    assert (sig["inner_class"].default, sig["extra_fmt"].default, sig["allow_none"].default) == (None, "", True)
+    assert inspect.signature(check_dict).parameters["v_inner_class"].default is None
+    assert inspect.signature(check_positive_or_set_default).parameters["default"].default == -1
+
+
+def test_check_isinstance_returns_the_value_and_prefixes_extra_fmt():
+    value = [1, 2]
+    assert check_isinstance("v", value, list, int) is value
+    assert check_isinstance("v", None, int) is None
+    with pytest.raises(TypeError, match=r"^In mode X, v only support \['list'\], but got tuple$"):
+        check_isinstance("v", (1,), list, None, "In mode X, ")
+    with pytest.raises(TypeError, match=r"v inner type only support \['int'\], but got str"):
+        check_isinstance("v", [1, "2"], [list], int, "ignored for elements: ")
+
+
+def test_check_inner():
+    check_inner("blocks", [1, 2, True], int)
+    check_inner("blocks", (), int)
+    check_inner("mixed", [1, "a"], [int, str])
+    with pytest.raises(TypeError, match=r"blocks inner type only support \['int'\], but got float"):
+        check_inner("blocks", [1, 2.0], int)
+    with pytest.raises(TypeError, match=r"names inner type only support \['str'\], but got int"):
+        check_inner("names", ("a", 1), str)
+
+
+def test_check_dict():
+    check_dict("opts", {}, str, str)
+    check_dict("opts", {"a": "b"}, str, str)
+    check_dict("blocks", {0: [1, 2], 1: []}, int, list, int)
+    check_dict("either", {1: "x", "k": 2}, [int, str], [int, str])
+    with pytest.raises(TypeError, match=r"opts dict key only support \['str'\], but got int"):
+        check_dict("opts", {1: "b"}, str, str)
+    with pytest.raises(TypeError, match=r"opts dict value only support \['str'\], but got int"):
+        check_dict("opts", {"a": 1}, str, str)
+    with pytest.raises(TypeError, match=r"blocks dict value inner type only support \['int'\], but got str"):
+        check_dict("blocks", {0: [1, "2"]}, int, list, int)
+    with pytest.raises(TypeError, match=r"blocks dict value only support \['list'\], but got int"):
+        check_dict("blocks", {0: 1}, int, list, int)
+
+
+@pytest.mark.parametrize(
+    "checker, low, high",
+    [(check_list_int32, -(2**31), 2**31 - 1), (check_list_int64, -(2**63), 2**63 - 1),
+     (check_list_uint64, 0, 2**64 - 1)],
+)
+def test_list_range_checks(checker, low, high):
+    checker("ids", [])
+    checker("ids", [low, 0, high])
+    checker("ids", (low, high))
+    with pytest.raises(ValueError, match=f"ids's value is out of range, {high + 1} is not a"):
+        checker("ids", [0, high + 1])
+    with pytest.raises(ValueError, match=f"{low - 1} is not a"):
+        checker("ids", [low - 1])
+    with pytest.raises(TypeError, match=r"ids only support \['int'\], but got str"):
+        checker("ids", [0, "1"])
+    with pytest.raises(TypeError):
+        checker("ids", [None])
+
+
+def test_check_positive_or_set_default():
+    assert check_positive_or_set_default("size", None) == -1
+    assert check_positive_or_set_default("size", None, 7) == 7
+    assert check_positive_or_set_default("size", 0) == 0
+    assert check_positive_or_set_default("size", 2**63 - 1) == 2**63 - 1
+    with pytest.raises(ValueError, match=r"^size's value:-1 is invalid, should be >= 0$"):
+        check_positive_or_set_default("size", -1)
+    with pytest.raises(ValueError, match="is not a int64 value"):
+        check_positive_or_set_default("size", 2**63)
+    with pytest.raises(TypeError):
+        check_positive_or_set_default("size", 1.0)
 
 
 def test_raise_if_false_and_true(caplog):

@@ -23,7 +23,7 @@ __all__ = [
     "EngineOptions", "open_engine", "requests", "map_errors", "status_of", "to_llm_exception",
     "EngineError", "FeatureNotEnabled", "LinkFailed", "NotLinked", "ParamInvalid", "KeyId", "UINT64_MAX",
     "CacheSpec", "LayerSel", "SourceSpec", "ConfigJob", "TaskJob", "TENSORS_PER_LAYER", "HOST",
-    "DEVICE", "link_timeout_s", "transport_report", "process_vm_status", "plan_blocks_timing", "read_process_memory", "memory_kinds",
+    "DEVICE", "link_timeout_s", "transport_report", "process_vm_status", "plan_blocks_timing", "read_process_memory", "memory_kinds", "memory_kind",
 ]
 
 
@@ -55,6 +55,13 @@ def read_process_memory(pid: int, addr: int, nbytes: int) -> bytes:
     from llm_datadist._transport import iov
 
     return iov.pvm_peek(pid, addr, nbytes)
+
+
+def memory_kind(placement: int, device_id: int = 0) -> str:
+    """The memory kind ("host", "cuda") of caches of a placement in this process."""
+    from llm_datadist._engine.memory import backend_for
+
+    return backend_for(placement, device_id).kind
 
 
 def memory_kinds() -> List[str]:

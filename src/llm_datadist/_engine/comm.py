@@ -9,7 +9,6 @@ and the handshake carries the domain identity, so a port held by another domain 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -20,6 +19,8 @@ from typing import Dict, List, Optional
 
 from llm_datadist._engine.errors import EngineError, LinkFailed, ParamInvalid
 from llm_datadist._engine.listener import Listener
+from llm_datadist.status import LLMException
+from llm_datadist.utils.addresses import rank_table_addresses
 
 _log = logging.getLogger(__name__)
 PREPARING, OK, FAILED = 1, 0, 2
@@ -41,29 +42,12 @@ def member_ports(comm_name: str, members: List[int], rank: int) -> List[int]:
 
 
 def parse_rank_addresses(rank_table: Optional[str]) -> Dict[int, str]:
-    """rank id -> address from an HCCL-style rank table (versions 1.0/1.2, one or more servers)."""
-    if not rank_table:
-        return {}
-    try:
-        table = json.loads(rank_table)
-    except ValueError as exc:
-        raise ParamInvalid(f"rank_table is not valid JSON: {exc}") from exc
+    """rank id -> address from an HCCL-style rank table (versions 1.0/1.2, one or more servers), checked."""
     use_server_id = os.environ.get("LLM_DATADIST_RANK_ADDR", "") == "server_id"
-    addresses: Dict[int, str] = {}
-    servers = table.get("server_list", []) if isinstance(table, dict) else []
-    for server in servers if isinstance(servers, list) else []:
-        if not isinstance(server, dict):
-            continue
-        for device in server.get("device", []) or []:
-            if not isinstance(device, dict) or "rank_id" not in device:
-                continue
-            try:
-                rank = int(device["rank_id"])
-            except (TypeError, ValueError):
-                raise ParamInvalid(f"rank_id {device['rank_id']!r} is not an integer") from None
-            address = server.get("server_id") if use_server_id else device.get("device_ip")
-            addresses[rank] = str(address or server.get("server_id") or "127.0.0.1")
-    return addresses
+    try:
+        return rank_table_addresses("rank_table", rank_table, use_server_id)
+    except LLMException as exc:
+        raise ParamInvalid(str(exc)) from None
 
 
 class CommDomain:

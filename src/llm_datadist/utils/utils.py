@@ -1,4 +1,4 @@
-"""Argument checks used by every public API: type, integer range and semantic checks."""
+"""Argument checks of every public API (``llm_datadist.utils.utils``): types, integer ranges, semantic checks."""
 from __future__ import annotations
 
 from typing import Any, Iterable, Optional, Sequence, Tuple, Union
@@ -8,12 +8,18 @@ from llm_datadist.utils.log import logger
 
 __all__ = [
     "check_isinstance",
+    "check_inner",
+    "check_dict",
     "check_uint8",
     "check_uint16",
     "check_int32",
     "check_uint32",
     "check_int64",
     "check_uint64",
+    "check_list_int32",
+    "check_list_int64",
+    "check_list_uint64",
+    "check_positive_or_set_default",
     "check_layer_range",
     "raise_if_false",
     "raise_if_true",
@@ -50,80 +56,169 @@ def _names(classes: Tuple[type, ...]) -> str:
     return str([cls.__name__ for cls in classes])
 
 
+def _check_items(arg_name: str, arg_value: Any, inner_class: ClassSpec) -> None:
+    accepted = _as_tuple(inner_class)
+    if accepted == (int,) and set(map(type, arg_value)) <= _PLAIN_INTS:
+        return  # fast path for long block lists: one C-level pass instead of a Python loop
+    for item in arg_value:
+        if not isinstance(item, accepted):
+            raise TypeError(f"{arg_name} inner type only support {_names(accepted)}, but got {type(item).__name__}")
+
+
+def check_inner(arg_name: str, arg_value: Any, inner_class: ClassSpec) -> None:
+    """Check that every element of an iterable is an instance of ``inner_class``.
+
+    Args:
+        arg_name: the argument name used in the message.
+        arg_value: the iterable to check.
+        inner_class: one class or a sequence of accepted classes.
+
+    Raises:
+        TypeError: ``"<arg_name> inner type only support [...], but got <type>"``.
+    """
+    _check_items(arg_name, arg_value, inner_class)
+
+
+def check_dict(arg_name: str, arg_value: dict, k_class: ClassSpec, v_class: ClassSpec,
+               v_inner_class: Optional[ClassSpec] = None) -> None:
+    """Check the key and value types of a dict (and the element types of its values).
+
+    Args:
+        arg_name: the argument name used in the message.
+        arg_value: the dict to check.
+        k_class: the accepted class(es) of the keys.
+        v_class: the accepted class(es) of the values.
+        v_inner_class: when given, the accepted class(es) of the elements of every value.
+
+    Raises:
+        TypeError: ``"<arg_name> dict key only support [...], but got <type>"``, the same for ``dict value``,
+            or ``"<arg_name> dict value inner type only support [...], but got <type>"``.
+    """
+    keys, values = _as_tuple(k_class), _as_tuple(v_class)
+    for key, value in arg_value.items():
+        if not isinstance(key, keys):
+            raise TypeError(f"{arg_name} dict key only support {_names(keys)}, but got {type(key).__name__}")
+        if not isinstance(value, values):
+            raise TypeError(f"{arg_name} dict value only support {_names(values)}, but got {type(value).__name__}")
+        if v_inner_class is not None:
+            _check_items(f"{arg_name} dict value", value, v_inner_class)
+
+
 def check_isinstance(
-    name: str,
-    value: Any,
+    arg_name: str,
+    arg_value: Any,
     classes: ClassSpec,
-    inner: Optional[ClassSpec] = None,
+    inner_class: Optional[ClassSpec] = None,
+    extra_fmt: str = "",
     allow_none: bool = True,
-) -> None:
+) -> Any:
     """Check the type of an argument (and of its elements).
 
     ``None`` passes silently when ``allow_none`` is true (the default), as in the official library.
     ``bool`` is an ``int``, so booleans pass integer checks.
 
     Args:
-        name: the argument name used in the message.
-        value: the value to check.
+        arg_name: the argument name used in the message.
+        arg_value: the value to check.
         classes: one class or a sequence of accepted classes.
-        inner: when given, one class or a sequence of classes every element of ``value`` must be.
+        inner_class: when given, one class or a sequence of classes every element of ``arg_value`` must be.
+        extra_fmt: a prefix of the message (e.g. the mode the check applies in).
         allow_none: whether ``None`` is accepted.
 
+    Returns:
+        ``arg_value``, unchanged.
+
     Raises:
-        TypeError: ``"<name> only support [...], but got <type>"`` or
-            ``"<name> inner type only support [...], but got <type>"``.
+        TypeError: ``"<extra_fmt><arg_name> only support [...], but got <type>"`` or
+            ``"<arg_name> inner type only support [...], but got <type>"``.
     """
-    if value is None and allow_none:
-        return
+    if arg_value is None and allow_none:
+        return arg_value
     accepted = _as_tuple(classes)
-    if not isinstance(value, accepted):
-        raise TypeError(f"{name} only support {_names(accepted)}, but got {type(value).__name__}")
-    if inner is None:
-        return
-    inner_accepted = _as_tuple(inner)
-    if inner_accepted == (int,) and set(map(type, value)) <= _PLAIN_INTS:
-        return  # fast path for long block lists: one C-level pass instead of a Python loop
-    for item in value:
-        if not isinstance(item, inner_accepted):
-            raise TypeError(
-                f"{name} inner type only support {_names(inner_accepted)}, but got {type(item).__name__}"
-            )
+    if not isinstance(arg_value, accepted):
+        raise TypeError(f"{extra_fmt}{arg_name} only support {_names(accepted)}, but got {type(arg_value).__name__}")
+    if inner_class is not None:
+        _check_items(arg_name, arg_value, inner_class)
+    return arg_value
 
 
-def _check_int_range(name: str, value: Any, low: int, high: int, kind: str) -> None:
-    check_isinstance(name, value, int, allow_none=False)
-    if not low <= value <= high:
-        raise ValueError(f"{name}'s value is out of range, {value} is not a {kind} value.")
+def _check_int_range(arg_name: str, arg_value: Any, low: int, high: int, kind: str) -> None:
+    check_isinstance(arg_name, arg_value, int, allow_none=False)
+    if not low <= arg_value <= high:
+        raise ValueError(f"{arg_name}'s value is out of range, {arg_value} is not a {kind} value.")
 
 
-def check_uint8(name: str, value: Any) -> None:
+def check_uint8(arg_name: str, arg_value: Any) -> None:
     """Check that ``value`` is an int in [0, 2**8-1]: TypeError if not an int (None included), else ValueError."""
-    _check_int_range(name, value, 0, UINT8_MAX, "uint8")
+    _check_int_range(arg_name, arg_value, 0, UINT8_MAX, "uint8")
 
 
-def check_uint16(name: str, value: Any) -> None:
+def check_uint16(arg_name: str, arg_value: Any) -> None:
     """Check that ``value`` is an int in [0, 2**16-1]: TypeError if not an int (None included), else ValueError."""
-    _check_int_range(name, value, 0, UINT16_MAX, "uint16")
+    _check_int_range(arg_name, arg_value, 0, UINT16_MAX, "uint16")
 
 
-def check_int32(name: str, value: Any) -> None:
+def check_int32(arg_name: str, arg_value: Any) -> None:
     """Check that ``value`` is an int in [-2**31, 2**31-1]: TypeError if not an int, else ValueError."""
-    _check_int_range(name, value, INT32_MIN, INT32_MAX, "int32")
+    _check_int_range(arg_name, arg_value, INT32_MIN, INT32_MAX, "int32")
 
 
-def check_uint32(name: str, value: Any) -> None:
+def check_uint32(arg_name: str, arg_value: Any) -> None:
     """Check that ``value`` is an int in [0, 2**32-1]: TypeError if not an int (None included), else ValueError."""
-    _check_int_range(name, value, 0, UINT32_MAX, "uint32")
+    _check_int_range(arg_name, arg_value, 0, UINT32_MAX, "uint32")
 
 
-def check_int64(name: str, value: Any) -> None:
+def check_int64(arg_name: str, arg_value: Any) -> None:
     """Check that ``value`` is an int in [-2**63, 2**63-1]: TypeError if not an int, else ValueError."""
-    _check_int_range(name, value, INT64_MIN, INT64_MAX, "int64")
+    _check_int_range(arg_name, arg_value, INT64_MIN, INT64_MAX, "int64")
 
 
-def check_uint64(name: str, value: Any) -> None:
+def check_uint64(arg_name: str, arg_value: Any) -> None:
     """Check that ``value`` is an int in [0, 2**64-1]: TypeError if not an int (None included), else ValueError."""
-    _check_int_range(name, value, 0, UINT64_MAX, "uint64")
+    _check_int_range(arg_name, arg_value, 0, UINT64_MAX, "uint64")
+
+
+def _check_each(checker, arg_name: str, arg_value: Any) -> None:
+    for item in arg_value:
+        checker(arg_name, item)
+
+
+def check_list_int32(arg_name: str, arg_value: Any) -> None:
+    """Check every element of an iterable with :func:`check_int32` (TypeError / ValueError)."""
+    _check_each(check_int32, arg_name, arg_value)
+
+
+def check_list_int64(arg_name: str, arg_value: Any) -> None:
+    """Check every element of an iterable with :func:`check_int64` (TypeError / ValueError)."""
+    _check_each(check_int64, arg_name, arg_value)
+
+
+def check_list_uint64(arg_name: str, arg_value: Any) -> None:
+    """Check every element of an iterable with :func:`check_uint64` (TypeError / ValueError)."""
+    _check_each(check_uint64, arg_name, arg_value)
+
+
+def check_positive_or_set_default(arg_name: str, arg_value: Any, default: Any = -1) -> Any:
+    """Return ``default`` for ``None``, else check that the value is a non-negative int64 and return it.
+
+    Args:
+        arg_name: the argument name used in messages.
+        arg_value: the value, or ``None``.
+        default: what ``None`` stands for.
+
+    Returns:
+        ``arg_value``, or ``default`` when it is ``None``.
+
+    Raises:
+        TypeError: not an int.
+        ValueError: out of the int64 range, or negative (``"<arg_name>'s value:<v> is invalid, should be >= 0"``).
+    """
+    if arg_value is None:
+        return default
+    check_int64(arg_name, arg_value)
+    if arg_value < 0:
+        raise ValueError(f"{arg_name}'s value:{arg_value} is invalid, should be >= 0")
+    return arg_value
 
 
 def _format(msg: str, args: Iterable[Any]) -> str:

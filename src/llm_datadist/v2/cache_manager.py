@@ -12,6 +12,7 @@ from llm_datadist.v2.llm_types import (BlocksCacheKey, Cache, CacheDesc, CacheKe
                                        Memtype, Placement)
 from llm_datadist.v2.llm_utils import (cache_key_source, check_cache_key, check_tensor_num_per_layer, layer_range_arg,
                                        spec_of)
+from llm_datadist.v2.tensors import registration_addresses
 
 __all__ = ["CacheManager"]
 
@@ -28,12 +29,14 @@ class CacheManager:
         self._remote_accessible_mode = opts.remote_cache_accessible
         self._is_call_linked = False
         self._initialized = True
+        self._registered_tensors: Dict[int, list] = {}  # cache id -> tensors kept alive while registered
 
     def _set_is_call_linked(self) -> None:
         self._is_call_linked = True
 
     def _finalize(self) -> None:
         self._initialized = False
+        self._registered_tensors.clear()
 
     def _live_engine(self):
         if not self._initialized:
@@ -55,42 +58,87 @@ class CacheManager:
 
     @staticmethod
     def _check_addrs(addrs, desc: CacheDesc, check_count: bool) -> None:
-        check_isinstance("addrs", addrs, list, int, allow_none=False)
         raise_if_false(len(addrs) > 0, "addrs can not be empty")
         if check_count:
             raise_if_false(len(addrs) == desc.num_tensors, "addrs size {} must be equal to num_tensors {}",
                            len(addrs), desc.num_tensors)
         raise_if_true(any(addr == 0 for addr in addrs), "addrs can not contain 0")
 
+    def _addresses(self, addrs, cache_desc: CacheDesc):
+        """Int addresses from ``addrs`` (ints, or numpy arrays / torch tensors checked against the desc)."""
+        if cache_desc is None:
+            check_isinstance("addrs", addrs, list, int, allow_none=False)
+            return addrs, None
+        return registration_addresses(addrs, cache_desc, self._engine.opts.device_id)
+
+    def _keep_tensors(self, cache_id: int, tensors: Optional[list]) -> None:
+        if tensors is not None:
+            self._registered_tensors[cache_id] = tensors
+
     def register_cache(self, cache_desc: CacheDesc, addrs: List[int], cache_keys: Sequence[CacheKey] = (),
                        remote_accessible: Optional[bool] = None) -> Cache:
-        """Register user memory as a continuous cache; keys bind batch slots in order."""
+        """Register user memory as a continuous cache; keys bind batch slots in order.
+
+        Args:
+            cache_desc: the geometry of the cache.
+            addrs: one address (int) per tensor, or (an addition to the official API) the tensors themselves:
+                numpy arrays or torch tensors, checked for contiguity, dtype and byte size against
+                ``cache_desc`` and kept alive while registered.
+            cache_keys: CacheKeys bound to batch slots 0, 1, ...
+            remote_accessible: whether peers may access it one-sidedly (None: DEVICE yes, HOST no).
+
+        Returns:
+            The registered Cache (``tensor_addrs`` are ints).
+
+        Raises:
+            TypeError: wrong argument types.
+            LLMException: LLM_PARAM_INVALID for a bad address list or a tensor that does not match the desc.
+        """
         check_isinstance("cache_desc", cache_desc, CacheDesc)
-        check_isinstance("addrs", addrs, list, int, allow_none=False)
+        check_isinstance("addrs", addrs, list, allow_none=False)
         check_isinstance("cache_keys", cache_keys, (list, tuple), CacheKey, allow_none=False)
         check_isinstance("remote_accessible", remote_accessible, bool)
+        addrs, tensors = self._addresses(addrs, cache_desc)
         ra = self._default_remote_accessible(cache_desc, remote_accessible)
         self._check_addrs(addrs, cache_desc, check_count=True)
         engine = self._live_engine()
         with map_errors("register_cache"):
             info = engine.register(rq.Register(spec_of(cache_desc, False), tuple(addrs), tuple(_key_ids(cache_keys)),
                                                None, ra))
+        self._keep_tensors(info.cache_id, tensors)
         return Cache(info.cache_id, cache_desc, list(addrs), self, True, False)
 
     def register_blocks_cache(self, cache_desc: CacheDesc, addrs: List[int],
                               blocks_cache_key: Optional[BlocksCacheKey] = None,
                               remote_accessible: Optional[bool] = None) -> Cache:
-        """Register user memory as a blocks (PagedAttention) cache, optionally named by a BlocksCacheKey."""
+        """Register user memory as a blocks (PagedAttention) cache, optionally named by a BlocksCacheKey.
+
+        Args:
+            cache_desc: the geometry of the cache (dim 0 = number of blocks).
+            addrs: one address (int) per tensor, or the tensors themselves (numpy arrays or torch tensors,
+                checked and kept alive as in :meth:`register_cache`).
+            blocks_cache_key: the key peers address this cache by.
+            remote_accessible: whether peers may access it one-sidedly (None: DEVICE yes, HOST no).
+
+        Returns:
+            The registered Cache (``tensor_addrs`` are ints).
+
+        Raises:
+            TypeError: wrong argument types.
+            LLMException: LLM_PARAM_INVALID for a bad address list or a tensor that does not match the desc.
+        """
         check_isinstance("cache_desc", cache_desc, CacheDesc)
-        check_isinstance("addrs", addrs, list, int, allow_none=False)
+        check_isinstance("addrs", addrs, list, allow_none=False)
         check_isinstance("blocks_cache_key", blocks_cache_key, BlocksCacheKey)
         check_isinstance("remote_accessible", remote_accessible, bool)
+        addrs, tensors = self._addresses(addrs, cache_desc)
         ra = self._default_remote_accessible(cache_desc, remote_accessible)
         self._check_addrs(addrs, cache_desc, check_count=False)
         engine = self._live_engine()
         model_id = None if blocks_cache_key is None else blocks_cache_key.model_id
         with map_errors("register_blocks_cache"):
             info = engine.register(rq.Register(spec_of(cache_desc, True), tuple(addrs), (), model_id, ra))
+        self._keep_tensors(info.cache_id, tensors)
         return Cache(info.cache_id, cache_desc, list(addrs), self, True, True)
 
     def unregister_cache(self, cache_id: int) -> None:
@@ -99,6 +147,7 @@ class CacheManager:
         check_int64("cache_id", cache_id)
         with map_errors("unregister_cache"):
             self._live_engine().unregister(cache_id)
+        self._registered_tensors.pop(cache_id, None)
 
     # -- pool allocation (deprecated upstream, fully supported here) ------------------------------
     def _check_pool(self, desc: CacheDesc) -> None:

@@ -6,6 +6,7 @@ from typing import Dict, Optional
 
 from llm_datadist._engine.api import EngineOptions
 from llm_datadist.status import LLMException, LLMStatusCode
+from llm_datadist.utils.addresses import parse_ip, parse_ip_port, parse_port, rank_table_addresses
 
 OPT_DEVICE_ID = "ge.exec.deviceId"
 OPT_SYNC_TIMEOUT = "llm.SyncKvCacheWaitTime"
@@ -27,6 +28,9 @@ ENV_LINK_SECRET = "LLM_DATADIST_LINK_SECRET"
 ENV_TRANSPORT = "LLM_DATADIST_TRANSPORT"
 DEFAULT_SYNC_TIMEOUT_MS = 1000
 ROLE_NAMES = {1: "Prompt", 2: "Decoder", 3: "Mix"}
+#: What to do when the CacheManager mode is off, in the words a user writes.
+ENABLE_CACHE_MANAGER_HINT = ('set LLMConfig.enable_cache_manager = True (option llm.EnableCacheManager = "1") '
+                             'before init')
 
 
 def _invalid(message: str, code: LLMStatusCode = LLMStatusCode.LLM_PARAM_INVALID) -> LLMException:
@@ -36,15 +40,9 @@ def _invalid(message: str, code: LLMStatusCode = LLMStatusCode.LLM_PARAM_INVALID
     return LLMException(message, status_code=code)
 
 
-def parse_listen_ip_info(value: str):
-    """Split "ip:port" as the official Python layer does (2 parts, int port)."""
-    parts = value.split(":")
-    if len(parts) != 2:
-        raise _invalid(f"listen_ip_info should be ip:port, but got {value!r}")
-    port = int(parts[1])  # a non-numeric port raises ValueError, as upstream
-    if not 0 <= port <= 65535:
-        raise _invalid(f"listen port {port} is out of range")
-    return parts[0], port
+def parse_listen_ip_info(value: str, option: str = OPT_LISTEN_IP_INFO):
+    """Split and check "ip:port" (IPv4, port 0..65535); LLMException(LLM_PARAM_INVALID) naming the option."""
+    return parse_ip_port(option, value)
 
 
 def _check_flow_graph_mem(options: Dict[str, str]) -> None:
@@ -68,10 +66,12 @@ def complete_options(options: Dict[str, str], role: int) -> Dict[str, str]:
         opts.setdefault(OPT_REMOTE_CACHE_ACCESSIBLE, "1")
     cm_mode = opts.get(OPT_ENABLE_CACHE_MANAGER) == "1"
     if OPT_LOCAL_COMM_RES in opts and not cm_mode:
-        raise _invalid("llm.LocalCommRes is not supported when llm.EnableCacheManager is not configured.")
+        raise _invalid("llm.LocalCommRes is not supported when llm.EnableCacheManager is not configured: "
+                       f"{ENABLE_CACHE_MANAGER_HINT}, or leave it unset.")
     if OPT_TRANSFER_BACKEND in opts:
         if not cm_mode:
-            raise _invalid("llm.TransferBackend requires llm.EnableCacheManager to be 1.")
+            raise _invalid(f"llm.TransferBackend requires llm.EnableCacheManager to be 1: "
+                           f"{ENABLE_CACHE_MANAGER_HINT}.")
         opts.setdefault(OPT_REMOTE_CACHE_ACCESSIBLE, "1")
         if opts[OPT_REMOTE_CACHE_ACCESSIBLE] != "1":
             raise _invalid("llm.TransferBackend requires llm.EnableRemoteCacheAccessible to be 1.")
@@ -115,7 +115,10 @@ def build_engine_options(options: Dict[str, str], role: int, cluster_id: int) ->
     ra = opts.get(OPT_REMOTE_CACHE_ACCESSIBLE, "0")
     if ra not in ("0", "1"):
         raise _invalid(f"{OPT_REMOTE_CACHE_ACCESSIBLE} must be 0 or 1, but got {ra!r}")
-    listen_port = int(opts[OPT_LISTEN_PORT]) if OPT_LISTEN_PORT in opts else None
+    if OPT_LISTEN_IP in opts:
+        parse_ip(OPT_LISTEN_IP, opts[OPT_LISTEN_IP])
+    listen_port = parse_port(OPT_LISTEN_PORT, opts[OPT_LISTEN_PORT]) if OPT_LISTEN_PORT in opts else None
+    rank_table_addresses(OPT_LOCAL_COMM_RES, opts.get(OPT_LOCAL_COMM_RES))
     if not cm_mode and OPT_LISTEN_IP_INFO in opts:
         ip, listen_port = parse_listen_ip_info(opts[OPT_LISTEN_IP_INFO])
         opts[OPT_LISTEN_IP] = ip

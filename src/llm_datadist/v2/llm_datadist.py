@@ -97,7 +97,8 @@ class LLMDataDist:
     def cache_manager(self):
         """The CacheManager of this instance (CacheManager mode only)."""
         self._require_engine()
-        raise_if_false(self._cm_mode, "cache_manager is not supported when llm.EnableCacheManager is not configured.")
+        raise_if_false(self._cm_mode, "cache_manager is not supported when llm.EnableCacheManager is not configured: "
+                       "{}.", cfg.ENABLE_CACHE_MANAGER_HINT)
         return self._cache_manager
 
     @property
@@ -106,7 +107,8 @@ class LLMDataDist:
         self._require_engine()
         raise_if_true(self._cm_mode, "kv_cache_manager is not supported when llm.EnableCacheManager is configured.")
         raise LLMException("kv_cache_manager needs the V1 package llm_datadist_v1, which is not available; "
-                           "use enable_cache_manager=True", status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+                           f"{cfg.ENABLE_CACHE_MANAGER_HINT} and use the cache_manager",
+                           status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
 
     def check_link_status(self, remote_cluster_id: int) -> None:
         """Legacy mode only: raise LLMException(LLM_NOT_YET_LINK) if the cluster is not linked."""
@@ -166,7 +168,8 @@ class LLMDataDist:
     def link(self, comm_name: str, cluster_rank_info: Dict[int, int], rank_table: str) -> int:
         """Join a comm domain; returns a comm_id at once, poll query_register_mem_status until OK."""
         engine = self._require_engine()
-        raise_if_false(self._cm_mode, "link is not supported when llm.EnableCacheManager is not configured.")
+        raise_if_false(self._cm_mode, "link is not supported when llm.EnableCacheManager is not configured: {}.",
+                       cfg.ENABLE_CACHE_MANAGER_HINT)
         check_isinstance("comm_name", comm_name, str, allow_none=False)
         raise_if_false(0 < len(comm_name) < 128, "comm_name length must be in [1, 127], but got {}", len(comm_name))
         check_isinstance("cluster_rank_info", cluster_rank_info, dict, allow_none=False)
@@ -189,7 +192,8 @@ class LLMDataDist:
 
     def _check_comm_id(self, comm_id: int):
         engine = self._require_engine()
-        raise_if_false(self._cm_mode, "comm links need llm.EnableCacheManager.")
+        raise_if_false(self._cm_mode, "comm links are not supported when llm.EnableCacheManager is not configured: "
+                       "{}.", cfg.ENABLE_CACHE_MANAGER_HINT)
         check_isinstance("comm_id", comm_id, int, allow_none=False)
         check_uint64("comm_id", comm_id)
         return engine
