@@ -3,9 +3,9 @@
 ``transfer_backend = "hixl"`` (the official name; here the default choice by locality) or one of our
 transports (``tcp``, ``process_vm``; ``--backend``) with ``local_comm_res = ""`` and a
 ``listen_ip_info`` on both sides. The prompt links to the decoder and pulls the decoder's block 2; the decoder
-pushes its blocks 0 and 1 into the prompt. One link serves both directions: the decoder's own
-``link_clusters`` to the prompt (the official sample makes it too) finds the link already there
-(``LLM_ALREADY_LINK``). The prompt checks every byte.
+pushes its blocks 0 and 1 into the prompt. Every endpoint is client and server: the decoder links to the prompt
+too (as the official sample does), which makes a second link; either carries transfers both ways. The prompt
+checks every byte.
 
 Run: ``python examples/transfer_backend.py [--backend hixl|tcp|process_vm] [--torch]``
 (``shm`` moves only pool-allocated caches, so it can not serve these registered tensors.)
@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 import common
-from llm_datadist import BlocksCacheKey, CacheDesc, LLMRole, LLMStatusCode, Placement
+from llm_datadist import BlocksCacheKey, CacheDesc, LLMRole, Placement
 
 PROMPT_ID, DECODER_ID = 0, 1
 NUM_TENSORS, BLOCKS, BLOCK_ELEMS = 2, 3, 2048
@@ -60,13 +60,11 @@ def decoder(ch, args) -> None:
     ch.send("listening", port)
     ch.recv("linked")
     prompt_cluster = common.cluster(PROMPT_ID, prompt_port, local_port=port)
-    common.expect_success("link_clusters", datadist.link_clusters([prompt_cluster], common.LINK_TIMEOUT_MS),
-                          also=[LLMStatusCode.LLM_ALREADY_LINK])
+    common.expect_success("link_clusters", datadist.link_clusters([prompt_cluster], common.LINK_TIMEOUT_MS))
     cm.push_blocks(BlocksCacheKey(PROMPT_ID, 0), cache, src_blocks=PUSHED, dst_blocks=PUSHED)
     ch.send("pushed")
-    ch.barrier("unlinked")  # the prompt's unlink removed the link on both sides
-    common.expect_success("unlink_clusters", datadist.unlink_clusters([prompt_cluster], common.LINK_TIMEOUT_MS,
-                                                                      force=True))
+    ch.barrier("unlinked")  # the prompt's unlink removed its link on both sides; ours is left
+    common.expect_success("unlink_clusters", datadist.unlink_clusters([prompt_cluster], common.LINK_TIMEOUT_MS))
     cm.unregister_cache(cache.cache_id)
     datadist.finalize()
 

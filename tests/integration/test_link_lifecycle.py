@@ -201,3 +201,21 @@ def test_refused_connection_still_fails_within_the_timeout(spawn_peer):
                    timeout=400)
     assert reply["code"] == S.LLM_LINK_FAILED
     assert time.monotonic() - started < 10  # generous bound: it gives up at its timeout, never hangs
+
+
+def test_both_sides_link_to_each_other_and_unlink_their_own(spawn_peer):
+    """Every endpoint is client and server (the hixl sample): two links; each side's unlink removes its own."""
+    port_a, port_b = free_port(), free_port()
+    a = start(spawn_peer, A_ID, SEED_P, port_a)
+    b = start(spawn_peer, B_ID, SEED_D, port_b, role=2)
+    assert b.call("link_clusters", clusters=[{"cluster_id": A_ID, "ip": "127.0.0.1", "port": port_a}])["code"] == 0
+    assert a.call("link_clusters", clusters=[{"cluster_id": B_ID, "ip": "127.0.0.1", "port": port_b}])["code"] == 0
+    assert a.call("link_clusters", clusters=[{"cluster_id": B_ID, "ip": "127.0.0.1", "port": port_b}])["code"] \
+        == S.LLM_ALREADY_LINK
+    pull_ok(a, B_ID, [1], [2], SEED_D)
+    pull_ok(b, A_ID, [3], [4], SEED_P)
+    assert a.call("unlink_clusters", cluster_id=B_ID, ip="127.0.0.1", port=port_b)["code"] == 0
+    pull_ok(a, B_ID, [5], [6], SEED_D)  # B's link to A still carries A's pulls
+    assert b.call("unlink_clusters", cluster_id=A_ID, ip="127.0.0.1", port=port_a)["code"] == 0
+    assert pull_code(a, B_ID) == S.LLM_NOT_YET_LINK
+    assert pull_code(b, A_ID) == S.LLM_NOT_YET_LINK

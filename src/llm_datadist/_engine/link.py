@@ -43,12 +43,14 @@ class Link:
 
     def __init__(self, peer: PeerInfo, conn, transports: Dict[str, Transport], peer_ra: bool,
                  comm_id: int = 0, serial: int = 0, descriptors: Optional[Dict[str, bytes]] = None,
-                 same_host: bool = False, on_closed: Optional[Callable[["Link"], None]] = None) -> None:
+                 same_host: bool = False, on_closed: Optional[Callable[["Link"], None]] = None,
+                 accepted: bool = False) -> None:
         self.peer = peer
         self.conn = conn
         self.peer_ra = peer_ra
         self.comm_id = comm_id
         self.serial = serial  # creation order: the newest usable link to a cluster carries its transfers
+        self.accepted = accepted  # the peer made this link (we are its server)
         self.same_host = same_host
         self._transports = transports
         self._descriptors: Dict[str, bytes] = dict(descriptors or {})
@@ -73,8 +75,10 @@ class Link:
 
     @property
     def key(self) -> Tuple[int, int]:
-        """(peer cluster id, comm id): the link table key."""
-        return self.peer.cluster_id, self.comm_id
+        """(peer cluster id, comm id; for link_clusters links 0 when we dialled, -1 when we accepted)."""
+        if self.comm_id:
+            return self.peer.cluster_id, self.comm_id
+        return self.peer.cluster_id, (-1 if self.accepted else 0)
 
     def retire(self) -> None:
         """Take no new transfers (unlink in progress); the connection stays up until closed."""

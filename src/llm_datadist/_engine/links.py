@@ -21,14 +21,17 @@ _log = logging.getLogger(__name__)
 MAX_PARALLEL_LINKS = 16
 
 
-LinkKey = Tuple[int, int]  # (peer cluster id, comm id; 0 for link_clusters links)
+LinkKey = Tuple[int, int]  # (peer cluster id, comm id, or DIALED / ACCEPTED for link_clusters links)
+DIALED, ACCEPTED = 0, -1  # a link_clusters link we made, and one a peer made to us
 
 
 class LinkManager:
     """Owns every link of one instance, keyed by (peer cluster id, comm id).
 
-    A link made by ``link_clusters`` has comm id 0; each rank-table comm domain has its own links, so
-    several domains with the same members coexist (the newest usable one carries transfers). A self link
+    ``link_clusters`` links are keyed DIALED on the side that called it and ACCEPTED on the other, so two
+    peers that both link to each other (every endpoint a client and a server) hold two links; each
+    rank-table comm domain has its own links, so several domains with the same members coexist. The newest
+    usable link to a cluster carries its transfers. A self link
     (``link_clusters`` to our own listener) has two ends in this process: the client end is in the table,
     the serving end is kept apart in ``_served`` so that lookups find exactly one link.
     """
@@ -177,7 +180,8 @@ class LinkManager:
                               name=f"llm-dd-link-{hello.cluster_id}", start=False)
         link = Link(peer, conn, engine.transports, hello.remote_cache_accessible,
                     comm_id=comm.comm_id if comm else 0, serial=next(self._serials), descriptors=hello.transports,
-                    same_host=hello.host_id == engine.host_id, on_closed=self._link_closed)
+                    same_host=hello.host_id == engine.host_id, on_closed=self._link_closed,
+                    accepted=isinstance(hello, proto.Hello))
         holder["link"] = link
         with self._lock:
             self._by_conn[id(conn)] = link
@@ -265,7 +269,7 @@ class LinkManager:
         moment before its server links as soon as the server listens.
         """
         engine = self._engine
-        comm_id = comm.comm_id if comm else 0
+        comm_id = comm.comm_id if comm else DIALED
         if expected_cluster is not None:
             with self._lock:
                 existing = self._links.get((expected_cluster, comm_id))
@@ -331,15 +335,17 @@ class LinkManager:
         return _overall(codes), codes
 
     def _unlink_one(self, cluster: dict, deadline: float, force: bool) -> LLMStatusCode:
+        """Our own link_clusters link to the cluster, else the one it made to us (the server's unlink)."""
         cluster_id = cluster["cluster_id"]
-        key = (cluster_id, 0)
+        keys = [(cluster_id, DIALED), (cluster_id, ACCEPTED)]
         if force:
-            self.drop(key)
+            for key in keys:
+                self.drop(key)
             return LLMStatusCode.LLM_SUCCESS
         if len(cluster["remote"]) != 1:
             return LLMStatusCode.LLM_PARAM_INVALID
         with self._lock:
-            link = self._links.get(key)
+            link = next((self._links[k] for k in keys if k in self._links), None)
         if link is None:
             return LLMStatusCode.LLM_NOT_YET_LINK
         try:
