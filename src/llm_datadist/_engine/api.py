@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, List, Tuple
 
-from llm_datadist._engine import requests
+from llm_datadist._engine import options, requests
 from llm_datadist._engine.errors import (EngineError, FeatureNotEnabled, LinkFailed, NotLinked, ParamInvalid,
                                          map_errors, status_of, to_llm_exception)
 from llm_datadist._engine.options import EngineOptions, link_timeout_s
@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the engine itself (numpy, transports) loads on the first op
     from llm_datadist._engine.engine import Engine
 
 __all__ = [
-    "EngineOptions", "open_engine", "requests", "map_errors", "status_of", "to_llm_exception",
+    "EngineOptions", "open_engine", "options", "requests", "map_errors", "status_of", "to_llm_exception",
     "EngineError", "FeatureNotEnabled", "LinkFailed", "NotLinked", "ParamInvalid", "KeyId", "UINT64_MAX",
     "CacheSpec", "LayerSel", "SourceSpec", "ConfigJob", "TaskJob", "TENSORS_PER_LAYER", "HOST",
     "DEVICE", "link_timeout_s", "transport_report", "process_vm_status", "plan_blocks_timing", "read_process_memory", "memory_kinds", "memory_kind",

@@ -64,8 +64,8 @@ class LLMDataDist:
             if self._engine is not None:
                 return
             check_isinstance("options", options, dict, allow_none=False)
-            cfg._check_flow_graph_mem(options)
-            opts = cfg.build_engine_options(options, self._role, self._cluster_id)
+            cfg.check_flow_graph_mem(options)
+            opts = cfg.parse_options(options, self._role, self._cluster_id)
             with map_errors("init"):
                 engine = api.open_engine(opts)
             self._options = cfg.complete_options(options, self._role)
