@@ -20,6 +20,7 @@ from llm_datadist._engine.guards import Guards
 from llm_datadist._engine.links import LinkManager
 from llm_datadist._engine.memory import backend_for
 from llm_datadist._engine.options import EngineOptions, link_timeout_s
+from llm_datadist._engine.poller import Poller
 from llm_datadist._engine.pool import MemPool, parse_pool_config
 from llm_datadist._engine.registry import CacheEntry, KeyId, Registry
 from llm_datadist._engine.tasks import LayerTask, TaskJob, TaskSet
@@ -31,6 +32,7 @@ _log = logging.getLogger(__name__)
 MAX_COMM_DOMAINS = 512
 DEFAULT_TRANSPORTS = ("loopback", "process_vm", "shm", "tcp")
 TASK_WORKERS = 8  # layer-wise tasks running at once; more wait in the executor's queue
+HANDLER_WORKERS = 4  # threads serving peers' requests (resolve, table, grants) for every link together
 _ENGINES = itertools.count(1)
 RELEASE_GRACE_S = 2.0  # beyond sync_kv_timeout, how long an unregister waits for transfers using the cache
 
@@ -73,7 +75,10 @@ class Engine:
         self.pools: Dict[int, Optional[MemPool]] = {DEVICE: None, HOST: None}
         self.transports: Dict[str, Transport] = {}
         self.links = LinkManager(self)
-        self.executor = Executor(TASK_WORKERS, f"llm-dd-tasks-{opts.cluster_id}-{next(_ENGINES)}")
+        serial = next(_ENGINES)
+        self.executor = Executor(TASK_WORKERS, f"llm-dd-tasks-{opts.cluster_id}-{serial}")
+        self.poller = Poller(f"llm-dd-links-{opts.cluster_id}-{serial}")  # reads every link connection
+        self.handlers = Executor(HANDLER_WORKERS, f"llm-dd-serve-{opts.cluster_id}-{serial}")
         self.tasks = TaskSet(self, self.executor)
         self._comms: Dict[int, CommDomain] = {}
         self._next_comm_id = 1
@@ -137,6 +142,8 @@ class Engine:
             comm.close()
         self._comms.clear()
         self.links.close()
+        self.poller.close()
+        self.handlers.shutdown(2.0)
         entries = self.registry.entries()
         self.registry.clear()
         deadline = time.monotonic() + RELEASE_GRACE_S

@@ -25,8 +25,9 @@ class Executor:
         self._outstanding = 0  # submitted jobs not finished yet
         self._closed = False
 
-    def submit(self, job: Callable[[], None]) -> None:
-        """Queue ``job``; RuntimeError once the executor is shut down."""
+    def submit(self, fn: Callable[..., None], *args: object) -> None:
+        """Queue ``fn(*args)``; RuntimeError once the executor is shut down."""
+        job = (lambda: fn(*args)) if args else fn
         with self._lock:
             if self._closed:
                 raise RuntimeError("executor is shut down")

@@ -177,7 +177,8 @@ class LinkManager:
         holder: Dict[str, Link] = {}
         conn = rpc.Connection(sock, handler=engine.handle_request,
                               on_close=lambda _c: self._on_connection_lost(holder.get("link")),
-                              name=f"llm-dd-link-{hello.cluster_id}", start=False)
+                              name=f"llm-dd-link-{hello.cluster_id}", start=False, poller=engine.poller,
+                              executor=engine.handlers)
         link = Link(peer, conn, engine.transports, hello.remote_cache_accessible,
                     comm_id=comm.comm_id if comm else 0, serial=next(self._serials), descriptors=hello.transports,
                     same_host=hello.host_id == engine.host_id, on_closed=self._link_closed,

@@ -8,12 +8,12 @@ import queue
 import socket
 import threading
 import time
-from concurrent.futures import Executor
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import msgspec
 
 from llm_datadist._engine import errors, protocol
+from llm_datadist._engine.poller import Poller
 from llm_datadist._engine.protocol import (Ack, AuthChallenge, AuthProof, AuthResult, Error, Hello, HelloAck,
                                            Message)
 from llm_datadist.status import LLMStatusCode
@@ -22,6 +22,7 @@ _log = logging.getLogger(__name__)
 
 Handler = Callable[["Connection", Message], Optional[Message]]
 JOIN_TIMEOUT_S = 5.0
+RECV_CHUNK = 256 * 1024
 _LINK_FAILED = int(LLMStatusCode.LLM_LINK_FAILED)
 _MIN_NONCE_BYTES = protocol.NONCE_BYTES // 2
 
@@ -73,39 +74,45 @@ class _Workers:
 class Connection:
     """One TCP connection carrying requests in both directions (links are symmetric).
 
-    Either side may ``call()`` the other. Reply frames complete the caller waiting on their request id;
-    other frames go to ``handler(conn, msg)``, whose return value (None means ``Ack()``) is the reply.
-    A handler failure becomes an ``Error`` reply: an EngineError (or anything with an LLMStatusCode
-    ``code``) keeps its code, anything else is LLM_FAILED and logged at ERROR. One reader daemon thread
-    polls in short steps and checks a stop event; handlers run inline in it unless ``handler_workers``
-    or ``executor`` is given (needed by handlers that are slow or call back over the same connection).
-    ``close()`` shuts the socket down, fails every waiter with LinkFailed, joins the reader and workers,
-    then calls ``on_close(conn)`` once.
+    Either side may ``call()`` the other (or ``notify()`` it: no reply). Reply frames complete the caller
+    waiting on their request id; other frames go to ``handler(conn, msg)``, whose return value (None means
+    ``Ack()``) is the reply. A handler failure becomes an ``Error`` reply: an EngineError (or anything with an
+    LLMStatusCode ``code``) keeps its code, anything else is LLM_FAILED and logged at ERROR.
+
+    Input is read by a ``Poller``: the engine's shared one (one thread for every link), or a private one made
+    for this connection. Frames are assembled as their bytes arrive (memory grows with what was received, not
+    with what a header announced). Handlers run on ``executor`` (or own ``handler_workers`` threads), never in
+    the poller; with a private poller and neither, inline. ``close()`` shuts the socket down, fails every waiter
+    with LinkFailed, waits until the poller let go of the socket, closes it, then calls ``on_close(conn)`` once
+    (off the poller thread).
     """
 
     def __init__(self, sock: socket.socket, handler: Optional[Handler] = None, *, name: str = "link",
                  on_close: Optional[Callable[["Connection"], None]] = None, handler_workers: int = 0,
-                 executor: Optional[Executor] = None, reply_timeout_s: float = 10.0,
-                 start: bool = True) -> None:
+                 executor=None, reply_timeout_s: float = 10.0, start: bool = True,
+                 poller: Optional[Poller] = None) -> None:
         """Wrap a connected socket (after the handshake).
 
         Args:
             sock: Connected stream socket; it is switched to non-blocking mode and owned from now on.
             handler: Serves the peer's requests; None answers every request with FEATURE_NOT_ENABLED.
             name: Used in thread names and log lines.
-            on_close: Called once, from the thread that closes the connection (the reader on peer EOF).
-            handler_workers: Number of own daemon handler threads (0: inline, unless ``executor``).
-            executor: Shared executor for handler calls, used instead of own workers.
+            on_close: Called once, after the connection closed (never in the poller thread).
+            handler_workers: Number of own daemon handler threads (0: use ``executor`` or run inline).
+            executor: Shared executor (``submit(fn, *args)``) for handler calls and ``on_close``.
             reply_timeout_s: Deadline for sending one reply.
-            start: Start the reader now; otherwise call ``start()``.
+            start: Start reading now; otherwise call ``start()``.
+            poller: The shared poller that reads this connection; None makes a private one.
         """
         sock.setblocking(False)
-        self._sock = sock
+        self.sock = sock
         self._handler = handler
         self.name = name
         self._on_close = on_close
         self._executor = executor
         self._workers = _Workers(handler_workers, name) if handler_workers > 0 and executor is None else None
+        self._own_poller = poller is None
+        self._poller = poller if poller is not None else Poller(f"{name}-reader")
         self._reply_timeout_s = reply_timeout_s
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -114,7 +121,9 @@ class Connection:
         self._closed = False
         self._close_reason = ""
         self._stop = threading.Event()
-        self._reader: Optional[threading.Thread] = None
+        self._started = False
+        self._buf = bytearray()
+        self._header: Optional[protocol.FrameHeader] = None
         self.peer = protocol.peer_name(sock)
         if start:
             self.start()
@@ -132,13 +141,12 @@ class Connection:
         return self._close_reason
 
     def start(self) -> None:
-        """Start the reader thread (idempotent)."""
+        """Start reading (idempotent)."""
         with self._lock:
-            if self._reader is not None or self._closed:
+            if self._started or self._closed:
                 return
-            reader = threading.Thread(target=self._read_loop, name=f"{self.name}-reader", daemon=True)
-            reader.start()  # under the lock: close() never sees a reader that was not started
-            self._reader = reader
+            self._started = True
+            self._poller.add(self)  # under the lock: close() never misses a registration
 
     def call(self, msg: Message, deadline: float) -> Message:
         """Send a request and return its reply (an ``Error`` reply is raised instead).
@@ -194,31 +202,89 @@ class Connection:
                 self._closed = True
                 self._close_reason = reason
                 waiters, self._waiters = self._waiters, {}
-        if first:
-            self._stop.set()
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            for waiter in waiters.values():
-                waiter.error = self._closed_error()
-                waiter.event.set()
-            _log.debug("%s: connection to %s closed: %s", self.name, self.peer, reason)
-        reader = self._reader
-        current = threading.current_thread()
-        in_handler = self._workers is not None and self._workers.owns(current)
-        if reader is not None and reader is not current and not in_handler:
-            reader.join(JOIN_TIMEOUT_S)
-        if reader is None or reader is current or not reader.is_alive():
-            self._close_socket()  # never while the reader may still poll this fd (fd reuse)
-        if first:
-            self._notify_closed()  # before joining workers: a slow handler must not delay it
-            if self._workers is not None:
-                self._workers.close()
+            started = self._started
+        if not first:
+            return
+        self._stop.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        for waiter in waiters.values():
+            waiter.error = self._closed_error()
+            waiter.event.set()
+        _log.debug("%s: connection to %s closed: %s", self.name, self.peer, reason)
+        if started:
+            self._poller.remove(self)  # never close an fd the poller may still watch (fd reuse)
+        self._close_socket()
+        self._run_off_poller(self._notify_closed)
+        if self._workers is not None:
+            self._workers.close()
+        if self._own_poller:
+            self._poller.close()
+
+    # Poller callbacks -----------------------------------------------------------------------------
+    def on_readable(self) -> None:
+        """Read what arrived and act on every complete frame (poller thread; never blocks)."""
+        try:
+            data = self.sock.recv(RECV_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(f"connection lost: {exc}")
+            return
+        if not data:
+            self.close("peer closed the connection")
+            return
+        self._buf += data
+        try:
+            self._frames()
+        except protocol.ProtocolError as exc:
+            _log.warning("%s: dropping connection to %s: protocol error: %s", self.name, self.peer, exc)
+            self.close(f"protocol error: {exc}")
+
+    def on_poll_error(self, reason: str) -> None:
+        self.close(reason)
+
+    def _frames(self) -> None:
+        buf = self._buf
+        while not self._closed:
+            if self._header is None:
+                if len(buf) < protocol.HEADER_SIZE:
+                    return
+                self._header = protocol.parse_header(bytes(buf[:protocol.HEADER_SIZE]))
+                del buf[:protocol.HEADER_SIZE]
+            header = self._header
+            if len(buf) < header.length:
+                return
+            body = bytes(buf[:header.length])
+            del buf[:header.length]
+            self._header = None
+            msg = protocol.decode_body(header, body)
+            if header.is_reply:
+                self._complete(header.request_id, msg)
+            else:
+                self._dispatch(header.request_id, msg)
 
     # Internals ------------------------------------------------------------------------------------
     def _closed_error(self) -> errors.LinkFailed:
         return errors.LinkFailed(f"{self.name}: connection to {self.peer} is closed ({self._close_reason})")
+
+    def _run_off_poller(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` now, unless this is the shared poller's thread: then on the executor (or a thread)."""
+        if self._own_poller or not self._poller_thread():
+            fn()
+            return
+        if self._executor is not None:
+            try:
+                self._executor.submit(fn)
+                return
+            except RuntimeError:
+                pass
+        threading.Thread(target=fn, name=f"{self.name}-closed", daemon=True).start()
+
+    def _poller_thread(self) -> bool:
+        return threading.current_thread() is getattr(self._poller, "_thread", None)
 
     def _notify_closed(self) -> None:
         if self._on_close is None:
@@ -233,7 +299,7 @@ class Connection:
             _log.warning("%s: sender still busy; socket left to the garbage collector", self.name)
             return
         try:
-            self._sock.close()
+            self.sock.close()
         finally:
             self._send_lock.release()
 
@@ -245,7 +311,9 @@ class Connection:
             raise errors.Timeout(f"{self.name}: send to {self.peer} still busy at the deadline")
         broken: Optional[errors.EngineError] = None
         try:
-            protocol.send_all(self._sock, data, deadline, self._stop)
+            if self._closed:
+                raise self._closed_error()
+            protocol.send_all(self.sock, data, deadline, self._stop)
         except protocol.PartialWrite as exc:
             broken = exc
         except errors.Timeout:
@@ -261,31 +329,6 @@ class Connection:
             if isinstance(broken, errors.Timeout):
                 raise errors.Timeout(f"{self.name}: {broken}; connection closed") from broken
             raise errors.LinkFailed(f"{self.name}: send to {self.peer} failed: {broken}") from broken
-
-    def _read_loop(self) -> None:
-        reason = "closed locally"
-        try:
-            while not self._stop.is_set():
-                header, msg = protocol.read_frame(self._sock, None, self._stop)
-                if header.is_reply:
-                    self._complete(header.request_id, msg)
-                else:
-                    self._dispatch(header.request_id, msg)
-        except protocol.PeerClosed as exc:
-            reason = str(exc)
-        except protocol.ProtocolError as exc:
-            reason = f"protocol error: {exc}"
-            _log.warning("%s: dropping connection to %s: %s", self.name, self.peer, reason)
-        except errors.EngineError as exc:
-            reason = str(exc)
-        except Exception as exc:  # noqa: BLE001 - the reader must always close the link
-            reason = f"reader failed: {exc!r}"
-            _log.error("%s: reader failed", self.name, exc_info=True)
-        finally:
-            if self._closed:
-                reason = self._close_reason
-            self.close(reason)
-            self._close_socket()
 
     def _complete(self, request_id: int, msg: Message) -> None:
         with self._lock:
