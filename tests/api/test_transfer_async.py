@@ -29,10 +29,11 @@ def _port() -> int:
 class Side:
     """One instance and the numpy arrays behind its caches (kept alive until the instance is finalized)."""
 
-    def __init__(self, dd: LLMDataDist) -> None:
+    def __init__(self, dd: LLMDataDist, push_target: bool = False) -> None:
         self.dd = dd
         self.cm = dd.cache_manager
         self.keep: List[np.ndarray] = []
+        self.push_target = push_target  # normal mode: destinations say remote_accessible=True to accept writes
 
     def cache(self, num_tensors: int = 8, dim0: int = 4, fill: Optional[int] = None, blocks: bool = False,
               placement: Placement = Placement.DEVICE, model_id: Optional[int] = None,
@@ -47,6 +48,8 @@ class Side:
         self.keep.extend(arrays)
         desc = CacheDesc(num_tensors, [dim0, SLOT], DataType.DT_UINT8, placement)
         addrs = [int(a.ctypes.data) for a in arrays]
+        if remote_accessible is None and self.push_target:
+            remote_accessible = True
         if blocks:
             key = None if model_id is None else BlocksCacheKey(self.dd.cluster_id, model_id)
             cache = self.cm.register_blocks_cache(desc, addrs, key, remote_accessible)
@@ -83,7 +86,7 @@ def _make_pair(ra: bool):
             break
         except Exception:  # noqa: BLE001 - not there yet
             time.sleep(0.005)
-    return Side(p), Side(d)
+    return Side(p), Side(d, push_target=not ra)
 
 
 def _shared(ra: bool):
@@ -482,6 +485,20 @@ def test_blocks_to_blocks_and_block_size_mismatch(pair):
         assert not darr[t].any()
     task = p.cm.transfer_cache_async(src, Recorder(), [cfg], [0], [3], SLOT // 2)
     assert _run(task) == [S.LLM_PARAM_INVALID]
+
+
+def test_normal_mode_destination_must_opt_in_to_writes(pair):
+    """A cache registered with the default remote_accessible is pulled from, never written by a peer."""
+    p, d = pair
+    src, _ = p.cache()
+    d.push_target = False
+    try:
+        _dst, darr = d.cache(fill=0)
+    finally:
+        d.push_target = True
+    task = p.cm.transfer_cache_async(src, Recorder(), [TransferConfig(D_CLUSTER, _addrs(darr, range(4)))])
+    assert _run(task) == [S.LLM_PARAM_INVALID]
+    assert not any(a.any() for a in darr)
 
 
 def test_d24_raw_addresses_outside_accessible_caches_are_refused(pair):

@@ -115,8 +115,8 @@ class Decode:
         addrs = [int(a.ctypes.data) for a in self.arrays]
         if mode == "key":
             self.dd.cache_manager.register_blocks_cache(desc, addrs, BlocksCacheKey(DECODE, 5))
-        else:
-            self.dd.cache_manager.register_cache(desc, addrs)
+        else:  # normal mode: the destination of raw layer-wise pushes opts in to peers' writes
+            self.dd.cache_manager.register_cache(desc, addrs, remote_accessible=True)
 
     def start_args(self) -> dict:
         if self.mode == "key":

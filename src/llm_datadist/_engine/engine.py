@@ -187,9 +187,8 @@ class Engine:
             transport.deregister(held.region)
 
     def _tensor_regions(self, entry: CacheEntry) -> List[Region]:
-        writable = entry.remote_accessible or entry.owned
         return [Region(addr=a, nbytes=entry.tensor_nbytes, kind=entry.kind, device_id=entry.device_id,
-                       writable=writable) for a in entry.tensor_addrs]
+                       writable=entry.writable) for a in entry.tensor_addrs]
 
     def _exposed(self, entry: CacheEntry) -> bool:
         return entry.owned or entry.remote_accessible or not self.opts.remote_cache_accessible
@@ -252,11 +251,17 @@ class Engine:
                           device_id=self.opts.device_id, kind=backend.kind)
 
     def _register(self, spec: CacheSpec, addrs: Sequence[int], keys: Sequence[Optional[KeyId]],
-                  blocks_model_id: Optional[int], remote_accessible: bool) -> CacheEntry:
-        """register_cache / register_blocks_cache: record user memory after checking it is mapped."""
+                  blocks_model_id: Optional[int], remote_accessible: bool, writable: Optional[bool]) -> CacheEntry:
+        """register_cache / register_blocks_cache: record user memory after checking it is mapped.
+
+        Peers may write into it when it is remote accessible and this instance pushes (remote-cache-accessible
+        mode), or when the caller says so (``writable``: an explicit remote_accessible=True in normal mode,
+        where only layer-wise pushes write); a pull-only cache is never written by a peer.
+        """
         if len(addrs) != spec.num_tensors:
             raise ParamInvalid(f"{len(addrs)} addresses given for {spec.num_tensors} tensors")
         entry = self._entry(spec, addrs, owned=False, remote_accessible=remote_accessible)
+        entry.writable = remote_accessible and (self.opts.remote_cache_accessible if writable is None else writable)
         backend = backend_for(spec.placement, self.opts.device_id)
         for addr in entry.tensor_addrs:
             backend.check_range(addr, entry.tensor_nbytes)
@@ -286,6 +291,7 @@ class Engine:
         if pool is None:
             raise ParamInvalid("no memory pool is configured for this placement")
         entry = self._entry(spec, [], owned=True, remote_accessible=True)
+        entry.writable = True
         if not spec.is_blocks and len(keys) > spec.dim0:
             raise ParamInvalid(f"{len(keys)} cache keys exceed the batch size {spec.dim0}")
         addrs = pool.allocate_many([entry.tensor_nbytes] * spec.num_tensors)
@@ -444,8 +450,9 @@ class Engine:
     def writable_entry(self, slot: int, value: int) -> CacheEntry:
         """The live cache of a generation that accepts writes from peers (CacheNotExist / ParamInvalid)."""
         entry = self.registry.by_guard(slot, value)
-        if not (self._exposed(entry) and (entry.remote_accessible or entry.owned)):
-            raise ParamInvalid(f"cache {entry.cache_id} does not accept writes from peers")
+        if not (self._exposed(entry) and entry.writable):
+            raise ParamInvalid(f"cache {entry.cache_id} does not accept writes from peers (register it with "
+                               f"remote_accessible=True to receive pushes)")
         return entry
 
     def _resolve_local(self, msg: proto.Resolve) -> proto.CacheView:
@@ -508,7 +515,8 @@ class Engine:
 
     # -- the Engine API (what the facades call; see _engine/api.py) -----------------------------------
     def register(self, req: rq.Register) -> rq.CacheInfo:
-        return _info(self._register(req.spec, req.addrs, req.keys, req.blocks_model_id, req.remote_accessible))
+        return _info(self._register(req.spec, req.addrs, req.keys, req.blocks_model_id, req.remote_accessible,
+                                    req.writable))
 
     def allocate(self, req: rq.Allocate) -> rq.CacheInfo:
         return _info(self._allocate(req.spec, req.keys, req.blocks_model_id))

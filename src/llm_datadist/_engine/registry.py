@@ -64,6 +64,7 @@ class CacheEntry:
     is_mix: bool = False
     owned: bool = False
     remote_accessible: bool = False
+    writable: bool = False  # peers may write into it (pushes, layer-wise pushes)
     data_type: int = 0
     shape: Tuple[int, ...] = ()
     device_id: int = 0

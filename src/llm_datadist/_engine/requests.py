@@ -19,6 +19,7 @@ class Register:
     keys: Tuple[Optional[KeyId], ...] = ()
     blocks_model_id: Optional[int] = None
     remote_accessible: bool = True
+    writable: Optional[bool] = None  # peers may write into it; None: remote accessible in RA mode
 
 
 @dataclasses.dataclass(frozen=True)

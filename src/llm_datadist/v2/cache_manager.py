@@ -104,7 +104,7 @@ class CacheManager:
         engine = self._live_engine()
         with map_errors("register_cache"):
             info = engine.register(rq.Register(spec_of(cache_desc, False), tuple(addrs), tuple(_key_ids(cache_keys)),
-                                               None, ra))
+                                               None, ra, _writable(remote_accessible)))
         self._keep_tensors(info.cache_id, tensors)
         return Cache(info.cache_id, cache_desc, list(addrs), self, True, False)
 
@@ -137,7 +137,8 @@ class CacheManager:
         engine = self._live_engine()
         model_id = None if blocks_cache_key is None else blocks_cache_key.model_id
         with map_errors("register_blocks_cache"):
-            info = engine.register(rq.Register(spec_of(cache_desc, True), tuple(addrs), (), model_id, ra))
+            info = engine.register(rq.Register(spec_of(cache_desc, True), tuple(addrs), (), model_id, ra,
+                                               _writable(remote_accessible)))
         self._keep_tensors(info.cache_id, tensors)
         return Cache(info.cache_id, cache_desc, list(addrs), self, True, True)
 
@@ -381,6 +382,11 @@ class CacheManager:
 
         return transfer_cache_async(self, src_cache, layer_synchronizer, transfer_configs, src_block_indices,
                                     dst_block_indices, dst_block_memory_size)
+
+
+def _writable(remote_accessible: Optional[bool]) -> Optional[bool]:
+    """An explicit remote_accessible=True also accepts peers' writes in normal mode (layer-wise pushes)."""
+    return True if remote_accessible is True else None
 
 
 def _key_id(key: CacheKey) -> Optional[KeyId]:
