@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from fakes import Delayed, slow_thread_start
+from fakes import Delayed
 from llm_datadist import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex, DataType, LLMClusterInfo,
                           LLMDataDist, LLMException, LLMRole, LLMStatusCode, Placement)
 from llm_datadist.v2.llm_types import BlocksCacheKey as TypesBlocksCacheKey
@@ -269,7 +269,7 @@ def test_clients_item_12_force_unlink_both_sides_then_relink(make_pair, new_cach
 
 
 def test_clients_item_12_client_restart_relinks(make_dd, new_cache, tools):
-    # a client that dies without unlinking comes back with the same cluster id: the server replaces the link
+    # a client that dies without unlinking comes back with the same cluster id: the server relinks it
     p = make_dd(LLMRole.PROMPT, P, listen=True)
     src, src_arrays = new_cache(p.cache_manager, 1, (4, 16), blocks=True, blocks_key=BlocksCacheKey(P, 0))
     info = tools.cluster_info(P, make_dd.port(p))
@@ -278,27 +278,34 @@ def test_clients_item_12_client_restart_relinks(make_dd, new_cache, tools):
     p_dst, _ = new_cache(p.cache_manager, 1, (4, 16), blocks=True)
     assert first.link_clusters([info], 3000) == (SUCCESS, [SUCCESS])
     p.cache_manager.pull_blocks(BlocksCacheKey(D, 0), p_dst, [0], [0])  # the link is in use on both sides
-    second = make_dd(LLMRole.DECODER, D)  # "restarted" client, first one never unlinked
+    first.finalize()  # the process "dies": its connection closes, nothing is unlinked
+    second = make_dd(LLMRole.DECODER, D)  # the restarted client
     assert second.link_clusters([info], 3000) == (SUCCESS, [SUCCESS])
     dst, dst_arrays = new_cache(second.cache_manager, 1, (4, 16), blocks=True, fill="sentinel")
     second.cache_manager.pull_blocks(BlocksCacheKey(P, 0), dst, [2], [2])
     assert (dst_arrays[0][2] == src_arrays[0][2]).all()
 
 
-def test_clients_item_12_client_restart_race(make_dd, new_cache, tools):
-    p = make_dd(LLMRole.PROMPT, P, listen=True)
+@pytest.mark.parametrize("secret", [None, "s3cret"])
+def test_a_claimed_cluster_id_evicts_a_live_link_only_with_the_secret(make_dd, new_cache, tools, secret):
+    """Without a secret anyone can claim an id: a live link is kept (ALREADY_LINK); with one, the prover wins."""
+    extra = {"link_secret": secret} if secret else {}
+    p = make_dd(LLMRole.PROMPT, P, listen=True, **extra)
     src, src_arrays = new_cache(p.cache_manager, 1, (4, 16), blocks=True, blocks_key=BlocksCacheKey(P, 0))
     info = tools.cluster_info(P, make_dd.port(p))
-    first, second = make_dd(LLMRole.DECODER, D), make_dd(LLMRole.DECODER, D)
-    # the server's reader thread of the first link starts late (a busy server): the restarted client's link
-    # replaces a link whose reader is still starting, which once made close() raise and the link fail
-    with slow_thread_start(f"llm-dd-link-{D}-reader", 0.3):
-        assert first.link_clusters([info], 3000) == (SUCCESS, [SUCCESS])
-        assert second.link_clusters([info], 3000) == (SUCCESS, [SUCCESS])
-    dst, dst_arrays = new_cache(second.cache_manager, 1, (4, 16), blocks=True, fill="sentinel")
-    second.cache_manager.pull_blocks(BlocksCacheKey(P, 0), dst, [2], [2])
-    assert (dst_arrays[0][2] == src_arrays[0][2]).all()
-
+    first, second = make_dd(LLMRole.DECODER, D, **extra), make_dd(LLMRole.DECODER, D, **extra)
+    assert first.link_clusters([info], 3000) == (SUCCESS, [SUCCESS])
+    code, _ = second.link_clusters([info], 3000)
+    dst, dst_arrays = new_cache(first.cache_manager, 1, (4, 16), blocks=True, fill="sentinel")
+    if secret:
+        assert code == SUCCESS
+        dst2, dst2_arrays = new_cache(second.cache_manager, 1, (4, 16), blocks=True, fill="sentinel")
+        second.cache_manager.pull_blocks(BlocksCacheKey(P, 0), dst2, [2], [2])
+        assert (dst2_arrays[0][2] == src_arrays[0][2]).all()
+    else:
+        assert code == LLMStatusCode.LLM_ALREADY_LINK
+        first.cache_manager.pull_blocks(BlocksCacheKey(P, 0), dst, [1], [1])  # the first link still works
+        assert (dst_arrays[0][1] == src_arrays[0][1]).all()
 
 def test_clients_item_12_missing_remote_id_and_local_ip(make_dd, new_cache, tools):
     p = make_dd(LLMRole.PROMPT, 11, listen=True)

@@ -71,7 +71,8 @@ class Engine:
         self.host_id = host_identity()
         self.pid = os.getpid()
         self.guards = Guards()
-        self.registry = Registry(on_release=self._on_release, on_invalidate=self._on_invalidate)
+        self.registry = Registry(on_release=self._on_release, on_invalidate=self._on_invalidate,
+                                 reguard=self._reguard)
         self.pools: Dict[int, Optional[MemPool]] = {DEVICE: None, HOST: None}
         self.transports: Dict[str, Transport] = {}
         self.links = LinkManager(self)
@@ -211,6 +212,11 @@ class Engine:
     def _on_invalidate(self, entry: CacheEntry) -> None:
         if entry.guard is not None:
             self.guards.invalidate(entry.guard)
+
+    def _reguard(self, guard):
+        fresh = self.guards.acquire()
+        self.guards.invalidate(guard)
+        return fresh
 
     def _on_release(self, entry: CacheEntry) -> None:
         """Free a cache's memory: first wait for server-side requests admitted under its old generation."""

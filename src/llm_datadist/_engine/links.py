@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import itertools
+import os
 import socket
 import threading
 import time
@@ -19,6 +20,9 @@ from llm_datadist.status import LLMStatusCode
 
 _log = logging.getLogger(__name__)
 MAX_PARALLEL_LINKS = 16
+MAX_LINKS = int(os.environ.get("LLM_DATADIST_MAX_LINKS", "") or 1024)  # links one instance holds at most
+EVICT_PING_S = 1.0
+NOTICE_SEND_S = 0.2  # a table-change notice that cannot be queued this fast is dropped (guards still hold)  # how long an existing link has to answer before a new one with its identity replaces it
 
 
 LinkKey = Tuple[int, int]  # (peer cluster id, comm id, or DIALED / ACCEPTED for link_clusters links)
@@ -145,6 +149,9 @@ class LinkManager:
                                 f"this is cluster {engine.cluster_id}, not {hello.target_cluster_id}")
             if comm is not None and not comm.accepts(hello):
                 return _refusal(LLMStatusCode.LLM_LINK_FAILED, "not a member of this comm domain")
+            refusal = self._admit(hello, comm)
+            if refusal is not None:
+                return refusal
             link = self._make_link(sock, hello, addr[0], comm)
             made["link"] = link
             if hello.cluster_id == engine.cluster_id and comm is None:
@@ -168,6 +175,30 @@ class LinkManager:
         link.conn.start()
         _log.info("accepted link from cluster %d (%s)", link.cluster_id, addr[0])
         return link
+
+    def _admit(self, hello: proto.Hello, comm) -> Optional[proto.HelloAck]:
+        """Refuse a handshake beyond the link cap, or one that would evict a live link without proof.
+
+        A peer that restarted replaces its stale link. Without a shared secret anyone can claim a cluster
+        id, so the existing link is replaced only once it failed a ping (its connection is dead); with a
+        secret the new peer proved it belongs, and replaces it at once.
+        """
+        with self._lock:
+            live = [link for link in self._links.values() if not link.closed]
+            key = (hello.cluster_id, comm.comm_id if comm else ACCEPTED)
+            old = self._links.get(key)
+        if len(live) >= MAX_LINKS and old is None:
+            return _refusal(LLMStatusCode.LLM_LINK_FAILED, f"this instance already holds {MAX_LINKS} links "
+                                                           f"(LLM_DATADIST_MAX_LINKS)")
+        if old is None or old.closed or self._engine.opts.link_secret:
+            return None
+        try:
+            old.conn.call(proto.Ping(), time.monotonic() + EVICT_PING_S)
+        except EngineError:
+            _log.info("link from cluster %d did not answer a ping: replaced", hello.cluster_id)
+            return None
+        return _refusal(LLMStatusCode.LLM_ALREADY_LINK, f"cluster {hello.cluster_id} is already linked here and "
+                                                        f"its link is alive")
 
     def _make_link(self, sock, hello, address: str, comm, start: bool = False) -> Link:
         """A link over a handshaken socket; ``hello`` is the peer's Hello or HelloAck."""
@@ -375,15 +406,14 @@ class LinkManager:
 
     def notify_table_changed(self, version: int) -> None:
         """Tell every linked peer that our cache table changed, so no stale snapshot is used (D12)."""
-        deadline = time.monotonic() + 0.5
         for link in self.links():
             if link.cluster_id == self._engine.cluster_id:  # a self link caches our own table: drop it here
                 link.invalidate_table()
                 continue
-            try:
-                link.call(proto.TableChanged(version=version), deadline)
+            try:  # a notification each: nobody waits for a reply, one slow peer delays no other
+                link.conn.notify(proto.TableChanged(version=version), time.monotonic() + NOTICE_SEND_S)
             except EngineError as exc:
-                _log.debug("table change notice to cluster %d failed: %s", link.cluster_id, exc)
+                _log.info("table change notice to cluster %d not sent: %s", link.cluster_id, exc)
 
     def check_no_links(self) -> None:
         if self.has_links():

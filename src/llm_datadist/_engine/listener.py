@@ -1,11 +1,12 @@
 """TCP listener of the control plane: an accept loop in a daemon thread with a stop event."""
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import threading
 import time
-from typing import Any, Callable, Set
+from typing import Any, Callable
 
 from llm_datadist._engine import errors
 
@@ -24,8 +25,9 @@ class Listener:
     The accept loop runs in a daemon thread, wakes every ACCEPT_TIMEOUT_S to check a stop event, and
     starts one short-lived daemon thread per connection, so a slow handshake never delays other
     accepts. ``on_accept`` owns the socket (a blocking socket); if it raises, the error is logged and
-    the socket closed. Beyond MAX_PENDING_HANDSHAKES connections still in ``on_accept``, new ones are
-    closed at once (a flood cannot exhaust threads).
+    the socket closed. At most MAX_PENDING_HANDSHAKES connections are in ``on_accept`` at once: beyond,
+    the one waiting longest is cut (its socket shut down), so idle or slow sockets can neither exhaust
+    threads nor keep a real peer out while they sit there.
     """
 
     def __init__(self, host: str, port: int, on_accept: AcceptCallback, name: str = "llm-dd-listener",
@@ -47,7 +49,7 @@ class Listener:
         self._name = name
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._pending: Set[threading.Thread] = set()
+        self._pending: "collections.OrderedDict[threading.Thread, socket.socket]" = collections.OrderedDict()
         self._closed = False
         self._sock = _bind(host, port, backlog)
         self._sock.settimeout(ACCEPT_TIMEOUT_S)
@@ -103,14 +105,19 @@ class Listener:
     def _spawn(self, conn: socket.socket, addr: Any) -> None:
         conn.settimeout(None)
         with self._lock:
+            victim = None
             if len(self._pending) >= MAX_PENDING_HANDSHAKES:
-                _log.warning("%s: %d handshakes in progress; connection from %s dropped", self._name,
-                             len(self._pending), addr)
-                conn.close()
-                return
+                victim = next(iter(self._pending.values()))  # the oldest handshake: most likely idle
             thread = threading.Thread(target=self._serve, args=(conn, addr), daemon=True,
                                       name=f"{self._name}-conn")
-            self._pending.add(thread)
+            self._pending[thread] = conn
+        if victim is not None:
+            _log.info("%s: %d handshakes in progress; the oldest is cut for %s", self._name,
+                      MAX_PENDING_HANDSHAKES, addr)
+            try:
+                victim.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         thread.start()
 
     def _serve(self, conn: socket.socket, addr: Any) -> None:
@@ -124,7 +131,7 @@ class Listener:
             conn.close()
         finally:
             with self._lock:
-                self._pending.discard(threading.current_thread())
+                self._pending.pop(threading.current_thread(), None)
 
 
 def _bind(host: str, port: int, backlog: int) -> socket.socket:

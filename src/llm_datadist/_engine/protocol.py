@@ -41,6 +41,7 @@ FLAG_REPLY = 0x0001
 _KNOWN_FLAGS = FLAG_REPLY
 
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+HANDSHAKE_FRAME_BYTES = 64 * 1024  # frames before a link exists (Hello, auth): small, so strangers cost little
 MAX_NAME_CHARS = 256
 MAX_MESSAGE_CHARS = 16 * 1024
 MAX_TRANSPORTS = 32
@@ -418,8 +419,11 @@ def recv_exact(sock: socket.socket, nbytes: int, deadline: Optional[float] = Non
 
 
 def read_frame(sock: socket.socket, deadline: Optional[float] = None,
-               stop: Optional[threading.Event] = None) -> Tuple[FrameHeader, Message]:
+               stop: Optional[threading.Event] = None,
+               max_length: int = MAX_FRAME_BYTES) -> Tuple[FrameHeader, Message]:
     """Read one frame: exactly the header, check it (version first), then exactly the body.
+
+    ``max_length`` caps the body before any of it is read (handshake frames use HANDSHAKE_FRAME_BYTES).
 
     Raises:
         errors.Timeout: The deadline passed.
@@ -427,6 +431,8 @@ def read_frame(sock: socket.socket, deadline: Optional[float] = None,
         VersionMismatch, ProtocolError: Malformed input; drop the connection.
     """
     header = parse_header(bytes(recv_exact(sock, HEADER_SIZE, deadline, stop, at_boundary=True)))
+    if header.length > max_length:
+        raise ProtocolError(f"frame payload of {header.length} bytes exceeds the {max_length}-byte limit here")
     body = recv_exact(sock, header.length, deadline, stop) if header.length else b""
     return header, decode_body(header, bytes(body))
 

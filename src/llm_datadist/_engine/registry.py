@@ -116,15 +116,19 @@ class Registry:
     """Cache table of one instance, under one RLock.
 
     ``on_invalidate(entry)`` is called under the lock the moment an entry leaves the table (its generation
-    word changes there, before the call that removed it returns). ``on_release(entry)`` is called exactly once
+    word changes there, before the call that removed it returns). ``reguard(old_guard) -> new_guard`` gives a
+    live entry a new generation when it loses a key (unbound, or a blocks key moved to another cache), so a
+    peer's view that found this cache through that key fails its check instead of reading the wrong cache. ``on_release(entry)`` is called exactly once
     per entry whose memory must be released (owned: back to the pool; registered: deregister from transports),
     outside the lock and after the last :meth:`unpin`; ``entry.freed`` is set after it.
     """
 
     def __init__(self, on_release: Optional[Callable[[CacheEntry], None]] = None,
-                 on_invalidate: Optional[Callable[[CacheEntry], None]] = None) -> None:
+                 on_invalidate: Optional[Callable[[CacheEntry], None]] = None,
+                 reguard: Optional[Callable[[Any], Any]] = None) -> None:
         self._on_release = on_release
         self._on_invalidate = on_invalidate
+        self._reguard = reguard
         self._lock = threading.RLock()
         self._next_id = 1
         self._entries: Dict[int, CacheEntry] = {}
@@ -220,6 +224,7 @@ class Registry:
             if model_id is not None:
                 if old_id is not None:
                     self._entries[old_id].blocks_model_id = None
+                    self._new_generation(self._entries[old_id])
                     _log.info("blocks key model_id %s moves from cache %s to cache %s",
                               model_id, old_id, entry.cache_id)
                 self._blocks[model_id] = entry.cache_id
@@ -420,7 +425,17 @@ class Registry:
         self._bump()
         if not entry.id_ref and not entry.slot_keys:
             return self._drop(entry)
+        self._new_generation(entry)
         return []
+
+    def _new_generation(self, entry: CacheEntry) -> None:
+        """The entry stays but a key no longer leads to it: views that relied on the key must fail."""
+        if self._reguard is None or entry.guard is None:
+            return
+        if self._by_slot.get(entry.guard.slot) is entry:
+            del self._by_slot[entry.guard.slot]
+        entry.guard = self._reguard(entry.guard)
+        self._by_slot[entry.guard.slot] = entry
 
     def _drop(self, entry: CacheEntry) -> List[CacheEntry]:
         """Remove an entry and all of its keys; returns it for release unless already released."""

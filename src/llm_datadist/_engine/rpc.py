@@ -23,6 +23,7 @@ _log = logging.getLogger(__name__)
 Handler = Callable[["Connection", Message], Optional[Message]]
 JOIN_TIMEOUT_S = 5.0
 RECV_CHUNK = 256 * 1024
+HELLO_WAIT_S = 3.0  # a connection must say Hello this soon (idle sockets do not hold a handshake slot long)
 _LINK_FAILED = int(LLMStatusCode.LLM_LINK_FAILED)
 _MIN_NONCE_BYTES = protocol.NONCE_BYTES // 2
 
@@ -453,7 +454,7 @@ def _client_handshake(sock: socket.socket, hello: Hello, deadline: float, secret
     nonce = protocol.make_nonce() if secret is not None else b""
     hello = msgspec.structs.replace(hello, protocol_version=protocol.PROTOCOL_VERSION, client_nonce=nonce)
     protocol.send_all(sock, protocol.encode(hello, 0), deadline)
-    msg = protocol.read_frame(sock, deadline)[1]
+    msg = protocol.read_frame(sock, deadline, max_length=protocol.HANDSHAKE_FRAME_BYTES)[1]
     if secret is not None:
         msg = _client_auth(sock, msg, secret, nonce, deadline, peer)
     if isinstance(msg, AuthResult):
@@ -481,7 +482,7 @@ def _client_auth(sock: socket.socket, msg: Message, secret: bytes, nonce: bytes,
                            f"shared secret")
     proof = protocol.client_proof(secret, msg.server_nonce, nonce)
     protocol.send_all(sock, protocol.encode(AuthProof(client_proof=proof), 0), deadline)
-    return protocol.read_frame(sock, deadline)[1]
+    return protocol.read_frame(sock, deadline, max_length=protocol.HANDSHAKE_FRAME_BYTES)[1]
 
 
 def accept_handshake(sock: socket.socket, deadline: float, secret: Union[bytes, str, None],
@@ -504,7 +505,7 @@ def accept_handshake(sock: socket.socket, deadline: float, secret: Union[bytes, 
     secret = _secret_bytes(secret)
     try:
         protocol.prepare_socket(sock)
-        hello = _read_hello(sock, deadline, peer)
+        hello = _read_hello(sock, min(deadline, time.monotonic() + HELLO_WAIT_S), peer)
         if secret is not None:
             _server_auth(sock, hello, secret, deadline, peer)
         ack = _decide(decide, hello)
@@ -520,7 +521,7 @@ def accept_handshake(sock: socket.socket, deadline: float, secret: Union[bytes, 
 
 def _read_hello(sock: socket.socket, deadline: float, peer: str) -> Hello:
     try:
-        msg = protocol.read_frame(sock, deadline)[1]
+        msg = protocol.read_frame(sock, deadline, max_length=protocol.HANDSHAKE_FRAME_BYTES)[1]
         if isinstance(msg, Hello) and msg.protocol_version != protocol.PROTOCOL_VERSION:
             raise protocol.VersionMismatch(msg.protocol_version)
     except protocol.VersionMismatch as exc:
@@ -542,7 +543,7 @@ def _server_auth(sock: socket.socket, hello: Hello, secret: bytes, deadline: flo
     challenge = AuthChallenge(server_nonce=nonce, server_proof=proof)
     protocol.send_all(sock, protocol.encode(challenge, 0, is_reply=True), deadline)
     try:
-        msg = protocol.read_frame(sock, deadline)[1]
+        msg = protocol.read_frame(sock, deadline, max_length=protocol.HANDSHAKE_FRAME_BYTES)[1]
     except errors.LinkFailed as exc:  # the client hung up: it refused our proof (other secret)
         raise _auth_failed(f"link authentication failed from {peer}: no proof ({exc})") from exc
     expected = protocol.client_proof(secret, nonce, hello.client_nonce)
