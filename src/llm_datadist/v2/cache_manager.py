@@ -38,6 +38,14 @@ class CacheManager:
         self._initialized = False
         self._registered_tensors.clear()
 
+    def _owned(self, *caches) -> None:
+        """A Cache of another instance names a cache id of that instance: refuse it instead of moving bytes of
+        whatever cache has the same id here (CPU caches of ``create_cpu_cache`` belong to no instance)."""
+        for cache in caches:
+            owner = getattr(cache, "_cache_manager", None)
+            raise_if_true(owner is not None and owner is not self,
+                          "cache {} belongs to another LLMDataDist instance", cache.cache_id)
+
     def _live_engine(self):
         if not self._initialized:
             raise LLMException("cache manager is not initialized (the LLMDataDist was finalized)",
@@ -183,6 +191,7 @@ class CacheManager:
         """Drop the cache-id reference; memory returns to the pool once no key is bound (deferred free)."""
         check_isinstance("cache", cache, Cache)
         raise_if_true(cache.is_blocks_cache, "cache can not be blocks cache")
+        self._owned(cache)
         with map_errors("deallocate_cache"):
             self._live_engine().deallocate(cache.cache_id)
         cache._invalidate()
@@ -191,6 +200,7 @@ class CacheManager:
         """Free a pool-allocated blocks cache at once (its BlocksCacheKey becomes free)."""
         check_isinstance("cache", cache, Cache)
         raise_if_false(cache.is_blocks_cache, "cache should be blocks cache")
+        self._owned(cache)
         with map_errors("deallocate_blocks_cache"):
             self._live_engine().deallocate(cache.cache_id)
         cache._invalidate()
@@ -229,6 +239,7 @@ class CacheManager:
         layers = self._layers(kwargs)
         check_cache_key(cache_key)
         source = cache_key_source(cache_key)
+        self._owned(cache)
         with map_errors("pull_cache"):
             self._live_engine().transfer(rq.PullCache(source, cache.cache_id, batch_index, size, layers))
 
@@ -250,6 +261,7 @@ class CacheManager:
             raise_if_false(len(src_blocks) == 0,
                            "src_blocks should be empty when src_cache_key is not instance of BlocksCacheKey")
         source = cache_key_source(src_cache_key)
+        self._owned(dst_cache)
         with map_errors("pull_blocks"):
             self._live_engine().transfer(rq.PullBlocks(source, dst_cache.cache_id, tuple(src_blocks),
                                                        tuple(dst_blocks), layers))
@@ -280,6 +292,7 @@ class CacheManager:
         check_int64("size", size)
         raise_if_false(size == -1, "push_cache only supports size -1, but got {}", size)
         dest = cache_key_source(dst_cache_key)
+        self._owned(src_cache)
         with map_errors("push_cache"):
             self._live_engine().transfer(rq.PushCache(dest, src_cache.cache_id, src_batch_index, layers))
 
@@ -297,6 +310,7 @@ class CacheManager:
         raise_if_false(len(dst_blocks) > 0, "dst_blocks can not be empty")
         layers = self._push_layers(src_cache, src_layer_range, dst_layer_range, tensor_num_per_layer)
         dest = cache_key_source(dst_cache_key)
+        self._owned(src_cache)
         with map_errors("push_blocks"):
             self._live_engine().transfer(rq.PushBlocks(dest, src_cache.cache_id, tuple(src_blocks),
                                                        tuple(dst_blocks), layers))
@@ -318,6 +332,7 @@ class CacheManager:
         raise_if_false(dst.cache_desc.data_type == src.cache_desc.data_type,
                        "copy_cache needs caches of one data type, but got {} and {}",
                        dst.cache_desc.data_type, src.cache_desc.data_type)  # DECISIONS D7
+        self._owned(dst, src)
         with map_errors("copy_cache"):
             self._live_engine().copy(rq.CopyCache(dst.cache_id, src.cache_id, dst_batch_index, src_batch_index,
                                                   offset, size))
@@ -331,6 +346,7 @@ class CacheManager:
             check_isinstance("copy_block_info key", src, int, allow_none=False)
             check_isinstance("copy_block_info value", dsts, list, int, allow_none=False)
         pairs = tuple((src, dst) for src, dsts in copy_block_info.items() for dst in dsts)
+        self._owned(cache)
         with map_errors("copy_blocks"):
             self._live_engine().copy(rq.CopyBlocks(cache.cache_id, cache.cache_id, pairs))
 
@@ -356,6 +372,7 @@ class CacheManager:
         raise_if_true(len(src_cache.tensor_addrs) != src_desc.num_tensors
                       or len(dst_cache.tensor_addrs) != dst_desc.num_tensors, "a cache was released")
         engine = self._live_engine()
+        self._owned(src_cache, dst_cache)
         with map_errors("swap_blocks"):
             engine.copy(rq.SwapBlocks(src_cache.cache_id, tuple(src_cache.tensor_addrs), dst_cache.cache_id,
                                       tuple(dst_cache.tensor_addrs), block_size,

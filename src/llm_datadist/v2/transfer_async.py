@@ -128,6 +128,7 @@ def transfer_cache_async(cache_manager, src_cache: Cache, layer_synchronizer: La
         _check_config(cfg, num_layers, src_is_blocks)
     raise_if_true(bool(src_blocks) and not src_cache.is_blocks_cache,
                   "src_block_indices need a blocks source cache")
+    cache_manager._owned(src_cache)
     engine = cache_manager._live_engine()
     job = TaskJob(src_cache_id=src_cache.cache_id, configs=tuple(_config_job(c) for c in transfer_configs),
                         synchronizer=layer_synchronizer, src_blocks=tuple(src_blocks), dst_blocks=tuple(dst_blocks),
