@@ -89,6 +89,9 @@ _KEY_LINK_RETRY_COUNT = "llm.LinkRetryCount"
 _KEY_TRANSFER_BACKEND = "llm.TransferBackend"
 _KEY_GLOBAL_RESOURCE = "llm.GlobalResourceConfig"
 _KEY_LINK_SECRET = "llm.LinkSecret"
+_KEY_TLS_CERT = "llm.TlsCertFile"
+_KEY_TLS_KEY = "llm.TlsKeyFile"
+_KEY_TLS_CA = "llm.TlsCaFile"
 _KEY_BUF_POOL = "llm.BufPoolCfg"
 _KEY_CLUSTER_INFO = "llm.ClusterInfo"
 _KEY_OUTPUT_MAX_SIZE = "llm.OutputMaxSize"
@@ -144,6 +147,9 @@ class LLMConfig:
         self._transfer_backend: Optional[str] = None
         self._global_resource_config: Optional[str] = None
         self._link_secret: Optional[str] = None
+        self._tls_cert_file: Optional[str] = None
+        self._tls_key_file: Optional[str] = None
+        self._tls_ca_file: Optional[str] = None
         self._cluster_info = ""
         self._cluster_info_option = ""
         self._output_max_size: Optional[int] = None
@@ -220,6 +226,10 @@ class LLMConfig:
             options[_KEY_GLOBAL_RESOURCE] = self._global_resource_config
         if self._link_secret is not None:
             options[_KEY_LINK_SECRET] = self._link_secret
+        for key, value in ((_KEY_TLS_CERT, self._tls_cert_file), (_KEY_TLS_KEY, self._tls_key_file),
+                           (_KEY_TLS_CA, self._tls_ca_file)):
+            if value is not None:
+                options[key] = value
 
     def _write_legacy_options(self, options: Dict[str, str]) -> None:
         if self._buf_pool_cfg:
@@ -392,6 +402,37 @@ class LLMConfig:
     @link_secret.setter
     def link_secret(self, link_secret: str) -> None:
         self._link_secret = self._check_optional_str("link_secret", link_secret)
+
+    @property
+    def tls_cert_file(self) -> str:
+        """PEM certificate (chain) of this instance for mutual TLS (our extension, option ``llm.TlsCertFile``).
+
+        With ``tls_key_file`` and ``tls_ca_file`` on both sides, link handshakes and the tcp data plane run
+        over TLS; a peer must present a certificate signed by the CA.
+        """
+        return "" if self._tls_cert_file is None else self._tls_cert_file
+
+    @tls_cert_file.setter
+    def tls_cert_file(self, path: str) -> None:
+        self._tls_cert_file = self._check_optional_str("tls_cert_file", path)
+
+    @property
+    def tls_key_file(self) -> str:
+        """PEM private key of ``tls_cert_file`` (option ``llm.TlsKeyFile``)."""
+        return "" if self._tls_key_file is None else self._tls_key_file
+
+    @tls_key_file.setter
+    def tls_key_file(self, path: str) -> None:
+        self._tls_key_file = self._check_optional_str("tls_key_file", path)
+
+    @property
+    def tls_ca_file(self) -> str:
+        """PEM CA certificate(s) that sign the peers' certificates (option ``llm.TlsCaFile``)."""
+        return "" if self._tls_ca_file is None else self._tls_ca_file
+
+    @tls_ca_file.setter
+    def tls_ca_file(self, path: str) -> None:
+        self._tls_ca_file = self._check_optional_str("tls_ca_file", path)
 
     @property
     def enable_cache_manager(self) -> bool:

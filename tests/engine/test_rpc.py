@@ -316,7 +316,7 @@ def test_handshake_succeeds_and_carries_a_link(secret):
     sock, ack = rpc.open_connection("127.0.0.1", server.port, _hello(), _soon(), secret=secret)
     server.join()
     assert server.error is None
-    hello, sent = server.result
+    _sock, hello, sent = server.result
     assert hello.cluster_id == 1 and hello.transports == {"tcp": b"desc"}
     assert ack == sent and ack.host_id == "host-b"
     assert (len(hello.client_nonce) == p.NONCE_BYTES) == (secret is not None)
@@ -404,7 +404,7 @@ def test_decide_refusal_reaches_the_client():
     with pytest.raises(errors.ParamInvalid, match="mode differs"):
         rpc.open_connection("127.0.0.1", server.port, _hello(), _soon())
     server.join()
-    hello, ack = server.result
+    _sock, hello, ack = server.result
     assert ack.code == LLMStatusCode.LLM_PARAM_INVALID and server.conn.fileno() == -1
 
 

@@ -27,6 +27,7 @@ from llm_datadist._engine.tasks import LayerTask, TaskJob, TaskSet
 from llm_datadist._engine.types import DEVICE, HOST, CacheSpec
 from llm_datadist._transport import available_transports, transport_class, unavailable_reason
 from llm_datadist._transport.base import Region, Transport, TransportContext
+from llm_datadist._transport.tls import Tls
 
 _log = logging.getLogger(__name__)
 MAX_COMM_DOMAINS = 512
@@ -70,6 +71,7 @@ class Engine:
         self.role = opts.role
         self.host_id = host_identity()
         self.pid = os.getpid()
+        self.tls = Tls(opts.tls) if opts.tls is not None else None
         self.guards = Guards()
         self.registry = Registry(on_release=self._on_release, on_invalidate=self._on_invalidate,
                                  reguard=self._reguard)
@@ -95,6 +97,11 @@ class Engine:
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         try:
+            if self.tls is not None:
+                try:
+                    self.tls.check()
+                except (OSError, ValueError) as exc:
+                    raise ParamInvalid(f"the TLS certificate, key or CA file can not be used: {exc}") from exc
             self._start_transports()
             self._start_pools()
             if self.opts.listen_ip is not None and self.opts.listen_port is not None:
@@ -118,7 +125,7 @@ class Engine:
 
     def _start_transports(self) -> None:
         ctx = TransportContext(host_id=self.host_id, pid=self.pid, bind_host=self.opts.listen_ip or "0.0.0.0",
-                               device_id=self.opts.device_id, guards=self.guards)
+                               device_id=self.opts.device_id, guards=self.guards, tls=self.tls)
         for name in self._transport_names():
             self.transports[name] = transport_class(name)(ctx)
         self._expose(self.guards.region)

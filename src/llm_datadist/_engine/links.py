@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from llm_datadist._engine import protocol as proto
 from llm_datadist._engine import rpc
@@ -139,7 +139,7 @@ class LinkManager:
         """
         deadline = time.monotonic() + 10.0
         engine = self._engine
-        made: Dict[str, Link] = {}
+        made: Dict[str, Any] = {}
 
         def decide(hello: proto.Hello) -> proto.HelloAck:
             if hello.remote_cache_accessible != engine.opts.remote_cache_accessible:
@@ -152,7 +152,7 @@ class LinkManager:
             refusal = self._admit(hello, comm)
             if refusal is not None:
                 return refusal
-            link = self._make_link(sock, hello, addr[0], comm)
+            link = self._make_link(made.get("sock", sock), hello, addr[0], comm)
             made["link"] = link
             if hello.cluster_id == engine.cluster_id and comm is None:
                 with self._lock:  # the serving end of a self link: the client end goes into the table
@@ -162,7 +162,8 @@ class LinkManager:
             return engine.hello_ack(engine.grant_credentials(link.serial))
 
         try:
-            _hello, ack = rpc.accept_handshake(sock, deadline, engine.opts.link_secret, decide)
+            sock, _hello, ack = rpc.accept_handshake(sock, deadline, engine.opts.link_secret, decide, engine.tls,
+                                                     secured=lambda s: made.update(sock=s))
         except Exception as exc:  # noqa: BLE001 - a bad client never hurts the server
             _log.warning("handshake from %s failed: %s", addr, exc)
             ack = None
@@ -311,7 +312,7 @@ class LinkManager:
         delay = 0.01
         while True:
             try:
-                sock, ack = rpc.open_connection(ip, port, hello, deadline, engine.opts.link_secret)
+                sock, ack = rpc.open_connection(ip, port, hello, deadline, engine.opts.link_secret, engine.tls)
                 break
             except rpc.ConnectionRefused as exc:
                 remaining = deadline - time.monotonic()

@@ -5,6 +5,7 @@ import dataclasses
 import os
 from typing import Dict, Optional
 
+from llm_datadist._transport.tls import TlsFiles
 from llm_datadist.status import LLMException, LLMStatusCode
 from llm_datadist.utils.addresses import parse_ip, parse_ip_port, parse_port, rank_table_addresses
 
@@ -22,6 +23,10 @@ OPT_HOST_MEM_POOL = "llm.HostMemPoolConfig"
 OPT_LINK_TOTAL_TIME = "llm.LinkTotalTime"
 OPT_LINK_RETRY_COUNT = "llm.LinkRetryCount"
 OPT_LINK_SECRET = "llm.LinkSecret"
+OPT_TLS_CERT = "llm.TlsCertFile"
+OPT_TLS_KEY = "llm.TlsKeyFile"
+OPT_TLS_CA = "llm.TlsCaFile"
+ENV_TLS = {OPT_TLS_CERT: "LLM_DATADIST_TLS_CERT", OPT_TLS_KEY: "LLM_DATADIST_TLS_KEY", OPT_TLS_CA: "LLM_DATADIST_TLS_CA"}
 OPT_ROLE = "llm.Role"
 OPT_FLOW_GRAPH_MEM = "ge.flowGraphMemMaxSize"
 ENV_LINK_SECRET = "LLM_DATADIST_LINK_SECRET"
@@ -52,6 +57,7 @@ class EngineOptions:
     link_total_time_s: int
     link_retry_count: int
     link_secret: Optional[bytes]
+    tls: Optional[TlsFiles] = None
 
 
 def _invalid(message: str, code: LLMStatusCode = LLMStatusCode.LLM_PARAM_INVALID) -> LLMException:
@@ -124,6 +130,21 @@ def _device_id(opts: Dict[str, str]) -> int:
     return int(first)
 
 
+def _tls(opts: Dict[str, str]) -> Optional[TlsFiles]:
+    """Mutual TLS files: all three (certificate, key, CA) from the options or the environment, or none."""
+    files = {key: opts.get(key) or os.environ.get(env) or "" for key, env in ENV_TLS.items()}
+    given = [key for key, path in files.items() if path]
+    if not given:
+        return None
+    if len(given) != len(files):
+        missing = ", ".join(f"{key} ({ENV_TLS[key]})" for key in files if key not in given)
+        raise _invalid(f"TLS needs a certificate, a key and a CA file; missing: {missing}")
+    for key, path in files.items():
+        if not os.path.isfile(path):
+            raise _invalid(f"{key} {path!r} is not a readable file")
+    return TlsFiles(cert=files[OPT_TLS_CERT], key=files[OPT_TLS_KEY], ca=files[OPT_TLS_CA])
+
+
 def _link_secret(opts: Dict[str, str]) -> Optional[bytes]:
     secret = opts.get(OPT_LINK_SECRET) or os.environ.get(ENV_LINK_SECRET) or ""
     return secret.encode() if secret else None
@@ -158,7 +179,7 @@ def parse_options(options: Dict[str, str], role: int, cluster_id: int) -> Engine
         listen_ip=opts.get(OPT_LISTEN_IP), listen_port=listen_port,
         mem_pool_cfg=opts.get(OPT_MEM_POOL, ""), host_mem_pool_cfg=opts.get(OPT_HOST_MEM_POOL, ""),
         transfer_backend=backend, link_total_time_s=int(link_total), link_retry_count=int(retry),
-        link_secret=_link_secret(opts),
+        link_secret=_link_secret(opts), tls=_tls(opts),
     )
 
 

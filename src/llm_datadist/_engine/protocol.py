@@ -16,6 +16,7 @@ import msgspec
 from msgspec import Meta
 
 from llm_datadist._engine import errors
+from llm_datadist._transport import tls
 
 # Changelog of the control protocol. Bump PROTOCOL_VERSION on ANY change of the header layout, of a
 # message's fields or of the handshake sequence; peers with another version are refused at the header,
@@ -370,6 +371,8 @@ def decode(frame: bytes) -> Tuple[FrameHeader, Message]:
 # Socket I/O (non-blocking sockets, poll with deadlines; never blocks past a deadline) ---------------
 def _wait(sock: socket.socket, events: int, deadline: Optional[float], stop: Optional[threading.Event]) -> None:
     """Wait until ``sock`` is ready for ``events``; raise Timeout at the deadline, LinkFailed on stop."""
+    if events & select.POLLIN and tls.pending(sock):
+        return  # TLS already holds decrypted bytes the fd will never announce
     poller = select.poll()
     try:
         poller.register(sock.fileno(), events | select.POLLERR | select.POLLHUP)
@@ -406,7 +409,7 @@ def recv_exact(sock: socket.socket, nbytes: int, deadline: Optional[float] = Non
         _wait(sock, select.POLLIN, deadline, stop)
         try:
             n = sock.recv_into(view[got:], nbytes - got)
-        except (BlockingIOError, InterruptedError, socket.timeout):
+        except tls.WOULD_BLOCK + (socket.timeout,):
             continue
         except OSError as exc:
             raise PeerClosed(f"connection lost: {exc}") from exc
@@ -460,7 +463,7 @@ class PartialWrite(errors.Timeout):
 
 
 def send_all(sock: socket.socket, data: bytes, deadline: Optional[float] = None,
-             stop: Optional[threading.Event] = None) -> None:
+             stop: Optional[threading.Event] = None, lock: Optional[threading.Lock] = None) -> None:
     """Send all of ``data`` on a non-blocking socket before the deadline.
 
     Raises:
@@ -473,8 +476,12 @@ def send_all(sock: socket.socket, data: bytes, deadline: Optional[float] = None,
     while sent < len(data):
         try:
             _wait(sock, select.POLLOUT, deadline, stop)
-            sent += sock.send(view[sent:])
-        except (BlockingIOError, InterruptedError, socket.timeout):
+            if lock is None:
+                sent += sock.send(view[sent:])
+            else:  # a TLS socket is used by one thread at a time (the reader takes the same lock)
+                with lock:
+                    sent += sock.send(view[sent:])
+        except tls.WOULD_BLOCK + (socket.timeout,):
             continue
         except errors.Timeout as exc:
             if sent:

@@ -6,6 +6,7 @@ import itertools
 import logging
 import queue
 import socket
+import ssl
 import threading
 import time
 from typing import Callable, Dict, Optional, Tuple, Union
@@ -14,6 +15,7 @@ import msgspec
 
 from llm_datadist._engine import errors, protocol
 from llm_datadist._engine.poller import Poller
+from llm_datadist._transport import tls
 from llm_datadist._engine.protocol import (Ack, AuthChallenge, AuthProof, AuthResult, Error, Hello, HelloAck,
                                            Message)
 from llm_datadist.status import LLMStatusCode
@@ -125,6 +127,7 @@ class Connection:
         self._started = False
         self._buf = bytearray()
         self._header: Optional[protocol.FrameHeader] = None
+        self._io_lock: Optional[threading.Lock] = threading.Lock() if isinstance(sock, ssl.SSLSocket) else None
         self.peer = protocol.peer_name(sock)
         if start:
             self.start()
@@ -227,17 +230,24 @@ class Connection:
     # Poller callbacks -----------------------------------------------------------------------------
     def on_readable(self) -> None:
         """Read what arrived and act on every complete frame (poller thread; never blocks)."""
-        try:
-            data = self.sock.recv(RECV_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.close(f"connection lost: {exc}")
-            return
-        if not data:
-            self.close("peer closed the connection")
-            return
-        self._buf += data
+        while True:
+            try:
+                if self._io_lock is None:
+                    data = self.sock.recv(RECV_CHUNK)
+                else:
+                    with self._io_lock:
+                        data = self.sock.recv(RECV_CHUNK)
+            except tls.WOULD_BLOCK:
+                break
+            except OSError as exc:
+                self.close(f"connection lost: {exc}")
+                return
+            if not data:
+                self.close("peer closed the connection")
+                return
+            self._buf += data
+            if not tls.pending(self.sock):
+                break
         try:
             self._frames()
         except protocol.ProtocolError as exc:
@@ -314,7 +324,7 @@ class Connection:
         try:
             if self._closed:
                 raise self._closed_error()
-            protocol.send_all(self.sock, data, deadline, self._stop)
+            protocol.send_all(self.sock, data, deadline, self._stop, self._io_lock)
         except protocol.PartialWrite as exc:
             broken = exc
         except errors.Timeout:
@@ -411,7 +421,8 @@ def _secret_bytes(secret: Union[bytes, str, None]) -> Optional[bytes]:
 
 
 def open_connection(host: str, port: int, hello: Hello, deadline: float,
-                    secret: Union[bytes, str, None] = None) -> Tuple[socket.socket, HelloAck]:
+                    secret: Union[bytes, str, None] = None, tls_config: Optional[tls.Tls] = None
+                    ) -> Tuple[socket.socket, HelloAck]:
     """Connect and run the client side of the handshake, before any Connection exists.
 
     Args:
@@ -421,6 +432,7 @@ def open_connection(host: str, port: int, hello: Hello, deadline: float,
         deadline: time.monotonic() deadline for connect and handshake.
         secret: Shared secret (str is UTF-8 encoded), None or empty for none. With a secret the
             server's HMAC proof is checked before ours is sent; a server without one is refused.
+        tls_config: Mutual TLS around the whole connection (handshake first), or None.
 
     Returns:
         The connected non-blocking socket (give it to ``Connection``) and the server's HelloAck.
@@ -442,11 +454,22 @@ def open_connection(host: str, port: int, hello: Hello, deadline: float,
     except OSError as exc:
         raise errors.LinkFailed(f"cannot connect to {host}:{port}: {exc}") from exc
     try:
+        if tls_config is not None:
+            sock = _tls_wrap(lambda: tls_config.wrap_client(sock, deadline - time.monotonic()), f"{host}:{port}")
         protocol.prepare_socket(sock)
         return sock, _client_handshake(sock, hello, deadline, _secret_bytes(secret), f"{host}:{port}")
     except BaseException:
         sock.close()
         raise
+
+
+def _tls_wrap(wrap: Callable[[], socket.socket], peer: str) -> socket.socket:
+    try:
+        return wrap()
+    except socket.timeout as exc:
+        raise errors.Timeout(f"TLS handshake with {peer} timed out") from exc
+    except (ssl.SSLError, OSError) as exc:
+        raise _auth_failed(f"TLS handshake with {peer} failed: {exc}") from exc
 
 
 def _client_handshake(sock: socket.socket, hello: Hello, deadline: float, secret: Optional[bytes],
@@ -486,7 +509,9 @@ def _client_auth(sock: socket.socket, msg: Message, secret: bytes, nonce: bytes,
 
 
 def accept_handshake(sock: socket.socket, deadline: float, secret: Union[bytes, str, None],
-                     decide: Callable[[Hello], HelloAck]) -> Tuple[Hello, HelloAck]:
+                     decide: Callable[[Hello], HelloAck], tls_config: Optional[tls.Tls] = None,
+                     secured: Optional[Callable[[socket.socket], None]] = None
+                     ) -> Tuple[socket.socket, Hello, HelloAck]:
     """Run the server side of the handshake on an accepted socket.
 
     Reads Hello and checks the protocol version (a mismatch is answered with HelloAck code
@@ -495,8 +520,9 @@ def accept_handshake(sock: socket.socket, deadline: float, secret: Union[bytes, 
     ``decide(hello)`` (which may refuse with a non-zero ``code`` or by raising EngineError).
 
     Returns:
-        (hello, ack) as sent. With ``ack.code == 0`` the socket is non-blocking and ready for
-        ``Connection``; otherwise the link was refused and the socket is already closed.
+        (socket, hello, ack) as sent; the socket is the TLS socket when ``tls_config`` is given. With
+        ``ack.code == 0`` it is non-blocking and ready for ``Connection``; otherwise the link was refused and
+        the socket is already closed.
 
     Raises:
         errors.EngineError: The handshake failed (Timeout, LinkFailed, ProtocolError); socket closed.
@@ -504,6 +530,10 @@ def accept_handshake(sock: socket.socket, deadline: float, secret: Union[bytes, 
     peer = protocol.peer_name(sock)
     secret = _secret_bytes(secret)
     try:
+        if tls_config is not None:
+            sock = _tls_wrap(lambda: tls_config.wrap_server(sock, HELLO_WAIT_S), peer)
+            if secured is not None:
+                secured(sock)  # decide() must build its link on the TLS socket
         protocol.prepare_socket(sock)
         hello = _read_hello(sock, min(deadline, time.monotonic() + HELLO_WAIT_S), peer)
         if secret is not None:
@@ -516,7 +546,7 @@ def accept_handshake(sock: socket.socket, deadline: float, secret: Union[bytes, 
     if ack.code != 0:
         _log.info("link from %s (cluster %d) refused: %s", peer, hello.cluster_id, ack.message)
         sock.close()
-    return hello, ack
+    return sock, hello, ack
 
 
 def _read_hello(sock: socket.socket, deadline: float, peer: str) -> Hello:

@@ -160,6 +160,7 @@ class TransportContext:
     bind_host: str = "0.0.0.0"
     device_id: int = 0
     guards: Optional[GuardTable] = None
+    tls: Optional[object] = None  # a tls.Tls when mutual TLS is configured (tcp wraps its connections)
 
 
 class CopyPlan:

@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
+from llm_datadist._transport import tls
 from llm_datadist._transport.base import (
     ConnectFailed,
     RemoteRejected,
@@ -371,7 +372,7 @@ def scatter_io(op: Callable[[List[memoryview]], int], addrs: np.ndarray, sizes: 
             chunk[0] = chunk[0][skip:]
         try:
             got = op(chunk)
-        except (BlockingIOError, InterruptedError):
+        except tls.WOULD_BLOCK:
             on_stall()
             continue
         except OSError as exc:

@@ -42,8 +42,10 @@ MAX_CONNS_PER_CHANNEL = 8
 class TcpChannel(Channel):
     """A pool of authenticated connections to one peer's data server; safe for concurrent use."""
 
-    def __init__(self, peer: PeerInfo, port: int, token: bytes, max_conns: int = MAX_CONNS_PER_CHANNEL) -> None:
+    def __init__(self, peer: PeerInfo, port: int, token: bytes, max_conns: int = MAX_CONNS_PER_CHANNEL,
+                 tls_config=None) -> None:
         super().__init__(peer)
+        self._tls = tls_config
         self.address = (peer.address or "127.0.0.1", port)
         self._token = token
         self._max = max_conns
@@ -60,9 +62,12 @@ class TcpChannel(Channel):
             raise TransferTimeout("deadline passed before connecting")
         try:
             sock = wire.connect(self.address, remaining)
+            if self._tls is not None:
+                sock = self._tls.wrap_client(sock, deadline - time.monotonic())
+                wire.tune(sock)
         except socket.timeout as exc:
             raise TransferTimeout(f"connect to {self.address} timed out") from exc
-        except OSError as exc:
+        except OSError as exc:  # ssl.SSLError included: a peer without our CA's certificate
             raise ConnectFailed(f"cannot connect to {self.address}: {exc}") from exc
         try:
             stall = _client_stall(sock, deadline)
@@ -211,7 +216,8 @@ class TcpTransport(Transport):
         self._writable = iov.RangeTable()
         self._lock = threading.Lock()
         self._channels: Set[TcpChannel] = set()
-        self._server: Optional[DataServer] = DataServer(ctx.bind_host, self._readable, self._writable, ctx.guards)
+        self._server: Optional[DataServer] = DataServer(ctx.bind_host, self._readable, self._writable, ctx.guards,
+                                                        ctx.tls)
         logger.debug("tcp data server on %s:%d", ctx.bind_host, self._server.port)
 
     @property
@@ -277,7 +283,7 @@ class TcpTransport(Transport):
         if len(peer.credential) != wire.TOKEN_BYTES:
             raise ConnectFailed("the peer granted no data-plane token for this link")
         _, port = _DESC.unpack(desc)
-        channel = TcpChannel(peer, port, peer.credential)
+        channel = TcpChannel(peer, port, peer.credential, tls_config=self.ctx.tls)
         try:
             sock = channel.open_connection(deadline)
         except TransferTimeout as exc:

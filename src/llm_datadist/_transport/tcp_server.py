@@ -20,7 +20,7 @@ from typing import Dict, Optional, Set, Tuple
 
 import numpy as np
 
-from llm_datadist._transport import iov
+from llm_datadist._transport import iov, tls
 from llm_datadist._transport import tcp_wire as wire
 from llm_datadist._transport.base import GuardTable, TransportError
 
@@ -38,19 +38,20 @@ class _Stop(Exception):
 
 
 class _Pending:
-    __slots__ = ("sock", "buf", "since")
+    __slots__ = ("sock", "buf", "since", "secured")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, secured: bool) -> None:
         self.sock = sock
         self.buf = bytearray()
         self.since = time.monotonic()
+        self.secured = secured  # TLS handshake done (always, without TLS)
 
 
 class DataServer:
     """Serves READ/WRITE requests of linked peers against registered memory."""
 
     def __init__(self, host: str, readable: iov.RangeTable, writable: iov.RangeTable,
-                 guards: Optional[GuardTable]) -> None:
+                 guards: Optional[GuardTable], tls_config=None) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -62,6 +63,7 @@ class DataServer:
         self._readable = readable
         self._writable = writable
         self._guards = guards
+        self._tls = tls_config
         self._stop = threading.Event()
         self._lock = threading.Condition()
         self._tokens: Dict[bytes, int] = {}  # token -> link id
@@ -121,24 +123,41 @@ class DataServer:
             except OSError:
                 return
             sock.setblocking(False)
-            pending = _Pending(sock)
+            if self._tls is not None:
+                try:
+                    sock = self._tls.wrap_server_nonblocking(sock)
+                except (OSError, ValueError):
+                    sock.close()
+                    continue
+            pending = _Pending(sock, secured=self._tls is None)
             if len(self._pending) >= MAX_PENDING:
                 self._drop(next(iter(self._pending.values())))  # the oldest waits longest: it goes first
             self._pending[sock.fileno()] = pending
             self._selector.register(sock, selectors.EVENT_READ, pending)
 
     def _read_hello(self, pending: _Pending) -> None:
-        need = wire.HDR.size + wire.TOKEN_BYTES - len(pending.buf)
-        try:
-            data = pending.sock.recv(need)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._drop(pending)
-            return
-        pending.buf += data
+        if not pending.secured:  # drive the TLS handshake without blocking the poller
+            try:
+                pending.sock.do_handshake()  # type: ignore[attr-defined]
+                pending.secured = True
+            except tls.WOULD_BLOCK:
+                return
+            except OSError:
+                self._drop(pending)
+                return
+        while len(pending.buf) < wire.HDR.size + wire.TOKEN_BYTES:
+            try:
+                data = pending.sock.recv(wire.HDR.size + wire.TOKEN_BYTES - len(pending.buf))
+            except tls.WOULD_BLOCK:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._drop(pending)
+                return
+            pending.buf += data
+            if not tls.pending(pending.sock):
+                break
         if len(pending.buf) < wire.HDR.size + wire.TOKEN_BYTES:
             return
         self._forget_pending(pending)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 from typing import Callable, List, Tuple
 
@@ -73,16 +74,48 @@ def header(op: int, status: int = ST_OK, count: int = 0, nbytes: int = 0, guards
 
 
 def send(sock: socket.socket, addrs: np.ndarray, sizes: np.ndarray, stall: Callable[[], None]) -> None:
-    """Send raw ranges with sendmsg batches."""
-    iov.scatter_io(sock.sendmsg, addrs, sizes, stall, IO_CHUNK_BYTES)
+    """Send raw ranges with sendmsg batches (a TLS socket: one record write per range)."""
+    op = _tls_send(sock) if isinstance(sock, ssl.SSLSocket) else sock.sendmsg
+    iov.scatter_io(op, addrs, sizes, stall, IO_CHUNK_BYTES)
 
 
 def recv(sock: socket.socket, addrs: np.ndarray, sizes: np.ndarray, stall: Callable[[], None]) -> None:
-    """Receive straight into raw ranges with recvmsg_into(MSG_WAITALL) batches."""
+    """Receive straight into raw ranges with recvmsg_into(MSG_WAITALL) batches (TLS: recv_into per range)."""
+    if isinstance(sock, ssl.SSLSocket):
+        iov.scatter_io(_tls_recv(sock), addrs, sizes, stall, IO_CHUNK_BYTES)
+        return
+
     def op(chunk: List[memoryview]) -> int:
         return sock.recvmsg_into(chunk, 0, socket.MSG_WAITALL)[0]
 
     iov.scatter_io(op, addrs, sizes, stall, IO_CHUNK_BYTES)
+
+
+def _tls_send(sock: ssl.SSLSocket) -> Callable[[List[memoryview]], int]:
+    """A scatter op for TLS (no sendmsg): the ranges in turn, stopping at the first partial write."""
+    def op(chunk: List[memoryview]) -> int:
+        total = 0
+        for view in chunk:
+            n = sock.send(view)
+            total += n
+            if n < len(view):
+                break
+        return total
+
+    return op
+
+
+def _tls_recv(sock: ssl.SSLSocket) -> Callable[[List[memoryview]], int]:
+    def op(chunk: List[memoryview]) -> int:
+        total = 0
+        for view in chunk:
+            n = sock.recv_into(view)
+            total += n
+            if n < len(view):
+                break
+        return total
+
+    return op
 
 
 def one(buf: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
