@@ -128,7 +128,7 @@ def test_listener_handshake_and_rpc_end_to_end():
                           transports={})
 
     def on_accept(sock, addr):
-        hello, ack = rpc.accept_handshake(sock, time.monotonic() + 5, b"k", decide)
+        sock, hello, ack = rpc.accept_handshake(sock, time.monotonic() + 5, b"k", decide)
         links.append(rpc.Connection(sock, lambda c, m: p.Ack(code=hello.cluster_id), name="srv"))
         ready.set()
 
