@@ -174,3 +174,22 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.01) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def finalize_leaves_nothing(peer: HostPeer, grace_s: float = 5.0) -> None:
+    """Finalize the peer's instance; then its threads, open descriptors and /dev/shm entries must be back
+    to what they were before the instance existed."""
+    peer.call("finalize")
+    state: Dict[str, Any] = {}
+
+    def clean() -> bool:
+        state.update(peer.call("resources"))
+        now, before = state["now"], state["before"]
+        return all(now[k] == before[k] for k in ("threads", "fds", "shm"))
+
+    try:
+        wait_until(clean, grace_s, "threads, descriptors and shared memory to be released", interval=0.05)
+    except AssertionError:
+        now, before = state["now"], state["before"]
+        diff = {k: {"before": before[k], "after": now[k]} for k in ("threads", "fds", "shm") if now[k] != before[k]}
+        raise AssertionError(f"finalize on {peer.host.hostname} left: {diff}") from None
