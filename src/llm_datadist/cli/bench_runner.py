@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from llm_datadist.cli.bench_common import CpuWatch, SuiteSpec, record
 from llm_datadist.cli.bench_initiator import initiator_main
@@ -69,11 +69,15 @@ def _collect(spec: SuiteSpec, procs, conns, records: List[Dict[str, Any]], progr
     return None
 
 
-def run_suite(spec: SuiteSpec, progress) -> List[Dict[str, Any]]:
-    """All records of one suite; a failure becomes an ``error`` record (the other suites still run)."""
+def run_suite(spec: SuiteSpec, progress, start: Optional[Callable] = None) -> List[Dict[str, Any]]:
+    """All records of one suite; a failure becomes an ``error`` record (the other suites still run).
+
+    ``start(spec) -> (processes, connections)`` starts the owner and the initiator (default: two local
+    processes; the simulated-hosts bench starts them on two hosts).
+    """
     records: List[Dict[str, Any]] = []
     watch = CpuWatch()
-    procs, conns = _start(spec)
+    procs, conns = (start or _start)(spec)
     try:
         error = _collect(spec, procs, conns, records, progress)
     except KeyboardInterrupt:

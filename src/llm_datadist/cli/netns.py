@@ -146,9 +146,10 @@ class SimulatedHosts:
         count: Number of hosts (1-200).
         subnet: Third octet of the private /24; default: derived from the pid and a per-process counter,
             so concurrent runs use different subnets (they could not collide anyway: the bridge is private).
+        mtu: MTU of every link (default: the kernel's, 1500).
     """
 
-    def __init__(self, count: int, subnet: Optional[int] = None) -> None:
+    def __init__(self, count: int, subnet: Optional[int] = None, mtu: Optional[int] = None) -> None:
         if not 1 <= count <= 200:
             raise ValueError(f"count must be in 1..200, not {count}")
         with _runs_lock:
@@ -161,6 +162,7 @@ class SimulatedHosts:
             Host(index=i, netns=f"{self.run_id}-h{i}", ip=f"10.231.{self.subnet}.{i + 1}",
                  hostname=f"simhost{i}-{os.getpid()}-{run}", port=f"p{i}")
             for i in range(count)]
+        self.mtu = mtu
         self._procs: List[subprocess.Popen] = []
         self._made: List[str] = []
         self._closed = False
@@ -190,6 +192,8 @@ class SimulatedHosts:
         try:
             self._add_netns(self.switch)
             _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+            if self.mtu:
+                _ip("-n", self.switch, "link", "set", "br0", "mtu", str(self.mtu))
             _ip("-n", self.switch, "link", "set", "br0", "up")
             for host in self.hosts:
                 self._add_host(host)
@@ -207,6 +211,9 @@ class SimulatedHosts:
         self._add_netns(host.netns)
         _ip("-n", self.switch, "link", "add", host.port, "type", "veth", "peer", "name", host.ifname, "netns",
             host.netns)
+        if self.mtu:
+            for netns, ifname in ((self.switch, host.port), (host.netns, host.ifname)):
+                _ip("-n", netns, "link", "set", ifname, "mtu", str(self.mtu))
         _ip("-n", self.switch, "link", "set", host.port, "master", "br0")
         _ip("-n", self.switch, "link", "set", host.port, "up")
         _ip("-n", host.netns, "addr", "add", f"{host.ip}/24", "dev", host.ifname)
