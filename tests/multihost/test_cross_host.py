@@ -11,7 +11,9 @@ import json
 
 import numpy as np
 
+from llm_datadist import LLMStatusCode
 from tests.multihost.peers import DECODER, OK, PROMPT, Expected, link, source, wait_until
+from tests.multihost.peers import cluster as cluster_entry
 
 NT, NB, BB = 4, 32, 4096  # tensors, blocks (or slots), bytes per block
 P_ID, D_ID = 11, 12
@@ -188,8 +190,6 @@ def test_two_prefills_two_decodes_pull_concurrently(make_cluster, transport):
     decodes = [cluster.instance(2 + i, DECODER, 31 + i) for i in range(2)]
     for i, prefill in enumerate(prefills):
         prefill.call("register", name="kv", num_tensors=NT, num_blocks=NB, block_bytes=BB, seed=40 + i, model_id=0)
-    from tests.multihost.peers import cluster as cluster_entry
-
     for decode in decodes:
         decode.call("register", name="kv", num_tensors=NT, num_blocks=NB, block_bytes=BB, model_id=0)
         reply = decode.call("link_clusters", clusters=[cluster_entry(p.host, 21 + i, decode.host)
@@ -209,3 +209,32 @@ def test_two_prefills_two_decodes_pull_concurrently(make_cluster, transport):
             assert reply["ok"], reply
             want.put(source(40 + p, NT, NB, BB), zip(*plan[d, p]))
         want.check(decode, "kv")
+
+
+def test_auto_routes_over_the_network_between_hosts(make_cluster):
+    """Without a forced transport the library sees two hosts and picks a cross-host transport by itself."""
+    from llm_datadist.cli.netns import CROSS_HOST_TRANSPORTS
+
+    _cluster, prefill, decode = _pair(make_cluster, None)
+    prefill.call("register", name="kv", num_tensors=NT, num_blocks=NB, block_bytes=BB, seed=12, model_id=0)
+    decode.call("register", name="kv", num_tensors=NT, num_blocks=NB, block_bytes=BB, model_id=0)
+    link(decode, prefill, P_ID)
+    decode.call("pull_blocks", name="kv", src={"kind": "blocks", "cluster_id": P_ID}, src_blocks=[4, 5],
+                dst_blocks=[6, 7])
+    Expected(NT, NB, BB).put(source(12, NT, NB, BB), [(4, 6), (5, 7)]).check(decode, "kv")
+    log = decode.log()
+    assert any(f"routes over {name} (cross host" in log for name in CROSS_HOST_TRANSPORTS), log
+
+
+def test_link_secret_authenticates_links_between_hosts(make_cluster, transport):
+    cluster = make_cluster(3, transport)
+    prefill = cluster.instance(0, PROMPT, P_ID, link_secret="s3cret-between-hosts")
+    good = cluster.instance(1, DECODER, D_ID, env={"LLM_DATADIST_LINK_SECRET": "s3cret-between-hosts"})
+    bad = cluster.instance(2, DECODER, D_ID + 1, link_secret="wrong")
+    prefill.call("register", name="kv", num_tensors=NT, num_blocks=NB, block_bytes=BB, seed=13, model_id=0)
+    refused = bad.call("link_clusters", clusters=[cluster_entry(prefill.host, P_ID, bad.host)])
+    assert refused["code"] == int(LLMStatusCode.LLM_LINK_FAILED), refused
+    link(good, prefill, P_ID)
+    good.call("register", name="kv", num_tensors=NT, num_blocks=NB, block_bytes=BB, model_id=0)
+    good.call("pull_blocks", name="kv", src={"kind": "blocks", "cluster_id": P_ID}, src_blocks=[1], dst_blocks=[2])
+    Expected(NT, NB, BB).put(source(13, NT, NB, BB), [(1, 2)]).check(good, "kv")
