@@ -289,7 +289,7 @@ def _run_condition(hosts: SimulatedHosts, cond: Condition, args: argparse.Namesp
     records = _watched("raw tcp socket", cond, round_no, lambda: _raw(hosts, cond, args, progress))
     for index, name in enumerate(transports):
         spec = _suite_spec(name, cond, args, hosts, opts["directions"], index)
-        records += [dict(r, round=round_no) if r.get("kind") == "cpu" else r
+        records += [dict(r, round=round_no, mechanism=f"{name} [{cond.name}]") if r.get("kind") == "cpu" else r
                     for r in run_suite(spec, progress, start=_suite_start(hosts))]
     if "mooncake" in opts["peers"]:
         records += _watched("mooncake", cond, round_no,

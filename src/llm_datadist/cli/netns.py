@@ -52,7 +52,7 @@ class Host:
     ip: str
     hostname: str
     ifname: str = HOST_IF
-    port: str = ""  # its bridge port (in the switch namespace)
+    bridge_port: str = ""  # the other end of its veth pair, a port of the bridge (in the switch namespace)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -160,7 +160,7 @@ class SimulatedHosts:
         self.switch = f"{self.run_id}-sw"
         self.hosts: List[Host] = [
             Host(index=i, netns=f"{self.run_id}-h{i}", ip=f"10.231.{self.subnet}.{i + 1}",
-                 hostname=f"simhost{i}-{os.getpid()}-{run}", port=f"p{i}")
+                 hostname=f"simhost{i}-{os.getpid()}-{run}", bridge_port=f"p{i}")
             for i in range(count)]
         self.mtu = mtu
         self._procs: List[subprocess.Popen] = []
@@ -209,13 +209,13 @@ class SimulatedHosts:
 
     def _add_host(self, host: Host) -> None:
         self._add_netns(host.netns)
-        _ip("-n", self.switch, "link", "add", host.port, "type", "veth", "peer", "name", host.ifname, "netns",
+        _ip("-n", self.switch, "link", "add", host.bridge_port, "type", "veth", "peer", "name", host.ifname, "netns",
             host.netns)
         if self.mtu:
-            for netns, ifname in ((self.switch, host.port), (host.netns, host.ifname)):
+            for netns, ifname in ((self.switch, host.bridge_port), (host.netns, host.ifname)):
                 _ip("-n", netns, "link", "set", ifname, "mtu", str(self.mtu))
-        _ip("-n", self.switch, "link", "set", host.port, "master", "br0")
-        _ip("-n", self.switch, "link", "set", host.port, "up")
+        _ip("-n", self.switch, "link", "set", host.bridge_port, "master", "br0")
+        _ip("-n", self.switch, "link", "set", host.bridge_port, "up")
         _ip("-n", host.netns, "addr", "add", f"{host.ip}/24", "dev", host.ifname)
         _ip("-n", host.netns, "link", "set", host.ifname, "up")
 
@@ -276,7 +276,7 @@ class SimulatedHosts:
             burst: Bucket size (``tc`` size, e.g. ``"1mb"``).
             latency: Longest time a packet may wait in the bucket before it is dropped.
         """
-        for netns, ifname in ((host.netns, host.ifname), (self.switch, host.port)):
+        for netns, ifname in ((host.netns, host.ifname), (self.switch, host.bridge_port)):
             _run(["tc", "-n", netns, "qdisc", "replace", "dev", ifname, "root", "tbf", "rate", rate, "burst", burst,
                   "latency", latency])
 
@@ -286,7 +286,7 @@ class SimulatedHosts:
 
     def clear_traffic_control(self, host: Host) -> None:
         """Remove any rate limit or netem qdisc from the host's link (both directions)."""
-        for netns, ifname in ((host.netns, host.ifname), (self.switch, host.port)):
+        for netns, ifname in ((host.netns, host.ifname), (self.switch, host.bridge_port)):
             _run(["tc", "-n", netns, "qdisc", "del", "dev", ifname, "root"], check=False)
 
     def counters(self, host: Host) -> Dict[str, int]:
