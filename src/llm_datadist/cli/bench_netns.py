@@ -21,7 +21,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from llm_datadist.cli.bench_common import MIB, CpuWatch, SuiteSpec, format_size, merge_samples, parse_sizes, record
+from llm_datadist.cli.bench_common import MIB, SuiteSpec, format_size, parse_sizes, record
 from llm_datadist.cli.netns import CROSS_HOST_TRANSPORTS, SimulatedHosts, unavailable_reason
 
 __all__ = ["Condition", "HostProcess", "conditions", "run_netns", "start_child"]
@@ -162,42 +162,12 @@ def _suite_spec(name: str, cond: Condition, args: argparse.Namespace, hosts: Sim
                      initiator_host=hosts[1].ip)
 
 
-def _collect(conns: Dict[str, Connection], procs: Dict[str, HostProcess], limit_s: float, progress,
-             records: List[Dict[str, Any]]) -> Optional[str]:
-    """Read records and progress until every child says done; an error text or None."""
-    from llm_datadist.cli.bench_worker import BenchError
-    from llm_datadist.cli.ipc import child_messages
-
-    done: set = set()
-    try:
-        for role, msg in child_messages(conns, procs, time.monotonic() + limit_s, done, BenchError,
-                                        lambda: f"timed out after {limit_s:.0f} s"):
-            if msg[0] == "error":
-                return f"{role}: {msg[1]}"
-            if msg[0] == "record":
-                records.append(msg[1])
-            elif msg[0] == "progress":
-                progress.update(msg[1], note=msg[2])
-            elif msg[0] == "done":
-                done.add(role)
-    except BenchError as exc:
-        return str(exc)
-    return None
-
-
-def _stop_all(procs: Sequence[HostProcess], grace_s: float) -> None:
-    end = time.monotonic() + grace_s
-    for proc in procs:
-        proc.join(max(0.0, end - time.monotonic()))
-    for proc in procs:
-        proc.kill()
-        proc.join(5.0)
-
-
 def _raw(hosts: SimulatedHosts, cond: Condition, args: argparse.Namespace, progress) -> List[Dict[str, Any]]:
     """The raw socket across the same link: server on host 0, measuring client on host 1."""
+    from llm_datadist.cli.bench_runner import collect_children, stop_children
+
     server, server_conn = start_child(hosts, 0, "raw-server", (cond.total_bytes, args.seed, hosts[0].ip))
-    procs = [server]
+    procs = {"raw-server": server}
     records: List[Dict[str, Any]] = []
     error = None
     try:
@@ -208,13 +178,13 @@ def _raw(hosts: SimulatedHosts, cond: Condition, args: argparse.Namespace, progr
             raise RuntimeError(port[1])
         job = ((hosts[0].ip, int(port)), cond.sizes, cond.total_bytes, cond.passes, cond.warmup, args.seed)
         client, client_conn = start_child(hosts, 1, "raw-client", job)
-        procs.append(client)
-        error = _collect({"raw-client": client_conn}, {"raw-client": client}, args.timeout * 4 + 60, progress,
-                         records)
+        procs["raw-client"] = client
+        error = collect_children({"raw-client": client}, {"raw-client": client_conn}, records, progress,
+                                 args.timeout * 4 + 60.0)
     except (OSError, EOFError, RuntimeError) as exc:
         error = str(exc)
     finally:
-        _stop_all(procs, 10.0)
+        stop_children(procs, 10.0)
     if error:
         records.append(record("error", "raw_tcp", message=error.strip().splitlines()[0], detail=error))
     return records
@@ -225,6 +195,7 @@ def _mooncake(hosts: SimulatedHosts, cond: Condition, args: argparse.Namespace, 
     """Mooncake TE over tcp: its target on host 0, its initiator on host 1, from the peers' interpreter."""
     from llm_datadist.cli.bench_peers import (PEERS, _importable, _read_lines, default_peer_python,
                                               find_peer_scripts, write_orders)
+    from llm_datadist.cli.bench_runner import stop_children
 
     python = args.peer_python or default_peer_python()
     scripts = find_peer_scripts(args.peer_scripts)
@@ -260,7 +231,7 @@ def _mooncake(hosts: SimulatedHosts, cond: Condition, args: argparse.Namespace, 
         reader.start()
         initiator.join(120.0 + len(cond.sizes) * len(directions) * (cond.passes + cond.warmup) * 10.0)
         timed_out = initiator.is_alive()
-        _stop_all([initiator, target], 0.0 if timed_out else 10.0)
+        stop_children({"initiator": initiator, "target": target}, 0.0 if timed_out else 10.0)
         reader.join(10)
         err.seek(0)
         tail = err.read()[-2000:]
@@ -272,27 +243,22 @@ def _mooncake(hosts: SimulatedHosts, cond: Condition, args: argparse.Namespace, 
     return records
 
 
-def _watched(step: str, cond: Condition, round_no: int, fn: Callable[[], List[Dict[str, Any]]]):
-    watch = CpuWatch()
-    out = fn()
-    return list(out) + [record("cpu", f"{step} [{cond.name}]", round=round_no, **watch.stop())]
-
-
 def _run_condition(hosts: SimulatedHosts, cond: Condition, args: argparse.Namespace, opts: Dict[str, Any],
                    transports: Sequence[str], progress, workdir: str, round_no: int) -> List[Dict[str, Any]]:
+    from llm_datadist.cli.bench import _watched
     from llm_datadist.cli.bench_runner import run_suite
 
     for host in hosts.hosts:
         hosts.clear_traffic_control(host)
         if cond.rate:
             hosts.rate_limit(host, cond.rate)
-    records = _watched("raw tcp socket", cond, round_no, lambda: _raw(hosts, cond, args, progress))
+    records = _watched(f"raw tcp socket [{cond.name}]", round_no, lambda: _raw(hosts, cond, args, progress))
     for index, name in enumerate(transports):
         spec = _suite_spec(name, cond, args, hosts, opts["directions"], index)
         records += [dict(r, round=round_no, mechanism=f"{name} [{cond.name}]") if r.get("kind") == "cpu" else r
                     for r in run_suite(spec, progress, start=_suite_start(hosts))]
     if "mooncake" in opts["peers"]:
-        records += _watched("mooncake", cond, round_no,
+        records += _watched(f"mooncake [{cond.name}]", round_no,
                             lambda: _mooncake(hosts, cond, args, opts["directions"], workdir, progress))
     return [dict(r, condition=cond.name) for r in records]
 
