@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from llm_datadist.cli.bench_common import MIB, SuiteSpec, format_size, parse_sizes, record
 from llm_datadist.cli.netns import CROSS_HOST_TRANSPORTS, SimulatedHosts, unavailable_reason
 
-__all__ = ["Condition", "HostProcess", "conditions", "run_netns", "start_child"]
+__all__ = ["Condition", "HostProcess", "conditions", "run_netns", "start_child", "start_process"]
 
 PROG = "llm-datadist bench --hosts netns"
 CHILD_MODULE = "llm_datadist.cli.bench_netns_child"
@@ -74,25 +74,30 @@ def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
-def start_child(hosts: SimulatedHosts, index: int, role: str, job: Any, extra: Sequence[socket.socket] = (),
-                argv: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None,
-                **popen_args: Any) -> Tuple[HostProcess, Connection]:
-    """Start a process on host ``index``; returns it and a connection to it (``job`` already sent).
+def start_process(hosts: SimulatedHosts, index: int, argv: List[str], inherit: Sequence[socket.socket] = (),
+                  env: Optional[Dict[str, str]] = None, **popen_args: Any) -> HostProcess:
+    """Start ``argv`` on host ``index``; it inherits the descriptors of the ``inherit`` sockets."""
+    fds = [s.fileno() for s in inherit]
+    return HostProcess(hosts.popen(hosts[index], argv, pass_fds=fds, env=env or child_env(), **popen_args))
 
-    ``argv`` defaults to the bench's own child entry with ``role``; the child receives the descriptors of
-    its end of the connection and of ``extra`` (sockets to other children) as arguments.
+
+def start_child(hosts: SimulatedHosts, index: int, role: str, job: Any,
+                extra: Sequence[socket.socket] = ()) -> Tuple[HostProcess, Connection]:
+    """Start the bench's child entry with ``role`` on host ``index``; returns it and a connection to it.
+
+    ``job`` is the first message on the connection. The child gets the descriptors of its end of the
+    connection and of ``extra`` (sockets to other children) as arguments.
     """
     mine, theirs = socket.socketpair()
-    fds = [theirs.fileno()] + [s.fileno() for s in extra]
-    command = argv if argv is not None else [sys.executable, "-m", CHILD_MODULE, role, *map(str, fds)]
+    inherit = [theirs, *extra]
+    argv = [sys.executable, "-m", CHILD_MODULE, role, *(str(s.fileno()) for s in inherit)]
     try:
-        proc = hosts.popen(hosts[index], command, pass_fds=fds, env=env or child_env(), **popen_args)
+        proc = start_process(hosts, index, argv, inherit)
     finally:
         theirs.close()
     conn = Connection(mine.detach())
-    if job is not None:
-        conn.send(job)
-    return HostProcess(proc), conn
+    conn.send(job)
+    return proc, conn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +172,7 @@ def _raw(hosts: SimulatedHosts, cond: Condition, args: argparse.Namespace, progr
     from llm_datadist.cli.bench_runner import collect_children, stop_children
 
     server, server_conn = start_child(hosts, 0, "raw-server", (cond.total_bytes, args.seed, hosts[0].ip))
-    procs = {"raw-server": server}
+    procs, conns = {"raw-server": server}, [server_conn]
     records: List[Dict[str, Any]] = []
     error = None
     try:
@@ -179,12 +184,15 @@ def _raw(hosts: SimulatedHosts, cond: Condition, args: argparse.Namespace, progr
         job = ((hosts[0].ip, int(port)), cond.sizes, cond.total_bytes, cond.passes, cond.warmup, args.seed)
         client, client_conn = start_child(hosts, 1, "raw-client", job)
         procs["raw-client"] = client
+        conns.append(client_conn)
         error = collect_children({"raw-client": client}, {"raw-client": client_conn}, records, progress,
                                  args.timeout * 4 + 60.0)
     except (OSError, EOFError, RuntimeError) as exc:
         error = str(exc)
     finally:
         stop_children(procs, 10.0)
+        for conn in conns:
+            conn.close()
     if error:
         records.append(record("error", "raw_tcp", message=error.strip().splitlines()[0], detail=error))
     return records
@@ -216,13 +224,13 @@ def _mooncake(hosts: SimulatedHosts, cond: Condition, args: argparse.Namespace, 
     err_path = os.path.join(workdir, "mooncake.stderr")
     with open(err_path, "w+") as err:
         try:
-            target, _ = start_child(hosts, 0, "", None, [target_end], stderr=err, stdout=err,
-                                    argv=common + ["--role", "target", "--conn-fd", str(target_end.fileno())],
-                                    env=dict(os.environ, BENCH_PEER_HOST=hosts[0].ip))
-            initiator, _ = start_child(hosts, 1, "", None, [initiator_end], stderr=err, stdout=subprocess.PIPE,
-                                       text=True, env=dict(os.environ, BENCH_PEER_HOST=hosts[1].ip),
-                                       argv=common + ["--role", "initiator", "--conn-fd",
-                                                      str(initiator_end.fileno())])
+            target = start_process(hosts, 0, common + ["--role", "target", "--conn-fd", str(target_end.fileno())],
+                                   [target_end], env=dict(os.environ, BENCH_PEER_HOST=hosts[0].ip), stderr=err,
+                                   stdout=err)
+            initiator = start_process(hosts, 1, common + ["--role", "initiator", "--conn-fd",
+                                                          str(initiator_end.fileno())],
+                                      [initiator_end], env=dict(os.environ, BENCH_PEER_HOST=hosts[1].ip),
+                                      stderr=err, stdout=subprocess.PIPE, text=True)
         finally:
             target_end.close()
             initiator_end.close()
