@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -19,10 +20,12 @@ for name, address in (("peer", (sys.argv[1], int(sys.argv[2]))), ("peer_loopback
     except OSError:
         reached[name] = False
 print(json.dumps({"pid": os.getpid(), "hostname": socket.gethostname(), "reached": reached,
-                  "processes": sorted(int(p) for p in os.listdir("/proc") if p.isdigit())}), flush=True)
+                  "processes": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+                  "shm": sorted(os.listdir("/dev/shm"))}), flush=True)
 """
 SERVER = """
 import socket, sys
+open("/dev/shm/" + sys.argv[1], "w").close()  # in this host's own /dev/shm
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 27000)); s.listen(8)
 print("listening", flush=True)
 while True:
@@ -36,7 +39,8 @@ def _netns_names():
 
 def test_hosts_reach_each_other_only_by_address_and_share_no_identity():
     with SimulatedHosts(2) as hosts:
-        server = hosts.popen(hosts[0], [sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+        marker = f"{hosts.run_id}-marker"
+        server = hosts.popen(hosts[0], [sys.executable, "-c", SERVER, marker], stdout=subprocess.PIPE, text=True)
         assert server.stdout.readline().strip() == "listening"
         probe = hosts.popen(hosts[1], [sys.executable, "-c", PROBE, hosts[0].ip, "27000"], stdout=subprocess.PIPE,
                             text=True)
@@ -45,6 +49,7 @@ def test_hosts_reach_each_other_only_by_address_and_share_no_identity():
         assert seen["reached"] == {"peer": True, "peer_loopback": False}  # 127.0.0.1 is this host's own
         assert seen["pid"] == 1 and seen["processes"] == [1]  # its own pid namespace and /proc
         assert seen["hostname"] == hosts[1].hostname != hosts[0].hostname
+        assert seen["shm"] == [] and not os.path.exists(f"/dev/shm/{marker}")  # no shared memory between hosts
         assert len({h.ip for h in hosts.hosts}) == 2
 
 

@@ -1,8 +1,9 @@
 """Simulated hosts on one machine: a network namespace per host, joined by veth pairs to a private bridge.
 
 Each host runs its processes in its own network namespace and, through ``unshare``, its own pid, mount
-(private ``/proc``), IPC and UTS namespaces, with a hostname of its own, so two "hosts" share no loopback, no
-address, no pid and no host identity (hostname + boot id), as between real hosts or containers. The bridge
+(private ``/proc`` and ``/dev/shm``), IPC and UTS namespaces, with a hostname of its own, so two "hosts" share
+no loopback, no address, no pid, no shared memory and no host identity (hostname + boot id), as between
+real hosts or containers. The bridge
 lives in a namespace of its own too: nothing is added to the machine's own network, and every packet stays
 between the namespaces one ``SimulatedHosts`` made. Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN), ``ip``
 (iproute2) and ``unshare`` (util-linux); :func:`unavailable_reason` says why not where they are missing.
@@ -32,8 +33,16 @@ CROSS_HOST_TRANSPORTS = ("tcp",)
 PREFIX = "lldd"  # namespace names: lldd-<pid>-<run>-<host>; a run of a dead pid is stale
 HOST_IF = "eth0"  # the host's end of its veth pair (names are per namespace)
 _CMD_TIMEOUT_S = 20.0
-_SET_HOSTNAME = ("import os, socket, sys; socket.sethostname(sys.argv[1]); "
-                 "os.execvp(sys.argv[2], sys.argv[2:])")
+# Runs first in a host's new namespaces: its hostname, a /dev/shm of its own (a tmpfs in its mount namespace),
+# then the command.
+_HOST_SHIM = "\n".join([
+    "import ctypes, os, socket, sys",
+    "socket.sethostname(sys.argv[1])",
+    "libc = ctypes.CDLL(None, use_errno=True)",
+    "if os.path.isdir('/dev/shm') and libc.mount(b'tmpfs', b'/dev/shm', b'tmpfs', 0, b'mode=1777') != 0:",
+    "    sys.exit('cannot mount a private /dev/shm: ' + os.strerror(ctypes.get_errno()))",
+    "os.execvp(sys.argv[2], sys.argv[2:])",
+])
 _open_runs: "Dict[int, SimulatedHosts]" = {}
 _runs_lock = threading.Lock()
 _counter = [0]
@@ -93,7 +102,7 @@ def _probe() -> Optional[str]:
         veth = _ip("-n", name, "link", "add", "a0", "type", "veth", "peer", "name", "b0", check=False)
         if veth.returncode != 0:
             return f"cannot create a veth pair: {veth.stderr.strip()}"
-        argv = ["ip", "netns", "exec", name, *_unshare_argv(), "true"]
+        argv = _host_argv(name, "llmdd-probe", ["true"])
         ns = subprocess.run(argv, capture_output=True, text=True, timeout=_CMD_TIMEOUT_S)
         if ns.returncode != 0:
             return f"cannot create pid/mount/IPC/UTS namespaces (unshare): {ns.stderr.strip()}"
@@ -102,9 +111,11 @@ def _probe() -> Optional[str]:
     return None
 
 
-def _unshare_argv() -> List[str]:
+def _host_argv(netns: str, hostname: str, argv: Sequence[str]) -> List[str]:
+    """``argv`` in network namespace ``netns`` and new pid/mount/IPC/UTS namespaces, as host ``hostname``."""
     # --kill-child: when unshare dies (the process the caller holds), the host's process tree dies with it
-    return ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts", "--"]
+    return ["ip", "netns", "exec", netns, "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc",
+            "--uts", "--", sys.executable, "-c", _HOST_SHIM, hostname, *argv]
 
 
 def netem_unavailable_reason() -> Optional[str]:
@@ -236,9 +247,8 @@ class SimulatedHosts:
 
     # -- processes ------------------------------------------------------------------------------
     def command(self, host: Host, argv: Sequence[str]) -> List[str]:
-        """The command line that runs ``argv`` on ``host`` (its namespaces, its hostname)."""
-        return ["ip", "netns", "exec", host.netns, *_unshare_argv(), sys.executable, "-c", _SET_HOSTNAME,
-                host.hostname, *argv]
+        """The command line that runs ``argv`` on ``host`` (its namespaces, hostname and /dev/shm)."""
+        return _host_argv(host.netns, host.hostname, argv)
 
     def popen(self, host: Host, argv: Sequence[str], **popen_args) -> subprocess.Popen:
         """Start ``argv`` on ``host``; the process is killed by :meth:`close` if still running.
