@@ -3,10 +3,10 @@
 Each host runs its processes in its own network namespace and, through ``unshare``, its own pid, mount
 (private ``/proc`` and ``/dev/shm``), IPC and UTS namespaces, with a hostname of its own, so two "hosts" share
 no loopback, no address, no pid, no shared memory and no host identity (hostname + boot id), as between
-real hosts or containers. The bridge
-lives in a namespace of its own too: nothing is added to the machine's own network, and every packet stays
-between the namespaces one ``SimulatedHosts`` made. Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN), ``ip``
-(iproute2) and ``unshare`` (util-linux); :func:`unavailable_reason` says why not where they are missing.
+real hosts or containers. The bridge lives in a namespace of its own too: nothing is added to the machine's
+own network, and every packet stays between the namespaces one ``SimulatedHosts`` made. Needs root
+(CAP_NET_ADMIN and CAP_SYS_ADMIN), ``ip`` and ``tc`` (iproute2) and ``unshare`` (util-linux);
+:func:`unavailable_reason` says why not where they are missing.
 
 Links between hosts can be taken down and up (:meth:`SimulatedHosts.link_down`), rate limited with ``tc``
 ``tbf`` (:meth:`SimulatedHosts.rate_limit`) and, where the kernel has ``sch_netem``, delayed or made lossy
@@ -91,7 +91,7 @@ def unavailable_reason() -> Optional[str]:
 def _probe() -> Optional[str]:
     if not sys.platform.startswith("linux"):
         return f"network namespaces need Linux (this is {sys.platform})"
-    for tool, package in (("ip", "iproute2"), ("unshare", "util-linux")):
+    for tool, package in (("ip", "iproute2"), ("tc", "iproute2"), ("unshare", "util-linux")):
         if shutil.which(tool) is None:
             return f"'{tool}' ({package}) is not installed"
     name = f"{PREFIX}-{os.getpid()}-probe"
