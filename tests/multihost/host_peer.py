@@ -121,11 +121,6 @@ class Peer:
         self.caches[name] = (cache, arrays)
         return {"cache_id": cache.cache_id, "addrs": addrs}
 
-    def op_unregister(self, name: str):
-        cache, _arrays = self.caches.pop(name)
-        self.dd.cache_manager.unregister_cache(cache.cache_id)
-        return {}
-
     def op_hashes(self, name: str):
         """Per tensor, the digest of every row (block or slot): the test compares them byte for byte."""
         _cache, arrays = self.caches[name]
