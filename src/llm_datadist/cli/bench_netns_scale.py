@@ -54,6 +54,7 @@ class _Worker:
         self.ip = ""
         self.buffers: Dict[int, Buffer] = {}
         self.caches: Dict[int, Any] = {}
+        self.interpreter = _resources()  # before any instance
 
     def init(self, role: str, cluster_id: int, ip: str, listen: bool, timeout_ms: int) -> Dict[str, int]:
         from llm_datadist import LLMConfig, LLMDataDist, LLMRole
@@ -138,19 +139,25 @@ class _Worker:
                 raise RuntimeError(f"pull from cluster {spec[0]} moved the wrong bytes: {problem}")
         return {"times": times, **_resources()}
 
-    def finalize(self) -> Dict[str, int]:
+    def finalize(self) -> Dict[str, Any]:
+        """Finalize, then the resources once the joined threads have left the kernel's count (up to 2 s)."""
         self.dd.finalize()
         for buf in self.buffers.values():
             buf.close()
         self.buffers.clear()
-        return _resources()
+        deadline = time.monotonic() + 2.0
+        now = _resources()
+        while now["threads"] > self.interpreter["threads"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+            now = _resources()
+        return now
 
 
 def scale_worker(parent, job: Any) -> None:
     """Child entry: answer the orchestrator's (method, args) messages until ("exit",)."""
-    del job
+    del job  # the orchestrator sends its instructions as messages
     worker = _Worker()
-    parent.send(("ok", _resources()))
+    parent.send(("ok", worker.interpreter))
     while True:
         msg = parent.recv()
         if msg[0] == "exit":
