@@ -320,8 +320,10 @@ def run_netns(args: argparse.Namespace, opts: Dict[str, Any]) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     progress.close()
-    meta.update(wall_s=round(time.monotonic() - start, 1))
+    from llm_datadist.cli.bench import _loadavg
     from llm_datadist.cli.bench_netns_report import write_netns
+
+    meta.update(load_after=_loadavg(), wall_s=round(time.monotonic() - start, 1))
 
     files = write_netns(args.out, records, meta)
     print(f"{PROG}: done in {format_duration(meta['wall_s'])}; wrote {', '.join(files)}", file=sys.stderr)

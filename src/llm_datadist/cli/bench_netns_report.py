@@ -79,7 +79,8 @@ def _title(cond: Dict[str, Any]) -> str:
 
 def markdown(records: Sequence[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     """The whole report of one run."""
-    keys = ("date", "host", "cpu", "python", "numpy", "library", "mtu", "rounds", "mode", "load_before", "wall_s")
+    keys = ("date", "host", "cpu", "python", "numpy", "library", "mtu", "rounds", "mode", "load_before", "load_after",
+            "wall_s")
     out = [f"# llm-datadist bench --hosts netns, {meta.get('mode')} run, {meta.get('date')}", "",
            "; ".join(f"{k}: {meta[k]}" for k in keys if k in meta), ""]
     summary: List[str] = []

@@ -219,7 +219,7 @@ class _Peers:
 
 
 def _plan(leaf: int, blocks: int, seed: int) -> Tuple[List[int], List[int]]:
-    """Leaf ``leaf``'s scattered pull: all its blocks into the hub's region of that leaf, or one to one."""
+    """Leaf ``leaf``'s pull: every block, in a scattered order of its own (source and destination permutations)."""
     src, dst = block_order(blocks, seed + leaf)
     return src.tolist(), dst.tolist()
 
