@@ -8,6 +8,7 @@ import multiprocessing
 import sys
 import time
 import traceback
+from multiprocessing.connection import Connection
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -22,6 +23,10 @@ def parse_args(name: str) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--directions", default="pull,push")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole driver")
+    parser.add_argument("--role", choices=("both", "target", "initiator"), default="both",
+                        help="both (default): spawn the target here; target or initiator: this side only, talking "
+                             "to the other over the inherited socket --conn-fd (the two sides on different hosts)")
+    parser.add_argument("--conn-fd", type=int, help="with --role target/initiator: the socket to the other side")
     return parser.parse_args()
 
 
@@ -100,13 +105,24 @@ def target_loop(conn, buf: Buffer) -> None:
 
 
 def run(name: str, target_main: Callable, initiator: Callable) -> int:
-    """Spawn the target, run the initiator here; every failure becomes one ``error`` record and exit 1."""
+    """Spawn the target, run the initiator here; every failure becomes one ``error`` record and exit 1.
+
+    With ``--role target`` this process is the target only; with ``--role initiator`` the initiator only,
+    the target being another process (on another host) at the end of ``--conn-fd``.
+    """
     args = parse_args(name)
-    ctx = multiprocessing.get_context("spawn")
-    mine, theirs = ctx.Pipe()
-    proc = ctx.Process(target=target_main, args=(theirs, args.total_bytes), daemon=True)
-    proc.start()
-    theirs.close()
+    proc = None
+    if args.role == "target":
+        target_main(Connection(args.conn_fd), args.total_bytes)
+        return 0
+    if args.role == "initiator":
+        mine = Connection(args.conn_fd)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        mine, theirs = ctx.Pipe()
+        proc = ctx.Process(target=target_main, args=(theirs, args.total_bytes), daemon=True)
+        proc.start()
+        theirs.close()
     code = 0
     try:
         if not mine.poll(60):
@@ -125,10 +141,11 @@ def run(name: str, target_main: Callable, initiator: Callable) -> int:
             mine.send(("stop",))
         except (OSError, ValueError):
             pass
-        proc.join(10)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(2)
+        if proc is not None:
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2)
     return code
 
 

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import _peer_common as common  # noqa: E402
 
 NAME = "mooncake"
-HOST = "127.0.0.1"
+HOST = os.environ.get("BENCH_PEER_HOST", "127.0.0.1")  # this host's address (another one on simulated hosts)
 
 
 def _engine():

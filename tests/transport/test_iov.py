@@ -259,6 +259,26 @@ def test_scatter_io_handles_partial_moves_stalls_and_eof():
         iov.scatter_io(blocked, addrs, sizes, stall)
 
 
+def test_scatter_io_checks_the_deadline_between_complete_chunks():
+    """A peer that completes every chunk in time, but too slowly overall, still hits the deadline."""
+    buf = np.zeros(8 << 20, dtype=np.uint8)
+    sizes = np.full(8, 1 << 20, dtype=U64)
+    addrs = U64(_addr(buf)) + np.arange(8, dtype=U64) * U64(1 << 20)
+    calls = []
+
+    def steady(chunk):
+        calls.append(1)
+        return sum(len(view) for view in chunk)
+
+    def stall():
+        if len(calls) >= 3:
+            raise TransferTimeout("deadline passed")
+
+    with pytest.raises(TransferTimeout):
+        iov.scatter_io(steady, addrs, sizes, stall, max_bytes=1 << 20)
+    assert len(calls) == 3
+
+
 def test_parallel_split_copies_everything_and_reraises(monkeypatch):
     monkeypatch.setattr(iov, "PARALLEL_MIN_BYTES", 1 << 16)
     rng = np.random.default_rng(4)

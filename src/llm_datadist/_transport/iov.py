@@ -346,8 +346,9 @@ def scatter_io(op: Callable[[List[memoryview]], int], addrs: np.ndarray, sizes: 
         op: e.g. ``lambda b: sock.recvmsg_into(b, 0, MSG_WAITALL)[0]`` or ``sock.sendmsg``.
         addrs: uint64 start addresses (memory this process may read or write).
         sizes: uint64 byte counts.
-        on_stall: Called when ``op`` times out (BlockingIOError) or moves less than asked; it
-            raises to abort (deadline passed, server stopping) or re-arms the socket timeouts.
+        on_stall: Called when ``op`` times out (BlockingIOError) or moves less than asked, and between
+            chunks (a slow but steady peer must not outlast the deadline); it raises to abort
+            (deadline passed, server stopping) or re-arms the socket timeouts.
         max_bytes: About how many bytes one call moves.
 
     Raises:
@@ -379,6 +380,8 @@ def scatter_io(op: Callable[[List[memoryview]], int], addrs: np.ndarray, sizes: 
             raise TransportClosed(f"connection lost: {exc}") from exc
         if got == expected:
             i, skip = j, 0
+            if i < n:
+                on_stall()
             continue
         if got <= 0:
             raise TransportClosed("connection closed by peer")

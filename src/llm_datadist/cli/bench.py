@@ -49,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the scattered block order")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per step before giving up")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    hosts = parser.add_argument_group("across simulated hosts (--hosts netns; root, Linux network namespaces)")
+    hosts.add_argument("--hosts", choices=("local", "netns"), default="local",
+                       help="local (default): two processes of this host; netns: the cross-host transports, a "
+                            "raw socket and (--peers mooncake) Mooncake between two simulated hosts")
+    hosts.add_argument("--rate", default="1gbit",
+                       help="netns: also run with the links limited to these tc tbf rates (comma list, e.g. "
+                            "1gbit,10gbit; 'none' for no limited run; default %(default)s)")
+    hosts.add_argument("--mtu", type=int, help="netns: MTU of the simulated links (default the kernel's, 1500)")
+    hosts.add_argument("--scale", type=int, default=0, metavar="N",
+                       help="netns: instead of the suites, link one decode to N prefills and one prefill to N "
+                            "decodes (one host each) and report link set-up, memory and threads per link and "
+                            "the aggregate throughput of concurrent pulls")
     return parser
 
 
@@ -70,7 +82,7 @@ def _options(args: argparse.Namespace) -> Dict[str, Any]:
     if set(peers) - set(PEER_NAMES):
         raise ValueError(f"--peers takes {', '.join(PEER_NAMES)}, not {args.peers!r}")
     return dict(sizes=sizes, total=total, passes=passes, warmup=warmup, directions=directions, peers=peers,
-                transports=_backends(args.transports))
+                transports=[] if args.hosts == "netns" else _backends(args.transports))
 
 
 def _backends(text: Optional[str]) -> List[str]:
@@ -242,6 +254,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    if args.hosts == "netns":
+        from llm_datadist.cli.bench_netns import run_netns
+
+        return run_netns(args, opts)
     cuda_note = _cuda_note()
     placements = ["host/host"] + ([] if cuda_note else ["host/device", "device/device"])
     suites = _suites(opts, args, placements)

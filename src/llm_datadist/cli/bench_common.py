@@ -186,6 +186,8 @@ class SuiteSpec:
     owner_id: int
     initiator_id: int
     paired: bool = True  # a memcpy pass in the initiator right before each pass (ratios robust to drift)
+    owner_host: str = "127.0.0.1"  # the owner listens here and the initiator links to it
+    initiator_host: str = "127.0.0.1"
 
     def work_units(self) -> int:
         """Progress units: one per (size, direction), plus latency and link."""

@@ -12,7 +12,6 @@ from llm_datadist.cli.bench_common import (Buffer, SuiteSpec, block_order, fill_
                                            verify_blocks)
 from llm_datadist.cli.bench_worker import (LAT_BLOCK, LAT_BLOCKS, MODEL_BLOCK, MODEL_BLOCKS, MODEL_TENSORS,
                                            BenchError, CacheSide, make_instance, recv_reply, report_failure)
-from llm_datadist.cli.instance import LOCALHOST
 
 __all__ = ["initiator_main"]
 
@@ -62,13 +61,14 @@ def _link(run: _Run) -> float:
 
     info = LLMClusterInfo()
     info.remote_cluster_id = run.spec.owner_id
-    info.append_local_ip_info(LOCALHOST, 0)
-    info.append_remote_ip_info(LOCALHOST, run.port)
+    info.append_local_ip_info(run.spec.initiator_host, 0)
+    info.append_remote_ip_info(run.spec.owner_host, run.port)
     start = time.perf_counter()
     code, codes = run.datadist.link_clusters([info], int(run.spec.timeout_s * 1000))
     elapsed = time.perf_counter() - start
     if code != LLMStatusCode.LLM_SUCCESS:
-        raise BenchError(f"link_clusters to {LOCALHOST}:{run.port} failed: {code.name} {[c.name for c in codes]}")
+        raise BenchError(f"link_clusters to {run.spec.owner_host}:{run.port} failed: {code.name} "
+                         f"{[c.name for c in codes]}")
     run.info = info
     return elapsed
 

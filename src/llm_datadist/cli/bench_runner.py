@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from llm_datadist.cli.bench_common import CpuWatch, SuiteSpec, record
 from llm_datadist.cli.bench_initiator import initiator_main
 from llm_datadist.cli.bench_worker import BenchError, owner_main
 from llm_datadist.cli.ipc import child_messages
 
-__all__ = ["run_suite"]
+__all__ = ["collect_children", "run_suite", "stop_children"]
 
 
 def _start(spec: SuiteSpec):
@@ -28,14 +28,15 @@ def _start(spec: SuiteSpec):
             proc.daemon = True
             proc.start()
     except BaseException:
-        _stop(procs, grace=0.0)
+        stop_children(procs, grace=0.0)
         raise
     for conn in (owner_peer, init_peer, owner_child, init_child):
         conn.close()
     return procs, {"owner": owner_parent, "initiator": init_parent}
 
 
-def _stop(procs: Dict[str, Any], grace: float) -> None:
+def stop_children(procs: Dict[str, Any], grace: float) -> None:
+    """Wait up to ``grace`` seconds for the processes to end, then terminate, then kill what is left."""
     end = time.monotonic() + grace
     for proc in procs.values():
         if proc.pid is not None:
@@ -49,9 +50,11 @@ def _stop(procs: Dict[str, Any], grace: float) -> None:
             proc.join(2.0)
 
 
-def _collect(spec: SuiteSpec, procs, conns, records: List[Dict[str, Any]], progress) -> Optional[str]:
-    """Read both pipes until both processes say done; returns an error text or None."""
-    limit = spec.timeout_s * 4 + 60.0
+def collect_children(procs, conns, records: List[Dict[str, Any]], progress, limit: float) -> Optional[str]:
+    """Read records and progress from every child until each says done (at most ``limit`` seconds).
+
+    Returns an error text (a child failed, went away or took too long) or None.
+    """
     done: set = set()
     try:
         for role, msg in child_messages(conns, procs, time.monotonic() + limit, done, BenchError,
@@ -69,17 +72,21 @@ def _collect(spec: SuiteSpec, procs, conns, records: List[Dict[str, Any]], progr
     return None
 
 
-def run_suite(spec: SuiteSpec, progress) -> List[Dict[str, Any]]:
-    """All records of one suite; a failure becomes an ``error`` record (the other suites still run)."""
+def run_suite(spec: SuiteSpec, progress, start: Optional[Callable] = None) -> List[Dict[str, Any]]:
+    """All records of one suite; a failure becomes an ``error`` record (the other suites still run).
+
+    ``start(spec) -> (processes, connections)`` starts the owner and the initiator (default: two local
+    processes; the simulated-hosts bench starts them on two hosts).
+    """
     records: List[Dict[str, Any]] = []
     watch = CpuWatch()
-    procs, conns = _start(spec)
+    procs, conns = (start or _start)(spec)
     try:
-        error = _collect(spec, procs, conns, records, progress)
+        error = collect_children(procs, conns, records, progress, spec.timeout_s * 4 + 60.0)
     except KeyboardInterrupt:
-        _stop(procs, grace=0.0)
+        stop_children(procs, grace=0.0)
         raise
-    _stop(procs, grace=10.0 if error is None else 1.0)
+    stop_children(procs, grace=10.0 if error is None else 1.0)
     for conn in conns.values():
         conn.close()
     records.append(record("cpu", spec.name, placement=spec.placement, **watch.stop()))

@@ -11,7 +11,7 @@ import numpy as np
 
 from llm_datadist.cli.bench_common import Buffer, block_order, fill_pattern, gbps, record, verify_blocks
 
-__all__ = ["best_raw_tcp", "measure_raw_tcp", "VARIANTS"]
+__all__ = ["best_raw_tcp", "measure_raw_tcp", "raw_tcp_client", "server_main", "VARIANTS"]
 
 _REQ = struct.Struct("<QQ")  # block bytes, variant (0 = stop)
 VARIANTS = {1: "batch", 2: "b1"}  # sendmsg/recvmsg_into scatter lists, or one send/recv per block
@@ -78,10 +78,13 @@ def _recv_all(sock: socket.socket, views: List[memoryview], variant: int, block:
                 got += block
 
 
-def server_main(conn, total_bytes: int, seed: int) -> None:
-    """Child process: serve the source blocks in scattered order to one client until told to stop."""
+def server_main(conn, total_bytes: int, seed: int, host: str = "127.0.0.1") -> None:
+    """Child process: serve the source blocks in scattered order to one client until told to stop.
+
+    Listens on ``host`` (an ephemeral port, sent over ``conn``).
+    """
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
+    listener.bind((host, 0))
     listener.listen(1)
     buf = Buffer(total_bytes)
     fill_pattern(buf.array, 0)
@@ -123,12 +126,24 @@ def measure_raw_tcp(sizes: Sequence[int], total_bytes: int, passes: int, warmup:
     proc = ctx.Process(target=server_main, args=(child, total_bytes, seed), name="bench-raw-tcp", daemon=True)
     proc.start()
     child.close()
-    out: List[Dict[str, Any]] = []
-    dst = Buffer(total_bytes)
     try:
         if not parent.poll(60):
             raise RuntimeError("the raw TCP server did not start")
-        sock = socket.create_connection(("127.0.0.1", parent.recv()), timeout=120)
+        return raw_tcp_client(("127.0.0.1", parent.recv()), sizes, total_bytes, passes, warmup, seed, on_step)
+    finally:
+        proc.join(5.0)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(2.0)
+
+
+def raw_tcp_client(address, sizes: Sequence[int], total_bytes: int, passes: int, warmup: int, seed: int,
+                   on_step: Optional[Callable[[], None]] = None) -> List[Dict[str, Any]]:
+    """The measuring side: pull every size from the server at ``address`` (host, port), then stop it."""
+    out: List[Dict[str, Any]] = []
+    dst = Buffer(total_bytes)
+    try:
+        sock = socket.create_connection(tuple(address), timeout=120)
         _tune(sock)
         for block in sizes:
             out.extend(_measure_size(sock, dst, block, total_bytes, passes, warmup, seed))
@@ -137,10 +152,6 @@ def measure_raw_tcp(sizes: Sequence[int], total_bytes: int, passes: int, warmup:
         sock.sendall(_REQ.pack(0, 0))
         sock.close()
     finally:
-        proc.join(5.0)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(2.0)
         dst.close()
     return out
 

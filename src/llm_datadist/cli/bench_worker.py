@@ -36,7 +36,8 @@ def make_instance(spec: SuiteSpec, cluster_id: int, owner: bool):
         os.environ.pop("LLM_DATADIST_TRANSPORT", None)  # "auto" means the library's own choice
     listen = owner or spec.transport is not None  # transfer_backend needs listen_ip_info on both sides
     return make_datadist(owner, cluster_id, listen, spec.transport, int(spec.timeout_s * 1000), int(spec.timeout_s),
-                         BenchError, pool_bytes(spec) if spec.pool else 0)
+                         BenchError, pool_bytes(spec) if spec.pool else 0,
+                         spec.owner_host if owner else spec.initiator_host)
 
 
 class _HostView:
