@@ -195,10 +195,3 @@ def fresh(request) -> Setup:
     pair = Setup(request.param)
     yield pair
     pair.close()
-
-
-@pytest.fixture
-def two_process_fresh(fresh) -> Optional[Setup]:
-    if fresh.name == "loopback":
-        pytest.skip("the loopback peer lives in this process")
-    return fresh

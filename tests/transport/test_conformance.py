@@ -25,6 +25,11 @@ from llm_datadist._transport.base import (
 )
 
 SENTINEL = 0xA5
+SERVER_CHECKED = [n for n in TESTED if n != "process_vm"]  # a serving side or a range table refuses bad ranges
+TWO_PROCESS = [n for n in TESTED if n != "loopback"]
+SAME_HOST = [n for n in TESTED if n in ("process_vm", "shm")]
+TCP = [n for n in TESTED if n == "tcp"]
+SHM = [n for n in TESTED if n == "shm"]
 
 
 def _case_one_byte(rng):
@@ -144,9 +149,8 @@ def test_rejects_ranges_outside_registered_memory(setup: Setup):
     _check_copied(setup.local, local, setup.expected(), remote, sizes)
 
 
+@pytest.mark.parametrize("setup", SERVER_CHECKED, indirect=True)
 def test_one_bad_range_among_thousands_is_rejected(setup: Setup):
-    if setup.name == "process_vm":
-        pytest.skip("process_vm is one-sided; the engine bounds-checks remote ranges")
     local, remote, sizes = _case_16k_x4096(np.random.default_rng(5))
     remote = remote.copy()
     remote[2000] = PEER_BYTES  # one op just past the end
@@ -217,8 +221,9 @@ def test_disconnect_and_close_twice(fresh: Setup):
         t.connect(fresh.peer_info, fresh.deadline())
 
 
-def test_stopped_peer(two_process_fresh: Setup):
-    s = two_process_fresh
+@pytest.mark.parametrize("fresh", TWO_PROCESS, indirect=True)
+def test_stopped_peer(fresh: Setup):
+    s = fresh
     plan = s.plan([0], [0], [8 << 20])
     s.peer.signal(signal.SIGSTOP)
     try:
@@ -237,9 +242,10 @@ def test_stopped_peer(two_process_fresh: Setup):
     s.transport.read(s.channel, plan, s.deadline())  # usable again once the peer runs
 
 
-def test_peer_killed_mid_transfer(two_process_fresh: Setup):
+@pytest.mark.parametrize("fresh", TWO_PROCESS, indirect=True)
+def test_peer_killed_mid_transfer(fresh: Setup):
     """A dead peer: reads fail soon (or, where our mapping keeps its memory, return only its bytes)."""
-    s = two_process_fresh
+    s = fresh
     local, remote, sizes = _case_16k_x4096(np.random.default_rng(2))
     plan = s.plan(local, remote, sizes)
     outcome = []
@@ -327,10 +333,9 @@ def test_stale_guard_fails_reads_and_writes_and_a_live_one_still_works(fresh: Se
     np.testing.assert_array_equal(fresh.local[:4096], fresh.expected()[:4096])
 
 
+@pytest.mark.parametrize("fresh", SAME_HOST, indirect=True)
 def test_a_wrong_instance_nonce_is_refused_at_connect(fresh: Setup):
     """A same-host route must prove the peer's identity (another pid namespace, a reused pid)."""
-    if fresh.name not in ("process_vm", "shm"):
-        pytest.skip("identity by nonce is a same-host route's check")
     import dataclasses
 
     impostor = dataclasses.replace(fresh.peer_info, nonce=b"\x01" * 16)
@@ -360,9 +365,8 @@ def _closed_by_peer(sock: socket.socket) -> bool:
         sock.close()
 
 
+@pytest.mark.parametrize("setup", TCP, indirect=True)
 def test_tcp_wrong_token_and_malformed_frames_close_only_that_connection(setup: Setup):
-    if setup.name != "tcp":
-        pytest.skip("tcp only")
     from llm_datadist._transport import tcp_wire as tcp
 
     token = setup.peer_info.credential
@@ -388,17 +392,15 @@ def test_tcp_wrong_token_and_malformed_frames_close_only_that_connection(setup: 
     np.testing.assert_array_equal(setup.local[:4096], setup.expected()[:4096])
 
 
+@pytest.mark.parametrize("setup", TCP, indirect=True)
 def test_tcp_guard_table_is_never_served(setup: Setup):
-    if setup.name != "tcp":
-        pytest.skip("tcp only")
     table = setup.raw_plan([setup.local.ctypes.data], [setup.guard.addr], [8])
     with pytest.raises(RemoteRejected):
         setup.transport.read(setup.channel, table, setup.deadline())
 
 
+@pytest.mark.parametrize("fresh", TCP, indirect=True)
 def test_tcp_revoked_token_closes_its_connections_and_refuses_new_ones(fresh: Setup):
-    if fresh.name != "tcp":
-        pytest.skip("tcp only")
     plan = fresh.plan([0], [0], [4096])
     fresh.transport.read(fresh.channel, plan, fresh.deadline())
     fresh.peer.command("revoke")
@@ -408,10 +410,9 @@ def test_tcp_revoked_token_closes_its_connections_and_refuses_new_ones(fresh: Se
         fresh.connect()
 
 
+@pytest.mark.parametrize("setup", TCP, indirect=True)
 def test_tcp_idle_unauthenticated_sockets_do_not_block_a_link(setup: Setup):
     """Hundreds of sockets that never say hello cost no thread and do not keep a real client out."""
-    if setup.name != "tcp":
-        pytest.skip("tcp only")
     idle = [_raw_connection(setup) for _ in range(300)]
     try:
         channel = setup.connect()
@@ -423,9 +424,8 @@ def test_tcp_idle_unauthenticated_sockets_do_not_block_a_link(setup: Setup):
             sock.close()
 
 
+@pytest.mark.parametrize("setup", SHM, indirect=True)
 def test_shm_covers_only_shared_ranges_and_learns_late_regions(setup: Setup):
-    if setup.name != "shm":
-        pytest.skip("shm only")
     t, ch = setup.transport, setup.channel
     assert t.covers(ch, setup.plan([0], [0], [PEER_BYTES]))
     assert not t.covers(ch, setup.plan([0], [0], [PEER_BYTES + 1]))
