@@ -275,7 +275,8 @@ def test_peer_killed_mid_transfer(fresh: Setup):
     assert not thread.is_alive()
     assert time.monotonic() - killed_at < 9.0
     if s.name == "shm":  # the dead peer's segments stay mapped here: the link's closed connection ends the route
-        assert outcome and (outcome[0] == "no error" or isinstance(outcome[0], TransportClosed)), outcome
+        assert outcome and (outcome[0] == "no error" or isinstance(outcome[0], (TransportClosed, TransferTimeout))), \
+            outcome
         return
     assert outcome and isinstance(outcome[0], (TransportClosed, TransferTimeout)), outcome
     with pytest.raises((TransportClosed, ConnectFailed)):

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Callable, ClassVar, FrozenSet, Optional, Sequence, Tuple
+from typing import Callable, ClassVar, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -163,38 +163,94 @@ class TransportContext:
     tls: Optional[object] = None  # a tls.Tls when mutual TLS is configured (tcp wraps its connections)
 
 
+SMALL_OPS = 64  # plans of at most this many ops live as Python ints (no numpy on the small-request path)
+
+
 class CopyPlan:
-    """A batch of copies: ``sizes[i]`` bytes between ``local[i]`` and ``remote[i]`` (uint64 arrays).
+    """A batch of copies: ``sizes[i]`` bytes between ``local[i]`` and ``remote[i]``.
 
     ``local_kind``/``remote_kind`` are the memory kinds of each side; ``guards`` the remote generation words
-    the plan relies on. Plans are built by the engine's planner; transports consume them whole.
+    the plan relies on. A small plan (at most SMALL_OPS ops, built from Python lists) keeps its ops as a list
+    of ``(local, remote, nbytes)`` int tuples (``ops``) and makes uint64 arrays only when ``local``, ``remote``
+    or ``sizes`` is read; a large plan holds the arrays (``ops`` is None). Plans are built by the engine's
+    planner; transports consume them whole.
     """
 
-    __slots__ = ("local", "remote", "sizes", "local_kind", "remote_kind", "guards", "_merged")
+    __slots__ = ("_local", "_remote", "_sizes", "ops", "local_kind", "remote_kind", "guards", "_merged")
 
-    def __init__(self, local: np.ndarray, remote: np.ndarray, sizes: np.ndarray, local_kind: str = HOST,
-                 remote_kind: str = HOST, guards: Tuple[Guard, ...] = (), merged: bool = False) -> None:
-        self.local = np.ascontiguousarray(local, dtype=np.uint64)
-        self.remote = np.ascontiguousarray(remote, dtype=np.uint64)
-        self.sizes = np.ascontiguousarray(sizes, dtype=np.uint64)
-        if not (self.local.shape == self.remote.shape == self.sizes.shape) or self.local.ndim != 1:
-            raise ValueError("CopyPlan arrays must be 1-D and of equal length")
+    def __init__(self, local, remote, sizes, local_kind: str = HOST, remote_kind: str = HOST,
+                 guards: Tuple[Guard, ...] = (), merged: bool = False) -> None:
         self.local_kind = local_kind
         self.remote_kind = remote_kind
         self.guards = tuple(guards)
         self._merged = merged
+        if isinstance(local, list) and len(local) <= SMALL_OPS:
+            if not (len(local) == len(remote) == len(sizes)):
+                raise ValueError("CopyPlan lists must be of equal length")
+            self.ops: Optional[List[Tuple[int, int, int]]] = list(zip(local, remote, sizes))
+            self._local = self._remote = self._sizes = None
+            return
+        self.ops = None
+        self._local = np.ascontiguousarray(local, dtype=np.uint64)
+        self._remote = np.ascontiguousarray(remote, dtype=np.uint64)
+        self._sizes = np.ascontiguousarray(sizes, dtype=np.uint64)
+        if not (self._local.shape == self._remote.shape == self._sizes.shape) or self._local.ndim != 1:
+            raise ValueError("CopyPlan arrays must be 1-D and of equal length")
+
+    @classmethod
+    def from_ops(cls, ops: List[Tuple[int, int, int]], local_kind: str = HOST, remote_kind: str = HOST,
+                 guards: Tuple[Guard, ...] = (), merged: bool = False) -> "CopyPlan":
+        plan = cls.__new__(cls)
+        plan.ops, plan._local, plan._remote, plan._sizes = ops, None, None, None
+        plan.local_kind, plan.remote_kind, plan.guards, plan._merged = local_kind, remote_kind, guards, merged
+        return plan
+
+    def _arrays(self) -> None:
+        ops = self.ops or []
+        self._local = np.array([op[0] for op in ops], dtype=np.uint64)
+        self._remote = np.array([op[1] for op in ops], dtype=np.uint64)
+        self._sizes = np.array([op[2] for op in ops], dtype=np.uint64)
+
+    @property
+    def local(self) -> np.ndarray:
+        if self._local is None:
+            self._arrays()
+        return self._local  # type: ignore[return-value]
+
+    @property
+    def remote(self) -> np.ndarray:
+        if self._remote is None:
+            self._arrays()
+        return self._remote  # type: ignore[return-value]
+
+    @property
+    def sizes(self) -> np.ndarray:
+        if self._sizes is None:
+            self._arrays()
+        return self._sizes  # type: ignore[return-value]
 
     def __len__(self) -> int:
-        return int(self.sizes.shape[0])
+        return len(self.ops) if self.ops is not None else int(self._sizes.shape[0])  # type: ignore[union-attr]
 
     @property
     def total_bytes(self) -> int:
-        return int(self.sizes.sum()) if len(self) else 0
+        if self.ops is not None:
+            return sum(op[2] for op in self.ops)
+        return int(self._sizes.sum()) if len(self) else 0  # type: ignore[union-attr]
 
     def merged(self) -> "CopyPlan":
         """Neighbouring ops that are contiguous on both sides merged (order kept); computed once."""
         if self._merged:
             return self
+        if self.ops is not None:
+            out: List[Tuple[int, int, int]] = []
+            for op in self.ops:
+                if out and out[-1][0] + out[-1][2] == op[0] and out[-1][1] + out[-1][2] == op[1]:
+                    last = out[-1]
+                    out[-1] = (last[0], last[1], last[2] + op[2])
+                else:
+                    out.append(op)
+            return CopyPlan.from_ops(out, self.local_kind, self.remote_kind, self.guards, merged=True)
         n = len(self)
         if n >= 2:
             end_l = self.local[:-1] + self.sizes[:-1]
@@ -209,10 +265,16 @@ class CopyPlan:
 
     def swapped(self) -> "CopyPlan":
         """The same copies seen from the other side (local and remote exchanged, no guards)."""
+        if self.ops is not None:
+            return CopyPlan.from_ops([(r, lo, n) for lo, r, n in self.ops], self.remote_kind, self.local_kind, (),
+                                     self._merged)
         return CopyPlan(self.remote, self.local, self.sizes, self.remote_kind, self.local_kind, (), self._merged)
 
     def part(self, start: int, stop: int) -> "CopyPlan":
         """Ops ``[start, stop)`` with the same kinds and guards."""
+        if self.ops is not None:
+            return CopyPlan.from_ops(self.ops[start:stop], self.local_kind, self.remote_kind, self.guards,
+                                     self._merged)
         return CopyPlan(self.local[start:stop], self.remote[start:stop], self.sizes[start:stop], self.local_kind,
                         self.remote_kind, self.guards, self._merged)
 
