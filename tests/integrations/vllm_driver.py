@@ -97,8 +97,11 @@ def connector_state() -> dict:
     worker = _connector().worker
     log = list(worker.holds.release_log)
     stats = list(worker.loader.stats) if worker.loader is not None else []
-    pushes = dict(worker.pusher.counts) if worker.pusher is not None else {}
-    return {"held": worker.holds.held_ids(), "release_log": log, "load_stats": stats, "push_counts": pushes}
+    pusher = worker.pusher
+    pushes = dict(pusher.counts) if pusher is not None else {}
+    ready = pusher.ready_transfer_ids() if pusher is not None else []
+    return {"held": worker.holds.held_ids(), "release_log": log, "load_stats": stats, "push_counts": pushes,
+            "push_ready": ready}
 
 
 COMMANDS = {"start": start, "generate": generate, "free_blocks": free_blocks, "step_until_free": step_until_free,

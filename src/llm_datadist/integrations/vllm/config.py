@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Callable, Dict, Mapping, Optional
 
-__all__ = ["ConnectorConfig", "MODES", "PLACEMENTS", "SECRET_ENV"]
+__all__ = ["ConnectorConfig", "MODES", "PLACEMENTS", "SECRET_ENV", "connector_logger"]
 
 MODES = ("pull", "push")
 PLACEMENTS = ("auto", "device", "host")
 SECRET_ENV = "LLM_DATADIST_LINK_SECRET"
+
+
+def connector_logger(module_name: str) -> logging.Logger:
+    """The connector runs inside vLLM: log under vLLM's ``vllm`` logger so its handlers and level apply."""
+    return logging.getLogger("vllm.llm_datadist." + module_name.rsplit(".", 1)[-1])
 
 
 @dataclasses.dataclass(frozen=True)

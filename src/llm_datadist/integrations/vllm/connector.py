@@ -14,7 +14,6 @@ its block ids first; the prefill pushes each layer while the next ones compute (
 """
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any, Dict, Optional, Set, Tuple
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorHandshakeMetadata,
@@ -29,8 +28,6 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["LLMDataDistConnector"]
-
-_log = logging.getLogger(__name__)
 
 
 class LLMDataDistConnector(KVConnectorBase_V1):

@@ -1,7 +1,6 @@
 """The worker's llm_datadist instance: creation (with port retry), KV registration and links to prefills."""
 from __future__ import annotations
 
-import logging
 import secrets
 import socket
 from typing import Optional, Tuple
@@ -9,11 +8,11 @@ from typing import Optional, Tuple
 from llm_datadist import (BlocksCacheKey, Cache, CacheDesc, DataType, LLMClusterInfo, LLMConfig, LLMDataDist,
                           LLMException, LLMRole, LLMStatusCode, Placement)
 from llm_datadist.integrations.vllm.block_layout import KVLayout
-from llm_datadist.integrations.vllm.config import ConnectorConfig
+from llm_datadist.integrations.vllm.config import ConnectorConfig, connector_logger
 
 __all__ = ["new_cluster_id", "start_datadist", "register_layout", "placement_of", "link_prefill", "unlink_prefill"]
 
-_log = logging.getLogger(__name__)
+_log = connector_logger(__name__)
 _INIT_ATTEMPTS = 5  # a port found free may be taken before llm_datadist binds it
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import logging
 import threading
 import time
 from typing import Deque, Dict, List, Set, Tuple
@@ -11,14 +10,14 @@ from typing import Deque, Dict, List, Set, Tuple
 from llm_datadist import BlocksCacheKey, Cache, LLMDataDist, LLMException
 from llm_datadist.integrations.vllm import protocol as proto
 from llm_datadist.integrations.vllm.block_layout import KVLayout, block_pairs, blocks_for_tokens
-from llm_datadist.integrations.vllm.config import ConnectorConfig
+from llm_datadist.integrations.vllm.config import ConnectorConfig, connector_logger
 from llm_datadist.integrations.vllm.datadist import link_prefill, unlink_prefill
 from llm_datadist.integrations.vllm.metadata import LoadJob
 from llm_datadist.integrations.vllm.side_channel import ControlClient
 
 __all__ = ["Peer", "Loader", "TransferStat"]
 
-_log = logging.getLogger(__name__)
+_log = connector_logger(__name__)
 Endpoint = Tuple[str, int]
 TransferStat = Tuple[str, str, int, float]  # (request id, mode, bytes, seconds)
 
@@ -92,7 +91,7 @@ class Loader:
             lost = [tid for tid, wait in self._push_waits.items() if wait[1] is client]
             jobs = [self._push_waits.pop(tid)[0] for tid in lost]
         for job in jobs:
-            self._finish(job, f"control channel to the prefill lost before its push arrived", now)
+            self._finish(job, "control channel to the prefill lost before its push arrived", now)
 
     def _on_push_done(self, message: proto.PushDone) -> None:
         with self._lock:

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorHandshakeMetadata, KVConnectorMetadata
 
 __all__ = ["LoadJob", "HoldJob", "StepMetadata", "WorkerEndpoint", "TransferParams", "PARAMS_KEYS"]
 
 # kv_transfer_params keys this connector reads and writes (the do_remote_* pair is vLLM's convention).
-PARAMS_KEYS = ("do_remote_prefill", "do_remote_decode", "transfer_mode", "transfer_id", "remote_endpoints",
-               "remote_request_id", "remote_block_ids", "remote_num_tokens")
+PARAMS_KEYS = ("do_remote_prefill", "do_remote_decode", "transfer_mode", "transfer_id", "lease_s",
+               "remote_endpoints", "remote_request_id", "remote_block_ids", "remote_num_tokens")
 
 
 @dataclasses.dataclass
@@ -76,6 +76,7 @@ class HoldJob:
     num_tokens: int
     mode: str
     transfer_id: str = ""
+    lease_s: float = 0.0  # 0: the connector's lease_s
 
 
 @dataclasses.dataclass
@@ -93,7 +94,3 @@ class StepMetadata(KVConnectorMetadata):
 def endpoints_param(endpoints: Dict[int, WorkerEndpoint]) -> List[List[Any]]:
     """``remote_endpoints`` for kv_transfer_params: ``[[host, port], ...]`` in TP rank order."""
     return [[endpoints[rank].host, endpoints[rank].port] for rank in sorted(endpoints)]
-
-
-def optional_str(value: Optional[Any]) -> str:
-    return "" if value is None else str(value)

@@ -8,7 +8,6 @@ completes the prompt starts, a layer-wise ``transfer_cache_async`` runs during t
 from __future__ import annotations
 
 import dataclasses
-import logging
 import queue
 import threading
 import time
@@ -18,13 +17,13 @@ from llm_datadist import (BlocksCacheKey, Cache, LayerSynchronizer, LLMDataDist,
                           TransferWithCacheKeyConfig)
 from llm_datadist.integrations.vllm import protocol as proto
 from llm_datadist.integrations.vllm.block_layout import KVLayout, block_pairs
-from llm_datadist.integrations.vllm.config import ConnectorConfig
+from llm_datadist.integrations.vllm.config import ConnectorConfig, connector_logger
 from llm_datadist.integrations.vllm.metadata import HoldJob
 from llm_datadist.integrations.vllm.side_channel import ServerConnection
 
 __all__ = ["StepGate", "Pusher"]
 
-_log = logging.getLogger(__name__)
+_log = connector_logger(__name__)
 _STOP = object()
 
 
@@ -144,6 +143,11 @@ class Pusher:
         with self._lock:
             for tid in [tid for tid, early in self._early.items() if early[0] is conn]:
                 del self._early[tid]
+
+    def ready_transfer_ids(self) -> List[str]:
+        """Transfers whose decode is ready but whose prompt has not been computed yet."""
+        with self._lock:
+            return list(self._early)
 
     def drop(self, request_ids: List[str]) -> None:
         """These requests' blocks are freed (lease expired, or not kept): never push them any more."""

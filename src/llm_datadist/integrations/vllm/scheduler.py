@@ -1,17 +1,16 @@
 """Scheduler side of the connector: which tokens a decode loads, which blocks a prefill keeps, and the params."""
 from __future__ import annotations
 
-import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 from llm_datadist.integrations.vllm.block_layout import blocks_for_tokens
-from llm_datadist.integrations.vllm.config import ConnectorConfig
+from llm_datadist.integrations.vllm.config import ConnectorConfig, connector_logger
 from llm_datadist.integrations.vllm.metadata import (HoldJob, LoadJob, StepMetadata, TransferParams, WorkerEndpoint,
                                                      endpoints_param)
 
 __all__ = ["SchedulerSide"]
 
-_log = logging.getLogger(__name__)
+_log = connector_logger(__name__)
 
 
 class SchedulerSide:
@@ -96,7 +95,7 @@ class SchedulerSide:
             block_ids = tuple(self._kv_cache_manager.get_block_ids(req_id)[0][:needed])
             params = request.kv_transfer_params
             holds.append(HoldJob(req_id, block_ids, request.num_prompt_tokens, self._mode_of(params),
-                                 str(params.get("transfer_id") or "")))
+                                 str(params.get("transfer_id") or ""), _lease_of(req_id, params)))
         return holds
 
     def build_connector_meta(self, scheduler_output: Any) -> StepMetadata:
@@ -138,3 +137,16 @@ class SchedulerSide:
         if mode == "push":
             out["transfer_id"] = str(params.get("transfer_id") or "")
         return True, out
+
+
+def _lease_of(request_id: str, params: Dict[str, Any]) -> float:
+    """A request's own ``lease_s`` (the proxy may shorten or lengthen it); 0 means the connector's."""
+    raw = params.get("lease_s")
+    try:
+        lease = float(raw) if raw is not None else 0.0
+    except (TypeError, ValueError):
+        lease = 0.0
+    if lease < 0 or (raw is not None and lease == 0):
+        _log.warning("request %s: ignoring kv_transfer_params lease_s=%r (must be > 0)", request_id, raw)
+        return 0.0
+    return lease

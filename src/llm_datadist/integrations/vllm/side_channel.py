@@ -6,7 +6,6 @@ frees every block the dead decode had claimed), the client fails its waiting cal
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import socket
 import threading
@@ -14,10 +13,11 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from llm_datadist.integrations.vllm import protocol as proto
+from llm_datadist.integrations.vllm.config import connector_logger
 
 __all__ = ["ServerHandler", "ServerConnection", "ControlServer", "ControlClient", "POLL_S"]
 
-_log = logging.getLogger(__name__)
+_log = connector_logger(__name__)
 POLL_S = 0.2  # socket timeout of every blocking receive: how fast a stop request is noticed
 _JOIN_S = 2.0
 

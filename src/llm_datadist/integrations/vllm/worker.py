@@ -1,12 +1,11 @@
 """Worker side of the connector: registers vLLM's KV cache, serves decodes (prefill), loads requests (decode)."""
 from __future__ import annotations
 
-import logging
 from typing import Any, Dict, Mapping, Optional, Set, Tuple
 
 from llm_datadist.integrations.vllm import protocol as proto
 from llm_datadist.integrations.vllm.block_layout import KVLayout, layout_of
-from llm_datadist.integrations.vllm.config import ConnectorConfig
+from llm_datadist.integrations.vllm.config import ConnectorConfig, connector_logger
 from llm_datadist.integrations.vllm.datadist import new_cluster_id, placement_of, register_layout, start_datadist
 from llm_datadist.integrations.vllm.holds import HoldTable
 from llm_datadist.integrations.vllm.loader import Loader
@@ -18,7 +17,7 @@ __all__ = ["WorkerSide", "PUSH_OWNER"]
 
 PUSH_OWNER = "push"  # the hold owner while a push runs (decode connections own claimed pulls)
 
-_log = logging.getLogger(__name__)
+_log = connector_logger(__name__)
 
 
 class _CudaReady:
@@ -160,7 +159,7 @@ class WorkerSide(ServerHandler):
         if meta is not None and meta.holds:
             ready = self._ready_marker()
             for hold in meta.holds:
-                self.holds.hold(hold.request_id, list(hold.block_ids), self._config.lease_s, ready)
+                self.holds.hold(hold.request_id, list(hold.block_ids), hold.lease_s or self._config.lease_s, ready)
         if self.pusher is not None:
             self.pusher.end_step()
 
