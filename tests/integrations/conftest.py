@@ -67,12 +67,12 @@ def tiny_model(vllm_python, tmp_path_factory) -> str:
 class VllmInstance:
     """A ``vllm_driver.py`` subprocess; ``call`` sends one command and returns its reply (raising on failure)."""
 
-    def __init__(self, python: str, name: str, log_dir: str) -> None:
+    def __init__(self, python: str, name: str, log_dir: str, env: Optional[Dict[str, str]] = None) -> None:
         self.name = name
         self.log_path = os.path.join(log_dir, f"{name}.log")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([python, os.path.join(HERE, "vllm_driver.py")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._log, text=True, env=vllm_env())
+                                     stdout=subprocess.PIPE, stderr=self._log, text=True, env=vllm_env(env))
         self._replies: "queue.Queue[Optional[str]]" = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.endpoint: Optional[List[Any]] = None
@@ -122,9 +122,10 @@ class VllmInstance:
         self._log.close()
 
 
-def start_instances(python: str, model: str, log_dir: str, specs: Dict[str, Dict[str, Any]]) -> Dict[str, VllmInstance]:
+def start_instances(python: str, model: str, log_dir: str, specs: Dict[str, Dict[str, Any]],
+                    envs: Optional[Dict[str, Dict[str, str]]] = None) -> Dict[str, VllmInstance]:
     """Start several instances at once (each start takes ~15 s of one core) and wait for all of them."""
-    instances = {name: VllmInstance(python, name, log_dir) for name in specs}
+    instances = {name: VllmInstance(python, name, log_dir, (envs or {}).get(name)) for name in specs}
     try:
         for name, spec in specs.items():
             instances[name].send("start", model=model, **spec)
