@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Dict, List
+from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests", "integrations"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -120,6 +121,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         thread.start()  # the decode answers once the push landed (or after its push_timeout_s, recomputed)
         response = post(decode + self.path, dict(body, kv_transfer_params=decode_params), self.timeout_s)
         thread.join(self.timeout_s)
+        if failure:  # the decode has already answered (it recomputed after its push_timeout_s)
+            print(f"proxy: prefill request of transfer {transfer_id} failed: {failure[0]}", file=sys.stderr)
         return response
 
     def _relay(self, response) -> None:

@@ -138,15 +138,18 @@ def start_instances(python: str, model: str, log_dir: str, specs: Dict[str, Dict
     return instances
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_cluster(vllm_python, tiny_model, tmp_path_factory):
-    """Two prefills and one decode (recompute on load failure), shared by the end-to-end tests."""
+    """Two prefills and two decodes (one recomputes on a load failure, one fails the request), shared by the
+    end-to-end tests."""
     log_dir = str(tmp_path_factory.mktemp("vllm-logs"))
     specs = {
         "prefill1": {"role": "kv_producer", "extra": {}},
         "prefill2": {"role": "kv_producer", "extra": {}},
         "decode": {"role": "kv_consumer", "extra": {"link_timeout_ms": 3000}, "module": "corrupting_connector",
                    "name": "CorruptingConnector", "policy": "recompute"},
+        "decode_fail": {"role": "kv_consumer", "extra": {"link_timeout_ms": 3000}, "policy": "fail",
+                        "num_blocks": 64},
     }
     instances = start_instances(vllm_python, tiny_model, log_dir, specs)
     yield instances

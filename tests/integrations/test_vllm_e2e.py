@@ -177,12 +177,16 @@ def test_decode_death_frees_claimed_blocks(vllm_cluster):
     assert decode(vllm_cluster, prompts, prefill(prefill1, prompts)) == expected
 
 
-def test_prefill_death_before_pull_recomputes(vllm_cluster):
-    """The prefill dies after handing out its params: the decode's load fails fast and vLLM recomputes."""
+def test_prefill_death_before_pull_recomputes_or_fails(vllm_cluster):
+    """The prefill dies after handing out its params: the loads fail fast; the decode configured with
+    kv_load_failure_policy=recompute computes the prompts itself, the one with "fail" fails the requests."""
     prompts = make_prompts([20, 64, 150], seed=9)
     expected = reference(vllm_cluster, prompts)
     params = prefill(vllm_cluster["prefill2"], prompts)
+    more_params = prefill(vllm_cluster["prefill2"], prompts)
     vllm_cluster["prefill2"].kill()
     assert decode(vllm_cluster, prompts, params) == expected
     log = vllm_cluster["decode"].log_tail(20000)
     assert "KV load failed" in log and "Recovered from KV load failure" in log
+    failed = vllm_cluster["decode_fail"].call("generate", prompts=prompts, max_tokens=MAX_TOKENS, params=more_params)
+    assert failed["finish"] == ["error"] * len(prompts), failed

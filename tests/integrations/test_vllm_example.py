@@ -1,5 +1,6 @@
-"""The online example: examples/vllm_disagg/launch.sh (two `vllm serve` and the proxy) answers one streamed
-request through the proxy with exactly the tokens the prefill server generates alone."""
+"""The online example: examples/vllm_disagg/launch.sh (two `vllm serve` and the proxy) answers a streamed
+request through the proxy with exactly the tokens the prefill server generates alone; a second proxy in push
+mode in front of the same servers does too."""
 from __future__ import annotations
 
 import json
@@ -77,6 +78,18 @@ def test_proxy_streams_the_single_instance_tokens(vllm_python, tiny_model, tmp_p
         expected = _completion(f"http://127.0.0.1:{ports['PREFILL_PORT']}", stream=False)
         assert len(expected) == 8
         assert _completion(f"http://127.0.0.1:{ports['PROXY_PORT']}", stream=True) == expected
+        push_port = _free_port()
+        push_proxy = subprocess.Popen(
+            [sys.executable, os.path.join(EXAMPLE, "proxy.py"), "--port", str(push_port), "--mode", "push",
+             "--prefill", f"http://127.0.0.1:{ports['PREFILL_PORT']}",
+             "--decode", f"http://127.0.0.1:{ports['DECODE_PORT']}",
+             "--prefill-control", f"127.0.0.1:{ports['CONTROL_PORT']}"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert push_proxy.stdout.readline().startswith("proxy on")
+            assert _completion(f"http://127.0.0.1:{push_port}", stream=False) == expected
+        finally:
+            push_proxy.terminate()
+            push_proxy.wait(30)
     finally:
         os.killpg(launcher.pid, signal.SIGTERM)
         try:

@@ -19,7 +19,8 @@ __all__ = ["Peer", "Loader", "TransferStat"]
 
 _log = connector_logger(__name__)
 Endpoint = Tuple[str, int]
-TransferStat = Tuple[str, str, int, float]  # (request id, mode, bytes, seconds)
+# (request id, mode, bytes, seconds from job start to release, seconds in pull_blocks (push: 0))
+TransferStat = Tuple[str, str, int, float, float]
 
 
 class Peer:
@@ -100,7 +101,7 @@ class Loader:
             return
         job, _, started, _ = wait
         if message.ok:
-            self.stats.append((job.request_id, "push", message.nbytes, time.monotonic() - started))
+            self.stats.append((job.request_id, "push", message.nbytes, time.monotonic() - started, 0.0))
             self._finish(job, "", started)
         else:
             self._finish(job, f"the prefill's push failed: {message.reason}", started)
@@ -145,13 +146,15 @@ class Loader:
         try:
             src, dst = block_pairs(reply.block_ids, job.local_block_ids, job.num_tokens, self._layout_block_size,
                                    job.first_block)
+            pull_began = time.monotonic()
             if src:
                 self._datadist.cache_manager.pull_blocks(BlocksCacheKey(peer.cluster_id, self._config.model_id),
                                                          self._cache, src, dst)
+            pull_s = time.monotonic() - pull_began
         finally:
             peer.client.release([remote_id])
         nbytes = len(src) * self._layout.num_regions * self._layout.block_nbytes
-        self.stats.append((job.request_id, "pull", nbytes, time.monotonic() - started))
+        self.stats.append((job.request_id, "pull", nbytes, time.monotonic() - started, pull_s))
         self._finish(job, "", started)
 
     @property

@@ -62,7 +62,6 @@ class _Push:
     conn: Optional[ServerConnection] = None
     ready: Optional[proto.PushReady] = None
     task: Any = None
-    started: float = 0.0
 
 
 class Pusher:
@@ -80,7 +79,8 @@ class Pusher:
         self._lock = threading.Lock()
         self._early: Dict[str, Tuple[ServerConnection, proto.PushReady, float]] = {}  # decode ready first
         self._waiting: Dict[str, _Push] = {}  # computed, decode not ready yet
-        self._step: List[_Push] = []  # pushes of the running forward without a layer-wise task
+        self._step: List[_Push] = []  # pushes whose prompt completes in the running forward
+        self._layer_index = {name: i for i, name in enumerate(layout.layer_names)}
         self._gate: Optional[StepGate] = None
         self._queue: "queue.Queue[Any]" = queue.Queue()
         self.counts: Dict[str, int] = {"layerwise": 0, "after_forward": 0, "failed": 0}
@@ -100,7 +100,7 @@ class Pusher:
         for hold in pushes:
             with self._lock:
                 early = self._early.pop(hold.transfer_id, None)
-            state = _Push(hold, started=time.monotonic())
+            state = _Push(hold)
             if early is not None:
                 state.conn, state.ready = early[0], early[1]
                 state.task = self._start_layerwise(state, gate)
@@ -108,8 +108,9 @@ class Pusher:
 
     def layer_saved(self, layer_name: str, ready: Optional[Any] = None) -> None:
         """``save_kv_layer``: the layer's KV of this step is written (or will be after ``ready``)."""
-        if self._gate is not None:
-            self._gate.layer_done(self._layout.layer_index(layer_name), ready)
+        index = self._layer_index.get(layer_name)
+        if self._gate is not None and index is not None:
+            self._gate.layer_done(index, ready)
 
     def end_step(self) -> None:
         """After the forward: complete running pushes, push at once where the decode is ready, wait otherwise."""
@@ -118,15 +119,13 @@ class Pusher:
             self._gate = None
         step, self._step = self._step, []
         for state in step:
-            if state.task is not None:
-                self._queue.put(state)
-                continue
-            with self._lock:
-                early = self._early.pop(state.hold.transfer_id, None)
-                if early is None:
-                    self._waiting[state.hold.transfer_id] = state
-                    continue
-            state.conn, state.ready = early[0], early[1]
+            if state.ready is None:  # the decode's hand-off had not arrived at the start of the forward
+                with self._lock:
+                    early = self._early.pop(state.hold.transfer_id, None)
+                    if early is None:
+                        self._waiting[state.hold.transfer_id] = state
+                        continue
+                state.conn, state.ready = early[0], early[1]
             self._queue.put(state)
 
     # -- control channel (connection threads) -------------------------------------------------------
@@ -214,7 +213,11 @@ class Pusher:
             if state is _STOP:
                 return
             if self._claim(state.hold.request_id):
-                ok, reason = self._complete(state)
+                try:
+                    ok, reason = self._complete(state)
+                except Exception as exc:  # noqa: BLE001 - this thread must answer every decode
+                    _log.exception("transfer %s: unexpected push failure", state.hold.transfer_id)
+                    ok, reason = False, repr(exc)
             else:
                 ok, reason = False, "the prefill no longer holds the request's blocks (lease expired)"
                 if state.task is not None:
