@@ -149,7 +149,7 @@ def vllm_cluster(vllm_python, tiny_model, tmp_path_factory):
         "decode": {"role": "kv_consumer", "extra": {"link_timeout_ms": 3000}, "module": "corrupting_connector",
                    "name": "CorruptingConnector", "policy": "recompute"},
         "decode_fail": {"role": "kv_consumer", "extra": {"link_timeout_ms": 3000}, "policy": "fail",
-                        "num_blocks": 64},
+                        "num_blocks": 64, "max_model_len": 1024},
     }
     instances = start_instances(vllm_python, tiny_model, log_dir, specs)
     yield instances
