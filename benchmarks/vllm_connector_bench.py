@@ -24,7 +24,7 @@ from typing import Dict, List
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests", "integrations"))
 
-from conftest import EXAMPLE, run_fake_decode, start_instances, vllm_env  # noqa: E402
+from vllm_harness import EXAMPLE, run_fake_decode, start_instances, vllm_env  # noqa: E402
 
 MODELS = {  # name: (layers, hidden, heads, kv heads)
     "tiny": (2, 128, 4, 2),

@@ -17,7 +17,7 @@ from llm_datadist.integrations.vllm.config import ConnectorConfig
 from llm_datadist.integrations.vllm.holds import HoldTable
 from llm_datadist.integrations.vllm.side_channel import ControlClient, ControlServer, ServerHandler
 
-from conftest import SRC
+from vllm_harness import SRC
 
 GEOMETRY = proto.Geometry(num_regions=4, block_nbytes=16384, block_size=32, layers=2)
 

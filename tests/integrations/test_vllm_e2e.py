@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-from conftest import CALL_TIMEOUT_S, run_fake_decode
+from vllm_harness import CALL_TIMEOUT_S, run_fake_decode
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from conftest import EXAMPLE, vllm_env
+from vllm_harness import EXAMPLE, vllm_env
 
 pytestmark = pytest.mark.timeout(600)
 
