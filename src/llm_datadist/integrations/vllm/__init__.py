@@ -1,4 +1,4 @@
-"""vLLM KV connector on llm_datadist: ``kv_connector="LLMDataDistConnector"``, module ``llm_datadist.integrations.vllm``.
+"""vLLM KV connector on llm_datadist: kv_connector "LLMDataDistConnector", module "llm_datadist.integrations.vllm".
 
 Importing this package does not import vLLM or torch; ``LLMDataDistConnector`` is resolved on first access
 (as vLLM's connector factory does with ``getattr``). Install the extra with ``pip install 'llm-datadist[vllm]'``.

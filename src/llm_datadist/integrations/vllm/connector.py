@@ -58,12 +58,15 @@ class LLMDataDistConnector(KVConnectorBase_V1):
         return self._worker
 
     def register_kv_caches(self, kv_caches: Dict[str, "torch.Tensor"]) -> None:
+        """Register every layer in one llm_datadist blocks cache; producers start listening."""
         self.worker.register_kv_caches(kv_caches)
 
     def get_handshake_metadata(self) -> Optional[KVConnectorHandshakeMetadata]:
+        """The worker's control-channel address, for the scheduler's kv_transfer_params."""
         return self.worker.endpoint()
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Bind the step's metadata; runs before the forward, so layer-wise pushes start here."""
         super().bind_connector_metadata(connector_metadata)
         if isinstance(connector_metadata, StepMetadata):
             self.worker.begin_step(connector_metadata)
@@ -73,27 +76,34 @@ class LLMDataDistConnector(KVConnectorBase_V1):
         return meta if isinstance(meta, StepMetadata) else None
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        """Queue this step's loads; they run in the background between scheduler steps."""
         meta = self._step_metadata()
         if meta is not None and meta.loads:
             self.worker.start_loads(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
+        """Nothing to wait for: a loading request waits in WAITING_FOR_REMOTE_KVS instead."""
         return  # loads are asynchronous: the request waits in WAITING_FOR_REMOTE_KVS until they finish
 
     def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any) -> None:
+        """Mark the layer written, releasing its layer-wise push."""
         self.worker.layer_saved(layer_name)
 
     def wait_for_save(self) -> None:
+        """After the forward: hold the completed prompts' blocks for their decodes, finish pushes."""
         self.worker.end_step(self._step_metadata())
 
     def get_finished(self, finished_req_ids: Set[str]) -> Tuple[Optional[Set[str]], Optional[Set[str]]]:
+        """(released and finished sends, ended loads); failed loads come with their blocks as errors."""
         sending, receiving = self.worker.get_finished(finished_req_ids)
         return sending or None, receiving or None
 
     def get_block_ids_with_load_errors(self) -> Set[int]:
+        """Local blocks of the loads that failed, for vLLM's kv_load_failure_policy."""
         return self.worker.take_failed_blocks()
 
     def shutdown(self) -> None:
+        """Close the control channels (prefills free our claims) and finalize llm_datadist."""
         if self._worker is not None:
             self._worker.close()
 
@@ -105,21 +115,27 @@ class LLMDataDistConnector(KVConnectorBase_V1):
         return self._scheduler
 
     def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
+        """Keep the scheduler's KV cache manager (block ids of completed prompts)."""
         super().bind_kv_cache_manager(kv_cache_manager)
         self.scheduler.bind_kv_cache_manager(kv_cache_manager)
 
     def set_xfer_handshake_metadata(self, metadata: Dict[int, KVConnectorHandshakeMetadata]) -> None:
+        """Learn each worker's control-channel address (by TP rank)."""
         self.scheduler.set_endpoints({rank: meta for rank, meta in metadata.items()
                                       if isinstance(meta, WorkerEndpoint)})
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> Tuple[int, bool]:
+        """A decode request with remote-prefill params loads its prompt asynchronously."""
         return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        """Record the decode blocks a request's KV goes into (once per request)."""
         self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        """This step's loads, completed prompts to hold or push, and requests not kept."""
         return self.scheduler.build_connector_meta(scheduler_output)
 
     def request_finished(self, request: Any, block_ids: Any) -> Tuple[bool, Optional[Dict[str, Any]]]:
+        """Keep a finished prefill request's blocks and return the params its decode needs."""
         return self.scheduler.request_finished(request, list(block_ids))

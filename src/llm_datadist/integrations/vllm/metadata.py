@@ -88,6 +88,7 @@ class StepMetadata(KVConnectorMetadata):
     not_kept: List[str] = dataclasses.field(default_factory=list)  # finished without keeping their blocks
 
     def is_empty(self) -> bool:
+        """Whether the step has no connector work."""
         return not (self.loads or self.holds or self.not_kept)
 
 

@@ -47,6 +47,7 @@ class StepGate(LayerSynchronizer):
             event.set()
 
     def synchronize_layer(self, layer_index: int, timeout_in_millis: Optional[int]) -> bool:
+        """Wait (bounded by the transfer timeout) until both tensors of library layer j are written."""
         vllm_layer = (2 * layer_index + 1) // self._regions_per_layer
         if not self._events[vllm_layer].wait(self._timeout_s):
             return False
@@ -130,6 +131,7 @@ class Pusher:
 
     # -- control channel (connection threads) -------------------------------------------------------
     def on_push_ready(self, conn: ServerConnection, message: proto.PushReady) -> None:
+        """A decode's block ids: push now if the prompt is computed, else keep them for its step."""
         with self._lock:
             state = self._waiting.pop(message.transfer_id, None)
             if state is None:
@@ -139,6 +141,7 @@ class Pusher:
         self._queue.put(state)
 
     def on_closed(self, conn: ServerConnection) -> None:
+        """Forget the hand-offs of a decode that disconnected."""
         with self._lock:
             for tid in [tid for tid, early in self._early.items() if early[0] is conn]:
                 del self._early[tid]

@@ -29,6 +29,7 @@ class SchedulerSide:
         self._producing: Dict[str, Any] = {}  # request id -> Request whose prompt is not fully computed yet
 
     def bind_kv_cache_manager(self, manager: Any) -> None:
+        """Keep vLLM's KV cache manager (it gives the blocks of completed prompts)."""
         self._kv_cache_manager = manager
 
     def set_endpoints(self, endpoints: Dict[int, WorkerEndpoint]) -> None:
@@ -56,6 +57,7 @@ class SchedulerSide:
         return (count, True) if count > 0 else (0, False)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        """Prefill: remember requests to hold; decode: queue the load into the allocated blocks."""
         params = request.kv_transfer_params
         if not params:
             return
@@ -99,6 +101,7 @@ class SchedulerSide:
         return holds
 
     def build_connector_meta(self, scheduler_output: Any) -> StepMetadata:
+        """Hand the worker this step's loads, completed prompts and requests not kept."""
         meta = StepMetadata(loads=self._loads, holds=self._completed_prompts(scheduler_output),
                             not_kept=self._not_kept)
         self._loads, self._not_kept = [], []

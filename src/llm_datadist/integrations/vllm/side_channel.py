@@ -63,15 +63,19 @@ class ServerHandler:
         raise NotImplementedError
 
     def on_claim(self, conn: ServerConnection, message: proto.Claim) -> proto.ClaimReply:  # pragma: no cover
+        """Bind a hold to the connection and answer with its blocks, or say why not."""
         raise NotImplementedError
 
     def on_release(self, conn: ServerConnection, message: proto.Release) -> None:  # pragma: no cover
+        """The decode is done with these requests."""
         raise NotImplementedError
 
     def on_push_ready(self, conn: ServerConnection, message: proto.PushReady) -> None:  # pragma: no cover
+        """A decode's destination blocks for a push."""
         raise NotImplementedError
 
     def on_closed(self, conn: ServerConnection) -> None:  # pragma: no cover
+        """The connection is gone (the decode died or shut down)."""
         raise NotImplementedError
 
 

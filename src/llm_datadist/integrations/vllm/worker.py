@@ -28,6 +28,7 @@ class _CudaReady:
         self._event.record()
 
     def synchronize(self) -> None:
+        """Block until the recorded KV writes are complete."""
         self._event.synchronize()
 
 
@@ -91,10 +92,12 @@ class WorkerSide(ServerHandler):
 
     # -- ServerHandler (connection threads) ---------------------------------------------------------
     def welcome(self) -> proto.Welcome:
+        """This prefill's llm_datadist identity and KV geometry."""
         assert self._geometry is not None
         return proto.Welcome(self.cluster_id, self._config.host, self._datadist_port, self._geometry)
 
     def on_claim(self, conn: ServerConnection, message: proto.Claim) -> proto.ClaimReply:
+        """Bind the hold to the decode's connection (after its KV writes are complete)."""
         hold, reason = self.holds.claim(message.request_id, conn.conn_id)
         if hold is None:
             return proto.ClaimReply(message.seq, False, reason=reason)
@@ -103,14 +106,17 @@ class WorkerSide(ServerHandler):
         return proto.ClaimReply(message.seq, True, block_ids=list(hold.block_ids))
 
     def on_release(self, conn: ServerConnection, message: proto.Release) -> None:
+        """Free the holds this connection claimed and now releases."""
         for request_id in message.request_ids:
             self.holds.release(request_id, "released by the decode", owner=conn.conn_id)
 
     def on_push_ready(self, conn: ServerConnection, message: proto.PushReady) -> None:
+        """Pass a push hand-off to the pusher."""
         if self.pusher is not None:
             self.pusher.on_push_ready(conn, message)
 
     def on_closed(self, conn: ServerConnection) -> None:
+        """Free every hold the closed connection had claimed."""
         released = self.holds.release_owner(conn.conn_id, "decode disconnected")
         if released:
             _log.info("decode cluster %s disconnected: freeing the blocks of %d claimed requests",
@@ -151,6 +157,7 @@ class WorkerSide(ServerHandler):
             self.loader.submit(job)
 
     def layer_saved(self, layer_name: str) -> None:
+        """``save_kv_layer``: the layer's KV of this step is written."""
         if self.pusher is not None:
             self.pusher.layer_saved(layer_name, self._ready_marker())
 
