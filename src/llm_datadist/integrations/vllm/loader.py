@@ -144,7 +144,7 @@ class Loader:
         if not reply.ok:
             raise ConnectionError(f"prefill refused the claim: {reply.reason}")
         try:
-            src, dst = block_pairs(reply.block_ids, job.local_block_ids, job.num_tokens, self._layout_block_size,
+            src, dst = block_pairs(reply.block_ids, job.local_block_ids, job.num_tokens, self._geometry.block_size,
                                    job.first_block)
             pull_began = time.monotonic()
             if src:
@@ -156,10 +156,6 @@ class Loader:
         nbytes = len(src) * self._layout.num_regions * self._layout.block_nbytes
         self.stats.append((job.request_id, "pull", nbytes, time.monotonic() - started, pull_s))
         self._finish(job, "", started)
-
-    @property
-    def _layout_block_size(self) -> int:
-        return self._geometry.block_size
 
     def _start_push_wait(self, job: LoadJob, peer: Peer, started: float) -> None:
         needed = blocks_for_tokens(job.num_tokens, self._geometry.block_size)

@@ -6,11 +6,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorHandshakeMetadata, KVConnectorMetadata
 
-__all__ = ["LoadJob", "HoldJob", "StepMetadata", "WorkerEndpoint", "TransferParams", "PARAMS_KEYS"]
-
-# kv_transfer_params keys this connector reads and writes (the do_remote_* pair is vLLM's convention).
-PARAMS_KEYS = ("do_remote_prefill", "do_remote_decode", "transfer_mode", "transfer_id", "lease_s",
-               "remote_endpoints", "remote_request_id", "remote_block_ids", "remote_num_tokens")
+__all__ = ["LoadJob", "HoldJob", "StepMetadata", "WorkerEndpoint", "TransferParams", "endpoints_param"]
 
 
 @dataclasses.dataclass
