@@ -1,0 +1,109 @@
+"""How vLLM's per-layer KV tensors map onto one llm_datadist blocks cache, and block ids between two pools.
+
+A layer tensor holds ``num_blocks`` blocks along one dimension; the dimensions before it (for example K/V on
+CUDA backends, ``[2, num_blocks, ...]``) give separate regions, the dimensions after it must be one
+contiguous block. Every region becomes one tensor of the cache: ``num_regions = layers * regions_per_layer``,
+each ``[num_blocks, block_nbytes]``, so one ``pull_blocks`` moves every layer of a request. Works on tensor-like
+objects (``shape``, ``stride()``, ``element_size()``, ``data_ptr()``, ``device``) without importing torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, List, Mapping, Sequence, Tuple
+
+__all__ = ["KVLayout", "layout_of", "blocks_for_tokens", "block_pairs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class KVLayout:
+    """The regions of every layer, in layer order."""
+
+    layer_names: Tuple[str, ...]
+    region_addrs: Tuple[int, ...]  # layers * regions_per_layer addresses, layer-major
+    regions_per_layer: int
+    num_blocks: int
+    block_nbytes: int
+    dtype: str
+    device_type: str
+
+    @property
+    def num_regions(self) -> int:
+        """Tensors of the llm_datadist cache."""
+        return len(self.region_addrs)
+
+    def layer_index(self, layer_name: str) -> int:
+        """Position of a layer name (ValueError when unknown)."""
+        return self.layer_names.index(layer_name)
+
+
+def _regions_of(name: str, tensor: Any, num_blocks: int) -> Tuple[List[int], int]:
+    shape = [int(d) for d in tensor.shape]
+    strides = [int(s) for s in tensor.stride()]
+    elem = int(tensor.element_size())
+    if num_blocks not in shape:
+        raise ValueError(f"KV tensor {name} of shape {tuple(shape)} has no dimension of {num_blocks} blocks")
+    dim = shape.index(num_blocks)
+    inner = shape[dim + 1:]
+    expected = 1
+    for size, stride in zip(reversed(inner), reversed(strides[dim + 1:])):
+        if size > 1 and stride != expected:
+            raise ValueError(f"KV tensor {name}: the dimensions after the block dimension are not contiguous "
+                             f"(shape {tuple(shape)}, strides {tuple(strides)}); whole blocks can not move as bytes")
+        expected *= size
+    if strides[dim] != expected:
+        raise ValueError(f"KV tensor {name}: block stride {strides[dim]} differs from the block size {expected} "
+                         f"elements (shape {tuple(shape)}, strides {tuple(strides)})")
+    base = int(tensor.data_ptr())
+    addrs = [base]
+    for size, stride in zip(shape[:dim], strides[:dim]):
+        addrs = [addr + i * stride * elem for addr in addrs for i in range(size)]
+    return addrs, expected * elem
+
+
+def layout_of(kv_caches: Mapping[str, Any], num_blocks: int) -> KVLayout:
+    """The layout of ``register_kv_caches``' tensors (dict order is vLLM's layer order).
+
+    Raises:
+        ValueError: no tensors, a tensor without a block dimension of ``num_blocks`` or with non-contiguous
+            blocks, or layers whose block sizes, dtypes, devices or region counts differ.
+    """
+    if not kv_caches:
+        raise ValueError("register_kv_caches got no KV tensors")
+    names: List[str] = []
+    addrs: List[int] = []
+    per_layer = block_nbytes = -1
+    dtype = device = ""
+    for name, tensor in kv_caches.items():
+        regions, nbytes = _regions_of(name, tensor, num_blocks)
+        this_dtype, this_device = str(tensor.dtype), str(tensor.device.type)
+        if per_layer == -1:
+            per_layer, block_nbytes, dtype, device = len(regions), nbytes, this_dtype, this_device
+        elif (len(regions), nbytes, this_dtype, this_device) != (per_layer, block_nbytes, dtype, device):
+            raise ValueError(f"KV tensor {name} ({len(regions)} regions of {nbytes}-byte blocks, {this_dtype} on "
+                             f"{this_device}) differs from the first layer ({per_layer} regions of "
+                             f"{block_nbytes}-byte blocks, {dtype} on {device}); one cache needs one geometry")
+        names.append(name)
+        addrs.extend(regions)
+    return KVLayout(tuple(names), tuple(addrs), per_layer, num_blocks, block_nbytes, dtype, device)
+
+
+def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
+    """Blocks holding ``num_tokens`` tokens (the last one may be partial)."""
+    return math.ceil(num_tokens / block_size) if num_tokens > 0 else 0
+
+
+def block_pairs(remote_ids: Sequence[int], local_ids: Sequence[int], num_tokens: int, block_size: int,
+                first_block: int = 0) -> Tuple[List[int], List[int]]:
+    """Source and destination block ids for the first ``num_tokens`` tokens, skipping ``first_block`` blocks
+    the destination already has (a local prefix-cache hit).
+
+    Raises:
+        ValueError: one side has fewer blocks than the tokens need.
+    """
+    needed = blocks_for_tokens(num_tokens, block_size)
+    if len(remote_ids) < needed or len(local_ids) < needed:
+        raise ValueError(f"{num_tokens} tokens need {needed} blocks of {block_size}, but the prefill has "
+                         f"{len(remote_ids)} and the decode {len(local_ids)}")
+    start = min(max(first_block, 0), needed)
+    return [int(b) for b in remote_ids[start:needed]], [int(b) for b in local_ids[start:needed]]

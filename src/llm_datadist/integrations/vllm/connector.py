@@ -1,0 +1,141 @@
+"""``LLMDataDistConnector``: vLLM's KVConnectorBase_V1 over llm_datadist (a facade over the two role objects).
+
+Lifecycle (pull mode, the default):
+  prefill  request with ``kv_transfer_params={"do_remote_decode": True}`` runs its prompt; the worker keeps
+           the blocks (a hold with a lease); ``request_finished`` returns the params for the decode.
+  decode   ``get_num_new_matched_tokens`` reports the prompt tokens as loaded asynchronously; the worker
+           connects once per prefill (control channel + ``link_clusters``), claims the hold, moves every
+           layer of the request's blocks with one ``pull_blocks``, releases the hold and reports the request
+           finished receiving. A failure reports the request's blocks as load errors, so vLLM's
+           ``kv_load_failure_policy`` applies (``recompute`` or ``fail``).
+  prefill  frees the blocks on release, at once when the claiming decode disconnects, or at lease expiry.
+Push mode (``transfer_mode: "push"``, same ``transfer_id`` given to both sides by the proxy): the decode sends
+its block ids first; the prefill pushes each layer while the next ones compute (``transfer_cache_async``).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, Optional, Set, Tuple
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorHandshakeMetadata,
+                                                               KVConnectorMetadata, KVConnectorRole)
+
+from llm_datadist.integrations.vllm.config import ConnectorConfig
+from llm_datadist.integrations.vllm.metadata import StepMetadata, WorkerEndpoint
+from llm_datadist.integrations.vllm.scheduler import SchedulerSide
+from llm_datadist.integrations.vllm.worker import WorkerSide
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["LLMDataDistConnector"]
+
+
+class LLMDataDistConnector(KVConnectorBase_V1):
+    """Prefill/decode KV transfer through llm_datadist; options in ``kv_connector_extra_config``."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        transfer = vllm_config.kv_transfer_config
+        self.config = ConnectorConfig.from_extra(transfer.kv_connector_extra_config)
+        block_size = vllm_config.cache_config.block_size
+        self._scheduler: Optional[SchedulerSide] = None
+        self._worker: Optional[WorkerSide] = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = SchedulerSide(self.config, block_size,
+                                            vllm_config.parallel_config.tensor_parallel_size)
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            num_blocks = kv_cache_config.num_blocks if kv_cache_config is not None else 0
+            self._worker = WorkerSide(self.config, transfer.is_kv_producer, transfer.is_kv_consumer, block_size,
+                                      num_blocks, get_tensor_model_parallel_rank())
+
+    # -- worker side ------------------------------------------------------------------------------
+    @property
+    def worker(self) -> WorkerSide:
+        """The worker-side state (only on the worker role)."""
+        assert self._worker is not None, "worker-side method called on the scheduler-side connector"
+        return self._worker
+
+    def register_kv_caches(self, kv_caches: Dict[str, "torch.Tensor"]) -> None:
+        """Register every layer in one llm_datadist blocks cache; producers start listening."""
+        self.worker.register_kv_caches(kv_caches)
+
+    def get_handshake_metadata(self) -> Optional[KVConnectorHandshakeMetadata]:
+        """The worker's control-channel address, for the scheduler's kv_transfer_params."""
+        return self.worker.endpoint()
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Bind the step's metadata; runs before the forward, so layer-wise pushes start here."""
+        super().bind_connector_metadata(connector_metadata)
+        if isinstance(connector_metadata, StepMetadata):
+            self.worker.begin_step(connector_metadata)
+
+    def _step_metadata(self) -> Optional[StepMetadata]:
+        meta = self._connector_metadata
+        return meta if isinstance(meta, StepMetadata) else None
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        """Queue this step's loads; they run in the background between scheduler steps."""
+        meta = self._step_metadata()
+        if meta is not None and meta.loads:
+            self.worker.start_loads(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Nothing to wait for: a loading request waits in WAITING_FOR_REMOTE_KVS instead."""
+        return  # loads are asynchronous: the request waits in WAITING_FOR_REMOTE_KVS until they finish
+
+    def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any) -> None:
+        """Mark the layer written, releasing its layer-wise push."""
+        self.worker.layer_saved(layer_name)
+
+    def wait_for_save(self) -> None:
+        """After the forward: hold the completed prompts' blocks for their decodes, finish pushes."""
+        self.worker.end_step(self._step_metadata())
+
+    def get_finished(self, finished_req_ids: Set[str]) -> Tuple[Optional[Set[str]], Optional[Set[str]]]:
+        """(released and finished sends, ended loads); failed loads come with their blocks as errors."""
+        sending, receiving = self.worker.get_finished(finished_req_ids)
+        return sending or None, receiving or None
+
+    def get_block_ids_with_load_errors(self) -> Set[int]:
+        """Local blocks of the loads that failed, for vLLM's kv_load_failure_policy."""
+        return self.worker.take_failed_blocks()
+
+    def shutdown(self) -> None:
+        """Close the control channels (prefills free our claims) and finalize llm_datadist."""
+        if self._worker is not None:
+            self._worker.close()
+
+    # -- scheduler side ---------------------------------------------------------------------------
+    @property
+    def scheduler(self) -> SchedulerSide:
+        """The scheduler-side state (only on the scheduler role)."""
+        assert self._scheduler is not None, "scheduler-side method called on the worker-side connector"
+        return self._scheduler
+
+    def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
+        """Keep the scheduler's KV cache manager (block ids of completed prompts)."""
+        super().bind_kv_cache_manager(kv_cache_manager)
+        self.scheduler.bind_kv_cache_manager(kv_cache_manager)
+
+    def set_xfer_handshake_metadata(self, metadata: Dict[int, KVConnectorHandshakeMetadata]) -> None:
+        """Learn each worker's control-channel address (by TP rank)."""
+        self.scheduler.set_endpoints({rank: meta for rank, meta in metadata.items()
+                                      if isinstance(meta, WorkerEndpoint)})
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> Tuple[int, bool]:
+        """A decode request with remote-prefill params loads its prompt asynchronously."""
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        """Record the decode blocks a request's KV goes into (once per request)."""
+        self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        """This step's loads, completed prompts to hold or push, and requests not kept."""
+        return self.scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Any, block_ids: Any) -> Tuple[bool, Optional[Dict[str, Any]]]:
+        """Keep a finished prefill request's blocks and return the params its decode needs."""
+        return self.scheduler.request_finished(request, list(block_ids))
