@@ -48,7 +48,7 @@ def copy_cache(engine, dst_id: int, src_id: int, dst_index: int, src_index: int,
         nbytes = src.stride - offset if size == -1 else size
         if nbytes > src.stride - offset or nbytes > dst.stride - offset:
             raise ParamInvalid(f"size {nbytes} at offset {offset} exceeds a slot ({src.stride}, {dst.stride} bytes)")
-        tensors = np.arange(src.num_tensors, dtype=_U64)
+        tensors = range(src.num_tensors)
         ops = planner.slot_ops(src, tensors, src_index, dst, tensors, dst_index, nbytes, offset)
         run(engine, planner.local_plan(ops, dst.kind), dst_entry.placement)
 
@@ -73,7 +73,7 @@ def copy_blocks_between(engine, src_id: int, dst_id: int, pairs: Sequence[Tuple[
 
 
 def _blocks_between(engine, src: Side, dst: Side, pairs: Sequence[Tuple[int, int]], placement: int) -> None:
-    tensors = np.arange(src.num_tensors, dtype=_U64)
+    tensors = range(src.num_tensors)
     ops = planner.blocks_ops(src, tensors, [p[0] for p in pairs], dst, tensors, [p[1] for p in pairs])
     run(engine, planner.local_plan(ops, dst.kind), placement)
 
@@ -99,6 +99,6 @@ def swap_blocks(engine, src_cache_id: int, src_addrs: Sequence[int], dst_cache_i
                    backend_for(placements[1], engine.opts.device_id).kind)
         if src.kind != dst.kind:
             raise ParamInvalid(f"swap_blocks between {src.kind} and {dst.kind} memory needs a backend for both")
-        tensors = np.arange(len(src_addrs), dtype=_U64)
+        tensors = range(len(src_addrs))
         ops = planner.blocks_ops(src, tensors, [p[0] for p in pairs], dst, tensors, [p[1] for p in pairs])
         run(engine, planner.local_plan(ops, dst.kind), placements[1])

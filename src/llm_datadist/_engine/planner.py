@@ -14,7 +14,7 @@ import numpy as np
 
 from llm_datadist._engine.errors import ParamInvalid
 from llm_datadist._engine.types import LayerSel
-from llm_datadist._transport.base import HOST, CopyPlan, Guard
+from llm_datadist._transport.base import HOST, SMALL_OPS, CopyPlan, Guard
 
 _U64 = np.uint64
 UNBOUNDED = 1 << 62  # block count of a raw destination (addresses the caller vouches for)
@@ -58,15 +58,14 @@ def raw_side(bases: Sequence[int], stride: int) -> Side:
     return Side(bases=tuple(int(b) for b in bases), stride=stride, count=UNBOUNDED, is_blocks=True)
 
 
-# ---- tensor selection ------------------------------------------------------------------------------------
-def tensor_pairs(src_nt: int, dst_nt: int, layers: LayerSel, local_nt: int) -> Tuple[np.ndarray, np.ndarray]:
+# ---- tensor selection (ranges of tensor indices) --------------------------------------------------------------
+def tensor_pairs(src_nt: int, dst_nt: int, layers: LayerSel, local_nt: int) -> Tuple[range, range]:
     """Source and destination tensor indices selected by the layer ranges (all tensors when none is given)."""
     n = layers.tensors_per_layer
     if layers.src is None and layers.dst is None:
         if src_nt != dst_nt:
             raise ParamInvalid(f"tensor count mismatch: source has {src_nt} tensors, destination {dst_nt}")
-        idx = np.arange(src_nt, dtype=_U64)
-        return idx, idx
+        return range(src_nt), range(dst_nt)
     if local_nt % n != 0:
         raise ParamInvalid(f"num_tensors {local_nt} is not a multiple of tensor_num_per_layer {n}")
     src = _range_tensors(layers.src, n, src_nt, "src_layer_range")
@@ -76,21 +75,21 @@ def tensor_pairs(src_nt: int, dst_nt: int, layers: LayerSel, local_nt: int) -> T
     return src, dst
 
 
-def layer_tensors(layer: int, per_layer: int, num_tensors: int, what: str) -> np.ndarray:
+def layer_tensors(layer: int, per_layer: int, num_tensors: int, what: str) -> range:
     """The tensors of one layer (``per_layer`` consecutive tensors)."""
     first = layer * per_layer
     if first + per_layer > num_tensors:
         raise ParamInvalid(f"layer {layer} is outside the {num_tensors // per_layer} layers of the {what} cache")
-    return np.arange(first, first + per_layer, dtype=_U64)
+    return range(first, first + per_layer)
 
 
-def _range_tensors(layer_range: Optional[range], n: int, count: int, name: str) -> np.ndarray:
+def _range_tensors(layer_range: Optional[range], n: int, count: int, name: str) -> range:
     if layer_range is None:
-        return np.arange(count, dtype=_U64)
+        return range(count)
     lo, hi = layer_range.start * n, layer_range.stop * n
     if hi > count:
         raise ParamInvalid(f"{name} {layer_range} exceeds the {count // n} layers of the cache")
-    return np.arange(lo, hi, dtype=_U64)
+    return range(lo, hi)
 
 
 def covered_tensors(layers: LayerSel, src_nt: int) -> Tuple[int, int]:
@@ -102,6 +101,9 @@ def covered_tensors(layers: LayerSel, src_nt: int) -> Tuple[int, int]:
 
 
 # ---- index checks ----------------------------------------------------------------------------------------
+Ops = Tuple[Sequence[int], Sequence[int], Sequence[int]]  # source addresses, destination addresses, sizes
+
+
 def block_indices(blocks: Sequence[int], limit: int, what: str) -> np.ndarray:
     """Block indices as uint64, each in ``[0, limit)`` (ParamInvalid otherwise)."""
     try:
@@ -116,48 +118,70 @@ def block_indices(blocks: Sequence[int], limit: int, what: str) -> np.ndarray:
     return arr.astype(_U64)
 
 
+def _small_indices(blocks: Sequence[int], limit: int, what: str) -> Sequence[int]:
+    """The same check for a handful of indices, in plain Python."""
+    for b in blocks:
+        if not 0 <= b < limit:
+            raise ParamInvalid(f"{what} index {b} out of range, the cache has {limit}")
+    return blocks
+
+
 def _check_slot(side: Side, slot: int, what: str) -> None:
     if not 0 <= slot < side.count:
         raise ParamInvalid(f"{what} batch index {slot} out of range {side.count}")
 
 
-def _bases(side: Side, tensors: np.ndarray) -> np.ndarray:
-    return np.asarray(side.bases, dtype=_U64)[tensors]
+def _bases(side: Side, tensors: Sequence[int]) -> np.ndarray:
+    return np.asarray(side.bases, dtype=_U64)[np.asarray(tensors, dtype=np.intp)]
 
 
-# ---- the three shapes (source -> destination arrays) -------------------------------------------------------
-def blocks_ops(src: Side, src_t: np.ndarray, src_blocks: Sequence[int], dst: Side, dst_t: np.ndarray,
-               dst_blocks: Sequence[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _small(tensors: Sequence[int], items: int) -> bool:
+    return len(tensors) * items <= SMALL_OPS
+
+
+# ---- the three shapes (source -> destination; Python lists for small plans, arrays for large) ------------
+def blocks_ops(src: Side, src_t: Sequence[int], src_blocks: Sequence[int], dst: Side, dst_t: Sequence[int],
+               dst_blocks: Sequence[int]) -> Ops:
     """Block ``src_blocks[i]`` of every selected source tensor to block ``dst_blocks[i]`` of its destination."""
-    s_blk = block_indices(src_blocks, src.count, "source block")
-    d_blk = block_indices(dst_blocks, dst.count, "destination block")
-    if s_blk.size != d_blk.size:
-        raise ParamInvalid(f"src_blocks ({s_blk.size}) and dst_blocks ({d_blk.size}) differ in length")
-    if s_blk.size == 0:
+    if len(src_blocks) != len(dst_blocks):
+        raise ParamInvalid(f"src_blocks ({len(src_blocks)}) and dst_blocks ({len(dst_blocks)}) differ in length")
+    if not len(src_blocks):
         raise ParamInvalid("block lists can not be empty")
     if src.stride != dst.stride:
         raise ParamInvalid(f"block size differs: source {src.stride} bytes, destination {dst.stride} bytes")
-    bs = _U64(src.stride)
-    s = np.add.outer(_bases(src, src_t), s_blk * bs).ravel()
-    d = np.add.outer(_bases(dst, dst_t), d_blk * bs).ravel()
-    return s, d, np.full(s.shape, bs, dtype=_U64)
+    bs = src.stride
+    if _small(src_t, len(src_blocks)):
+        s_blk = _small_indices(src_blocks, src.count, "source block")
+        d_blk = _small_indices(dst_blocks, dst.count, "destination block")
+        sb, db = src.bases, dst.bases
+        s = [sb[t] + b * bs for t in src_t for b in s_blk]
+        return s, [db[t] + b * bs for t in dst_t for b in d_blk], [bs] * len(s)
+    s_arr = block_indices(src_blocks, src.count, "source block") * _U64(bs)
+    d_arr = block_indices(dst_blocks, dst.count, "destination block") * _U64(bs)
+    s_ops = np.add.outer(_bases(src, src_t), s_arr).ravel()
+    d_ops = np.add.outer(_bases(dst, dst_t), d_arr).ravel()
+    return s_ops, d_ops, np.full(s_ops.shape, bs, dtype=_U64)
 
 
-def slot_ops(src: Side, src_t: np.ndarray, src_slot: int, dst: Side, dst_t: np.ndarray, dst_slot: int,
-             nbytes: int, offset: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def slot_ops(src: Side, src_t: Sequence[int], src_slot: int, dst: Side, dst_t: Sequence[int], dst_slot: int,
+             nbytes: int, offset: int = 0) -> Ops:
     """``nbytes`` at ``offset`` of one slot per selected tensor into the same place of a destination slot."""
     _check_slot(src, src_slot, "source")
     _check_slot(dst, dst_slot, "destination")
     if nbytes <= 0 or offset + nbytes > src.stride or offset + nbytes > dst.stride:
         raise ParamInvalid(f"{nbytes} bytes at offset {offset} exceed a slot (source {src.stride}, destination "
                            f"{dst.stride} bytes)")
-    s = _bases(src, src_t) + _U64(src_slot * src.stride + offset)
-    d = _bases(dst, dst_t) + _U64(dst_slot * dst.stride + offset)
-    return s, d, np.full(s.shape, nbytes, dtype=_U64)
+    s_off, d_off = src_slot * src.stride + offset, dst_slot * dst.stride + offset
+    if _small(src_t, 1):
+        s = [src.bases[t] + s_off for t in src_t]
+        return s, [dst.bases[t] + d_off for t in dst_t], [nbytes] * len(s)
+    s_ops = _bases(src, src_t) + _U64(s_off)
+    d_ops = _bases(dst, dst_t) + _U64(d_off)
+    return s_ops, d_ops, np.full(s_ops.shape, nbytes, dtype=_U64)
 
 
-def chunk_ops(src: Side, src_t: np.ndarray, src_slot: int, dst: Side, dst_t: np.ndarray,
-              dst_blocks: Sequence[int], chunk: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def chunk_ops(src: Side, src_t: Sequence[int], src_slot: int, dst: Side, dst_t: Sequence[int],
+              dst_blocks: Sequence[int], chunk: int) -> Ops:
     """A source slot cut into ``chunk``-byte pieces, piece j to destination block ``dst_blocks[j]``.
 
     The last piece may be partial; the destination blocks are ``chunk`` bytes apart.
@@ -165,20 +189,26 @@ def chunk_ops(src: Side, src_t: np.ndarray, src_slot: int, dst: Side, dst_t: np.
     _check_slot(src, src_slot, "source")
     if chunk <= 0:
         raise ParamInvalid("the destination block size must be > 0")
-    d_blk = block_indices(dst_blocks, dst.count, "destination block")
     pieces = -(-src.stride // chunk)
-    if d_blk.size > pieces:
-        raise ParamInvalid(f"{d_blk.size} destination blocks of {chunk} bytes exceed the source slot of "
+    if len(dst_blocks) > pieces:
+        raise ParamInvalid(f"{len(dst_blocks)} destination blocks of {chunk} bytes exceed the source slot of "
                            f"{src.stride} bytes ({pieces} pieces)")
-    offsets = np.arange(d_blk.size, dtype=_U64) * _U64(chunk)
-    sizes = np.minimum(_U64(chunk), _U64(src.stride) - offsets)
-    s = np.add.outer(_bases(src, src_t) + _U64(src_slot * src.stride), offsets).ravel()
-    d = np.add.outer(_bases(dst, dst_t), d_blk * _U64(chunk)).ravel()
-    return s, d, np.tile(sizes, int(dst_t.size))
+    base = src_slot * src.stride
+    if _small(src_t, len(dst_blocks)):
+        d_blk = _small_indices(dst_blocks, dst.count, "destination block")
+        sizes = [min(chunk, src.stride - j * chunk) for j in range(len(d_blk))]
+        s = [src.bases[t] + base + j * chunk for t in src_t for j in range(len(d_blk))]
+        return s, [dst.bases[t] + b * chunk for t in dst_t for b in d_blk], sizes * len(src_t)
+    d_arr = block_indices(dst_blocks, dst.count, "destination block")
+    offsets = np.arange(d_arr.size, dtype=_U64) * _U64(chunk)
+    sizes_arr = np.minimum(_U64(chunk), _U64(src.stride) - offsets)
+    s_ops = np.add.outer(_bases(src, src_t) + _U64(base), offsets).ravel()
+    d_ops = np.add.outer(_bases(dst, dst_t), d_arr * _U64(chunk)).ravel()
+    return s_ops, d_ops, np.tile(sizes_arr, len(dst_t))
 
 
 # ---- orientation -----------------------------------------------------------------------------------------
-def oriented(ops: Tuple[np.ndarray, np.ndarray, np.ndarray], src: Side, dst: Side, local_is_dst: bool) -> CopyPlan:
+def oriented(ops: Ops, src: Side, dst: Side, local_is_dst: bool) -> CopyPlan:
     """The plan seen from the local side; the remote side's guard travels with it."""
     s, d, sizes = ops
     if local_is_dst:
@@ -186,7 +216,7 @@ def oriented(ops: Tuple[np.ndarray, np.ndarray, np.ndarray], src: Side, dst: Sid
     return CopyPlan(s, d, sizes, src.kind, dst.kind, dst.guards).merged()
 
 
-def local_plan(ops: Tuple[np.ndarray, np.ndarray, np.ndarray], kind: str) -> CopyPlan:
+def local_plan(ops: Ops, kind: str) -> CopyPlan:
     """A copy inside this process: ``local`` is the destination, ``remote`` the source."""
     s, d, sizes = ops
     return CopyPlan(d, s, sizes, kind, kind).merged()

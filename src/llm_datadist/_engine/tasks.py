@@ -22,7 +22,7 @@ __all__ = ["LayerTask", "TaskSet"]
 _log = logging.getLogger(__name__)
 
 CANCEL_JOIN_S = 2.0  # how long finalize waits, in total, for running tasks to notice the cancellation
-_PAIR = np.arange(TENSORS_PER_LAYER, dtype=np.uint64)
+_PAIR = range(TENSORS_PER_LAYER)
 
 
 # ---- planning one (layer, destination) ----------------------------------------------------------------

@@ -165,6 +165,68 @@ def _pvm_rw(func, what: str, pid: int, local: np.ndarray, remote: np.ndarray,
             return int(cum[n])
 
 
+_U64C = ctypes.c_uint64
+
+
+def pvm_small(func, what: str, pid: int, ops, guards=()) -> int:
+    """One process_vm call for a small plan held as Python ints: ``ops`` are (local, remote, nbytes) tuples,
+    ``guards`` (address, value) pairs read first and last in the same call (StaleMemory if one changed).
+
+    The small-request path: no numpy, one system call, the iovec arrays built straight from the ints.
+    """
+    if func is None:
+        raise ConnectFailed(f"{what} is not available on this system")
+    g = len(guards)
+    count = len(ops) + 2 * g
+    if count > IOV_MAX:
+        raise RemoteRejected(f"{what}: {count} iovecs in a small plan")
+    scratch = (_U64C * (2 * g))() if g else None
+    local: list = []
+    remote: list = []
+    if g:
+        base = ctypes.addressof(scratch)
+        for k, (addr, _value) in enumerate(guards):
+            local += (base + 8 * k, 8)
+            remote += (addr, 8)
+    total = 0
+    for lo, re, n in ops:
+        local += (lo, n)
+        remote += (re, n)
+        total += n
+    if g:
+        for k, (addr, _value) in enumerate(guards):
+            local += (base + 8 * (g + k), 8)
+            remote += (addr, 8)
+    liov = (_U64C * (2 * count))(*local)
+    riov = (_U64C * (2 * count))(*remote)
+    expected = total + 16 * g
+    while True:
+        got = func(pid, ctypes.addressof(liov), count, ctypes.addressof(riov), count, 0)
+        if got == expected:
+            break
+        if got < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            raise _errno_error(err, what)
+        raise RemoteRejected(f"{what}: copied {got} of {expected} bytes (memory not mapped)")
+    if g:
+        for k, (_addr, value) in enumerate(guards):
+            if scratch[k] != value or scratch[g + k] != value:  # type: ignore[index]
+                raise StaleMemory(f"{what}: the peer released or replaced that memory during the transfer")
+    return total
+
+
+def pvm_read_small(pid: int, ops, guards=()) -> int:
+    """:func:`pvm_small` with process_vm_readv."""
+    return pvm_small(_READV, "process_vm_readv", pid, ops, guards)
+
+
+def pvm_write_small(pid: int, ops) -> int:
+    """:func:`pvm_small` with process_vm_writev (no guards: a write cannot read)."""
+    return pvm_small(_WRITEV, "process_vm_writev", pid, ops)
+
+
 def _split_run(run: Callable[[np.ndarray, np.ndarray, np.ndarray], object], local: np.ndarray, remote: np.ndarray,
                sizes: np.ndarray, threads: int) -> int:
     """Run ``run(local, remote, sizes)`` on ``threads`` byte-balanced slices of a batch at once.
@@ -281,6 +343,18 @@ def _memmove_all(local: np.ndarray, remote: np.ndarray, sizes: np.ndarray,
             raise TransferTimeout("local copy: deadline passed")
         e = s + IOV_MAX
         collections.deque(map(move, dst[s:e], src[s:e], cnt[s:e]), maxlen=0)
+
+
+def local_copy_small(ops, deadline: Optional[float] = None, checked: bool = True) -> None:
+    """Copy a small plan's (dst, src, nbytes) ops in this process (see :func:`local_copy`)."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise TransferTimeout("local copy: deadline passed")
+    if checked and self_pvm_permitted():
+        pvm_read_small(os.getpid(), ops)
+    else:
+        move = ctypes.memmove
+        for dst, src, n in ops:
+            move(dst, src, n)
 
 
 def local_copy(dst: np.ndarray, src: np.ndarray, sizes: np.ndarray, deadline: Optional[float] = None,

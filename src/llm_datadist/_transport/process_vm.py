@@ -30,7 +30,8 @@ _MAGIC = b"PVM2"
 _DESC = struct.Struct("<4sQQ")  # magic, pid, address of the instance's guard table (its header holds the nonce)
 _NONCE_OFFSET = 8  # the guard table header: 8 bytes of magic, then the 16-byte instance nonce
 _NONCE_BYTES = 16
-_TOP = np.uint64(1 << 62)
+_TOP_INT = 1 << 62
+_TOP = np.uint64(_TOP_INT)
 
 
 def _parse(descriptor: bytes) -> Optional[Tuple[int, int]]:
@@ -42,6 +43,11 @@ def _parse(descriptor: bytes) -> Optional[Tuple[int, int]]:
 
 def check_plan(plan: CopyPlan) -> None:
     """Reject plans that can never be valid (NULL addresses, address overflow)."""
+    if plan.ops is not None:
+        for k, (lo, re, n) in enumerate(plan.ops):
+            if not (0 < lo < _TOP_INT and 0 < re < _TOP_INT and n < _TOP_INT):
+                raise RemoteRejected(f"invalid op at index {k}")
+        return
     if len(plan) == 0:
         return
     bad = (plan.remote == 0) | (plan.local == 0) | (plan.sizes >= _TOP)
@@ -57,6 +63,7 @@ class ProcessVmChannel(Channel):
         super().__init__(peer)
         self.pid = pid
         self.identity = identity  # the peer's nonce words: read when a plan brings no guard of its own
+        self.identity_pairs = list(zip(identity.addrs.tolist(), identity.values.tolist()))
         self.closed = False
 
     def close(self) -> None:
@@ -133,6 +140,12 @@ class ProcessVmTransport(Transport):
         return channel
 
     @staticmethod
+    def _guard_pairs(ch: ProcessVmChannel, plan: CopyPlan):
+        if not plan.guards:
+            return ch.identity_pairs
+        return [(g.addr, g.value) for g in plan.guards]
+
+    @staticmethod
     def _guards(ch: ProcessVmChannel, plan: CopyPlan) -> iov.Guards:
         if not plan.guards:
             return ch.identity
@@ -154,8 +167,11 @@ class ProcessVmTransport(Transport):
         ch = self._channel(channel, plan)
         merged = plan.merged()
         try:
-            iov.pvm_read(ch.pid, merged.local, merged.remote, merged.sizes, deadline, iov.COPY_THREADS,
-                         self._guards(ch, plan))
+            if merged.ops is not None:  # a small request: one call, straight from the ints
+                iov.pvm_read_small(ch.pid, merged.ops, self._guard_pairs(ch, plan))
+            else:
+                iov.pvm_read(ch.pid, merged.local, merged.remote, merged.sizes, deadline, iov.COPY_THREADS,
+                             self._guards(ch, plan))
         except ConnectFailed as exc:  # permission lost after connect: treat as a dead link
             raise TransportClosed(str(exc)) from exc
 
@@ -167,10 +183,12 @@ class ProcessVmTransport(Transport):
         """
         ch = self._channel(channel, plan)
         merged = plan.merged()
-        empty = np.zeros(0, dtype=np.uint64)
         try:
-            iov.pvm_read(ch.pid, empty, empty, empty, deadline, 1, self._guards(ch, plan))
-            iov.pvm_write(ch.pid, merged.local, merged.remote, merged.sizes, deadline, iov.COPY_THREADS)
+            iov.pvm_read_small(ch.pid, [], self._guard_pairs(ch, plan))
+            if merged.ops is not None:
+                iov.pvm_write_small(ch.pid, merged.ops)
+            else:
+                iov.pvm_write(ch.pid, merged.local, merged.remote, merged.sizes, deadline, iov.COPY_THREADS)
         except ConnectFailed as exc:
             raise TransportClosed(str(exc)) from exc
 
