@@ -49,7 +49,7 @@ def _v1_available() -> bool:
 
 
 # The official list ends with the V1 names; they are listed only when ``llm_datadist_v1`` is installed, so that
-# ``from llm_datadist import *`` works everywhere (DECISIONS D11).
+# ``from llm_datadist import *`` works everywhere.
 __all__: List[str] = v2_list + (list(_V1_NAMES) if _v1_available() else [])
 
 

@@ -373,7 +373,7 @@ class LinkManager:
             link.invalidate_table()
 
     def notify_table_changed(self, version: int) -> None:
-        """Tell every linked peer that our cache table changed, so no stale snapshot is used (D12)."""
+        """Tell every linked peer that our cache table changed, so no stale snapshot is used."""
         deadline = time.monotonic() + 0.5
         for link in self.links():
             if link.cluster_id == self._engine.cluster_id:  # a self link caches our own table: drop it here

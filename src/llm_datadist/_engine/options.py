@@ -79,7 +79,7 @@ def check_flow_graph_mem(options: Dict[str, str]) -> None:
 
 
 def complete_options(options: Dict[str, str], role: int) -> Dict[str, str]:
-    """The §8.2 step-5 copy of the caller's options with the implied defaults added."""
+    """The copy of the caller's options that ``init`` works on, with the implied defaults added."""
     opts = dict(options)
     opts[OPT_ROLE] = ROLE_NAMES.get(int(role) if role is not None else 0, "Prompt")
     if OPT_LOCAL_COMM_RES in opts:

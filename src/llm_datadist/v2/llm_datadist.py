@@ -134,8 +134,8 @@ class LLMDataDist:
     def link_clusters(self, clusters, timeout: int = 3000) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
         """Link to listening peers (client side). Failures are returned as codes, never raised.
 
-        A cluster may omit ``remote_cluster_id`` and the local ip (DECISIONS D27): the peer's id is learned
-        from the handshake.
+        A cluster may omit ``remote_cluster_id`` and the local ip: the peer's id is learned
+        from the handshake and the local address from the socket.
         """
         engine = self._require_engine()
         peers = self._cluster_args(clusters, timeout, for_link=True)

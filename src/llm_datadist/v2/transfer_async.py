@@ -1,4 +1,4 @@
-"""CacheManager.transfer_cache_async: the synchronous checks of API-SPEC §9.14 in order, then a background task."""
+"""CacheManager.transfer_cache_async: the official synchronous checks in order, then a background task."""
 from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence, Union
@@ -103,11 +103,12 @@ def transfer_cache_async(cache_manager, src_cache: Cache, layer_synchronizer: La
         dst_block_memory_size: destination block size in bytes (needed for a continuous source with blocks).
 
     Returns:
-        A CacheTask; ``synchronize``/``get_results`` report one status per config (DECISIONS D15).
+        A CacheTask; ``synchronize``/``get_results`` report one status per config, in order;
+        a config that never ran reports LLM_FAILED.
 
     Raises:
         TypeError / ValueError: wrong argument types / out-of-range numbers.
-        LLMException: LLM_PARAM_INVALID for invalid combinations (§9.14 steps 2-11), LLM_FAILED once finalized.
+        LLMException: LLM_PARAM_INVALID for invalid combinations, LLM_FAILED once finalized.
     """
     check_isinstance("src_cache", src_cache, Cache, allow_none=False)
     raise_if_true(src_cache.cache_desc.placement == Placement.HOST,
