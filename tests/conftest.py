@@ -1,7 +1,7 @@
 """Shared fixtures: instances that are always finalized, numpy-backed caches, linked P/D pairs, a thread-leak check.
 
-Instances made here run in this process (DECISIONS D1) and link to each other over 127.0.0.1.
-``Placement.DEVICE`` memory is host memory here (a "CPU device", D21): numpy arrays back every cache.
+Instances made here run in this process (any number of instances per process) and link to each other over 127.0.0.1.
+``Placement.DEVICE`` memory is host memory here (a "CPU device" without CUDA): numpy arrays back every cache.
 """
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ class Pair:
         return cluster_info(self.p.cluster_id, self.port)
 
     def link(self) -> None:
-        """Link D -> P, then wait until P holds its side too (it may lag: see the item 264 xfail test)."""
+        """Link D -> P, then wait until P holds its side too (its side may lag behind D's)."""
         ret, rets = self.d.link_clusters([self.info()], 3000)
         assert (ret, rets) == (LLMStatusCode.LLM_SUCCESS, [LLMStatusCode.LLM_SUCCESS])
         deadline = time.monotonic() + 5.0

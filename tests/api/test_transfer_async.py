@@ -1,4 +1,4 @@
-"""Checklist §17.11 items 227-243, 271-273 (with DECISIONS D15, D18, D24): CacheManager.transfer_cache_async."""
+"""CacheManager.transfer_cache_async: checks, results per config, layer mapping and access to peer memory."""
 from __future__ import annotations
 
 import socket
@@ -19,7 +19,7 @@ P_CLUSTER, D_CLUSTER = 11, 12
 SLOT = 64  # bytes of one batch slot / block of every test tensor
 
 
-# ---- fixtures (own ones: this file does not depend on tests/conftest.py) --------------------------
+# ---- fixtures (own ones: this file does not depend on tests/conftest.py) -------------------------
 def _port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -157,7 +157,7 @@ def _run(task: CacheTask):
     return task.get_results(20000)
 
 
-# ---- synchronous checks, in the order of §9.14 ----------------------------------------------------
+# ---- synchronous checks, in the official order ---------------------------------------------------
 def test_227_type_errors_for_cache_and_synchronizer(pair):
     p, d = pair
     src, _ = p.cache()
@@ -278,7 +278,7 @@ def test_src_block_indices_need_a_blocks_source(pair):
     _param_invalid(lambda: p.cm.transfer_cache_async(cont, Recorder(), [cfg], [0], [0]), match="blocks")
 
 
-def test_d28_blocks_source_without_indices_sends_block_0_to_raw_addresses(pair):
+def test_blocks_source_without_indices_sends_block_0_to_raw_addresses(pair):
     """Only src_block_indices select blocks-to-blocks; without them block 0 of each tensor is one slot."""
     p, d = pair
     src, sarr = p.cache(dim0=4, blocks=True)
@@ -290,7 +290,7 @@ def test_d28_blocks_source_without_indices_sends_block_0_to_raw_addresses(pair):
     assert not any(darr[t].any() for t in range(4, 8))
 
 
-def test_d28_blocks_source_without_indices_cut_into_destination_blocks(pair):
+def test_blocks_source_without_indices_cut_into_destination_blocks(pair):
     p, d = pair
     src, sarr = p.cache(dim0=4, blocks=True)
     _dst, darr = d.cache(dim0=4, fill=0)
@@ -326,7 +326,7 @@ def test_after_finalize_raises_llm_failed():
     assert info.value.status_code == S.LLM_FAILED
 
 
-# ---- behaviour, normal mode (raw destination addresses) -------------------------------------------
+# ---- behaviour, normal mode (raw destination addresses) ------------------------------------------
 def test_237_238_layers_synchronized_once_in_order_and_bytes_land(pair):
     p, d = pair
     src, sarr = p.cache()  # 4 layers
@@ -356,7 +356,7 @@ def test_239_273_false_at_layer_0_stops_everything(pair):
     cfg2 = TransferConfig(D_CLUSTER, _addrs(darr, range(2, 4)), range(2, 4))
     task = p.cm.transfer_cache_async(src, sync, [cfg1, cfg2])
     assert task.synchronize() == S.LLM_PARAM_INVALID
-    # D15: the config that never ran reports LLM_FAILED (not None)
+    # the config that never ran reports LLM_FAILED (not None)
     assert task.get_results() == [S.LLM_PARAM_INVALID, S.LLM_FAILED]
     assert sync.calls == [(0, None)]
     assert not any(a.any() for a in darr)
@@ -484,7 +484,7 @@ def test_blocks_to_blocks_and_block_size_mismatch(pair):
     assert _run(task) == [S.LLM_PARAM_INVALID]
 
 
-def test_d24_raw_addresses_outside_accessible_caches_are_refused(pair):
+def test_raw_addresses_outside_accessible_caches_are_refused(pair):
     p, d = pair
     src, _ = p.cache()
     _dst, darr = d.cache(fill=0)
@@ -501,7 +501,7 @@ def test_d24_raw_addresses_outside_accessible_caches_are_refused(pair):
     assert not stranger.any() and not any(a.any() for a in harr)
 
 
-def test_d24_table_refreshed_for_a_cache_registered_later(pair):
+def test_table_refreshed_for_a_cache_registered_later(pair):
     p, d = pair
     src, sarr = p.cache()
     _a, aarr = d.cache(fill=0)
@@ -575,7 +575,7 @@ def test_finalize_cancels_a_running_task_and_leaves_no_thread():
         assert not worker.is_alive()
 
 
-# ---- behaviour, remote-cache-accessible mode (TransferWithCacheKeyConfig) --------------------------
+# ---- behaviour, remote-cache-accessible mode (TransferWithCacheKeyConfig) ------------------------
 def test_243_blocks_keys_and_id_keys_to_blocks_caches(ra_pair):
     p, d = ra_pair
     src, sarr = p.cache(dim0=4, blocks=True)
@@ -590,7 +590,7 @@ def test_243_blocks_keys_and_id_keys_to_blocks_caches(ra_pair):
     assert not any(darr[t].any() for t in range(4, 8))
 
 
-def test_d28_official_sample_blocks_cache_to_blocks_key_without_indices(ra_pair):
+def test_official_sample_blocks_cache_to_blocks_key_without_indices(ra_pair):
     """The official transfer_cache_async sample: a 2-tensor blocks cache, BlocksCacheKey, no block indices."""
     p, d = ra_pair
     src, sarr = p.cache(num_tensors=2, dim0=4, blocks=True)
@@ -603,7 +603,7 @@ def test_d28_official_sample_blocks_cache_to_blocks_key_without_indices(ra_pair)
         assert (darr[t][0] == sarr[t][0]).all() and not darr[t][1:].any()
 
 
-def test_d28_blocks_source_to_id_key_slot(ra_pair):
+def test_blocks_source_to_id_key_slot(ra_pair):
     p, d = ra_pair
     src, sarr = p.cache(num_tensors=4, dim0=4, blocks=True)
     dst, darr = d.cache(num_tensors=4, dim0=3, fill=0)
@@ -613,7 +613,7 @@ def test_d28_blocks_source_to_id_key_slot(ra_pair):
         assert (darr[t][2] == sarr[t][0]).all() and not darr[t][:2].any()
 
 
-def test_d18_intended_layer_mapping_with_shifted_ranges(ra_pair):
+def test_intended_layer_mapping_with_shifted_ranges(ra_pair):
     p, d = ra_pair
     src, sarr = p.cache(num_tensors=8, dim0=2)  # 4 layers
     dst, darr = d.cache(num_tensors=4, dim0=3, fill=0)  # 2 layers, 3 slots
@@ -691,7 +691,7 @@ def test_key_mode_follows_a_re_registered_destination(ra_pair):
     d.cm.unregister_cache(first.cache_id)
     for array in farr:
         array[:] = 0
-    _second, sec = d.cache(num_tensors=2, dim0=2, blocks=True, model_id=7, fill=0)  # D12: new registration
+    _second, sec = d.cache(num_tensors=2, dim0=2, blocks=True, model_id=7, fill=0)  # a new registration after the link
     assert _run(p.cm.transfer_cache_async(src, Recorder(), [cfg], [1], [0])) == [S.LLM_SUCCESS]
     assert (sec[0][0] == sarr[0][1]).all() and (sec[1][0] == sarr[1][1]).all()
     assert not any(a.any() for a in farr)

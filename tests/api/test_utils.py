@@ -1,4 +1,4 @@
-"""Checklist §4 validation conventions and §2.1 logging: ``llm_datadist.utils.utils`` and ``utils.log``."""
+"""Validation conventions and logging: ``llm_datadist.utils.utils`` and ``utils.log``."""
 from __future__ import annotations
 
 import logging

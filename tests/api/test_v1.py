@@ -1,5 +1,7 @@
-"""Checklist §17.12 items 244-263 (DECISIONS D1, D6, D25; item 260 replaced by the legacy semantics of §13.3):
-the V1 LlmDataDist API in Python, every status path and byte-verified transfers between in-process instances."""
+"""The V1 LlmDataDist API in Python, every status path and byte-verified transfers between in-process instances.
+
+Status codes are returned, never raised; C++ output parameters are extra return values; a role is only a label;
+any number of instances live in one process; local copies follow the legacy semantics."""
 from __future__ import annotations
 
 import ctypes
@@ -145,7 +147,7 @@ def test_seed_names_and_python_aliases_exist():
     assert LlmDataDist.register_kv_cache is LlmDataDist.RegisterKvCache
 
 
-# ---- Initialize / Finalize (244-248) --------------------------------------------------------------
+# ---- Initialize / Finalize (244-248) -------------------------------------------------------------
 def test_244_initialize_twice_and_finalize_twice():
     dd = LlmDataDist(A_ID, LlmRole.kMix)
     assert dd.Initialize({OPTION_DEVICE_ID: "0"}) == S.LLM_SUCCESS
@@ -258,7 +260,7 @@ def test_unexpected_internal_exception_becomes_llm_failed(single, monkeypatch):
     assert single.dd.UnregisterKvCache(3) == S.LLM_FAILED
 
 
-# ---- RegisterKvCache / UnregisterKvCache (249-250) ------------------------------------------------
+# ---- RegisterKvCache / UnregisterKvCache (249-250) -----------------------------------------------
 def test_249_register_checks_and_positive_ids(single):
     dd = single.dd
     arrays = [np.zeros((4, ROW), np.uint8) for _ in range(4)]
@@ -272,7 +274,7 @@ def test_249_register_checks_and_positive_ids(single):
         S.LLM_PARAM_INVALID
     assert dd.RegisterKvCache(CacheDesc(CachePlacement.kDevice, 4, None, [4, ROW]), addrs)[0] == S.LLM_PARAM_INVALID
     assert dd.RegisterKvCache(CacheDesc(7, 4, DataType.DT_UINT8, [4, ROW]), addrs)[0] == S.LLM_PARAM_INVALID
-    assert dd.RegisterKvCache(_desc(), [8, 16, 24, 32])[0] == S.LLM_PARAM_INVALID  # D23: unmapped memory
+    assert dd.RegisterKvCache(_desc(), [8, 16, 24, 32])[0] == S.LLM_PARAM_INVALID  # unmapped memory
     status, first = dd.RegisterKvCache(_desc(), addrs, RegisterCfg())
     status2, second = dd.RegisterKvCache(_desc(placement=CachePlacement.kHost), addrs)
     assert (status, status2) == (S.LLM_SUCCESS, S.LLM_SUCCESS) and 0 < first < second
@@ -285,7 +287,7 @@ def test_250_unregister_unknown_id_is_success(single):
     assert single.dd.UnregisterKvCache(12345) == S.LLM_SUCCESS
 
 
-# ---- links (251, 252, 262, 263) ---------------------------------------------------------------------
+# ---- links (251, 252, 262, 263) ------------------------------------------------------------------
 def test_251_link_argument_checks(single):
     dd = single.dd
     good = _info(B_ID, _port())
@@ -466,8 +468,8 @@ def test_unregistered_cache_is_gone_for_peers(nodes):
     dst, _ = b.register(fill=0)
     assert b.dd.PullKvCache(CacheIndex(A_ID, src.cache_id, 0), dst) == S.LLM_SUCCESS
     assert a.dd.UnregisterKvCache(src.cache_id) == S.LLM_SUCCESS
-    assert b.dd.PullKvCache(CacheIndex(A_ID, src.cache_id, 0), dst) == S.LLM_KV_CACHE_NOT_EXIST  # D13
-    later, larr = a.register(seed=9)  # registered after the link: visible at once (D12, D13)
+    assert b.dd.PullKvCache(CacheIndex(A_ID, src.cache_id, 0), dst) == S.LLM_KV_CACHE_NOT_EXIST  # after a refresh
+    later, larr = a.register(seed=9)  # registered after the link: visible at once
     assert b.dd.PullKvBlocks(CacheIndex(A_ID, later.cache_id), dst, [1], [0]) == S.LLM_SUCCESS
 
 
@@ -542,14 +544,14 @@ def test_259_push_kv_blocks_checks(nodes):
 
 
 def test_roles_do_not_restrict_push(nodes):
-    a, b = nodes  # b is kDecoder (D6: a role is only a label)
+    a, b = nodes  # b is kDecoder (a role is only a label)
     src, sarr = b.register(seed=8)
     dst, darr = a.register(fill=0)
     assert b.dd.PushKvBlocks(src, CacheIndex(A_ID, dst.cache_id, 0), [1], [2]) == S.LLM_SUCCESS
     assert (darr[0][2] == sarr[0][1]).all()
 
 
-# ---- legacy semantics: AllocateCache, DeallocateCache, CopyKvCache, CopyKvBlocks (item 260) -------
+# ---- legacy semantics: AllocateCache, DeallocateCache, CopyKvCache, CopyKvBlocks -----------------
 def _view(cache: Cache, tensor: int, nbytes: int) -> np.ndarray:
     return np.ctypeslib.as_array((ctypes.c_ubyte * nbytes).from_address(cache.tensor_addrs[tensor]))
 
@@ -639,7 +641,7 @@ def test_allocated_cache_is_reachable_by_peers(nodes):
     assert a.dd.DeallocateCache(again.cache_id) == S.LLM_SUCCESS
 
 
-# ---- V1 with V2 in one process (D1; the two-process version is in tests/integration) --------------
+# ---- V1 with V2 in one process (the two-process version is in tests/integration) --------------
 def test_v1_and_v2_in_one_process():
     port = _port()
     config = LLMConfig()

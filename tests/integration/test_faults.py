@@ -160,7 +160,7 @@ def test_relink_to_linked_cluster_reports_already_link(spawn_peer):
 
 
 def test_link_without_remote_cluster_id_learns_it(spawn_peer):
-    """D27 / SGLang forks: no remote_cluster_id and no local ip; the id comes from the handshake."""
+    """SGLang forks: no remote_cluster_id and no local ip; the id comes from the handshake."""
     port = free_port()
     start_prefill(spawn_peer, 121, port, seed=44)
     dd = local_dd(122)
@@ -194,7 +194,7 @@ def test_shared_secret_authentication(spawn_peer, client_secret, ok, monkeypatch
 
 
 def test_process_exits_without_finalize_or_unlink(tmp_path):
-    """CLIENTS.md item 6: daemon threads only; atexit cleans up; the process exits promptly."""
+    """Clients that never call finalize: daemon threads only; atexit cleans up; the process exits promptly."""
     port = free_port()
     script = tmp_path / "noexit.py"
     script.write_text(textwrap.dedent(f"""

@@ -99,7 +99,7 @@ def test_link_clusters_pull_blocks_scattered(prefill):
 
 
 def test_server_pulls_from_client_without_any_call_on_client(prefill):
-    """Item 264: links are symmetric; the listening prefill peer pulls from the decode side."""
+    """Links are symmetric; the listening prefill peer pulls from the decode side."""
     dd = local_dd(23)
     try:
         _cache, arrays = local_blocks(dd, model_id=0)
@@ -132,7 +132,7 @@ def test_pull_cache_by_key_consumes_on_owner(spawn_peer):
         dd.cache_manager.pull_cache(CacheKey(31, 101, 0), cache, 1)
         for t in range(4):
             assert np.array_equal(arrays[t][1], expected[t][1]) and (arrays[t][0] == SENTINEL).all()
-        with pytest.raises(LLMException) as err:  # consumed by the successful pull (item 177)
+        with pytest.raises(LLMException) as err:  # consumed by the successful pull
             dd.cache_manager.pull_cache(CacheKey(31, 101, 0), cache, 1)
         assert err.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
         dd.cache_manager.pull_cache(CacheKey(31, 100, 0), cache, 0, size=100)
@@ -211,7 +211,7 @@ def rank_table(ip="127.0.0.1"):
 
 @pytest.mark.parametrize("local_rank", [0, 1])
 def test_rank_table_link_both_sides(spawn_peer, local_rank):
-    """CLIENTS.md item 11: both call link() about the same time, same device ip/id (D20), then poll."""
+    """Both call link() about the same time with the same device ip/id (one host), then poll."""
     peer = spawn_peer()
     peer.call("init", role=1, cluster_id=61, config={"enable_cache_manager": True})
     peer.call("register", name="kv", num_tensors=NT, num_blocks=NB, block_bytes=BB, seed=12, model_id=3)
@@ -260,7 +260,7 @@ def test_rank_table_link_fails_when_peer_never_comes():
 
 
 def test_many_comm_domains_in_flight_before_polling(spawn_peer):
-    """Omni/MindIE: several link() calls back to back, polled later; distinct peers on one host (D20)."""
+    """Omni/MindIE: several link() calls back to back, polled later; distinct peers on one host, same device ip/id."""
     peers = []
     for i in range(3):
         peer = spawn_peer()
@@ -327,7 +327,7 @@ def test_concurrent_pulls_from_32_threads_two_peers(spawn_peer):
 
 
 def test_blocks_view_refreshes_when_owner_reregisters(prefill):
-    """Normal mode caches blocks views per link; a re-registration on the owner is seen at once (D12)."""
+    """Normal mode caches blocks views per link; a re-registration on the owner is seen at once."""
     dd = local_dd(24)
     try:
         cache, arrays = local_blocks(dd)

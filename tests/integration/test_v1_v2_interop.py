@@ -1,5 +1,5 @@
 """V1 (LlmDataDist) and V2 (LLMDataDist, remote-cache-accessible mode) instances in two processes, linked either
-way, pulling from and pushing to each other, byte for byte (issue 4, API-SPEC §13-§14)."""
+way, pulling from and pushing to each other, byte for byte."""
 from __future__ import annotations
 
 import multiprocessing
@@ -26,7 +26,7 @@ def pattern(seed: int, tensor: int) -> np.ndarray:
     return np.random.default_rng(seed * 1000 + tensor).integers(0, 256, (ROWS, ROW), dtype=np.uint8)
 
 
-# ---- the V2 process ---------------------------------------------------------------------------------
+# ---- the V2 process ------------------------------------------------------------------------------
 class V2Peer:
     """Commands from the test, executed on a V2 instance in remote-cache-accessible mode."""
 
@@ -144,7 +144,7 @@ class Remote:
             self.proc.join(5)
 
 
-# ---- the V1 side (this process) -----------------------------------------------------------------------
+# ---- the V1 side (this process) ------------------------------------------------------------------
 def _port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
