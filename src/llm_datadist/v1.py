@@ -174,9 +174,9 @@ def _api(*outputs: Callable[[], Any], needs_init: bool = True):
                     raise
                 code = _code_of(exc)
                 if isinstance(exc, (_Fail, LLMException, EngineError)) or status_of(exc) != S.LLM_FAILED:
-                    _log.info("%s failed (%s): %s", fn.__name__, code, exc)  # the caller gets the code
+                    _log.debug("%s failed (%s): %s", fn.__name__, code, exc)  # the caller gets the code
                 else:
-                    _log.exception("%s failed unexpectedly", fn.__name__)
+                    _log.exception("%s failed unexpectedly", fn.__name__)  # the code alone would lose the traceback
                 code = self._post_code(fn.__name__, code)
                 return code if not outputs else (code, *[make() for make in outputs])
 
