@@ -158,7 +158,7 @@ def _run(task: CacheTask):
 
 
 # ---- synchronous checks, in the official order ---------------------------------------------------
-def test_227_type_errors_for_cache_and_synchronizer(pair):
+def test_type_errors_for_cache_and_synchronizer(pair):
     p, d = pair
     src, _ = p.cache()
     cfgs = [TransferConfig(D_CLUSTER, [1] * 8)]
@@ -172,13 +172,13 @@ def test_227_type_errors_for_cache_and_synchronizer(pair):
         p.cm.transfer_cache_async(src, object(), cfgs)
 
 
-def test_228_host_source_rejected_before_synchronizer_check(pair):
+def test_host_source_rejected_before_synchronizer_check(pair):
     p, _ = pair
     src, _ = p.cache(placement=Placement.HOST, remote_accessible=True)
     _param_invalid(lambda: p.cm.transfer_cache_async(src, None, [TransferConfig(D_CLUSTER, [1] * 8)]))
 
 
-def test_step3_4_block_argument_types(pair):
+def test_block_argument_types(pair):
     p, _ = pair
     src, _ = p.cache()
     sync, cfgs = Recorder(), [TransferConfig(D_CLUSTER, [1] * 8)]
@@ -192,12 +192,12 @@ def test_step3_4_block_argument_types(pair):
         p.cm.transfer_cache_async(src, sync, cfgs, dst_block_indices=[1], dst_block_memory_size=-1)
     with pytest.raises(TypeError):
         p.cm.transfer_cache_async(src, sync, cfgs, dst_block_indices=[1], dst_block_memory_size="64")
-    # step 3 comes before step 7: the bad indices win over the missing synchronizer
+    # the block arguments are checked before the synchronizer: the bad indices win over its absence
     with pytest.raises(ValueError):
         p.cm.transfer_cache_async(src, None, cfgs, dst_block_indices=[-1])
 
 
-def test_232_blocks_source_needs_equal_dst_blocks(pair):
+def test_blocks_source_needs_equal_dst_blocks(pair):
     p, _ = pair
     src, _ = p.cache(blocks=True)
     sync, cfgs = Recorder(), [TransferConfig(D_CLUSTER, [1] * 8)]
@@ -205,11 +205,11 @@ def test_232_blocks_source_needs_equal_dst_blocks(pair):
                    match="blocks to cache")
     _param_invalid(lambda: p.cm.transfer_cache_async(src, sync, cfgs, src_block_indices=[0, 1],
                                                      dst_block_indices=[0]))
-    # step 5 comes before step 7 (synchronizer None)
+    # so is their combination (the synchronizer is None here)
     _param_invalid(lambda: p.cm.transfer_cache_async(src, None, cfgs, src_block_indices=[0]))
 
 
-def test_233_234_dst_block_memory_size_rules(pair):
+def test_dst_block_memory_size_rules(pair):
     p, _ = pair
     src, _ = p.cache()
     sync, cfgs = Recorder(), [TransferConfig(D_CLUSTER, [1] * 8)]
@@ -221,7 +221,7 @@ def test_233_234_dst_block_memory_size_rules(pair):
     assert _run(task) == [S.LLM_PARAM_INVALID]
 
 
-def test_236_config_class_depends_on_mode(pair, ra_pair):
+def test_config_class_depends_on_mode(pair, ra_pair):
     p, _ = pair
     src, _ = p.cache()
     key_cfg = TransferWithCacheKeyConfig(CacheKeyByIdAndIndex(D_CLUSTER, 1), range(0, 1), range(0, 1))
@@ -237,7 +237,7 @@ def test_236_config_class_depends_on_mode(pair, ra_pair):
         rp.cm.transfer_cache_async(rsrc, Recorder(), [TransferConfig(D_CLUSTER, [1] * 8)])
 
 
-def test_step8_before_step10_and_step9_before_step10(pair):
+def test_config_types_and_block_size_are_checked_before_the_tensor_count(pair):
     p, _ = pair
     odd, _ = p.cache(num_tensors=3)
     with pytest.raises(TypeError):
@@ -246,14 +246,14 @@ def test_step8_before_step10_and_step9_before_step10(pair):
                                                      dst_block_memory_size=8), match="dst_block_memory_size")
 
 
-def test_229_odd_num_tensors(pair):
+def test_odd_num_tensors(pair):
     p, _ = pair
     odd, _ = p.cache(num_tensors=3)
     _param_invalid(lambda: p.cm.transfer_cache_async(odd, Recorder(), [TransferConfig(D_CLUSTER, [1] * 2)]),
                    match="even")
 
 
-def test_230_231_dst_addrs_count_and_layer_range(pair):
+def test_dst_addrs_count_and_layer_range(pair):
     p, _ = pair
     src, _ = p.cache()  # 8 tensors = 4 layers
     _param_invalid(lambda: p.cm.transfer_cache_async(src, Recorder(), [TransferConfig(D_CLUSTER, [1] * 6)]))
@@ -264,7 +264,7 @@ def test_230_231_dst_addrs_count_and_layer_range(pair):
                                                      [TransferConfig(D_CLUSTER, [1] * 2, range(4, 5))]))
 
 
-def test_235_blocks_source_needs_batch_index_0(pair):
+def test_blocks_source_needs_batch_index_0(pair):
     p, _ = pair
     src, _ = p.cache(blocks=True)
     cfg = TransferConfig(D_CLUSTER, [1] * 8, None, 1)
@@ -304,7 +304,7 @@ def test_blocks_source_without_indices_cut_into_destination_blocks(pair):
         assert not flat[:SLOT // 2].any() and not flat[2 * SLOT:3 * SLOT // 2].any()
 
 
-def test_242_none_src_layer_range_filled_in_place(pair):
+def test_none_src_layer_range_filled_in_place(pair):
     p, d = pair
     src, _ = p.cache()
     _dst, darr = d.cache(fill=0)
@@ -327,7 +327,7 @@ def test_after_finalize_raises_llm_failed():
 
 
 # ---- behaviour, normal mode (raw destination addresses) ------------------------------------------
-def test_237_238_layers_synchronized_once_in_order_and_bytes_land(pair):
+def test_layers_synchronized_once_in_order_and_bytes_land(pair):
     p, d = pair
     src, sarr = p.cache()  # 4 layers
     _d1, d1 = d.cache(fill=0)
@@ -347,7 +347,7 @@ def test_237_238_layers_synchronized_once_in_order_and_bytes_land(pair):
         assert (d2[k][1] == sarr[4 + k][2]).all() and not d2[k][[0, 2, 3]].any()
 
 
-def test_239_273_false_at_layer_0_stops_everything(pair):
+def test_false_at_layer_0_stops_everything(pair):
     p, d = pair
     src, _ = p.cache()
     _dst, darr = d.cache(fill=0)
@@ -384,7 +384,7 @@ def test_synchronizer_exception_is_recorded_not_lost(pair, caplog):
     assert "model failed" in caplog.text
 
 
-def test_240_272_timeouts_while_running_then_complete(pair):
+def test_timeouts_while_running_then_complete(pair):
     p, d = pair
     src, sarr = p.cache()
     _dst, darr = d.cache(fill=0)
@@ -403,7 +403,7 @@ def test_240_272_timeouts_while_running_then_complete(pair):
     assert all((darr[t][0] == sarr[t][0]).all() for t in range(8))
 
 
-def test_241_timeout_argument_checks(pair):
+def test_timeout_argument_checks(pair):
     p, d = pair
     src, _ = p.cache()
     _dst, darr = d.cache(fill=0)
@@ -576,7 +576,7 @@ def test_finalize_cancels_a_running_task_and_leaves_no_thread():
 
 
 # ---- behaviour, remote-cache-accessible mode (TransferWithCacheKeyConfig) ------------------------
-def test_243_blocks_keys_and_id_keys_to_blocks_caches(ra_pair):
+def test_blocks_keys_and_id_keys_to_blocks_caches(ra_pair):
     p, d = ra_pair
     src, sarr = p.cache(dim0=4, blocks=True)
     dst, darr = d.cache(dim0=4, blocks=True, model_id=7, fill=0)
@@ -660,7 +660,7 @@ def test_key_mode_destination_checks(ra_pair):
     assert _run(task) == [S.LLM_PARAM_INVALID]
 
 
-def test_271_setter_none_ranges_are_filled(ra_pair):
+def test_setter_none_ranges_are_filled(ra_pair):
     p, d = ra_pair
     src, sarr = p.cache(num_tensors=4, dim0=1)
     dst, darr = d.cache(num_tensors=4, dim0=1, fill=0)
