@@ -360,8 +360,9 @@ def test_register_remote_accessible_after_link(make_dd, new_cache, tools):
     # Unlike the official library (see docs/compatibility.md), registration (remote accessible too) is allowed
     # at any time after a rank-table link, and the new cache is visible to the linked peer at once.
     import json
-    import time
     import uuid
+
+    from waiting import wait_until
 
     p = make_dd(LLMRole.PROMPT, 1, enable_remote_cache_accessible=True)
     d = make_dd(LLMRole.DECODER, 2, enable_remote_cache_accessible=True)
@@ -370,10 +371,8 @@ def test_register_remote_accessible_after_link(make_dd, new_cache, tools):
                         "server_list": [{"server_id": "127.0.0.1", "device": devices}]})
     name = "reg-after-link-" + uuid.uuid4().hex[:8]
     p_comm, d_comm = p.link(name, {1: 0, 2: 1}, table), d.link(name, {1: 0, 2: 1}, table)
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and not (p.query_register_mem_status(p_comm) is RegisterMemStatus.OK
-                                               and d.query_register_mem_status(d_comm) is RegisterMemStatus.OK):
-        time.sleep(0.01)
+    assert wait_until(lambda: p.query_register_mem_status(p_comm) is RegisterMemStatus.OK
+                      and d.query_register_mem_status(d_comm) is RegisterMemStatus.OK)
     src, src_arrays = new_cache(p.cache_manager, 2, (2, 8), placement=Placement.HOST, remote_accessible=True)
     dev, dev_arrays = new_cache(p.cache_manager, 2, (2, 8), placement=Placement.DEVICE)  # default after link
     dst, dst_arrays = new_cache(d.cache_manager, 2, (2, 8), remote_accessible=True, fill="sentinel")

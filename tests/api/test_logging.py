@@ -21,7 +21,6 @@ from llm_datadist.utils import log
 from llm_datadist.utils.utils import raise_if_false
 from llm_datadist.v1 import LlmDataDist, LlmRole
 
-from tests.conftest import find_free_port, make_options
 
 _CLEAN_ENV = ("ASCEND_GLOBAL_LOG_LEVEL", "LLM_DATADIST_LOG_LEVEL", "LLM_DATADIST_LINK_SECRET")
 _TIMEOUT_S = 120  # a child process that imports the package and links two instances; it needs a few seconds
@@ -286,19 +285,19 @@ def test_rank_table_listener_on_all_interfaces_without_a_secret_warns_once():
 
 
 # ---- errors: logged or raised, not both -------------------------------------------------------------
-def test_raised_and_returned_errors_are_not_logged_at_error(make_dd, caplog):
+def test_raised_and_returned_errors_are_not_logged_at_error(make_dd, free_port, tools, caplog):
     with caplog.at_level(logging.DEBUG, logger=log.PACKAGE_LOGGER_NAME):
         with pytest.raises(LLMException, match="bad value 3"):
             raise_if_false(False, "bad value {}", 3)
         with pytest.raises(LLMException, match="listen_ip_info"):
             LLMConfig().listen_ip_info = "300.1.1.1:5"
         with pytest.raises(LLMException, match="ge.flowGraphMemMaxSize"):
-            make_dd(LLMRole.PROMPT, 1, init=False).init(dict(make_options(), **{"ge.flowGraphMemMaxSize": "x"}))
+            make_dd(LLMRole.PROMPT, 1, init=False).init(dict(tools.make_options(), **{"ge.flowGraphMemMaxSize": "x"}))
         with pytest.raises(LLMException, match="memory pool config"):
-            make_dd(LLMRole.PROMPT, 3, init=False).init(make_options(mem_pool_cfg="not json"))
+            make_dd(LLMRole.PROMPT, 3, init=False).init(tools.make_options(mem_pool_cfg="not json"))
         info = LLMClusterInfo()
         info.remote_cluster_id = 77
-        info.append_remote_ip_info("127.0.0.1", find_free_port())  # nobody listens there
+        info.append_remote_ip_info("127.0.0.1", free_port())  # nobody listens there
         ret, rets = make_dd(LLMRole.DECODER, 2).link_clusters([info], 200)
         assert ret != LLMStatusCode.LLM_SUCCESS and rets[0] != LLMStatusCode.LLM_SUCCESS
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

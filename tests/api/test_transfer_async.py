@@ -13,6 +13,7 @@ from llm_datadist import (BlocksCacheKey, CacheDesc, CacheKeyByIdAndIndex, Cache
                           LLMClusterInfo, LLMConfig, LLMDataDist, LLMException, LLMRole, LLMStatusCode, Placement,
                           TransferConfig, TransferWithCacheKeyConfig)
 from llm_datadist._engine.engine import TASK_WORKERS
+from waiting import NEVER_HANGS_S, wait_until
 
 S = LLMStatusCode
 P_CLUSTER, D_CLUSTER = 11, 12
@@ -76,13 +77,7 @@ def _make_pair(ra: bool):
     info.append_local_ip_info("127.0.0.1", 0)
     info.append_remote_ip_info("127.0.0.1", port)
     assert d.link_clusters([info], 3000) == (S.LLM_SUCCESS, [S.LLM_SUCCESS])
-    deadline = time.monotonic() + 5  # the server side registers its end of the link a moment later
-    while time.monotonic() < deadline:
-        try:
-            p._engine.links.get(D_CLUSTER)
-            break
-        except Exception:  # noqa: BLE001 - not there yet
-            time.sleep(0.005)
+    assert wait_until(lambda: p._engine.links.has_link_to(D_CLUSTER))  # the server side's end comes a moment later
     return Side(p), Side(d)
 
 
@@ -556,16 +551,19 @@ def test_finalize_cancels_a_running_task_and_leaves_no_thread():
     gate = threading.Event()
     sync = Recorder(gates={1: gate})
     task = p.cm.transfer_cache_async(src, sync, [TransferConfig(D_CLUSTER, _addrs(darr, range(4)))])
-    deadline = time.monotonic() + 10
-    while not sync.calls or sync.calls[-1][0] != 1:
-        assert time.monotonic() < deadline, "layer 1 was never synchronized"
-        time.sleep(0.01)
-    threading.Timer(0.3, gate.set).start()
+    assert wait_until(lambda: sync.calls and sync.calls[-1][0] == 1), "layer 1 was never synchronized"
+    engine_task, cancel = task._waiter, task._waiter.cancel
+
+    def cancel_then_release() -> None:  # the model finishes layer 1 just after finalize cancelled the task
+        cancel()
+        gate.set()
+
+    engine_task.cancel = cancel_then_release
     started = time.monotonic()
     workers = [t for t in threading.enumerate() if t.name.startswith(p.dd._engine.executor.name)]
     assert workers
     p.dd.finalize()
-    assert time.monotonic() - started < 10
+    assert gate.is_set() and time.monotonic() - started < NEVER_HANGS_S
     assert task.synchronize(10000) == S.LLM_FAILED
     assert task.get_results() == [S.LLM_FAILED]
     assert sync.calls == [(0, None), (1, None)]  # no layer after the cancellation

@@ -19,6 +19,7 @@ from llm_datadist.v1 import (OPTION_BUF_POOL_CFG, OPTION_DEVICE_ID, OPTION_GLOBA
                              OPTION_LISTEN_IP_INFO, OPTION_SYNC_CACHE_WAIT_TIME, OPTION_TRANSFER_BACKEND, Cache,
                              CacheDesc, CacheIndex, CachePlacement, ClusterInfo, IpInfo, KvCacheExtParam,
                              LlmDataDist, LlmRole, LLMStatusCode, RegisterCfg)
+from waiting import wait_until
 
 S = LLMStatusCode
 A_ID, B_ID = 21, 22
@@ -67,14 +68,16 @@ def _info(cluster_id, port, local=True):
 
 def _wait_server_link(node: Node, peer: int, client: Node) -> None:
     """Until the server side serves the link: a Ping from the client is answered by the server's reader."""
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+
+    def serving() -> bool:
         try:
             node.dd._dd._engine.links.get(peer)
             client.dd._dd._engine.links.get(node.dd.cluster_id).call(proto.Ping(), time.monotonic() + 2)
-            return
+            return True
         except Exception:  # noqa: BLE001 - the server side may register the link a moment after the client
-            time.sleep(0.005)
+            return False
+
+    assert wait_until(serving), "the server side never served the link"
 
 
 def _linked_nodes():
@@ -327,10 +330,8 @@ def test_set_role_with_links_is_exist_link_then_unlink(fresh_nodes):
     assert b.dd.SetRole(LlmRole.kPrompt, {}) == S.LLM_EXIST_LINK
     assert a.dd.SetRole(LlmRole.kDecoder) == S.LLM_EXIST_LINK  # the server side holds the link too
     assert b.dd.UnlinkLlmClusters([_info(A_ID, a.port)], 1000) == (S.LLM_SUCCESS, [S.LLM_SUCCESS])
-    deadline = time.monotonic() + 5
-    while a.dd.SetRole(LlmRole.kMix, {OPTION_LISTEN_IP_INFO: f"127.0.0.1:{a.port}"}) != S.LLM_SUCCESS:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    assert wait_until(lambda: a.dd.SetRole(LlmRole.kMix, {OPTION_LISTEN_IP_INFO: f"127.0.0.1:{a.port}"})
+                      == S.LLM_SUCCESS)  # once the server side has dropped its end of the link
     assert b.dd.SetRole(LlmRole.kPrompt, {}) == S.LLM_SUCCESS
     assert b.dd.PullKvCache(CacheIndex(A_ID, 1, 0), dst) == S.LLM_NOT_YET_LINK
 
@@ -660,14 +661,15 @@ def test_v1_and_v2_in_one_process():
         dst, darr = node.register(fill=0)
         assert node.dd.PullKvCache(CacheIndex(A_ID, v2_cache.cache_id, 3), dst, 0) == S.LLM_SUCCESS
         assert all((darr[t][0] == arrays[t][3]).all() for t in range(4))
-        deadline = time.monotonic() + 5
-        while True:
+
+        def pulled() -> bool:
             try:
                 v2.cache_manager.pull_cache(CacheKeyByIdAndIndex(B_ID, dst.cache_id, 0), v2_cache, 1)
-                break
+                return True
             except Exception:  # noqa: BLE001 - the server end of the link appears a moment later
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+                return False
+
+        assert wait_until(pulled)
         assert all((arrays[t][1] == arrays[t][3]).all() for t in range(4))
     finally:
         node.dd.Finalize()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from llm_datadist import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIn
                           LLMConfig, LLMDataDist, LLMException, LLMRole, LLMStatusCode, Placement)
 from tests.integration.conftest import free_port
 from tests.integration.peer_proc import pattern
+from waiting import NEVER_HANGS_S, wait_until
 
 SENTINEL = 0xA5
 NT, NB, BB = 6, 16, 4096  # tensors, blocks, bytes per block
@@ -222,12 +222,10 @@ def test_rank_table_link_both_sides(spawn_peer, local_rank):
         ordered = sorted(ranks.items(), key=lambda kv: kv[1])
         comm_id = dd.link("pd_comm_127.0.0.1_127.0.0.1", dict(ordered), rank_table())
         assert comm_id >= 1 and comm_id not in set(int(c) for c in LLMStatusCode)
-        time.sleep(0.3)  # the peer comes later
+        assert dd.query_register_mem_status(comm_id).value == 1  # PREPARING: we wait for the peer, which comes later
         peer_comm = peer.call("link", comm_name="pd_comm_127.0.0.1_127.0.0.1", ranks=ordered,
                               rank_table=rank_table())["comm_id"]
-        deadline = time.monotonic() + 20
-        while dd.query_register_mem_status(comm_id).value == 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert wait_until(lambda: dd.query_register_mem_status(comm_id).value != 1, 2 * NEVER_HANGS_S)
         assert dd.query_register_mem_status(comm_id).value == 0
         assert peer.call("wait_comm", comm_id=peer_comm)["status"] == 0
         dd.cache_manager.pull_blocks(BlocksCacheKey(61, 3), cache, [1, 2], [3, 4])
@@ -248,9 +246,7 @@ def test_rank_table_link_fails_when_peer_never_comes():
     try:
         comm_id = dd.link("lonely", {71: 0, 72: 1}, rank_table())
         assert dd.query_register_mem_status(comm_id).value == 1
-        deadline = time.monotonic() + 10
-        while dd.query_register_mem_status(comm_id).value == 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert wait_until(lambda: dd.query_register_mem_status(comm_id).value != 1)  # link_total_time is 1 s
         assert dd.query_register_mem_status(comm_id).value == 2
         with pytest.raises(LLMException) as err:
             dd.cache_manager.pull_blocks(BlocksCacheKey(72, 0), local_blocks(dd)[0], [0], [0])
@@ -277,9 +273,7 @@ def test_many_comm_domains_in_flight_before_polling(spawn_peer):
         for peer in peers:
             assert peer.recv()["ok"]
         for comm_id in comms:
-            deadline = time.monotonic() + 20
-            while dd.query_register_mem_status(comm_id).value == 1 and time.monotonic() < deadline:
-                time.sleep(0.02)
+            assert wait_until(lambda: dd.query_register_mem_status(comm_id).value != 1, 2 * NEVER_HANGS_S)
             assert dd.query_register_mem_status(comm_id).value == 0
         for i in range(3):
             dd.cache_manager.pull_blocks(BlocksCacheKey(100 + i, 0), cache, [i], [i])
