@@ -1,14 +1,13 @@
 """Shared fixtures: instances that are always finalized, numpy-backed caches, linked P/D pairs, a thread-leak check.
 
-Instances made here run in this process (DECISIONS D1) and link to each other over 127.0.0.1.
-``Placement.DEVICE`` memory is host memory here (a "CPU device", D21): numpy arrays back every cache.
+Instances made here run in this process (any number of instances per process) and link to each other over 127.0.0.1.
+``Placement.DEVICE`` memory is host memory here (a "CPU device" without CUDA): numpy arrays back every cache.
 """
 from __future__ import annotations
 
 import dataclasses
 import socket
 import threading
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 
 from llm_datadist import (BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, LLMClusterInfo, LLMConfig,
                           LLMDataDist, LLMRole, LLMStatusCode, Placement)
+from waiting import NEVER_HANGS_S, wait_until
 
 #: Byte written into every destination before a transfer; any byte still equal to it was not written.
 SENTINEL = 0xEE
@@ -26,7 +26,6 @@ POOL_CFG = '{"memory_size": %d, "page_shift": 10}' % POOL_BYTES
 P_ID, D_ID = 1, 2
 #: Name prefixes of the library's threads ("llm-dd" in the engine; the transports name theirs differently).
 LIB_THREAD_PREFIXES = ("llm-dd", "tcp-data", "pvm-copy")
-THREAD_GRACE_S = 3.0
 
 _NP_DTYPES = {
     DataType.DT_UINT8: np.uint8, DataType.DT_INT8: np.int8, DataType.DT_INT16: np.int16,
@@ -100,11 +99,8 @@ def _no_leaked_threads():
     before = set(threading.enumerate())
     yield
     REAPER.join()
-    deadline = time.monotonic() + THREAD_GRACE_S
+    wait_until(lambda: not _leaked(before))  # closing threads get a generous deadline to finish
     leaked = _leaked(before)
-    while leaked and time.monotonic() < deadline:
-        time.sleep(0.02)
-        leaked = _leaked(before)
     assert not leaked, f"threads leaked by this module: {[(t.name, t.daemon) for t in leaked]}"
 
 
@@ -207,13 +203,10 @@ class Pair:
         return cluster_info(self.p.cluster_id, self.port)
 
     def link(self) -> None:
-        """Link D -> P, then wait until P holds its side too (it may lag: see the item 264 xfail test)."""
+        """Link D -> P, then wait until P holds its side too (its side may lag behind D's)."""
         ret, rets = self.d.link_clusters([self.info()], 3000)
         assert (ret, rets) == (LLMStatusCode.LLM_SUCCESS, [LLMStatusCode.LLM_SUCCESS])
-        deadline = time.monotonic() + 5.0
-        while not self.linked() and time.monotonic() < deadline:
-            time.sleep(0.002)
-        assert self.linked()
+        assert wait_until(self.linked, NEVER_HANGS_S, interval_s=0.002)
 
     def linked(self) -> bool:
         """Whether both sides hold the link (reads engine state: a test-only probe)."""

@@ -7,17 +7,24 @@ import time
 from typing import Any, Callable, Iterator, List, Optional
 
 
+#: The longest a held call waits for :meth:`Delayed.release` (only a test that forgets to release reaches it).
+HOLD_LIMIT_S = 30.0
+
+
 class Delayed:
     """Make ``getattr(target, name)`` sleep ``seconds`` before running, until :meth:`restore`.
 
-    With ``first_calls=n`` only the first n calls are delayed (later ones run at once).
+    With ``seconds=None`` each call is held until :meth:`release` instead: a peer that answers only after the
+    test has seen what it waits for (no guess at how long "late" must be). With ``first_calls=n`` only the
+    first n calls are delayed (later ones run at once).
 
     Used as a slow peer: wrapping the serving side's registry lookup delays its answer to a pull, without
-    touching the requesting side. Also a context manager. ``calls`` counts the delayed calls; :meth:`restore`
-    waits (bounded) for calls still sleeping, so no test leaves a sleeping server thread behind.
+    touching the requesting side. Also a context manager. ``calls`` counts the delayed calls, ``entered`` is
+    set once one started; :meth:`restore` releases held calls and waits (bounded) for calls still delayed, so
+    no test leaves a sleeping server thread behind.
     """
 
-    def __init__(self, target: Any, name: str, seconds: float, first_calls: Optional[int] = None) -> None:
+    def __init__(self, target: Any, name: str, seconds: Optional[float], first_calls: Optional[int] = None) -> None:
         self._target = target
         self._name = name
         self._original: Callable[..., Any] = getattr(target, name)
@@ -26,6 +33,8 @@ class Delayed:
         self._first_calls = first_calls
         self._lock = threading.Lock()
         self._active: List[threading.Event] = []
+        self._released = threading.Event()
+        self.entered = threading.Event()
         self.calls = 0
         setattr(target, name, self._wrapper)
 
@@ -37,13 +46,22 @@ class Delayed:
             self._active.append(done)
         try:
             if delay:
-                time.sleep(self._seconds)
+                self.entered.set()
+                if self._seconds is None:
+                    self._released.wait(HOLD_LIMIT_S)
+                else:
+                    time.sleep(self._seconds)
             return self._original(*args, **kwargs)
         finally:
             done.set()
 
+    def release(self) -> None:
+        """Let the held calls (``seconds=None``) run."""
+        self._released.set()
+
     def restore(self, wait_s: float = 5.0) -> None:
-        """Put the original back and wait for delayed calls in flight."""
+        """Put the original back, release held calls and wait for delayed calls in flight."""
+        self.release()
         if getattr(self._target, self._name, None) == self._wrapper:
             if self._own:
                 setattr(self._target, self._name, self._original)

@@ -1,7 +1,7 @@
 """Mooncake Transfer Engine (tcp) on the bench's scattered blocks: sync batch reads (pull) and writes (push)."""
 # Run from the peers' own environment (benchmarks/peers/setup_peers.sh), never the project's:
 #     .venv-peers/bin/python benchmarks/peers/mooncake_bench.py --orders ORDERS.npz --sizes 16384,... --total-bytes N
-# Configuration as in shared/bench/REFERENCE.md: TransferEngine().initialize(host, "P2PHANDSHAKE", "tcp", ""), one
+# Configuration: TransferEngine().initialize(host, "P2PHANDSHAKE", "tcp", ""), one
 # batch_transfer_sync_read/write per pass, MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER raised to 32768 (the largest value
 # it accepts) so that a whole batch queues. The wheel needs Debian's libibverbs1 to import.
 from __future__ import annotations

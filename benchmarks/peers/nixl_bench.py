@@ -1,7 +1,7 @@
 """NIXL (UCX backend) on the bench's scattered blocks: READ for pull, WRITE for push, through NIXL's Python API."""
 # Run from the peers' own environment (benchmarks/peers/setup_peers.sh), never the project's:
 #     .venv-peers/bin/python benchmarks/peers/nixl_bench.py --orders ORDERS.npz --sizes 16384,... --total-bytes N
-# Configuration as in shared/bench/REFERENCE.md: UCX_MODULES=cma (UCX picks CMA = process_vm_readv; without it NIXL
+# Configuration: UCX_MODULES=cma (UCX picks CMA = process_vm_readv; without it NIXL
 # segfaults at exit once libibverbs1 is installed) and the initiator's progress thread off ("noprog", NIXL's best
 # configuration on this machine kind; the target keeps its progress thread, which UCX wire-up needs). Each pass is
 # initialize_xfer + transfer + poll of one batch.

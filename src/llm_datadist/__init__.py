@@ -8,6 +8,7 @@ from typing import Any, List
 
 os.environ.setdefault("AUTO_USE_UC_MEMORY", "0")
 
+from llm_datadist.utils import log as _log_setup  # noqa: E402,F401 - sets up the package loggers once
 from llm_datadist.configs import LLMClusterInfo, LlmConfig, LLMConfig, LLMRole  # noqa: E402
 from llm_datadist.data_type import DataType  # noqa: E402
 from llm_datadist.status import LLMException, LLMStatusCode, Status  # noqa: E402
@@ -49,7 +50,7 @@ def _v1_available() -> bool:
 
 
 # The official list ends with the V1 names; they are listed only when ``llm_datadist_v1`` is installed, so that
-# ``from llm_datadist import *`` works everywhere (DECISIONS D11).
+# ``from llm_datadist import *`` works everywhere.
 __all__: List[str] = v2_list + (list(_V1_NAMES) if _v1_available() else [])
 
 

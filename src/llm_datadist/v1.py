@@ -1,4 +1,4 @@
-"""The C++ "V1" LlmDataDist API in Python, over the v2 engine: status codes are returned, never raised (§13, D25)."""
+"""The C++ "V1" LlmDataDist API in Python, over the v2 engine: status codes are returned, never raised."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +28,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 S = LLMStatusCode
 
-# ---- option keys (§13.2) ------------------------------------------------------------------------
+# ---- option keys -------------------------------------------------------------------------------
 OPTION_LISTEN_IP_INFO = "llm.ListenIpInfo"
 OPTION_DEVICE_ID = "llm.DeviceId"
 OPTION_SYNC_CACHE_WAIT_TIME = "llm.SyncKvCacheWaitTime"
@@ -61,7 +61,7 @@ _UINT64_MAX = 2**64 - 1
 
 
 class LlmRole(IntEnum):
-    """Role of an instance; a label only (DECISIONS D6)."""
+    """Role of an instance; a label only: no operation is restricted by role."""
 
     kPrompt = 1
     kDecoder = 2
@@ -70,7 +70,7 @@ class LlmRole(IntEnum):
 
 
 class CachePlacement(IntEnum):
-    """Where a cache lives (kDevice is host memory on a machine without CUDA, D21)."""
+    """Where a cache lives (kDevice is host memory on a machine without CUDA)."""
 
     kHost = 0
     kDevice = 1
@@ -115,7 +115,7 @@ class IpInfo:
 
 @dataclasses.dataclass
 class ClusterInfo:
-    """A peer to link: its cluster id and ip infos (exactly one remote; the local one is optional, D27)."""
+    """A peer to link: its cluster id and ip infos (exactly one remote; the local one is optional)."""
 
     remote_cluster_id: int = 0
     remote_role_type: int = 0
@@ -174,9 +174,9 @@ def _api(*outputs: Callable[[], Any], needs_init: bool = True):
                     raise
                 code = _code_of(exc)
                 if isinstance(exc, (_Fail, LLMException, EngineError)) or status_of(exc) != S.LLM_FAILED:
-                    _log.info("%s failed (%s): %s", fn.__name__, code, exc)  # the caller gets the code
+                    _log.debug("%s failed (%s): %s", fn.__name__, code, exc)  # the caller gets the code
                 else:
-                    _log.exception("%s failed unexpectedly", fn.__name__)
+                    _log.exception("%s failed unexpectedly", fn.__name__)  # the code alone would lose the traceback
                 code = self._post_code(fn.__name__, code)
                 return code if not outputs else (code, *[make() for make in outputs])
 
@@ -259,7 +259,7 @@ def _ranges(ext: Any, push: bool) -> Tuple[range, range, int]:
 
 
 def _layer_sel(src: range, dst: range, n: int) -> LayerSel:
-    """Ranges apply only when both start at a layer >= 0 (§10.3)."""
+    """Ranges apply only when both start at a layer >= 0 (as the official library does)."""
     if src.start >= 0 and dst.start >= 0:
         return LayerSel(src, dst, n)
     return LayerSel(None, None, n)
@@ -281,8 +281,8 @@ def _spec(desc: Any, is_blocks: bool = False) -> CacheSpec:
 class LlmDataDist:
     """A V1 instance: ``LlmDataDist(cluster_id, role)``, then ``Initialize(options)``.
 
-    Every method returns an LLMStatusCode (plus its C++ output parameters as extra return values, D25) and
-    never raises. Any number of instances may live in one process (D1), and they link with v2 instances
+    Every method returns an LLMStatusCode (plus its C++ output parameters as extra return values) and
+    never raises. Any number of instances may live in one process, and they link with v2 instances
     running in remote-cache-accessible mode.
     """
 
@@ -473,7 +473,7 @@ class LlmDataDist:
                                       int(src_cache.cache_id), tuple(s_blk), tuple(d_blk), layers, pull=False))
         return S.LLM_SUCCESS
 
-    # -- local copies (legacy semantics, §13.3) ---------------------------------------------------
+    # -- local copies (legacy semantics) ----------------------------------------------------------
     @_api()
     def CopyKvCache(self, src_cache: Cache, dst_cache: Cache, src_batch_index: int = 0, dst_batch_index: int = 0,
                     offset: int = 0, size: int = -1) -> LLMStatusCode:

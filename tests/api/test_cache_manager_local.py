@@ -1,4 +1,4 @@
-"""Checklist §17.6, §17.7, §17.10 and items 265/270: allocate, register, deallocate, keys, copy, swap, remap.
+"""Allocate, register, deallocate, keys, copy, swap, remap.
 
 Everything here runs inside one instance (no link). Data tests fill destinations with a sentinel first and check
 both the bytes written and the bytes that must stay untouched.
@@ -39,8 +39,8 @@ def _status(call) -> LLMStatusCode:
     return exc.value.status_code
 
 
-# -- §17.6 allocate / deallocate / keys -----------------------------------------------------------
-def test_item_133_allocate_host_without_host_pool(make_dd, tools):
+# -- allocate / deallocate / keys -----------------------------------------------------------------
+def test_allocate_host_without_host_pool(make_dd, tools):
     cm = make_dd(LLMRole.PROMPT, 1, mem_pool_cfg=tools.POOL_CFG).cache_manager
     host = CacheDesc(1, [2, 8], DataType.DT_UINT8, Placement.HOST)
     assert _status(lambda: cm.allocate_cache(host)) == PARAM_INVALID
@@ -49,23 +49,23 @@ def test_item_133_allocate_host_without_host_pool(make_dd, tools):
     assert len(cache.tensor_addrs) == 1
 
 
-def test_item_133_allocate_without_any_pool(make_dd):
+def test_allocate_without_any_pool(make_dd):
     cm = make_dd(LLMRole.PROMPT, 1).cache_manager
     desc = CacheDesc(1, [2, 8], DataType.DT_UINT8, Placement.DEVICE)
     assert _status(lambda: cm.allocate_cache(desc)) == PARAM_INVALID
 
 
-def test_item_134_allocate_zero_tensors(cm):
+def test_allocate_zero_tensors(cm):
     assert _status(lambda: cm.allocate_cache(CacheDesc(0, [2, 8], DataType.DT_UINT8))) == PARAM_INVALID
     assert _status(lambda: cm.allocate_blocks_cache(CacheDesc(0, [2, 8], DataType.DT_UINT8))) == PARAM_INVALID
 
 
-def test_item_134_allocate_bad_shape(cm):
+def test_allocate_bad_shape(cm):
     for shape in ([2, 0], [2, -4], [1] * 32):
         assert _status(lambda: cm.allocate_cache(CacheDesc(1, shape, DataType.DT_UINT8))) == PARAM_INVALID
 
 
-def test_item_135_allocate_keys_must_be_list_of_cache_key(cm):
+def test_allocate_keys_must_be_list_of_cache_key(cm):
     desc = CacheDesc(1, [2, 8], DataType.DT_UINT8)
     with pytest.raises(TypeError):
         cm.allocate_cache(desc, CacheKey(1, 1))
@@ -81,14 +81,14 @@ def test_item_135_allocate_keys_must_be_list_of_cache_key(cm):
     assert cache.cache_id == 1
 
 
-def test_item_136_first_cache_ids(cm, new_cache):
+def test_first_cache_ids(cm, new_cache):
     first = cm.allocate_cache(CacheDesc(1, [2, 8], DataType.DT_UINT8))
     second, _ = new_cache(cm, 1, (2, 8))
     third = cm.allocate_blocks_cache(CacheDesc(1, [2, 8], DataType.DT_UINT8))
     assert (first.cache_id, second.cache_id, third.cache_id) == (1, 2, 3)
 
 
-def test_item_137_allocate_cache_result(cm, tools):
+def test_allocate_cache_result(cm, tools):
     desc = CacheDesc(3, [4, 2, 8], DataType.DT_FLOAT16)
     cache = cm.allocate_cache(desc)
     assert cache.is_blocks_cache is False
@@ -98,7 +98,7 @@ def test_item_137_allocate_cache_result(cm, tools):
     assert [v.nbytes for v in views] == [desc.size] * 3 == [128] * 3
 
 
-def test_item_138_out_of_memory_then_free(cm, tools):
+def test_out_of_memory_then_free(cm, tools):
     half = CacheDesc(2, [tools.POOL_BYTES // 2048, 1024], DataType.DT_UINT8)  # 2 x 512 KiB: the whole pool
     too_big = CacheDesc(3, [tools.POOL_BYTES // 2048, 1024], DataType.DT_UINT8)
     assert _status(lambda: cm.allocate_cache(too_big)) == LLMStatusCode.LLM_OUT_OF_MEMORY
@@ -111,7 +111,7 @@ def test_item_138_out_of_memory_then_free(cm, tools):
     assert len(again.tensor_addrs) == 2
 
 
-def test_item_139_key_bound_to_another_allocation(cm):
+def test_key_bound_to_another_allocation(cm):
     desc = CacheDesc(1, [2, 8], DataType.DT_UINT8)
     cm.allocate_cache(desc, [CacheKey(1, 10)])
     assert _status(lambda: cm.allocate_cache(desc, [CacheKey(1, 11), CacheKey(1, 10)])) == PARAM_INVALID
@@ -120,7 +120,7 @@ def test_item_139_key_bound_to_another_allocation(cm):
     cm.allocate_cache(desc, [CacheKey(1, 11)])  # the failed request bound nothing
 
 
-def test_item_139_d2_duplicate_key_in_one_request_last_wins(cm):
+def test_duplicate_key_in_one_request_last_wins(cm):
     cache = cm.allocate_cache(CacheDesc(1, [3, 8], DataType.DT_UINT8), [CacheKey(1, 5), CacheKey(1, 6), CacheKey(1, 5)])
     # the key is bound once (to slot 2), so another allocation can not take it
     assert _status(lambda: cm.allocate_cache(CacheDesc(1, [1, 8], DataType.DT_UINT8), [CacheKey(1, 5)])) \
@@ -128,7 +128,7 @@ def test_item_139_d2_duplicate_key_in_one_request_last_wins(cm):
     assert cache.cache_id == 1
 
 
-def test_item_139_d3_several_placeholders(cm):
+def test_several_placeholders(cm):
     placeholder = CacheKey(1, UINT64_MAX)
     desc = CacheDesc(1, [4, 8], DataType.DT_UINT8)
     cm.allocate_cache(desc, [placeholder, placeholder, CacheKey(1, 3)])
@@ -136,7 +136,7 @@ def test_item_139_d3_several_placeholders(cm):
     cm.allocate_blocks_cache(CacheDesc(1, [4, 8], DataType.DT_UINT8), BlocksCacheKey(1, 0))
 
 
-def test_item_140_more_keys_than_batch(cm):
+def test_more_keys_than_batch(cm):
     desc = CacheDesc(1, [2, 8], DataType.DT_UINT8)
     keys = [CacheKey(1, 1), CacheKey(1, 2), CacheKey(1, 3)]
     assert _status(lambda: cm.allocate_cache(desc, keys)) == PARAM_INVALID
@@ -144,7 +144,7 @@ def test_item_140_more_keys_than_batch(cm):
     cm.allocate_cache(desc, [CacheKey(1, 3)])  # fewer keys than slots is fine
 
 
-def test_item_143_memory_returns_after_dealloc_and_key_removal(cm, tools):
+def test_memory_returns_after_dealloc_and_key_removal(cm, tools):
     whole = CacheDesc(2, [tools.POOL_BYTES // 2048, 1024], DataType.DT_UINT8)
     cache = cm.allocate_cache(whole, [CacheKey(1, 1), CacheKey(1, 2, prefix_id=UINT64_MAX), CacheKey(1, 0, 0, 9)])
     cm.deallocate_cache(cache)
@@ -158,7 +158,7 @@ def test_item_143_memory_returns_after_dealloc_and_key_removal(cm, tools):
     assert len(again.tensor_addrs) == 2
 
 
-def test_item_144_deallocate_twice_is_noop(cm):
+def test_deallocate_twice_is_noop(cm):
     cache = cm.allocate_cache(CacheDesc(1, [2, 8], DataType.DT_UINT8))
     cm.deallocate_cache(cache)
     cm.deallocate_cache(cache)
@@ -167,7 +167,7 @@ def test_item_144_deallocate_twice_is_noop(cm):
     cm.deallocate_blocks_cache(blocks)
 
 
-def test_item_145_deallocate_clears_tensor_addrs(cm, new_cache):
+def test_deallocate_clears_tensor_addrs(cm, new_cache):
     cache = cm.allocate_cache(CacheDesc(2, [2, 8], DataType.DT_UINT8))
     assert len(cache.tensor_addrs) == 2
     cm.deallocate_cache(cache)
@@ -177,7 +177,7 @@ def test_item_145_deallocate_clears_tensor_addrs(cm, new_cache):
     assert registered.tensor_addrs == []
 
 
-def test_item_146_deallocate_kind_mismatch(cm):
+def test_deallocate_kind_mismatch(cm):
     blocks = cm.allocate_blocks_cache(CacheDesc(1, [2, 8], DataType.DT_UINT8))
     cache = cm.allocate_cache(CacheDesc(1, [2, 8], DataType.DT_UINT8))
     assert _status(lambda: cm.deallocate_cache(blocks)) == PARAM_INVALID
@@ -187,7 +187,7 @@ def test_item_146_deallocate_kind_mismatch(cm):
     cm.deallocate_cache(cache)
 
 
-def test_item_147_deallocate_bad_types(cm):
+def test_deallocate_bad_types(cm):
     with pytest.raises(AttributeError):
         cm.deallocate_cache(None)
     with pytest.raises(TypeError):
@@ -198,7 +198,7 @@ def test_item_147_deallocate_bad_types(cm):
         cm.deallocate_blocks_cache(1)
 
 
-def test_item_148_remove_unknown_key_is_noop(cm):
+def test_remove_unknown_key_is_noop(cm):
     cm.remove_cache_key(CacheKey(1, 12345))
     cache = cm.allocate_cache(CacheDesc(1, [2, 8], DataType.DT_UINT8), [CacheKey(1, 1)])
     cm.remove_cache_key(CacheKey(1, 1))
@@ -207,12 +207,12 @@ def test_item_148_remove_unknown_key_is_noop(cm):
     cm.deallocate_cache(cache)
 
 
-def test_item_148_remove_key_without_pool(make_dd):
+def test_remove_key_without_pool(make_dd):
     cm = make_dd(LLMRole.PROMPT, 1).cache_manager
     assert _status(lambda: cm.remove_cache_key(CacheKey(1, 1))) == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
 
 
-def test_item_149_remove_cache_key_type(cm):
+def test_remove_cache_key_type(cm):
     with pytest.raises(TypeError):
         cm.remove_cache_key(BlocksCacheKey(1))
     with pytest.raises(TypeError):
@@ -221,7 +221,7 @@ def test_item_149_remove_cache_key_type(cm):
         cm.remove_cache_key(None)
 
 
-def test_item_150_allocate_copy_deallocate_remove(cm, tools):
+def test_allocate_copy_deallocate_remove(cm, tools):
     desc = CacheDesc(2, [2, 16], DataType.DT_UINT8)
     src = cm.allocate_cache(desc, [CacheKey(1, 1), CacheKey(1, 2)])
     dst = cm.allocate_cache(desc)
@@ -236,7 +236,7 @@ def test_item_150_allocate_copy_deallocate_remove(cm, tools):
     cm.remove_cache_key(CacheKey(1, 2))
 
 
-def test_item_151_allocate_blocks_cache(cm):
+def test_allocate_blocks_cache(cm):
     cache = cm.allocate_blocks_cache(CacheDesc(2, [8, 16], DataType.DT_UINT8), BlocksCacheKey(2, 0))
     assert cache.is_blocks_cache is True
     assert len(cache.tensor_addrs) == 2
@@ -244,7 +244,7 @@ def test_item_151_allocate_blocks_cache(cm):
     assert unkeyed.is_blocks_cache is True
 
 
-def test_item_152_allocate_blocks_cache_key_type(cm):
+def test_allocate_blocks_cache_key_type(cm):
     desc = CacheDesc(1, [2, 8], DataType.DT_UINT8)
     with pytest.raises(TypeError):
         cm.allocate_blocks_cache(desc, [BlocksCacheKey(1)])
@@ -253,14 +253,14 @@ def test_item_152_allocate_blocks_cache_key_type(cm):
     assert cm.allocate_blocks_cache(desc, BlocksCacheKey(1)).cache_id == 1
 
 
-def test_item_153_blocks_model_id_bound_twice(cm):
+def test_blocks_model_id_bound_twice(cm):
     desc = CacheDesc(1, [2, 8], DataType.DT_UINT8)
     cm.allocate_blocks_cache(desc, BlocksCacheKey(2, 0))
     assert _status(lambda: cm.allocate_blocks_cache(desc, BlocksCacheKey(5, 0))) == PARAM_INVALID
     cm.allocate_blocks_cache(desc, BlocksCacheKey(2, 1))
 
 
-def test_item_265_cache_ids_never_reused(cm, new_cache):
+def test_cache_ids_never_reused(cm, new_cache):
     desc = CacheDesc(1, [2, 8], DataType.DT_UINT8)
     first = cm.allocate_cache(desc)
     assert first.cache_id == 1
@@ -271,7 +271,7 @@ def test_item_265_cache_ids_never_reused(cm, new_cache):
     assert cm.allocate_blocks_cache(desc).cache_id == 4
 
 
-def test_item_270_deallocate_blocks_frees_key_at_once(cm, tools):
+def test_deallocate_blocks_frees_key_at_once(cm, tools):
     whole = CacheDesc(2, [tools.POOL_BYTES // 2048, 1024], DataType.DT_UINT8)
     blocks = cm.allocate_blocks_cache(whole, BlocksCacheKey(1, 3))
     cm.deallocate_blocks_cache(blocks)
@@ -279,8 +279,8 @@ def test_item_270_deallocate_blocks_frees_key_at_once(cm, tools):
     assert again.cache_id == blocks.cache_id + 1
 
 
-# -- §17.7 register / unregister ----------------------------------------------------------------
-def test_item_154_register_ids(cm, new_cache):
+# -- register / unregister ----------------------------------------------------------------------
+def test_register_ids(cm, new_cache):
     arrays = new_cache.arrays(2, (2, 4), DataType.DT_INT8)
     cache = cm.register_cache(CacheDesc(1, [2, 4], DataType.DT_INT8, Placement.DEVICE), [arrays[0].ctypes.data])
     assert cache.cache_id == 1 and cache.is_blocks_cache is False
@@ -292,7 +292,7 @@ def test_item_154_register_ids(cm, new_cache):
     cm.unregister_cache(2)
 
 
-def test_item_155_register_bad_addresses(cm, new_cache):
+def test_register_bad_addresses(cm, new_cache):
     arrays = new_cache.arrays(2, (2, 8))
     addrs = [a.ctypes.data for a in arrays]
     desc = CacheDesc(2, [2, 8], DataType.DT_UINT8)
@@ -305,8 +305,8 @@ def test_item_155_register_bad_addresses(cm, new_cache):
     assert cm.register_cache(desc, addrs).cache_id == 1  # the failures consumed no id
 
 
-def test_item_155_d23_register_unmapped_memory(cm, new_cache):
-    # DECISIONS D23: an address range that is not mapped in this process is rejected (fake addresses like 1)
+def test_register_unmapped_memory(cm, new_cache):
+    # An address range that is not mapped in this process is rejected (fake addresses like 1)
     desc = CacheDesc(1, [2, 8], DataType.DT_UINT8)
     for fake in (1, 4096, 2**47 - 4096):
         assert _status(lambda: cm.register_cache(desc, [fake])) == PARAM_INVALID
@@ -319,7 +319,7 @@ def test_item_155_d23_register_unmapped_memory(cm, new_cache):
     assert cache.cache_id >= 1
 
 
-def test_item_156_register_argument_types(cm, new_cache):
+def test_register_argument_types(cm, new_cache):
     arrays = new_cache.arrays(2, (2, 8))
     addrs = [a.ctypes.data for a in arrays]
     desc = CacheDesc(2, [2, 8], DataType.DT_UINT8)
@@ -344,7 +344,7 @@ def test_item_156_register_argument_types(cm, new_cache):
     assert cm.register_cache(desc, addrs, remote_accessible=True).cache_id == 1
 
 
-def test_item_156_register_does_not_mutate_desc(cm, new_cache):
+def test_register_does_not_mutate_desc(cm, new_cache):
     shape = [4, 8]
     desc = CacheDesc(2, shape, DataType.DT_UINT8)
     arrays = new_cache.arrays(2, (4, 8))
@@ -356,12 +356,13 @@ def test_item_156_register_does_not_mutate_desc(cm, new_cache):
         cm.copy_blocks(cache, {0: [1]})
 
 
-def test_item_158_d12_register_remote_accessible_after_link(make_dd, new_cache, tools):
-    # DECISIONS D12 supersedes item 158: registration (remote accessible too) is allowed at any time after a
-    # rank-table link, and the new cache is visible to the linked peer at once.
+def test_register_remote_accessible_after_link(make_dd, new_cache, tools):
+    # Unlike the official library (see docs/compatibility.md), registration (remote accessible too) is allowed
+    # at any time after a rank-table link, and the new cache is visible to the linked peer at once.
     import json
-    import time
     import uuid
+
+    from waiting import wait_until
 
     p = make_dd(LLMRole.PROMPT, 1, enable_remote_cache_accessible=True)
     d = make_dd(LLMRole.DECODER, 2, enable_remote_cache_accessible=True)
@@ -370,10 +371,8 @@ def test_item_158_d12_register_remote_accessible_after_link(make_dd, new_cache, 
                         "server_list": [{"server_id": "127.0.0.1", "device": devices}]})
     name = "reg-after-link-" + uuid.uuid4().hex[:8]
     p_comm, d_comm = p.link(name, {1: 0, 2: 1}, table), d.link(name, {1: 0, 2: 1}, table)
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and not (p.query_register_mem_status(p_comm) is RegisterMemStatus.OK
-                                               and d.query_register_mem_status(d_comm) is RegisterMemStatus.OK):
-        time.sleep(0.01)
+    assert wait_until(lambda: p.query_register_mem_status(p_comm) is RegisterMemStatus.OK
+                      and d.query_register_mem_status(d_comm) is RegisterMemStatus.OK)
     src, src_arrays = new_cache(p.cache_manager, 2, (2, 8), placement=Placement.HOST, remote_accessible=True)
     dev, dev_arrays = new_cache(p.cache_manager, 2, (2, 8), placement=Placement.DEVICE)  # default after link
     dst, dst_arrays = new_cache(d.cache_manager, 2, (2, 8), remote_accessible=True, fill="sentinel")
@@ -385,7 +384,7 @@ def test_item_158_d12_register_remote_accessible_after_link(make_dd, new_cache, 
     p.unlink(p_comm)
 
 
-def test_item_160_unregister_cache(cm, new_cache):
+def test_unregister_cache(cm, new_cache):
     cache, _ = new_cache(cm, 1, (2, 8))
     other, _ = new_cache(cm, 1, (2, 8))
     cm.unregister_cache(cache.cache_id)
@@ -396,7 +395,7 @@ def test_item_160_unregister_cache(cm, new_cache):
     cm.copy_cache(other, other, 1, 0)  # the instance is still fine
 
 
-def test_item_161_unregister_argument_types(cm):
+def test_unregister_argument_types(cm):
     with pytest.raises(TypeError):
         cm.unregister_cache("5")
     with pytest.raises(TypeError):
@@ -406,8 +405,8 @@ def test_item_161_unregister_argument_types(cm):
     cm.unregister_cache(1)
 
 
-# -- §17.10 copy / swap / remap -----------------------------------------------------------------
-def test_item_208_copy_cache_default_slot0(cm, new_cache, tools):
+# -- copy / swap / remap ------------------------------------------------------------------------
+def test_copy_cache_default_slot0(cm, new_cache, tools):
     src, src_arrays = new_cache(cm, 3, (4, 16))
     dst, dst_arrays = new_cache(cm, 3, (4, 16), fill="sentinel")
     cm.copy_cache(dst, src)
@@ -417,7 +416,7 @@ def test_item_208_copy_cache_default_slot0(cm, new_cache, tools):
     assert all((s != tools.SENTINEL).all() for s in src_arrays)  # the source is unchanged
 
 
-def test_item_209_copy_cache_slot_into_wider_slot(cm, new_cache, tools):
+def test_copy_cache_slot_into_wider_slot(cm, new_cache, tools):
     src, src_arrays = new_cache(cm, 1, (4, 4), dtype=DataType.DT_INT32)
     src_arrays[0][:] = np.arange(16, dtype=np.int32).reshape(4, 4)
     dst, dst_arrays = new_cache(cm, 1, (4, 8), dtype=DataType.DT_INT32, fill="sentinel")
@@ -429,7 +428,7 @@ def test_item_209_copy_cache_slot_into_wider_slot(cm, new_cache, tools):
     assert (flat[untouched].view(np.uint8) == tools.SENTINEL).all()
 
 
-def test_item_210_copy_cache_size_and_offset(cm, new_cache, tools):
+def test_copy_cache_size_and_offset(cm, new_cache, tools):
     src, src_arrays = new_cache(cm, 1, (4, 4), dtype=DataType.DT_INT32)
     src_arrays[0][:] = np.arange(16, dtype=np.int32).reshape(4, 4)
     dst, dst_arrays = new_cache(cm, 1, (4, 8), dtype=DataType.DT_INT32, fill="sentinel")
@@ -443,14 +442,14 @@ def test_item_210_copy_cache_size_and_offset(cm, new_cache, tools):
     assert (flat[untouched].view(np.uint8) == tools.SENTINEL).all()
 
 
-def test_item_210_copy_cache_req_id_is_accepted(cm, new_cache):
+def test_copy_cache_req_id_is_accepted(cm, new_cache):
     src, src_arrays = new_cache(cm, 1, (2, 8))
     dst, dst_arrays = new_cache(cm, 1, (2, 8), fill="sentinel")
     cm.copy_cache(dst, src, 1, 1, 0, -1, 42)
     assert (dst_arrays[0][1] == src_arrays[0][1]).all()
 
 
-def test_item_211_copy_cache_bad_size_offset_indices(cm, new_cache, tools):
+def test_copy_cache_bad_size_offset_indices(cm, new_cache, tools):
     src, src_arrays = new_cache(cm, 1, (2, 8))
     dst, dst_arrays = new_cache(cm, 1, (2, 8), fill="sentinel")
     for size in (0, -2):
@@ -470,7 +469,7 @@ def test_item_211_copy_cache_bad_size_offset_indices(cm, new_cache, tools):
     assert (dst_arrays[0][0] == src_arrays[0][0]).all()
 
 
-def test_item_212_copy_cache_rejects_blocks(cm, new_cache):
+def test_copy_cache_rejects_blocks(cm, new_cache):
     cache, _ = new_cache(cm, 1, (2, 8))
     blocks, _ = new_cache(cm, 1, (2, 8), blocks=True)
     assert _status(lambda: cm.copy_cache(blocks, cache)) == PARAM_INVALID
@@ -481,7 +480,7 @@ def test_item_212_copy_cache_rejects_blocks(cm, new_cache):
         cm.copy_cache(cache, "src")
 
 
-def test_item_213_copy_cache_shape_checks(cm, new_cache, tools):
+def test_copy_cache_shape_checks(cm, new_cache, tools):
     two, _ = new_cache(cm, 2, (2, 8))
     three, _ = new_cache(cm, 3, (2, 8))
     dst, dst_arrays = new_cache(cm, 2, (2, 8), fill="sentinel")
@@ -497,15 +496,15 @@ def test_item_213_copy_cache_shape_checks(cm, new_cache, tools):
     cm.copy_cache(dst, two, offset=4, size=4)
 
 
-def test_item_213_d7_copy_cache_data_type_must_match(cm, new_cache, tools):
-    # DECISIONS D7: num_tensors and data_type must match
+def test_copy_cache_data_type_must_match(cm, new_cache, tools):
+    # num_tensors and data_type must match
     ints, _ = new_cache(cm, 1, (2, 8), dtype=DataType.DT_INT32)
     bytes_, arrays = new_cache(cm, 1, (2, 32), dtype=DataType.DT_UINT8, fill="sentinel")
     assert _status(lambda: cm.copy_cache(bytes_, ints)) == PARAM_INVALID
     assert (arrays[0] == tools.SENTINEL).all()
 
 
-def test_item_214_copy_cache_freed_cache(cm, new_cache):
+def test_copy_cache_freed_cache(cm, new_cache):
     live, _ = new_cache(cm, 1, (2, 8))
     freed = cm.allocate_cache(CacheDesc(1, [2, 8], DataType.DT_UINT8))
     cm.deallocate_cache(freed)
@@ -516,7 +515,7 @@ def test_item_214_copy_cache_freed_cache(cm, new_cache):
     assert _status(lambda: cm.copy_cache(live, gone)) == NOT_EXIST
 
 
-def test_item_215_copy_blocks(cm, new_cache, tools):
+def test_copy_blocks(cm, new_cache, tools):
     blocks, arrays = new_cache(cm, 2, (6, 8), blocks=True)
     before = [a.copy() for a in arrays]
     cm.copy_blocks(blocks, {0: [1], 2: [4, 5]})
@@ -528,7 +527,7 @@ def test_item_215_copy_blocks(cm, new_cache, tools):
     cm.copy_blocks(blocks, {})
 
 
-def test_item_215_copy_blocks_allocated(cm, tools):
+def test_copy_blocks_allocated(cm, tools):
     blocks = cm.allocate_blocks_cache(CacheDesc(1, [4, 32], DataType.DT_UINT8))
     views = _fill_allocated(blocks, tools)
     before = views[0].copy()
@@ -536,7 +535,7 @@ def test_item_215_copy_blocks_allocated(cm, tools):
     assert (views[0][0] == before[3]).all() and (views[0][1:] == before[1:]).all()
 
 
-def test_item_216_copy_blocks_types(cm, new_cache):
+def test_copy_blocks_types(cm, new_cache):
     blocks, _ = new_cache(cm, 1, (4, 8), blocks=True)
     with pytest.raises(TypeError):
         cm.copy_blocks(blocks, {0: 1})
@@ -548,7 +547,7 @@ def test_item_216_copy_blocks_types(cm, new_cache):
         cm.copy_blocks(blocks, [(0, [1])])
 
 
-def test_item_217_copy_blocks_index_out_of_range(cm, new_cache):
+def test_copy_blocks_index_out_of_range(cm, new_cache):
     blocks, arrays = new_cache(cm, 2, (4, 8), blocks=True)
     before = [a.copy() for a in arrays]
     for mapping in ({0: [4]}, {4: [0]}, {-1: [0]}, {0: [1, -2]}):
@@ -566,7 +565,7 @@ def _cpu_cache(new_cache, num_tensors: int, shape, fill="sentinel"):
     return Cache.create_cpu_cache(desc, [a.ctypes.data for a in arrays]), arrays
 
 
-def test_item_218_swap_out_and_in(cm, new_cache, tools):
+def test_swap_out_and_in(cm, new_cache, tools):
     npu, npu_arrays = new_cache(cm, 2, (10, 32), placement=Placement.DEVICE, blocks=True)
     cpu, cpu_arrays = _cpu_cache(new_cache, 2, (10, 32))
     cm.swap_blocks(npu, cpu, SWAP_MAP)  # swap out
@@ -582,7 +581,7 @@ def test_item_218_swap_out_and_in(cm, new_cache, tools):
         assert (b[[4, 8]] == tools.SENTINEL).all()
 
 
-def test_item_218_swap_with_allocated_device_cache(cm, new_cache, tools):
+def test_swap_with_allocated_device_cache(cm, new_cache, tools):
     npu = cm.allocate_blocks_cache(CacheDesc(1, [10, 32], DataType.DT_UINT8, Placement.DEVICE))
     views = _fill_allocated(npu, tools)
     cpu, cpu_arrays = _cpu_cache(new_cache, 1, (10, 32))
@@ -590,7 +589,7 @@ def test_item_218_swap_with_allocated_device_cache(cm, new_cache, tools):
     assert (cpu_arrays[0][0] == views[0][9]).all() and (cpu_arrays[0][1:] == tools.SENTINEL).all()
 
 
-def test_item_219_swap_device_to_device(cm, new_cache):
+def test_swap_device_to_device(cm, new_cache):
     a, _ = new_cache(cm, 1, (4, 8), placement=Placement.DEVICE, blocks=True)
     b, _ = new_cache(cm, 1, (4, 8), placement=Placement.DEVICE, blocks=True)
     assert _status(lambda: cm.swap_blocks(a, b, {0: 0})) == PARAM_INVALID
@@ -599,7 +598,7 @@ def test_item_219_swap_device_to_device(cm, new_cache):
     assert _status(lambda: cm.swap_blocks(cpu, cpu2, {0: 0})) == PARAM_INVALID
 
 
-def test_item_220_swap_continuous_or_none(cm, new_cache):
+def test_swap_continuous_or_none(cm, new_cache):
     npu, _ = new_cache(cm, 1, (4, 8), placement=Placement.DEVICE, blocks=True)
     cont, _ = new_cache(cm, 1, (4, 8), placement=Placement.HOST)
     assert _status(lambda: cm.swap_blocks(npu, cont, {0: 0})) == PARAM_INVALID
@@ -611,7 +610,7 @@ def test_item_220_swap_continuous_or_none(cm, new_cache):
         cm.swap_blocks("npu", npu, {0: 0})
 
 
-def test_item_221_swap_geometry_mismatch(cm, new_cache):
+def test_swap_geometry_mismatch(cm, new_cache):
     npu, _ = new_cache(cm, 2, (4, 8), placement=Placement.DEVICE, blocks=True)
     wide, _ = _cpu_cache(new_cache, 2, (4, 16))
     fewer, _ = _cpu_cache(new_cache, 1, (4, 8))
@@ -621,7 +620,7 @@ def test_item_221_swap_geometry_mismatch(cm, new_cache):
     cm.swap_blocks(npu, more_blocks, {3: 7})
 
 
-def test_item_222_swap_index_out_of_range(cm, new_cache, tools):
+def test_swap_index_out_of_range(cm, new_cache, tools):
     npu, _ = new_cache(cm, 1, (4, 8), placement=Placement.DEVICE, blocks=True)
     cpu, cpu_arrays = _cpu_cache(new_cache, 1, (6, 8))
     assert _status(lambda: cm.swap_blocks(npu, cpu, {0: 6})) == PARAM_INVALID
@@ -631,7 +630,7 @@ def test_item_222_swap_index_out_of_range(cm, new_cache, tools):
     cm.swap_blocks(npu, cpu, {0: 5})
 
 
-def test_item_223_swap_mapping_types(cm, new_cache):
+def test_swap_mapping_types(cm, new_cache):
     npu, _ = new_cache(cm, 1, (4, 8), placement=Placement.DEVICE, blocks=True)
     cpu, _ = _cpu_cache(new_cache, 1, (4, 8))
     with pytest.raises(TypeError):
@@ -642,13 +641,13 @@ def test_item_223_swap_mapping_types(cm, new_cache):
         cm.swap_blocks(npu, cpu, {0: 1.0})
 
 
-def test_item_223_d23_swap_unmapped_cpu_cache(cm, new_cache):
+def test_swap_unmapped_cpu_cache(cm, new_cache):
     npu, _ = new_cache(cm, 1, (4, 8), placement=Placement.DEVICE, blocks=True)
     fake = Cache.create_cpu_cache(CacheDesc(1, [4, 8], DataType.DT_UINT8, Placement.HOST), [4096])
     assert _status(lambda: cm.swap_blocks(npu, fake, {0: 0})) == PARAM_INVALID
 
 
-def test_item_224_create_cpu_cache(new_cache):
+def test_create_cpu_cache(new_cache):
     arrays = new_cache.arrays(2, (4, 8))
     addrs = [a.ctypes.data for a in arrays]
     device = CacheDesc(2, [4, 8], DataType.DT_UINT8, Placement.DEVICE)
@@ -662,7 +661,7 @@ def test_item_224_create_cpu_cache(new_cache):
     assert cache.tensor_addrs == addrs and cache.cache_desc is host
 
 
-def test_item_225_remap_registered_memory(cm, new_cache):
+def test_remap_registered_memory(cm, new_cache):
     cm.remap_registered_memory(MemInfo(Memtype.MEM_TYPE_DEVICE, 1234, 1))
     cm.remap_registered_memory([MemInfo(Memtype.MEM_TYPE_DEVICE, 1234, 1)])
     cm.remap_registered_memory([])
@@ -671,7 +670,7 @@ def test_item_225_remap_registered_memory(cm, new_cache):
     cm.copy_cache(cache, cache, 1, 0)  # still usable
 
 
-def test_item_226_remap_bad_arguments(cm):
+def test_remap_bad_arguments(cm):
     for bad in ("some val", (MemInfo(Memtype.MEM_TYPE_DEVICE, 1234, 1),), None, [1]):
         assert _status(lambda: cm.remap_registered_memory(bad)) == PARAM_INVALID
     for info in (MemInfo(Memtype.MEM_TYPE_HOST, 1234, 1), MemInfo(Memtype.MEM_TYPE_DEVICE, 0, 1),

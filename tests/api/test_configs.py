@@ -1,5 +1,4 @@
-"""Checklist §17.1 item 6, §17.2 items 18-44, §17.3 items 45-49 and CLIENTS.md §4 item 4: LLMRole, LLMConfig,
-LLMClusterInfo."""
+"""LLMRole, LLMConfig and LLMClusterInfo: validation, generated options and the setters real clients use."""
 from __future__ import annotations
 
 import json
@@ -23,18 +22,18 @@ def _set(cfg, name, value):
     return lambda: setattr(cfg, name, value)
 
 
-def test_item_006_llm_role():
+def test_llm_role():
     assert LLMRole.PROMPT == 1 and LLMRole.DECODER == 2 and LLMRole.MIX == 3
     assert str(LLMRole.PROMPT) == "LLMRole.PROMPT"
     assert f"{LLMRole.DECODER}" == "LLMRole.DECODER"
     assert [role_option_value(r) for r in LLMRole] == ["Prompt", "Decoder", "Mix"]
 
 
-def test_item_018_default_options():
+def test_default_options():
     assert LLMConfig().generate_options() == {"llm.MemoryUtilization": "0.95"}
 
 
-def test_item_019_device_id_int():
+def test_device_id_int():
     cfg = LLMConfig()
     cfg.device_id = 0
     options = cfg.generate_options()
@@ -42,7 +41,7 @@ def test_item_019_device_id_int():
     assert options["ge.session_device_id"] == "0"
 
 
-def test_item_020_device_id_list():
+def test_device_id_list():
     cfg = LLMConfig()
     cfg.device_id = [0, 1]
     options = cfg.generate_options()
@@ -50,19 +49,19 @@ def test_item_020_device_id_list():
     assert options["ge.session_device_id"] == "0"
 
 
-def test_item_021_device_id_tuple():
+def test_device_id_tuple():
     cfg = LLMConfig()
     cfg.device_id = (3, 4)
     assert cfg.device_id == (3, 4)
     assert cfg.generate_options()["ge.exec.deviceId"] == "3;4"
 
 
-def test_item_022_device_id_negative():
+def test_device_id_negative():
     _raises_param_invalid(_set(LLMConfig(), "device_id", -1))
     _raises_param_invalid(_set(LLMConfig(), "device_id", [0, -1]))
 
 
-def test_item_023_device_id_type_and_range():
+def test_device_id_type_and_range():
     cfg = LLMConfig()
     with pytest.raises(ValueError):
         cfg.device_id = 2**31
@@ -75,24 +74,24 @@ def test_item_023_device_id_type_and_range():
     assert cfg.device_id is None
 
 
-def test_item_024_sync_kv_timeout_non_digit_string():
+def test_sync_kv_timeout_non_digit_string():
     for value in ("abc", "-5", "1.5", ""):
         _raises_param_invalid(_set(LLMConfig(), "sync_kv_timeout", value))
 
 
-def test_item_025_sync_kv_timeout_not_positive():
+def test_sync_kv_timeout_not_positive():
     for value in (0, "0", -5):
         _raises_param_invalid(_set(LLMConfig(), "sync_kv_timeout", value))
 
 
-def test_item_026_sync_kv_timeout_range_and_type():
+def test_sync_kv_timeout_range_and_type():
     with pytest.raises(ValueError):
         LLMConfig().sync_kv_timeout = 2**31
     with pytest.raises(TypeError):
         LLMConfig().sync_kv_timeout = 1.5
 
 
-def test_item_027_sync_kv_timeout_emitted():
+def test_sync_kv_timeout_emitted():
     cfg = LLMConfig()
     assert "llm.SyncKvCacheWaitTime" not in cfg.generate_options()
     cfg.sync_kv_timeout = "3000"
@@ -102,7 +101,7 @@ def test_item_027_sync_kv_timeout_emitted():
     assert cfg.generate_options()["llm.SyncKvCacheWaitTime"] == "1500"
 
 
-def test_item_028_enable_cache_manager_requires_bool():
+def test_enable_cache_manager_requires_bool():
     with pytest.raises(TypeError):
         LLMConfig().enable_cache_manager = 1
 
@@ -114,7 +113,7 @@ def test_item_028_enable_cache_manager_requires_bool():
         ("enable_remote_cache_accessible", "llm.EnableRemoteCacheAccessible", 30),
     ],
 )
-def test_item_029_030_bool_options_emitted_when_set(name, key, item):
+def test_bool_options_emitted_when_set(name, key, item):
     cfg = LLMConfig()
     assert getattr(cfg, name) is False
     assert key not in cfg.generate_options()
@@ -125,19 +124,19 @@ def test_item_029_030_bool_options_emitted_when_set(name, key, item):
     assert cfg.generate_options()[key] == "1"
 
 
-def test_item_031_listen_ip_info_key():
+def test_listen_ip_info_key():
     cfg = LLMConfig()
     cfg.listen_ip_info = "1.1.1.1:26000"
     assert cfg.generate_options()["llm.listenIpInfo"] == "1.1.1.1:26000"
     assert "llm.ListenIpInfo" not in cfg.generate_options()
 
 
-def test_item_032_listen_ip_info_type():
+def test_listen_ip_info_type():
     with pytest.raises(TypeError):
         LLMConfig().listen_ip_info = 1
 
 
-def test_item_033_mem_pool_cfg():
+def test_mem_pool_cfg():
     cfg = LLMConfig()
     with pytest.raises(TypeError):
         cfg.mem_pool_cfg = {}
@@ -146,13 +145,13 @@ def test_item_033_mem_pool_cfg():
     assert cfg.generate_options()["llm.MemPoolConfig"] == pool
 
 
-def test_item_034_host_mem_pool_cfg():
+def test_host_mem_pool_cfg():
     cfg = LLMConfig()
     cfg.host_mem_pool_cfg = '{"memory_size": 4096}'
     assert cfg.generate_options()["llm.HostMemPoolConfig"] == '{"memory_size": 4096}'
 
 
-def test_item_035_rdma_traffic_class():
+def test_rdma_traffic_class():
     cfg = LLMConfig()
     for bad in (-1, 2**32):
         with pytest.raises(ValueError):
@@ -163,14 +162,14 @@ def test_item_035_rdma_traffic_class():
     assert cfg.generate_options()["llm.RdmaTrafficClass"] == "300"
 
 
-def test_item_036_rdma_service_level():
+def test_rdma_service_level():
     cfg = LLMConfig()
     cfg.rdma_service_level = 100
     assert cfg.rdma_service_level == 100
     assert cfg.generate_options()["llm.RdmaServiceLevel"] == "100"
 
 
-def test_item_037_local_comm_res():
+def test_local_comm_res():
     cfg = LLMConfig()
     assert cfg.local_comm_res == ""
     assert "llm.LocalCommRes" not in cfg.generate_options()
@@ -180,7 +179,7 @@ def test_item_037_local_comm_res():
         cfg.local_comm_res = {}
 
 
-def test_item_038_link_total_time():
+def test_link_total_time():
     cfg = LLMConfig()
     assert cfg.link_total_time == 0
     assert "llm.LinkTotalTime" not in cfg.generate_options()
@@ -192,7 +191,7 @@ def test_item_038_link_total_time():
     assert cfg.generate_options()["llm.LinkTotalTime"] == "0"
 
 
-def test_item_039_link_retry_count():
+def test_link_retry_count():
     cfg = LLMConfig()
     assert cfg.link_retry_count == 1
     for bad in (0, 101):
@@ -201,7 +200,7 @@ def test_item_039_link_retry_count():
     assert cfg.generate_options()["llm.LinkRetryCount"] == "100"
 
 
-def test_item_040_ge_options():
+def test_ge_options():
     cfg = LLMConfig()
     assert cfg.ge_options == {}
     with pytest.raises(TypeError):
@@ -216,7 +215,7 @@ def test_item_040_ge_options():
     assert options["llm.Custom"] == "x"
 
 
-def test_item_041_mem_utilization():
+def test_mem_utilization():
     cfg = LLMConfig()
     assert cfg.mem_utilization == 0.95
     with pytest.raises(LLMException):
@@ -228,7 +227,7 @@ def test_item_041_mem_utilization():
         assert cfg.generate_options()["llm.MemoryUtilization"] == str(ok)
 
 
-def test_item_042_global_resource_config():
+def test_global_resource_config():
     cfg = LLMConfig()
     for bad in (123, {}, []):
         with pytest.raises(TypeError):
@@ -238,14 +237,14 @@ def test_item_042_global_resource_config():
     assert cfg.generate_options()["llm.GlobalResourceConfig"] == ""
 
 
-def test_item_043_transfer_backend():
+def test_transfer_backend():
     cfg = LLMConfig()
     assert cfg.transfer_backend == ""
     cfg.transfer_backend = "hixl"
     assert cfg.generate_options()["llm.TransferBackend"] == "hixl"
 
 
-def test_item_044_generate_options_same_dict():
+def test_generate_options_same_dict():
     cfg = LLMConfig()
     first = cfg.generate_options()
     second = cfg.generate_options()
@@ -306,7 +305,7 @@ def test_link_secret_option():
         cfg.link_secret = b"bytes"
 
 
-def test_clients_item_4_property_setters_and_keys():
+def test_property_setters_and_keys():
     assert LLMConfig is LlmConfig
     cfg = LLMConfig()
     cfg.device_id = 0
@@ -349,8 +348,8 @@ def test_none_resets_string_and_bool_options():
     assert "llm.EnableCacheManager" not in cfg.generate_options()
 
 
-# ---- LLMClusterInfo (§17.3) ---------------------------------------------------------------------
-def test_item_045_new_cluster_info():
+# ---- LLMClusterInfo ----------------------------------------------------------------------------
+def test_new_cluster_info():
     info = LLMClusterInfo()
     assert info.remote_cluster_id is None
     assert info.remote_role_type is None
@@ -358,7 +357,7 @@ def test_item_045_new_cluster_info():
     assert info.remote_ip_info_list == []
 
 
-def test_item_046_local_ip_little_endian():
+def test_local_ip_little_endian():
     info = LLMClusterInfo()
     info.append_local_ip_info("1.2.3.4", 26000)
     assert info.local_ip_info_list == [(67305985, 26000)]
@@ -368,7 +367,7 @@ def test_item_046_local_ip_little_endian():
     assert int_to_ip(0x04030201) == "1.2.3.4"
 
 
-def test_item_047_unparseable_ip():
+def test_unparseable_ip():
     info = LLMClusterInfo()
     for ip in ("300.1.1.1", "::1"):
         with pytest.raises(RuntimeError, match="Can not parse ip str"):
@@ -376,7 +375,7 @@ def test_item_047_unparseable_ip():
     assert info.remote_ip_info_list == []
 
 
-def test_item_048_port_and_ip_types():
+def test_port_and_ip_types():
     info = LLMClusterInfo()
     for port in (65536, -1):
         with pytest.raises(ValueError):
@@ -389,7 +388,7 @@ def test_item_048_port_and_ip_types():
     assert info.remote_ip_info_list == [(ip_to_int("10.0.0.2"), 26000)]
 
 
-def test_item_049_remote_cluster_id():
+def test_remote_cluster_id():
     info = LLMClusterInfo()
     with pytest.raises(ValueError):
         info.remote_cluster_id = -1

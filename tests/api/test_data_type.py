@@ -1,4 +1,4 @@
-"""Checklist §17.1 item 10 and CLIENTS.md §4 item 2: DataType, element sizes and the legacy numpy maps."""
+"""DataType, element sizes and the legacy numpy maps."""
 from __future__ import annotations
 
 import subprocess
@@ -13,7 +13,7 @@ from llm_datadist import data_type as data_type_module
 from llm_datadist.data_type import dtype_size
 
 
-def test_item_010_data_type_values():
+def test_data_type_values():
     expected = {
         "DT_FLOAT": 0, "DT_FLOAT16": 1, "DT_INT8": 2, "DT_INT32": 3, "DT_UINT8": 4, "DT_INT16": 6,
         "DT_UINT16": 7, "DT_UINT32": 8, "DT_INT64": 9, "DT_UINT64": 10, "DT_DOUBLE": 11, "DT_BOOL": 12,
@@ -22,13 +22,13 @@ def test_item_010_data_type_values():
     assert {member.name: member.value for member in DataType} == expected
 
 
-def test_item_010_data_type_is_plain_enum():
+def test_data_type_is_plain_enum():
     assert issubclass(DataType, Enum)
     assert DataType.DT_FLOAT != 0
     assert str(DataType.DT_FLOAT16) == "DataType.DT_FLOAT16"
 
 
-def test_clients_item_2_hashable_enum_with_sizes():
+def test_hashable_enum_with_sizes():
     mapping = {DataType.DT_FLOAT16: "fp16", DataType.DT_BF16: "bf16"}
     assert mapping[DataType.DT_BF16] == "bf16"
     sizes = {

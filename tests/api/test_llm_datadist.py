@@ -1,4 +1,4 @@
-"""Checklist §17.5 (items 89-132): LLMDataDist lifecycle, one-sided and rank-table links, switch_role."""
+"""LLMDataDist lifecycle, one-sided and rank-table links and switch_role, as the official API specifies them."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ import pytest
 
 from llm_datadist import (CacheKey, CacheKeyByIdAndIndex, LLMClusterInfo, LLMDataDist, LLMException, LLMRole,
                           LLMStatusCode, RegisterMemStatus)
+from waiting import NEVER_HANGS_S, wait_until
 
 SUCCESS = LLMStatusCode.LLM_SUCCESS
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
@@ -25,15 +26,6 @@ def _comm_name() -> str:
     return "test-" + uuid.uuid4().hex[:12]
 
 
-def _wait_for(predicate, timeout: float = 5.0, step: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
-
-
 def _pull_fails_with(cm, key, cache):
     """The status of a pull that must fail, or None if it succeeded."""
     try:
@@ -44,7 +36,7 @@ def _pull_fails_with(cm, key, cache):
 
 
 # -- constructor, init, finalize -----------------------------------------------------------------
-def test_item_089_constructor_argument_types():
+def test_constructor_argument_types():
     with pytest.raises(TypeError):
         LLMDataDist(1, 0)
     with pytest.raises(ValueError):
@@ -56,7 +48,7 @@ def test_item_089_constructor_argument_types():
     assert LLMDataDist(LLMRole.MIX, 2**64 - 1).cluster_id == 2**64 - 1
 
 
-def test_item_090_apis_before_init_raise_runtime_error(make_dd, tools):
+def test_apis_before_init_raise_runtime_error(make_dd, tools):
     dd = make_dd(LLMRole.PROMPT, 1, init=False)
     info = tools.cluster_info(2, 26000)
     calls = [
@@ -75,7 +67,7 @@ def test_item_090_apis_before_init_raise_runtime_error(make_dd, tools):
         assert str(exc.value) == NOT_INITIALIZED
 
 
-def test_item_091_finalize_without_init_is_noop(make_dd):
+def test_finalize_without_init_is_noop(make_dd):
     dd = make_dd(LLMRole.DECODER, 1, init=False)
     dd.finalize()
     dd.finalize()
@@ -83,7 +75,7 @@ def test_item_091_finalize_without_init_is_noop(make_dd):
         dd.cache_manager
 
 
-def test_item_092_init_twice_is_noop(make_dd, tools):
+def test_init_twice_is_noop(make_dd, tools):
     dd = make_dd(LLMRole.PROMPT, 1)
     cm = dd.cache_manager
     dd.init(tools.make_options())
@@ -91,8 +83,9 @@ def test_item_092_init_twice_is_noop(make_dd, tools):
     assert dd.cache_manager is cm
 
 
-def test_item_093_d1_several_instances_per_process(make_dd):
-    # DECISIONS D1 supersedes item 93: a second initialized instance is allowed, even with the same cluster id.
+def test_several_instances_per_process(make_dd):
+    # Unlike the official library (see docs/compatibility.md), a second initialized instance is allowed, even
+    # with the same cluster id.
     first = make_dd(LLMRole.PROMPT, 1)
     second = make_dd(LLMRole.DECODER, 2)
     third = make_dd(LLMRole.MIX, 1)
@@ -100,7 +93,7 @@ def test_item_093_d1_several_instances_per_process(make_dd):
     assert len({id(dd.cache_manager) for dd in (first, second, third)}) == 3
 
 
-def test_item_094_new_instance_after_finalize(make_dd, tools):
+def test_new_instance_after_finalize(make_dd, tools):
     first = make_dd(LLMRole.PROMPT, 1)
     first.finalize()
     second = make_dd(LLMRole.PROMPT, 1)
@@ -110,7 +103,7 @@ def test_item_094_new_instance_after_finalize(make_dd, tools):
     assert first.cache_manager is not None
 
 
-def test_item_095_init_options_must_be_dict(make_dd, tools):
+def test_init_options_must_be_dict(make_dd, tools):
     dd = make_dd(LLMRole.PROMPT, 1, init=False)
     with pytest.raises(TypeError):
         dd.init([])
@@ -120,7 +113,7 @@ def test_item_095_init_options_must_be_dict(make_dd, tools):
     assert dd.cache_manager is not None
 
 
-def test_item_096_flow_graph_mem_max_size(make_dd, tools):
+def test_flow_graph_mem_max_size(make_dd, tools):
     dd = make_dd(LLMRole.PROMPT, 1, init=False)
     for bad in ("1024,2048", "1.23", "-1"):
         with pytest.raises(LLMException) as exc:
@@ -134,7 +127,7 @@ def test_item_096_flow_graph_mem_max_size(make_dd, tools):
     assert dd.cache_manager is not None
 
 
-def test_item_097_hixl_backend_needs_cache_manager(make_dd, tools):
+def test_hixl_backend_needs_cache_manager(make_dd, tools):
     dd = make_dd(LLMRole.PROMPT, 1, init=False)
     with pytest.raises(LLMException, match="EnableCacheManager") as exc:
         dd.init(tools.make_options(enable_cache_manager=None, transfer_backend="hixl",
@@ -142,14 +135,14 @@ def test_item_097_hixl_backend_needs_cache_manager(make_dd, tools):
     assert exc.value.status_code == PARAM_INVALID
 
 
-def test_item_098_hixl_backend_needs_listen_ip_info(make_dd, tools):
+def test_hixl_backend_needs_listen_ip_info(make_dd, tools):
     dd = make_dd(LLMRole.PROMPT, 1, init=False)
     with pytest.raises(LLMException, match="listenIpInfo") as exc:
         dd.init(tools.make_options(transfer_backend="hixl"))
     assert exc.value.status_code == PARAM_INVALID
 
 
-def test_item_099_hixl_backend_needs_remote_cache_accessible(make_dd, tools):
+def test_hixl_backend_needs_remote_cache_accessible(make_dd, tools):
     dd = make_dd(LLMRole.PROMPT, 1, init=False)
     with pytest.raises(LLMException, match="EnableRemoteCacheAccessible") as exc:
         dd.init(tools.make_options(transfer_backend="hixl", enable_remote_cache_accessible=False,
@@ -157,7 +150,7 @@ def test_item_099_hixl_backend_needs_remote_cache_accessible(make_dd, tools):
     assert exc.value.status_code == PARAM_INVALID
 
 
-def test_item_100_local_comm_res_needs_cache_manager(make_dd, tools):
+def test_local_comm_res_needs_cache_manager(make_dd, tools):
     dd = make_dd(LLMRole.PROMPT, 1, init=False)
     with pytest.raises(LLMException) as exc:
         dd.init(tools.make_options(enable_cache_manager=False, local_comm_res=""))
@@ -166,7 +159,7 @@ def test_item_100_local_comm_res_needs_cache_manager(make_dd, tools):
         dd.cache_manager
 
 
-def test_item_101_local_comm_res_implies_cache_manager_and_remote_access(make_dd, new_cache, tools):
+def test_local_comm_res_implies_cache_manager_and_remote_access(make_dd, new_cache, tools):
     dd = make_dd(LLMRole.PROMPT, 1, enable_cache_manager=None, local_comm_res='{"version": "1.3"}')
     options = tools.make_options(enable_cache_manager=None, local_comm_res='{"version": "1.3"}')
     assert "llm.EnableCacheManager" not in options and "llm.EnableRemoteCacheAccessible" not in options
@@ -176,7 +169,7 @@ def test_item_101_local_comm_res_implies_cache_manager_and_remote_access(make_dd
         cm.pull_cache(CacheKey(2, 1), cache)
 
 
-def test_item_102_init_does_not_modify_options(make_dd, free_port, tools):
+def test_init_does_not_modify_options(make_dd, free_port, tools):
     # listen info and local_comm_res make init derive llm.ListenIp/ListenPort/Role and the implied flags
     options = tools.make_options(enable_cache_manager=None, listen_ip_info=f"127.0.0.1:{free_port()}",
                                  local_comm_res="")
@@ -187,12 +180,12 @@ def test_item_102_init_does_not_modify_options(make_dd, free_port, tools):
     assert dd.cache_manager is not None
 
 
-def test_item_103_cluster_id_property(make_dd):
+def test_cluster_id_property(make_dd):
     dd = make_dd(LLMRole.PROMPT, 3)
     assert dd.cluster_id == 3
 
 
-def test_item_104_legacy_members_rejected_in_cache_manager_mode(pd):
+def test_legacy_members_rejected_in_cache_manager_mode(pd):
     with pytest.raises(LLMException) as exc:
         pd.p.kv_cache_manager
     assert exc.value.status_code == PARAM_INVALID
@@ -202,13 +195,13 @@ def test_item_104_legacy_members_rejected_in_cache_manager_mode(pd):
 
 
 # -- rank-table links ------------------------------------------------------------------------------
-def test_item_105_link_empty_comm_name(pd):
+def test_link_empty_comm_name(pd):
     with pytest.raises(LLMException) as exc:
         pd.p.link("", {3: 0, 2: 1}, "{}")
     assert exc.value.status_code == PARAM_INVALID
 
 
-def test_item_106_link_comm_name_length(make_dd):
+def test_link_comm_name_length(make_dd):
     dd = make_dd(LLMRole.PROMPT, 1)
     with pytest.raises(LLMException) as exc:
         dd.link("a" * 128, {1: 0, 99: 1}, _rank_table())
@@ -218,7 +211,7 @@ def test_item_106_link_comm_name_length(make_dd):
     dd.unlink(comm_id)
 
 
-def test_item_107_link_cluster_rank_info_must_be_dict(pd):
+def test_link_cluster_rank_info_must_be_dict(pd):
     with pytest.raises(TypeError):
         pd.p.link("link", [3, 2], "{}")
     with pytest.raises(TypeError):
@@ -227,7 +220,7 @@ def test_item_107_link_cluster_rank_info_must_be_dict(pd):
         pd.p.link("link", {3: "0", 2: 1}, "{}")
 
 
-def test_item_108_link_cluster_count_and_rank_order(pd):
+def test_link_cluster_count_and_rank_order(pd):
     for bad in ({1: 0, 2: 1, 3: 2, 4: 3, 5: 4}, {1: 0}, {3: 1, 2: 0}):
         with pytest.raises(LLMException) as exc:
             pd.p.link("link", bad, "{}")
@@ -236,12 +229,12 @@ def test_item_108_link_cluster_count_and_rank_order(pd):
         pd.p.link("link", {1: 0, 2: -1}, "{}")
 
 
-def test_item_109_link_rank_table_must_be_str(pd):
+def test_link_rank_table_must_be_str(pd):
     with pytest.raises(TypeError):
         pd.p.link("link", {3: 0, 2: 1}, 123)
 
 
-def test_item_110_comm_ids_count_from_one(make_dd):
+def test_comm_ids_count_from_one(make_dd):
     dd = make_dd(LLMRole.PROMPT, 1)
     first = dd.link(_comm_name(), {1: 0, 98: 1}, _rank_table())
     second = dd.link(_comm_name(), {1: 0, 99: 1}, _rank_table())
@@ -250,7 +243,7 @@ def test_item_110_comm_ids_count_from_one(make_dd):
     dd.unlink(second)
 
 
-def test_item_111_query_register_mem_status(make_dd):
+def test_query_register_mem_status(make_dd):
     p = make_dd(LLMRole.PROMPT, 1)
     d = make_dd(LLMRole.DECODER, 2)
     lonely = p.link(_comm_name(), {1: 0, 77: 1}, _rank_table())  # that peer never shows up
@@ -259,7 +252,7 @@ def test_item_111_query_register_mem_status(make_dd):
     p_comm = p.link(name, members, _rank_table())
     d_comm = d.link(name, members, _rank_table())
     assert p.query_register_mem_status(p_comm) in (RegisterMemStatus.PREPARING, RegisterMemStatus.OK)
-    assert _wait_for(lambda: p.query_register_mem_status(comm_id=p_comm) is RegisterMemStatus.OK
+    assert wait_until(lambda: p.query_register_mem_status(comm_id=p_comm) is RegisterMemStatus.OK
                      and d.query_register_mem_status(d_comm) is RegisterMemStatus.OK)
     assert p.query_register_mem_status(lonely) is RegisterMemStatus.PREPARING
     d.unlink(d_comm)
@@ -267,7 +260,7 @@ def test_item_111_query_register_mem_status(make_dd):
     p.unlink(lonely)
 
 
-def test_item_112_unlink_comm_id_type_and_range(pd):
+def test_unlink_comm_id_type_and_range(pd):
     with pytest.raises(TypeError):
         pd.p.unlink("not_int")
     with pytest.raises(ValueError):
@@ -278,7 +271,7 @@ def test_item_112_unlink_comm_id_type_and_range(pd):
         pd.p.query_register_mem_status(2**64)
 
 
-def test_item_113_unknown_comm_id(pd):
+def test_unknown_comm_id(pd):
     with pytest.raises(LLMException) as exc:
         pd.p.unlink(12345)
     assert exc.value.status_code == LLMStatusCode.LLM_NOT_YET_LINK
@@ -287,8 +280,8 @@ def test_item_113_unknown_comm_id(pd):
     assert exc.value.status_code == LLMStatusCode.LLM_NOT_YET_LINK
 
 
-# -- one-sided links ---------------------------------------------------------------------------------
-def test_item_114_link_timeout_must_be_positive(pd):
+# -- one-sided links -------------------------------------------------------------------------------
+def test_link_timeout_must_be_positive(pd):
     for call in (pd.d.link_clusters, pd.d.unlink_clusters):
         for timeout in (0, -5):
             with pytest.raises(LLMException) as exc:
@@ -297,7 +290,7 @@ def test_item_114_link_timeout_must_be_positive(pd):
     assert pd.linked()
 
 
-def test_item_115_link_clusters_must_be_list_of_cluster_info(pd):
+def test_link_clusters_must_be_list_of_cluster_info(pd):
     with pytest.raises(TypeError):
         pd.d.link_clusters("not_list", 5000)
     with pytest.raises(TypeError):
@@ -308,7 +301,7 @@ def test_item_115_link_clusters_must_be_list_of_cluster_info(pd):
         pd.d.link_clusters(None, 5000)
 
 
-def test_item_116_link_timeout_type_and_range(pd):
+def test_link_timeout_type_and_range(pd):
     with pytest.raises(ValueError):
         pd.d.link_clusters([pd.info()], 2**31)
     with pytest.raises(TypeError):
@@ -317,7 +310,7 @@ def test_item_116_link_timeout_type_and_range(pd):
         pd.d.unlink_clusters([pd.info()], 2**31)
 
 
-def test_item_117_unlink_force_must_be_bool(pd):
+def test_unlink_force_must_be_bool(pd):
     with pytest.raises(TypeError):
         pd.d.unlink_clusters([pd.info()], 5000, force="not_bool")
     with pytest.raises(TypeError):
@@ -325,8 +318,9 @@ def test_item_117_unlink_force_must_be_bool(pd):
     assert pd.linked()
 
 
-def test_item_118_d27_link_without_local_ip(make_dd, new_cache, tools):
-    # DECISIONS D27 supersedes item 118: a cluster without a local ip links (address learned from the socket).
+def test_link_without_local_ip(make_dd, new_cache, tools):
+    # Unlike the official library (see docs/compatibility.md), a cluster without a local ip links (address
+    # learned from the socket).
     p = make_dd(LLMRole.PROMPT, 1, listen=True)
     d = make_dd(LLMRole.DECODER, 2)
     info = tools.cluster_info(1, make_dd.port(p), local_ip=None)
@@ -339,7 +333,7 @@ def test_item_118_d27_link_without_local_ip(make_dd, new_cache, tools):
         assert (t[1] == s[0]).all() and (t[0] == tools.SENTINEL).all()
 
 
-def test_item_119_local_comm_res_link_without_local_ip(make_dd, tools):
+def test_local_comm_res_link_without_local_ip(make_dd, tools):
     res = '{"version": "1.3"}'
     p = make_dd(LLMRole.PROMPT, 1, listen=True, enable_cache_manager=None, local_comm_res=res)
     d = make_dd(LLMRole.DECODER, 2, enable_cache_manager=None, local_comm_res=res)
@@ -347,8 +341,8 @@ def test_item_119_local_comm_res_link_without_local_ip(make_dd, tools):
     assert d.link_clusters([info], 3000) == (SUCCESS, [SUCCESS])
 
 
-def test_item_120_d27_link_without_remote_cluster_id(make_dd, new_cache, tools):
-    # DECISIONS D27 supersedes item 120: the peer's cluster id is learned from the handshake.
+def test_link_without_remote_cluster_id(make_dd, new_cache, tools):
+    # Unlike the official library (see docs/compatibility.md), the peer's cluster id is learned from the handshake.
     p = make_dd(LLMRole.PROMPT, 7, listen=True)
     d = make_dd(LLMRole.DECODER, 2)
     info = tools.cluster_info(None, make_dd.port(p))
@@ -364,7 +358,7 @@ def test_item_120_d27_link_without_remote_cluster_id(make_dd, new_cache, tools):
     assert d.unlink_clusters([known], 3000) == (SUCCESS, [SUCCESS])
 
 
-def test_item_121_link_clusters_success_shape(pd, make_dd, tools):
+def test_link_clusters_success_shape(pd, make_dd, tools):
     client = make_dd(LLMRole.DECODER, 3)
     ret = client.link_clusters([tools.cluster_info(pd.p.cluster_id, pd.port)], 3000)
     assert ret == (SUCCESS, [SUCCESS])
@@ -372,21 +366,21 @@ def test_item_121_link_clusters_success_shape(pd, make_dd, tools):
     assert all(type(code) is LLMStatusCode for code in ret[1])
 
 
-def test_item_122_link_twice_returns_already_link(pd):
+def test_link_twice_returns_already_link(pd):
     ret, rets = pd.d.link_clusters([pd.info()], 3000)
     assert ret == LLMStatusCode.LLM_ALREADY_LINK
     assert rets == [LLMStatusCode.LLM_ALREADY_LINK]
     assert pd.linked()
 
 
-def test_item_123_link_failure_is_returned_not_raised(pd, free_port):
+def test_link_failure_is_returned_not_raised(pd, free_port):
     dead = LLMClusterInfo()
     dead.remote_cluster_id = 77
     dead.append_local_ip_info("127.0.0.1", 0)
     dead.append_remote_ip_info("127.0.0.1", free_port())  # nobody listens there
     started = time.monotonic()
     ret, rets = pd.d.link_clusters([dead], 500)
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < NEVER_HANGS_S  # it gives up at its 500 ms timeout, never hangs
     assert ret in (LLMStatusCode.LLM_LINK_FAILED, LLMStatusCode.LLM_TIMEOUT)
     assert rets == [ret]
     # one good and one bad cluster: the bad one is reported, the good one ("already linked") too
@@ -397,7 +391,7 @@ def test_item_123_link_failure_is_returned_not_raised(pd, free_port):
     assert pd.linked()
 
 
-def test_item_124_unlink_clusters_then_transfers_fail(make_pair, new_cache, tools):
+def test_unlink_clusters_then_transfers_fail(make_pair, new_cache, tools):
     pair = make_pair()
     src, _ = new_cache(pair.p_cm, 2, (2, 8))
     dst, _ = new_cache(pair.d_cm, 2, (2, 8))
@@ -408,7 +402,7 @@ def test_item_124_unlink_clusters_then_transfers_fail(make_pair, new_cache, tool
     assert exc.value.status_code == LLMStatusCode.LLM_NOT_YET_LINK
     # the server side was told: its link is gone too
     back = CacheKeyByIdAndIndex(pair.d.cluster_id, dst.cache_id)
-    assert _wait_for(lambda: _pull_fails_with(pair.p_cm, back, src) == LLMStatusCode.LLM_NOT_YET_LINK)
+    assert wait_until(lambda: _pull_fails_with(pair.p_cm, back, src) == LLMStatusCode.LLM_NOT_YET_LINK)
     # unlinking again: nothing to unlink
     ret, rets = pair.d.unlink_clusters([pair.info()], 3000)
     assert ret != SUCCESS and rets == [ret]
@@ -417,13 +411,13 @@ def test_item_124_unlink_clusters_then_transfers_fail(make_pair, new_cache, tool
     pair.d_cm.pull_cache(CacheKeyByIdAndIndex(pair.p.cluster_id, src.cache_id), dst)
 
 
-def test_item_125_force_unlink_of_unlinked_cluster(pd, tools):
+def test_force_unlink_of_unlinked_cluster(pd, tools):
     stranger = tools.cluster_info(4242, 1)
     assert pd.d.unlink_clusters([stranger], 3000, force=True) == (SUCCESS, [SUCCESS])
     assert pd.linked()
 
 
-def test_item_126_switch_role_and_start_listening(make_dd, free_port, tools):
+def test_switch_role_and_start_listening(make_dd, free_port, tools):
     dd = make_dd(LLMRole.PROMPT, 1)
     dd.switch_role(LLMRole.DECODER)
     port = free_port()
@@ -432,7 +426,7 @@ def test_item_126_switch_role_and_start_listening(make_dd, free_port, tools):
     assert client.link_clusters([tools.cluster_info(1, port)], 3000) == (SUCCESS, [SUCCESS])
 
 
-def test_item_127_switch_to_current_role(make_dd):
+def test_switch_to_current_role(make_dd):
     dd = make_dd(LLMRole.DECODER, 1)
     dd.switch_role(LLMRole.DECODER)
     dd.switch_role(LLMRole.DECODER, {})
@@ -440,7 +434,7 @@ def test_item_127_switch_to_current_role(make_dd):
     dd.switch_role(LLMRole.MIX)
 
 
-def test_item_128_switch_role_argument_types(pd):
+def test_switch_role_argument_types(pd):
     with pytest.raises(TypeError):
         pd.p.switch_role("not_a_role")
     with pytest.raises(TypeError):
@@ -450,7 +444,7 @@ def test_item_128_switch_role_argument_types(pd):
     assert pd.linked()
 
 
-def test_item_129_switch_role_with_links_raises_exist_link(make_pair, free_port):
+def test_switch_role_with_links_raises_exist_link(make_pair, free_port):
     pair = make_pair()
     for dd in (pair.d, pair.p):
         with pytest.raises(LLMException) as exc:
@@ -463,11 +457,11 @@ def test_item_129_switch_role_with_links_raises_exist_link(make_pair, free_port)
     # after unlinking, switching works
     assert pair.d.unlink_clusters([pair.info()], 3000) == (SUCCESS, [SUCCESS])
     pair.d.switch_role(LLMRole.MIX)
-    assert _wait_for(lambda: not pair.p._engine.links.has_links())
+    assert wait_until(lambda: not pair.p._engine.links.has_links())
     pair.p.switch_role(LLMRole.MIX)
 
 
-def test_item_130_switch_role_bad_listen_ip_info(make_dd):
+def test_switch_role_bad_listen_ip_info(make_dd):
     dd = make_dd(LLMRole.DECODER, 1)
     with pytest.raises(LLMException) as exc:
         dd.switch_role(LLMRole.PROMPT, {"llm.listenIpInfo": "1.1.1.1"})
@@ -478,7 +472,7 @@ def test_item_130_switch_role_bad_listen_ip_info(make_dd):
     dd.switch_role(LLMRole.PROMPT)  # still usable
 
 
-def test_item_131_legacy_mode_switch_role(make_dd):
+def test_legacy_mode_switch_role(make_dd):
     dd = make_dd(LLMRole.DECODER, 1, enable_cache_manager=False)
     with pytest.raises(LLMException) as exc:
         dd.switch_role(LLMRole.DECODER)
@@ -491,7 +485,7 @@ def test_item_131_legacy_mode_switch_role(make_dd):
     assert exc.value.status_code == PARAM_INVALID
 
 
-def test_item_132_cache_manager_identity_and_after_finalize(make_dd):
+def test_cache_manager_identity_and_after_finalize(make_dd):
     dd = make_dd(LLMRole.PROMPT, 1)
     cm = dd.cache_manager
     assert dd.cache_manager is cm and dd.cache_manager is cm

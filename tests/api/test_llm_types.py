@@ -1,5 +1,4 @@
-"""Checklist §17.1 items 7-9, §17.4 items 50-88, items 224, 240-241, 271 (CacheTask per DECISIONS D15) and
-CLIENTS.md §4 items 8-9: the v2 data classes."""
+"""The v2 data classes: enums, CacheDesc, keys, transfer configs, Cache and CacheTask."""
 from __future__ import annotations
 
 import threading
@@ -37,45 +36,45 @@ def _param_invalid(func, match=None):
     return info.value
 
 
-# ---- enums (§17.1) ------------------------------------------------------------------------------
-def test_item_007_placement():
+# ---- enums --------------------------------------------------------------------------------------
+def test_placement():
     assert Placement.HOST == 0 and Placement.DEVICE == 1
     assert str(Placement.DEVICE) == "Placement.DEVICE"
     assert f"{Placement.HOST}" == "Placement.HOST"
 
 
-def test_item_008_memtype():
+def test_memtype():
     assert Memtype.MEM_TYPE_DEVICE.value == 0
     assert Memtype.MEM_TYPE_HOST.value == 1
     assert Memtype.MEM_TYPE_DEVICE != 0  # plain Enum
 
 
-def test_item_009_register_mem_status():
+def test_register_mem_status():
     assert [RegisterMemStatus.OK.value, RegisterMemStatus.PREPARING.value, RegisterMemStatus.FAILED.value] == [0, 1, 2]
 
 
 # ---- CacheDesc ----------------------------------------------------------------------------------
-def test_item_050_negative_num_tensors():
+def test_negative_num_tensors():
     with pytest.raises(ValueError):
         CacheDesc(-1, [2, 4], DataType.DT_INT8, Placement.DEVICE)
 
 
-def test_item_051_seq_len_dim_index_range():
+def test_seq_len_dim_index_range():
     with pytest.raises(ValueError):
         CacheDesc(1, [2, 4], DataType.DT_INT8, seq_len_dim_index=2**64 - 1)
 
 
-def test_item_052_num_tensors_range():
+def test_num_tensors_range():
     with pytest.raises(ValueError):
         CacheDesc(2**32, [2, 4], DataType.DT_INT8)
     assert CacheDesc(0, [2, 4], DataType.DT_INT8).num_tensors == 0
 
 
-def test_item_053_empty_shape():
+def test_empty_shape():
     _param_invalid(lambda: CacheDesc(1, [], DataType.DT_INT8))
 
 
-def test_item_054_shape_types():
+def test_shape_types():
     with pytest.raises(TypeError):
         CacheDesc(1, "ab", DataType.DT_INT8)
     with pytest.raises(TypeError):
@@ -84,7 +83,7 @@ def test_item_054_shape_types():
         CacheDesc(1, None, DataType.DT_INT8)
 
 
-def test_item_055_data_type_and_placement_types():
+def test_data_type_and_placement_types():
     with pytest.raises(TypeError):
         CacheDesc(1, [2, 4], 1)
     with pytest.raises(TypeError):
@@ -93,29 +92,29 @@ def test_item_055_data_type_and_placement_types():
         CacheDesc(1, [2, 4], DataType.DT_INT8, batch_dim_index=None)
 
 
-def test_item_056_batch_dim_index_range():
+def test_batch_dim_index_range():
     for bad in (2, -1):
         _param_invalid(lambda: CacheDesc(1, [2, 4], DataType.DT_INT8, batch_dim_index=bad))
 
 
-def test_item_057_seq_len_dim_index_values():
+def test_seq_len_dim_index_values():
     for bad in (-2, 2):
         _param_invalid(lambda: CacheDesc(1, [2, 4], DataType.DT_INT8, seq_len_dim_index=bad))
     for ok in (-1, 0, 1):
         assert CacheDesc(1, [2, 4], DataType.DT_INT8, seq_len_dim_index=ok).seq_len_dim_index == ok
 
 
-def test_item_058_shape_element_int64():
+def test_shape_element_int64():
     with pytest.raises(ValueError):
         CacheDesc(1, [2, 2**63], DataType.DT_INT8)
 
 
-def test_item_059_size_of_one_tensor():
+def test_size_of_one_tensor():
     assert CacheDesc(80, [4, 2048, 1, 128], DataType.DT_FLOAT16).size == 2097152
     assert CacheDesc(1, [3], DataType.DT_STRING).size == 48
 
 
-def test_item_060_non_positive_dim_size_fails():
+def test_non_positive_dim_size_fails():
     desc = CacheDesc(1, [2, -4], DataType.DT_INT8)
     with pytest.raises(LLMException):
         desc.size  # noqa: B018
@@ -124,13 +123,13 @@ def test_item_060_non_positive_dim_size_fails():
         zero.size  # noqa: B018
 
 
-def test_item_061_batch_size_from_batch_dim():
+def test_batch_size_from_batch_dim():
     desc = CacheDesc(1, [2, 4], DataType.DT_INT8, batch_dim_index=1)
     assert desc.batch_size == 4
     assert desc.batch_dim == 1
 
 
-def test_item_062_cache_desc_repr():
+def test_cache_desc_repr():
     desc = CacheDesc(80, [4, 2048, 1, 128], DataType.DT_FLOAT16)
     expected = (
         "CacheDesc(num_tensors=80, shape=[4, 2048, 1, 128], data_type=DataType.DT_FLOAT16, "
@@ -140,7 +139,7 @@ def test_item_062_cache_desc_repr():
     assert str(desc) == expected
 
 
-def test_item_063_identity_equality():
+def test_identity_equality():
     first = CacheDesc(1, [2, 4], DataType.DT_INT8)
     second = CacheDesc(1, [2, 4], DataType.DT_INT8)
     assert first != second
@@ -166,7 +165,7 @@ def test_cache_desc_properties_shape_by_reference_and_update_dim():
     assert desc._is_blocks is False
 
 
-def test_clients_item_8_cache_desc_tuple_shape_and_keywords():
+def test_cache_desc_tuple_shape_and_keywords():
     desc = CacheDesc(num_tensors=56, shape=(1000, 128, 2, 128), data_type=DataType.DT_BF16,
                      placement=Placement.DEVICE, batch_dim_index=0, seq_len_dim_index=-1, kv_tensor_format=None)
     assert desc.num_tensors == 56
@@ -179,46 +178,46 @@ def test_clients_item_8_cache_desc_tuple_shape_and_keywords():
 
 
 # ---- CacheKey -----------------------------------------------------------------------------------
-def test_item_064_cache_key_forms():
+def test_cache_key_forms():
     for key in (CacheKey(1, 1, 1, 1), CacheKey(cluster_id=1, req_id=1, model_id=1, prefix_id=1)):
         assert (key.cluster_id, key.req_id, key.model_id, key.prefix_id) == (1, 1, 1, 1)
 
 
-def test_item_065_cache_key_requires_cluster_id():
+def test_cache_key_requires_cluster_id():
     _param_invalid(lambda: CacheKey(req_id=1, model_id=1, prefix_id=1), match="cluster_id is required")
 
 
-def test_item_066_cache_key_requires_req_id():
+def test_cache_key_requires_req_id():
     _param_invalid(lambda: CacheKey(cluster_id=1, model_id=1, prefix_id=1), match="req_id is required")
 
 
-def test_item_067_cache_key_unsupported_keyword():
+def test_cache_key_unsupported_keyword():
     _param_invalid(lambda: CacheKey(cluster_id=1, req_id=1, prefix_id1=1), match="Unsupported")
 
 
-def test_item_068_cache_key_negative_cluster():
+def test_cache_key_negative_cluster():
     with pytest.raises(ValueError):
         CacheKey(cluster_id=-1, req_id=1, model_id=1, prefix_id=1)
 
 
-def test_item_069_prompt_cluster_id_alias():
+def test_prompt_cluster_id_alias():
     key = CacheKey(prompt_cluster_id=1, req_id=1, model_id=1, prefix_id=1)
     assert key.cluster_id == 1 and key.prompt_cluster_id == 1
     assert CacheKey(cluster_id=5, prompt_cluster_id=6, req_id=1).cluster_id == 5
 
 
-def test_item_070_cache_key_too_many_params():
+def test_cache_key_too_many_params():
     _param_invalid(lambda: CacheKey(1, 2, 3, 4, 5), match="Param num is over limit")
 
 
-def test_item_071_cache_key_defaults_and_repr():
+def test_cache_key_defaults_and_repr():
     key = CacheKey(1, 2)
     assert key.model_id == 0
     assert key.prefix_id == UINT64_MAX
     assert repr(key) == "CacheKey(cluster_id=1, req_id=2, prefix_id=18446744073709551615, model_id=0)"
 
 
-def test_item_072_cache_key_value_checks():
+def test_cache_key_value_checks():
     with pytest.raises(TypeError):
         CacheKey(1, "1")
     with pytest.raises(ValueError):
@@ -227,34 +226,34 @@ def test_item_072_cache_key_value_checks():
 
 
 # ---- BlocksCacheKey -----------------------------------------------------------------------------
-def test_item_073_blocks_key_type():
+def test_blocks_key_type():
     with pytest.raises(TypeError, match="only support"):
         BlocksCacheKey("aa")
     with pytest.raises(TypeError, match="model_id"):
         BlocksCacheKey(1, "0")
 
 
-def test_item_074_blocks_key_requires_cluster():
+def test_blocks_key_requires_cluster():
     _param_invalid(lambda: BlocksCacheKey(model_id=1), match="cluster_id is required")
 
 
-def test_item_075_blocks_key_forms():
+def test_blocks_key_forms():
     for key in (BlocksCacheKey(1, 1), BlocksCacheKey(prompt_cluster_id=1, model_id=1)):
         assert key.cluster_id == 1 and key.model_id == 1 and key.prompt_cluster_id == 1
 
 
-def test_item_076_blocks_key_count_and_no_range_check():
+def test_blocks_key_count_and_no_range_check():
     _param_invalid(lambda: BlocksCacheKey(1, 2, 3))
     _param_invalid(lambda: BlocksCacheKey(1, other=3), match="Unsupported")
     assert BlocksCacheKey(-1).cluster_id == -1
 
 
-def test_item_077_blocks_key_repr_uses_keyword():
+def test_blocks_key_repr_uses_keyword():
     assert repr(BlocksCacheKey(prompt_cluster_id=1, model_id=3)) == "BlocksCacheKey(prompt_cluster_id=1, model_id=3)"
     assert repr(BlocksCacheKey(1)) == "BlocksCacheKey(cluster_id=1, model_id=0)"
 
 
-def test_clients_item_9_blocks_cache_key_forms():
+def test_blocks_cache_key_forms():
     forms = [
         (BlocksCacheKey(7), 0),
         (BlocksCacheKey(7, 2), 2),
@@ -271,7 +270,7 @@ def test_clients_item_9_blocks_cache_key_forms():
 
 
 # ---- CacheKeyByIdAndIndex, MemInfo --------------------------------------------------------------
-def test_item_078_cache_key_by_id_and_index():
+def test_cache_key_by_id_and_index():
     key = CacheKeyByIdAndIndex(1, -2)
     assert (key.cluster_id, key.cache_id, key.batch_index) == (1, -2, 0)
     with pytest.raises(ValueError):
@@ -282,7 +281,7 @@ def test_item_078_cache_key_by_id_and_index():
     assert repr(CacheKeyByIdAndIndex(1, 2)) == "CacheKeyByIdAndIndex(cluster_id=1, cache_id=2, batch_index=0)"
 
 
-def test_item_079_mem_info():
+def test_mem_info():
     with pytest.raises(TypeError):
         MemInfo(0, 1234, 10)
     info = MemInfo(Memtype.MEM_TYPE_DEVICE, 1234, 10)
@@ -294,14 +293,14 @@ def test_item_079_mem_info():
 
 
 # ---- TransferConfig / TransferWithCacheKeyConfig ------------------------------------------------
-def test_item_080_transfer_config_bad_ranges():
+def test_transfer_config_bad_ranges():
     _param_invalid(lambda: TransferConfig(1, [1, 2], range(0, 2, 2)))
     _param_invalid(lambda: TransferConfig(1, [1, 2], range(1, 1)))
     with pytest.raises(TypeError):
         TransferConfig(1, [1, 2], [0, 1])
 
 
-def test_item_081_transfer_config_value_checks():
+def test_transfer_config_value_checks():
     with pytest.raises(TypeError):
         TransferConfig(1, None)
     with pytest.raises(ValueError):
@@ -312,7 +311,7 @@ def test_item_081_transfer_config_value_checks():
         TransferConfig(1, [1], src_batch_index=-1)
 
 
-def test_item_082_transfer_config_repr_and_setters():
+def test_transfer_config_repr_and_setters():
     cfg = TransferConfig(1, [1, 2], range(0, 1), 1)
     assert str(cfg) == "TransferConfig(dst_cluster_id=1, dst_addrs=[1, 2], src_layer_range=range(0, 1), src_batch_index=1)"
     assert cfg.dst_layer_range is None
@@ -327,29 +326,29 @@ def test_item_082_transfer_config_repr_and_setters():
     assert TransferConfig(1, (5, 6)).dst_addrs == (5, 6)
 
 
-def test_item_083_twck_requires_ranges():
+def test_twck_requires_ranges():
     with pytest.raises(TypeError):
         TransferWithCacheKeyConfig(BlocksCacheKey(1))
     with pytest.raises(TypeError):
         TransferWithCacheKeyConfig(None, range(0, 1), range(0, 1))
 
 
-def test_item_084_twck_range_length_mismatch():
+def test_twck_range_length_mismatch():
     _param_invalid(lambda: TransferWithCacheKeyConfig(BlocksCacheKey(1), range(0, 2), range(0, 1)))
 
 
-def test_item_085_twck_blocks_requires_batch_zero():
+def test_twck_blocks_requires_batch_zero():
     _param_invalid(lambda: TransferWithCacheKeyConfig(BlocksCacheKey(1), range(0, 1), range(0, 1), 1))
     cfg = TransferWithCacheKeyConfig(BlocksCacheKey(1), range(0, 1), range(0, 1))
     _param_invalid(lambda: setattr(cfg, "src_batch_index", 1))
 
 
-def test_item_086_twck_rejects_cache_key():
+def test_twck_rejects_cache_key():
     with pytest.raises(TypeError):
         TransferWithCacheKeyConfig(CacheKey(1, 1), range(0, 1), range(0, 1))
 
 
-def test_item_087_twck_dst_cluster_id_and_repr():
+def test_twck_dst_cluster_id_and_repr():
     cfg = TransferWithCacheKeyConfig(CacheKeyByIdAndIndex(7, 2, 3), range(0, 1), range(5, 6), 2)
     assert cfg.dst_cluster_id == 7
     assert cfg.src_batch_index == 2
@@ -361,7 +360,7 @@ def test_item_087_twck_dst_cluster_id_and_repr():
     _param_invalid(lambda: TransferWithCacheKeyConfig(BlocksCacheKey(1), range(0, 2, 2), range(0, 1)))
 
 
-def test_item_271_twck_setters_accept_none():
+def test_twck_setters_accept_none():
     cfg = TransferWithCacheKeyConfig(BlocksCacheKey(1), range(0, 1), range(0, 1))
     cfg.src_layer_range = None
     cfg.dst_layer_range = None
@@ -372,7 +371,7 @@ def test_item_271_twck_setters_accept_none():
         cfg.cache_key = CacheKey(1, 1)
 
 
-def test_item_088_layer_synchronizer_is_abstract():
+def test_layer_synchronizer_is_abstract():
     class Incomplete(LayerSynchronizer):
         pass
 
@@ -403,7 +402,7 @@ def test_cache_internal_constructor_and_repr():
         Cache(2**63, desc, addrs)
 
 
-def test_item_224_create_cpu_cache():
+def test_create_cpu_cache():
     host = CacheDesc(2, [4, 8], DataType.DT_FLOAT16, Placement.HOST)
     device = CacheDesc(2, [4, 8], DataType.DT_FLOAT16, Placement.DEVICE)
     _param_invalid(lambda: Cache.create_cpu_cache(device, [1, 2]))
@@ -442,7 +441,7 @@ def test_kv_cache_legacy():
     assert released == [5]
 
 
-# ---- CacheTask (items 238-241, DECISIONS D15) ---------------------------------------------------
+# ---- CacheTask: one result per config, never-ran is LLM_FAILED -----------------------------------
 class FakeWaiter:
     def __init__(self, results, finished=True):
         self._results = results
@@ -462,14 +461,14 @@ class FakeWaiter:
         return self._results
 
 
-def test_item_238_cache_task_success():
+def test_cache_task_success():
     ok = LLMStatusCode.LLM_SUCCESS
     task = CacheTask(FakeWaiter([ok, ok]), 2)
     assert task.synchronize() == ok
     assert task.get_results() == [ok, ok]
 
 
-def test_item_239_cache_task_first_failure_and_never_ran_is_failed():
+def test_cache_task_first_failure_and_never_ran_is_failed():
     task = CacheTask(FakeWaiter([PARAM_INVALID, None]), 2)
     assert task.synchronize() == PARAM_INVALID
     assert task.get_results() == [PARAM_INVALID, LLMStatusCode.LLM_FAILED]
@@ -477,7 +476,7 @@ def test_item_239_cache_task_first_failure_and_never_ran_is_failed():
     assert short.synchronize() == LLMStatusCode.LLM_FAILED
 
 
-def test_item_240_cache_task_timeout():
+def test_cache_task_timeout():
     waiter = FakeWaiter([LLMStatusCode.LLM_SUCCESS] * 3, finished=False)
     task = CacheTask(waiter, 3)
     assert task.synchronize(0) == LLMStatusCode.LLM_TIMEOUT
@@ -489,7 +488,7 @@ def test_item_240_cache_task_timeout():
     assert waiter.timeouts[-1] is None
 
 
-def test_item_241_cache_task_timeout_checks():
+def test_cache_task_timeout_checks():
     task = CacheTask(FakeWaiter([]), 0)
     with pytest.raises(ValueError):
         task.synchronize(-1)

@@ -1,4 +1,4 @@
-"""Checklist §17.1 items 1-5 and CLIENTS.md §4 item 1: the package surface of ``llm_datadist``."""
+"""The package surface of ``llm_datadist``."""
 from __future__ import annotations
 
 import importlib.util
@@ -27,23 +27,23 @@ def _run(code: str, env: dict = None) -> str:
     return result.stdout
 
 
-def test_item_001_llm_config_alias():
+def test_llm_config_alias():
     assert llm_datadist.LLMConfig is llm_datadist.LlmConfig
 
 
-def test_item_002_v2_list():
+def test_v2_list():
     assert llm_datadist.v2_list == OFFICIAL_ALL[:23]
     assert len(llm_datadist.v2_list) == 23
     assert not set(V1_NAMES) & set(llm_datadist.v2_list)
 
 
 def test_all_matches_official_order_minus_unavailable_v1_names():
-    """D11: __all__ is the official list; the V1 names are listed only when llm_datadist_v1 is installed."""
+    """__all__ is the official list; the V1 names are listed only when llm_datadist_v1 is installed."""
     expected = OFFICIAL_ALL if V1_INSTALLED else OFFICIAL_ALL[:23]
     assert llm_datadist.__all__ == expected
 
 
-def test_item_003_unknown_attribute():
+def test_unknown_attribute():
     with pytest.raises(AttributeError, match="has no attribute"):
         getattr(llm_datadist, "NonExistentAttr")
     assert "module 'llm_datadist' has no attribute 'NonExistentAttr'" in _attr_error_text()
@@ -59,14 +59,14 @@ def _attr_error_text() -> str:
 
 @pytest.mark.skipif(V1_INSTALLED, reason="llm_datadist_v1 is installed")
 @pytest.mark.parametrize("name", V1_NAMES)
-def test_item_004_v1_names_raise_import_error(name):
+def test_v1_names_raise_import_error(name):
     with pytest.raises(ImportError, match="llm_datadist_v1"):
         getattr(llm_datadist, name)
     with pytest.raises(ModuleNotFoundError):
         getattr(llm_datadist, name)
 
 
-def test_d11_star_import_works():
+def test_star_import_works():
     out = _run(
         "from llm_datadist import *\n"
         "print(LLMDataDist.__name__, LLMConfig is LlmConfig, CacheDesc.__name__, MemInfo.__name__)\n"
@@ -77,13 +77,13 @@ def test_d11_star_import_works():
     assert lines[1] == str(V1_INSTALLED)
 
 
-def test_item_005_auto_use_uc_memory_set_when_unset():
+def test_auto_use_uc_memory_set_when_unset():
     env = {k: v for k, v in os.environ.items() if k != "AUTO_USE_UC_MEMORY"}
     out = _run("import os, llm_datadist; print(os.environ['AUTO_USE_UC_MEMORY'])", env)
     assert out.strip() == "0"
 
 
-def test_item_005_auto_use_uc_memory_left_untouched():
+def test_auto_use_uc_memory_left_untouched():
     env = dict(os.environ, AUTO_USE_UC_MEMORY="1")
     out = _run("import os, llm_datadist; print(os.environ['AUTO_USE_UC_MEMORY'])", env)
     assert out.strip() == "1"
@@ -94,7 +94,7 @@ def test_import_is_light():
     assert out.split()[0] == "False"
 
 
-def test_clients_item_1_import_surface():
+def test_import_surface():
     from llm_datadist import (  # noqa: F401
         BlocksCacheKey,
         Cache,

@@ -1,4 +1,4 @@
-"""Checklist §17.1 items 11-17 and CLIENTS.md §4 item 3: status codes, LLMException and Status."""
+"""Status codes, LLMException and Status."""
 from __future__ import annotations
 
 from enum import IntEnum
@@ -9,7 +9,7 @@ from llm_datadist import LLMException, LLMStatusCode, Status
 from llm_datadist.status import code_2_status
 
 
-def test_item_011_status_code_values():
+def test_status_code_values():
     assert LLMStatusCode.LLM_SUCCESS == 0
     assert LLMStatusCode.LLM_FAILED == 0xFFFFFFFF
     assert LLMStatusCode.LLM_PARAM_INVALID == 0x5010B005
@@ -23,33 +23,33 @@ def test_item_011_status_code_values():
     assert LLMStatusCode.LLM_UNKNOWN_ERROR == -1
 
 
-def test_item_012_status_code_str():
+def test_status_code_str():
     assert str(LLMStatusCode.LLM_SUCCESS) == "LLMStatusCode.LLM_SUCCESS"
     assert f"{LLMStatusCode.LLM_TIMEOUT}" == "LLMStatusCode.LLM_TIMEOUT"
 
 
-def test_item_013_legacy_member_spellings():
+def test_legacy_member_spellings():
     assert LLMStatusCode.LLM_SEQ_LENOVERLIMIT == 0x5010B011
     assert LLMStatusCode.LLM_WAIT_PROCESS_TIMEOUT == 0x5010B001
 
 
-def test_item_014_unknown_native_status_is_failed():
+def test_unknown_native_status_is_failed():
     assert code_2_status(0x5010B014) is LLMStatusCode.LLM_FAILED
     assert code_2_status(0x5010B005) is LLMStatusCode.LLM_PARAM_INVALID
     assert code_2_status(-1) is LLMStatusCode.LLM_FAILED
 
 
-def test_item_015_exception_default_status_is_success():
+def test_exception_default_status_is_success():
     assert LLMException("x").status_code == LLMStatusCode.LLM_SUCCESS
 
 
-def test_item_016_exception_is_runtime_error():
+def test_exception_is_runtime_error():
     assert issubclass(LLMException, RuntimeError)
     with pytest.raises(RuntimeError):
         raise LLMException("boom", status_code=LLMStatusCode.LLM_FAILED)
 
 
-def test_item_017_status_is_ok():
+def test_status_is_ok():
     assert Status(LLMStatusCode.LLM_SUCCESS).is_ok()
     assert Status(0).is_ok()
     status = Status(5)
@@ -57,14 +57,14 @@ def test_item_017_status_is_ok():
     assert status.status_code == 5
 
 
-def test_clients_item_3_exception_with_status_code_keyword():
+def test_exception_with_status_code_keyword():
     exc = LLMException("pull failed", status_code=LLMStatusCode.LLM_TIMEOUT)
     assert isinstance(exc, RuntimeError)
     assert exc.status_code is LLMStatusCode.LLM_TIMEOUT
     assert "pull failed" in str(exc)
 
 
-def test_clients_item_3_status_code_members():
+def test_status_code_members():
     assert issubclass(LLMStatusCode, IntEnum)
     names = [
         "LLM_SUCCESS", "LLM_FAILED", "LLM_PARAM_INVALID", "LLM_WAIT_PROCESS_TIMEOUT", "LLM_TIMEOUT",

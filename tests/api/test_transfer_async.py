@@ -1,4 +1,4 @@
-"""Checklist §17.11 items 227-243, 271-273 (with DECISIONS D15, D18, D24): CacheManager.transfer_cache_async."""
+"""CacheManager.transfer_cache_async: checks, results per config, layer mapping and access to peer memory."""
 from __future__ import annotations
 
 import socket
@@ -13,13 +13,14 @@ from llm_datadist import (BlocksCacheKey, CacheDesc, CacheKeyByIdAndIndex, Cache
                           LLMClusterInfo, LLMConfig, LLMDataDist, LLMException, LLMRole, LLMStatusCode, Placement,
                           TransferConfig, TransferWithCacheKeyConfig)
 from llm_datadist._engine.engine import TASK_WORKERS
+from waiting import NEVER_HANGS_S, wait_until
 
 S = LLMStatusCode
 P_CLUSTER, D_CLUSTER = 11, 12
 SLOT = 64  # bytes of one batch slot / block of every test tensor
 
 
-# ---- fixtures (own ones: this file does not depend on tests/conftest.py) --------------------------
+# ---- fixtures (own ones: this file does not depend on tests/conftest.py) -------------------------
 def _port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -79,13 +80,7 @@ def _make_pair(ra: bool):
     info.append_local_ip_info("127.0.0.1", 0)
     info.append_remote_ip_info("127.0.0.1", port)
     assert d.link_clusters([info], 3000) == (S.LLM_SUCCESS, [S.LLM_SUCCESS])
-    deadline = time.monotonic() + 5  # the server side registers its end of the link a moment later
-    while time.monotonic() < deadline:
-        try:
-            p._engine.links.get(D_CLUSTER)
-            break
-        except Exception:  # noqa: BLE001 - not there yet
-            time.sleep(0.005)
+    assert wait_until(lambda: p._engine.links.has_link_to(D_CLUSTER))  # the server side's end comes a moment later
     return Side(p), Side(d, push_target=not ra)
 
 
@@ -160,8 +155,8 @@ def _run(task: CacheTask):
     return task.get_results(20000)
 
 
-# ---- synchronous checks, in the order of §9.14 ----------------------------------------------------
-def test_227_type_errors_for_cache_and_synchronizer(pair):
+# ---- synchronous checks, in the official order ---------------------------------------------------
+def test_type_errors_for_cache_and_synchronizer(pair):
     p, d = pair
     src, _ = p.cache()
     cfgs = [TransferConfig(D_CLUSTER, [1] * 8)]
@@ -175,13 +170,13 @@ def test_227_type_errors_for_cache_and_synchronizer(pair):
         p.cm.transfer_cache_async(src, object(), cfgs)
 
 
-def test_228_host_source_rejected_before_synchronizer_check(pair):
+def test_host_source_rejected_before_synchronizer_check(pair):
     p, _ = pair
     src, _ = p.cache(placement=Placement.HOST, remote_accessible=True)
     _param_invalid(lambda: p.cm.transfer_cache_async(src, None, [TransferConfig(D_CLUSTER, [1] * 8)]))
 
 
-def test_step3_4_block_argument_types(pair):
+def test_block_argument_types(pair):
     p, _ = pair
     src, _ = p.cache()
     sync, cfgs = Recorder(), [TransferConfig(D_CLUSTER, [1] * 8)]
@@ -195,12 +190,12 @@ def test_step3_4_block_argument_types(pair):
         p.cm.transfer_cache_async(src, sync, cfgs, dst_block_indices=[1], dst_block_memory_size=-1)
     with pytest.raises(TypeError):
         p.cm.transfer_cache_async(src, sync, cfgs, dst_block_indices=[1], dst_block_memory_size="64")
-    # step 3 comes before step 7: the bad indices win over the missing synchronizer
+    # the block arguments are checked before the synchronizer: the bad indices win over its absence
     with pytest.raises(ValueError):
         p.cm.transfer_cache_async(src, None, cfgs, dst_block_indices=[-1])
 
 
-def test_232_blocks_source_needs_equal_dst_blocks(pair):
+def test_blocks_source_needs_equal_dst_blocks(pair):
     p, _ = pair
     src, _ = p.cache(blocks=True)
     sync, cfgs = Recorder(), [TransferConfig(D_CLUSTER, [1] * 8)]
@@ -208,11 +203,11 @@ def test_232_blocks_source_needs_equal_dst_blocks(pair):
                    match="blocks to cache")
     _param_invalid(lambda: p.cm.transfer_cache_async(src, sync, cfgs, src_block_indices=[0, 1],
                                                      dst_block_indices=[0]))
-    # step 5 comes before step 7 (synchronizer None)
+    # so is their combination (the synchronizer is None here)
     _param_invalid(lambda: p.cm.transfer_cache_async(src, None, cfgs, src_block_indices=[0]))
 
 
-def test_233_234_dst_block_memory_size_rules(pair):
+def test_dst_block_memory_size_rules(pair):
     p, _ = pair
     src, _ = p.cache()
     sync, cfgs = Recorder(), [TransferConfig(D_CLUSTER, [1] * 8)]
@@ -224,7 +219,7 @@ def test_233_234_dst_block_memory_size_rules(pair):
     assert _run(task) == [S.LLM_PARAM_INVALID]
 
 
-def test_236_config_class_depends_on_mode(pair, ra_pair):
+def test_config_class_depends_on_mode(pair, ra_pair):
     p, _ = pair
     src, _ = p.cache()
     key_cfg = TransferWithCacheKeyConfig(CacheKeyByIdAndIndex(D_CLUSTER, 1), range(0, 1), range(0, 1))
@@ -240,7 +235,7 @@ def test_236_config_class_depends_on_mode(pair, ra_pair):
         rp.cm.transfer_cache_async(rsrc, Recorder(), [TransferConfig(D_CLUSTER, [1] * 8)])
 
 
-def test_step8_before_step10_and_step9_before_step10(pair):
+def test_config_types_and_block_size_are_checked_before_the_tensor_count(pair):
     p, _ = pair
     odd, _ = p.cache(num_tensors=3)
     with pytest.raises(TypeError):
@@ -249,14 +244,14 @@ def test_step8_before_step10_and_step9_before_step10(pair):
                                                      dst_block_memory_size=8), match="dst_block_memory_size")
 
 
-def test_229_odd_num_tensors(pair):
+def test_odd_num_tensors(pair):
     p, _ = pair
     odd, _ = p.cache(num_tensors=3)
     _param_invalid(lambda: p.cm.transfer_cache_async(odd, Recorder(), [TransferConfig(D_CLUSTER, [1] * 2)]),
                    match="even")
 
 
-def test_230_231_dst_addrs_count_and_layer_range(pair):
+def test_dst_addrs_count_and_layer_range(pair):
     p, _ = pair
     src, _ = p.cache()  # 8 tensors = 4 layers
     _param_invalid(lambda: p.cm.transfer_cache_async(src, Recorder(), [TransferConfig(D_CLUSTER, [1] * 6)]))
@@ -267,7 +262,7 @@ def test_230_231_dst_addrs_count_and_layer_range(pair):
                                                      [TransferConfig(D_CLUSTER, [1] * 2, range(4, 5))]))
 
 
-def test_235_blocks_source_needs_batch_index_0(pair):
+def test_blocks_source_needs_batch_index_0(pair):
     p, _ = pair
     src, _ = p.cache(blocks=True)
     cfg = TransferConfig(D_CLUSTER, [1] * 8, None, 1)
@@ -281,7 +276,7 @@ def test_src_block_indices_need_a_blocks_source(pair):
     _param_invalid(lambda: p.cm.transfer_cache_async(cont, Recorder(), [cfg], [0], [0]), match="blocks")
 
 
-def test_d28_blocks_source_without_indices_sends_block_0_to_raw_addresses(pair):
+def test_blocks_source_without_indices_sends_block_0_to_raw_addresses(pair):
     """Only src_block_indices select blocks-to-blocks; without them block 0 of each tensor is one slot."""
     p, d = pair
     src, sarr = p.cache(dim0=4, blocks=True)
@@ -293,7 +288,7 @@ def test_d28_blocks_source_without_indices_sends_block_0_to_raw_addresses(pair):
     assert not any(darr[t].any() for t in range(4, 8))
 
 
-def test_d28_blocks_source_without_indices_cut_into_destination_blocks(pair):
+def test_blocks_source_without_indices_cut_into_destination_blocks(pair):
     p, d = pair
     src, sarr = p.cache(dim0=4, blocks=True)
     _dst, darr = d.cache(dim0=4, fill=0)
@@ -307,7 +302,7 @@ def test_d28_blocks_source_without_indices_cut_into_destination_blocks(pair):
         assert not flat[:SLOT // 2].any() and not flat[2 * SLOT:3 * SLOT // 2].any()
 
 
-def test_242_none_src_layer_range_filled_in_place(pair):
+def test_none_src_layer_range_filled_in_place(pair):
     p, d = pair
     src, _ = p.cache()
     _dst, darr = d.cache(fill=0)
@@ -329,8 +324,8 @@ def test_after_finalize_raises_llm_failed():
     assert info.value.status_code == S.LLM_FAILED
 
 
-# ---- behaviour, normal mode (raw destination addresses) -------------------------------------------
-def test_237_238_layers_synchronized_once_in_order_and_bytes_land(pair):
+# ---- behaviour, normal mode (raw destination addresses) ------------------------------------------
+def test_layers_synchronized_once_in_order_and_bytes_land(pair):
     p, d = pair
     src, sarr = p.cache()  # 4 layers
     _d1, d1 = d.cache(fill=0)
@@ -350,7 +345,7 @@ def test_237_238_layers_synchronized_once_in_order_and_bytes_land(pair):
         assert (d2[k][1] == sarr[4 + k][2]).all() and not d2[k][[0, 2, 3]].any()
 
 
-def test_239_273_false_at_layer_0_stops_everything(pair):
+def test_false_at_layer_0_stops_everything(pair):
     p, d = pair
     src, _ = p.cache()
     _dst, darr = d.cache(fill=0)
@@ -359,7 +354,7 @@ def test_239_273_false_at_layer_0_stops_everything(pair):
     cfg2 = TransferConfig(D_CLUSTER, _addrs(darr, range(2, 4)), range(2, 4))
     task = p.cm.transfer_cache_async(src, sync, [cfg1, cfg2])
     assert task.synchronize() == S.LLM_PARAM_INVALID
-    # D15: the config that never ran reports LLM_FAILED (not None)
+    # the config that never ran reports LLM_FAILED (not None)
     assert task.get_results() == [S.LLM_PARAM_INVALID, S.LLM_FAILED]
     assert sync.calls == [(0, None)]
     assert not any(a.any() for a in darr)
@@ -387,7 +382,7 @@ def test_synchronizer_exception_is_recorded_not_lost(pair, caplog):
     assert "model failed" in caplog.text
 
 
-def test_240_272_timeouts_while_running_then_complete(pair):
+def test_timeouts_while_running_then_complete(pair):
     p, d = pair
     src, sarr = p.cache()
     _dst, darr = d.cache(fill=0)
@@ -406,7 +401,7 @@ def test_240_272_timeouts_while_running_then_complete(pair):
     assert all((darr[t][0] == sarr[t][0]).all() for t in range(8))
 
 
-def test_241_timeout_argument_checks(pair):
+def test_timeout_argument_checks(pair):
     p, d = pair
     src, _ = p.cache()
     _dst, darr = d.cache(fill=0)
@@ -501,7 +496,7 @@ def test_normal_mode_destination_must_opt_in_to_writes(pair):
     assert not any(a.any() for a in darr)
 
 
-def test_d24_raw_addresses_outside_accessible_caches_are_refused(pair):
+def test_raw_addresses_outside_accessible_caches_are_refused(pair):
     p, d = pair
     src, _ = p.cache()
     _dst, darr = d.cache(fill=0)
@@ -518,7 +513,7 @@ def test_d24_raw_addresses_outside_accessible_caches_are_refused(pair):
     assert not stranger.any() and not any(a.any() for a in harr)
 
 
-def test_d24_table_refreshed_for_a_cache_registered_later(pair):
+def test_table_refreshed_for_a_cache_registered_later(pair):
     p, d = pair
     src, sarr = p.cache()
     _a, aarr = d.cache(fill=0)
@@ -573,16 +568,19 @@ def test_finalize_cancels_a_running_task_and_leaves_no_thread():
     gate = threading.Event()
     sync = Recorder(gates={1: gate})
     task = p.cm.transfer_cache_async(src, sync, [TransferConfig(D_CLUSTER, _addrs(darr, range(4)))])
-    deadline = time.monotonic() + 10
-    while not sync.calls or sync.calls[-1][0] != 1:
-        assert time.monotonic() < deadline, "layer 1 was never synchronized"
-        time.sleep(0.01)
-    threading.Timer(0.3, gate.set).start()
+    assert wait_until(lambda: sync.calls and sync.calls[-1][0] == 1), "layer 1 was never synchronized"
+    engine_task, cancel = task._waiter, task._waiter.cancel
+
+    def cancel_then_release() -> None:  # the model finishes layer 1 just after finalize cancelled the task
+        cancel()
+        gate.set()
+
+    engine_task.cancel = cancel_then_release
     started = time.monotonic()
     workers = [t for t in threading.enumerate() if t.name.startswith(p.dd._engine.executor.name)]
     assert workers
     p.dd.finalize()
-    assert time.monotonic() - started < 10
+    assert gate.is_set() and time.monotonic() - started < NEVER_HANGS_S
     assert task.synchronize(10000) == S.LLM_FAILED
     assert task.get_results() == [S.LLM_FAILED]
     assert sync.calls == [(0, None), (1, None)]  # no layer after the cancellation
@@ -592,8 +590,8 @@ def test_finalize_cancels_a_running_task_and_leaves_no_thread():
         assert not worker.is_alive()
 
 
-# ---- behaviour, remote-cache-accessible mode (TransferWithCacheKeyConfig) --------------------------
-def test_243_blocks_keys_and_id_keys_to_blocks_caches(ra_pair):
+# ---- behaviour, remote-cache-accessible mode (TransferWithCacheKeyConfig) ------------------------
+def test_blocks_keys_and_id_keys_to_blocks_caches(ra_pair):
     p, d = ra_pair
     src, sarr = p.cache(dim0=4, blocks=True)
     dst, darr = d.cache(dim0=4, blocks=True, model_id=7, fill=0)
@@ -607,7 +605,7 @@ def test_243_blocks_keys_and_id_keys_to_blocks_caches(ra_pair):
     assert not any(darr[t].any() for t in range(4, 8))
 
 
-def test_d28_official_sample_blocks_cache_to_blocks_key_without_indices(ra_pair):
+def test_official_sample_blocks_cache_to_blocks_key_without_indices(ra_pair):
     """The official transfer_cache_async sample: a 2-tensor blocks cache, BlocksCacheKey, no block indices."""
     p, d = ra_pair
     src, sarr = p.cache(num_tensors=2, dim0=4, blocks=True)
@@ -620,7 +618,7 @@ def test_d28_official_sample_blocks_cache_to_blocks_key_without_indices(ra_pair)
         assert (darr[t][0] == sarr[t][0]).all() and not darr[t][1:].any()
 
 
-def test_d28_blocks_source_to_id_key_slot(ra_pair):
+def test_blocks_source_to_id_key_slot(ra_pair):
     p, d = ra_pair
     src, sarr = p.cache(num_tensors=4, dim0=4, blocks=True)
     dst, darr = d.cache(num_tensors=4, dim0=3, fill=0)
@@ -630,7 +628,7 @@ def test_d28_blocks_source_to_id_key_slot(ra_pair):
         assert (darr[t][2] == sarr[t][0]).all() and not darr[t][:2].any()
 
 
-def test_d18_intended_layer_mapping_with_shifted_ranges(ra_pair):
+def test_intended_layer_mapping_with_shifted_ranges(ra_pair):
     p, d = ra_pair
     src, sarr = p.cache(num_tensors=8, dim0=2)  # 4 layers
     dst, darr = d.cache(num_tensors=4, dim0=3, fill=0)  # 2 layers, 3 slots
@@ -677,7 +675,7 @@ def test_key_mode_destination_checks(ra_pair):
     assert _run(task) == [S.LLM_PARAM_INVALID]
 
 
-def test_271_setter_none_ranges_are_filled(ra_pair):
+def test_setter_none_ranges_are_filled(ra_pair):
     p, d = ra_pair
     src, sarr = p.cache(num_tensors=4, dim0=1)
     dst, darr = d.cache(num_tensors=4, dim0=1, fill=0)
@@ -708,7 +706,7 @@ def test_key_mode_follows_a_re_registered_destination(ra_pair):
     d.cm.unregister_cache(first.cache_id)
     for array in farr:
         array[:] = 0
-    _second, sec = d.cache(num_tensors=2, dim0=2, blocks=True, model_id=7, fill=0)  # D12: new registration
+    _second, sec = d.cache(num_tensors=2, dim0=2, blocks=True, model_id=7, fill=0)  # a new registration after the link
     assert _run(p.cm.transfer_cache_async(src, Recorder(), [cfg], [1], [0])) == [S.LLM_SUCCESS]
     assert (sec[0][0] == sarr[0][1]).all() and (sec[1][0] == sarr[1][1]).all()
     assert not any(a.any() for a in farr)

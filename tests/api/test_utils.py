@@ -1,15 +1,11 @@
-"""Checklist §4 validation conventions and §2.1 logging: ``llm_datadist.utils.utils`` and ``utils.log``."""
+"""Validation conventions: the argument checks of ``llm_datadist.utils.utils``."""
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 
 from llm_datadist import LLMException, LLMStatusCode
-from llm_datadist.utils import log
 from llm_datadist.utils import utils
 from llm_datadist.utils.utils import (
     check_dict,
@@ -165,11 +161,11 @@ def test_check_positive_or_set_default():
 def test_raise_if_false_and_true(caplog):
     raise_if_false(True, "never")
     raise_if_true(False, "never")
-    with caplog.at_level(logging.ERROR, logger="LLM_DATADIST"):
+    with caplog.at_level(logging.DEBUG, logger="llm_datadist"):
         with pytest.raises(LLMException, match="bad value 3") as info:
             raise_if_false(False, "bad value {}", 3)
     assert info.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
-    assert any(r.levelno == logging.ERROR and "bad value 3" in r.getMessage() for r in caplog.records)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.DEBUG, "bad value 3")]  # raised only
     with pytest.raises(LLMException) as info:
         raise_if_true(True, "busy", status_code=LLMStatusCode.LLM_LINK_BUSY)
     assert info.value.status_code == LLMStatusCode.LLM_LINK_BUSY
@@ -187,53 +183,3 @@ def test_check_layer_range():
     for bad in (range(0, 4, 2), range(1, 1), range(2, 1), range(-1, 2)):
         with pytest.raises(LLMException):
             check_layer_range("r", bad)
-
-
-def test_logger_writes_to_stdout_with_default_error_level():
-    env = {k: v for k, v in os.environ.items() if k not in ("ASCEND_GLOBAL_LOG_LEVEL", "LLM_DATADIST_LOG_LEVEL")}
-    code = (
-        "import logging, llm_datadist\n"
-        "from llm_datadist.utils.log import logger\n"
-        "assert logger.name == 'LLM_DATADIST' and logger.level == logging.ERROR\n"
-        "logger.info('hidden'); logger.error('shown-public')\n"
-        "logging.getLogger('llm_datadist._engine.x').error('shown-internal')\n"
-        "logging.getLogger('llm_datadist._engine.x').warning('hidden2')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert "shown-public" in result.stdout and "shown-internal" in result.stdout
-    assert "hidden" not in result.stdout
-    assert result.stdout.count("shown-internal") == 1
-
-
-@pytest.mark.parametrize(
-    "env, expected",
-    [
-        ({}, logging.ERROR),
-        ({"ASCEND_GLOBAL_LOG_LEVEL": "0"}, logging.DEBUG),
-        ({"ASCEND_GLOBAL_LOG_LEVEL": "1"}, logging.INFO),
-        ({"ASCEND_GLOBAL_LOG_LEVEL": "2"}, logging.WARNING),
-        ({"ASCEND_GLOBAL_LOG_LEVEL": "3"}, logging.ERROR),
-        ({"ASCEND_GLOBAL_LOG_LEVEL": "junk"}, logging.ERROR),
-        ({"ASCEND_GLOBAL_LOG_LEVEL": "3", "LLM_DATADIST_LOG_LEVEL": "info"}, logging.INFO),
-        ({"ASCEND_GLOBAL_LOG_LEVEL": "0", "LLM_DATADIST_LOG_LEVEL": "WARNING"}, logging.WARNING),
-        ({"LLM_DATADIST_LOG_LEVEL": "0"}, logging.DEBUG),
-        ({"LLM_DATADIST_LOG_LEVEL": "bogus", "ASCEND_GLOBAL_LOG_LEVEL": "1"}, logging.INFO),
-    ],
-)
-def test_level_from_env(monkeypatch, env, expected):
-    monkeypatch.delenv("ASCEND_GLOBAL_LOG_LEVEL", raising=False)
-    monkeypatch.delenv("LLM_DATADIST_LOG_LEVEL", raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    assert log.level_from_env() == expected
-
-
-def test_handler_configured_once_and_shared():
-    public = logging.getLogger(log.LOGGER_NAME)
-    package = logging.getLogger(log.PACKAGE_LOGGER_NAME)
-    assert log.logger is public
-    mine = [h for h in public.handlers if isinstance(h, log._StdoutHandler)]
-    assert len(mine) == 1
-    assert mine[0] in package.handlers
-    assert log._configure() is public
-    assert len([h for h in public.handlers if isinstance(h, log._StdoutHandler)]) == 1

@@ -1,5 +1,7 @@
-"""Checklist §17.12 items 244-263 (DECISIONS D1, D6, D25; item 260 replaced by the legacy semantics of §13.3):
-the V1 LlmDataDist API in Python, every status path and byte-verified transfers between in-process instances."""
+"""The V1 LlmDataDist API in Python, every status path and byte-verified transfers between in-process instances.
+
+Status codes are returned, never raised; C++ output parameters are extra return values; a role is only a label;
+any number of instances live in one process; local copies follow the legacy semantics."""
 from __future__ import annotations
 
 import ctypes
@@ -17,6 +19,7 @@ from llm_datadist.v1 import (OPTION_BUF_POOL_CFG, OPTION_DEVICE_ID, OPTION_GLOBA
                              OPTION_LISTEN_IP_INFO, OPTION_SYNC_CACHE_WAIT_TIME, OPTION_TRANSFER_BACKEND, Cache,
                              CacheDesc, CacheIndex, CachePlacement, ClusterInfo, IpInfo, KvCacheExtParam,
                              LlmDataDist, LlmRole, LLMStatusCode, RegisterCfg)
+from waiting import wait_until
 
 S = LLMStatusCode
 A_ID, B_ID = 21, 22
@@ -65,14 +68,16 @@ def _info(cluster_id, port, local=True):
 
 def _wait_server_link(node: Node, peer: int, client: Node) -> None:
     """Until the server side serves the link: a Ping from the client is answered by the server's reader."""
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+
+    def serving() -> bool:
         try:
             node.dd._dd._engine.links.get(peer)
             client.dd._dd._engine.links.get(node.dd.cluster_id).call(proto.Ping(), time.monotonic() + 2)
-            return
+            return True
         except Exception:  # noqa: BLE001 - the server side may register the link a moment after the client
-            time.sleep(0.005)
+            return False
+
+    assert wait_until(serving), "the server side never served the link"
 
 
 def _linked_nodes():
@@ -145,8 +150,8 @@ def test_seed_names_and_python_aliases_exist():
     assert LlmDataDist.register_kv_cache is LlmDataDist.RegisterKvCache
 
 
-# ---- Initialize / Finalize (244-248) --------------------------------------------------------------
-def test_244_initialize_twice_and_finalize_twice():
+# ---- Initialize / Finalize (244-248) -------------------------------------------------------------
+def test_initialize_twice_and_finalize_twice():
     dd = LlmDataDist(A_ID, LlmRole.kMix)
     assert dd.Initialize({OPTION_DEVICE_ID: "0"}) == S.LLM_SUCCESS
     assert dd.Initialize({OPTION_DEVICE_ID: "0"}) == S.LLM_SUCCESS
@@ -158,7 +163,7 @@ def test_244_initialize_twice_and_finalize_twice():
 
 @pytest.mark.parametrize("options", [{}, {OPTION_DEVICE_ID: ""}, {OPTION_DEVICE_ID: "-1"}, {OPTION_DEVICE_ID: "a"},
                                      {OPTION_DEVICE_ID: "0;x"}, {OPTION_DEVICE_ID: 0}, "not a dict"])
-def test_245_device_id_required_and_non_negative(options):
+def test_device_id_required_and_non_negative(options):
     dd = LlmDataDist(A_ID, LlmRole.kPrompt)
     assert dd.Initialize(options) == S.LLM_PARAM_INVALID
     assert dd.RegisterKvCache(_desc(), [1, 2, 3, 4])[0] == S.LLM_FAILED  # still not initialized
@@ -166,12 +171,12 @@ def test_245_device_id_required_and_non_negative(options):
 
 @pytest.mark.parametrize("listen", ["1.1.1.1", "300.1.1.1:26000", "abc:26000", "127.0.0.1:70000", "127.0.0.1:x",
                                     "[::1]", "::1:26000", "[1.2.3.4]:26000", ""])
-def test_246_invalid_listen_ip_info(listen):
+def test_invalid_listen_ip_info(listen):
     dd = LlmDataDist(A_ID, LlmRole.kPrompt)
     assert dd.Initialize({OPTION_DEVICE_ID: "0", OPTION_LISTEN_IP_INFO: listen}) == S.LLM_PARAM_INVALID
 
 
-def test_246_ipv6_listen_ip_info():
+def test_ipv6_listen_ip_info():
     try:
         with socket.socket(socket.AF_INET6) as sock:
             sock.bind(("::1", 0))
@@ -192,7 +197,7 @@ def test_initialize_invalid_role_cluster_and_options():
         assert LlmDataDist(A_ID, LlmRole.kPrompt).Initialize({OPTION_DEVICE_ID: "0", **extra}) == S.LLM_PARAM_INVALID
 
 
-def test_247_hixl_backend_with_invalid_global_resource_config():
+def test_hixl_backend_with_invalid_global_resource_config():
     listen = f"127.0.0.1:{_port()}"
     dd = LlmDataDist(A_ID, LlmRole.kPrompt)
     options = {OPTION_DEVICE_ID: "0", OPTION_LISTEN_IP_INFO: listen, OPTION_TRANSFER_BACKEND: "hixl",
@@ -223,7 +228,7 @@ def _every_call(dd: LlmDataDist, cache: Cache):
     }
 
 
-def test_248_every_api_fails_before_initialize_and_after_finalize():
+def test_every_api_fails_before_initialize_and_after_finalize():
     dd = LlmDataDist(A_ID, LlmRole.kPrompt)
     expected = {name: S.LLM_FAILED for name in _every_call(dd, Cache(1))}
     expected.update({"LinkLlmClusters": (S.LLM_FAILED, []), "UnlinkLlmClusters": (S.LLM_FAILED, []),
@@ -258,8 +263,8 @@ def test_unexpected_internal_exception_becomes_llm_failed(single, monkeypatch):
     assert single.dd.UnregisterKvCache(3) == S.LLM_FAILED
 
 
-# ---- RegisterKvCache / UnregisterKvCache (249-250) ------------------------------------------------
-def test_249_register_checks_and_positive_ids(single):
+# ---- RegisterKvCache / UnregisterKvCache (249-250) -----------------------------------------------
+def test_register_checks_and_positive_ids(single):
     dd = single.dd
     arrays = [np.zeros((4, ROW), np.uint8) for _ in range(4)]
     addrs = [int(a.ctypes.data) for a in arrays]
@@ -272,7 +277,7 @@ def test_249_register_checks_and_positive_ids(single):
         S.LLM_PARAM_INVALID
     assert dd.RegisterKvCache(CacheDesc(CachePlacement.kDevice, 4, None, [4, ROW]), addrs)[0] == S.LLM_PARAM_INVALID
     assert dd.RegisterKvCache(CacheDesc(7, 4, DataType.DT_UINT8, [4, ROW]), addrs)[0] == S.LLM_PARAM_INVALID
-    assert dd.RegisterKvCache(_desc(), [8, 16, 24, 32])[0] == S.LLM_PARAM_INVALID  # D23: unmapped memory
+    assert dd.RegisterKvCache(_desc(), [8, 16, 24, 32])[0] == S.LLM_PARAM_INVALID  # unmapped memory
     status, first = dd.RegisterKvCache(_desc(), addrs, RegisterCfg())
     status2, second = dd.RegisterKvCache(_desc(placement=CachePlacement.kHost), addrs)
     assert (status, status2) == (S.LLM_SUCCESS, S.LLM_SUCCESS) and 0 < first < second
@@ -280,13 +285,13 @@ def test_249_register_checks_and_positive_ids(single):
     assert dd.UnregisterKvCache(second) == S.LLM_SUCCESS
 
 
-def test_250_unregister_unknown_id_is_success(single):
+def test_unregister_unknown_id_is_success(single):
     assert single.dd.UnregisterKvCache(0) == S.LLM_SUCCESS
     assert single.dd.UnregisterKvCache(12345) == S.LLM_SUCCESS
 
 
-# ---- links (251, 252, 262, 263) ---------------------------------------------------------------------
-def test_251_link_argument_checks(single):
+# ---- links (251, 252, 262, 263) ------------------------------------------------------------------
+def test_link_argument_checks(single):
     dd = single.dd
     good = _info(B_ID, _port())
     assert dd.LinkLlmClusters([good], 0) == (S.LLM_PARAM_INVALID, [])
@@ -311,7 +316,7 @@ def test_link_failures_are_returned_per_cluster(single):
                                                                              [S.LLM_NOT_YET_LINK])
 
 
-def test_252_relink_returns_already_link_and_wrong_cluster_id(fresh_nodes):
+def test_relink_returns_already_link_and_wrong_cluster_id(fresh_nodes):
     a, b = fresh_nodes
     status, rets = b.dd.LinkLlmClusters([_info(A_ID, a.port)], 1000)
     assert status == S.LLM_ALREADY_LINK and rets == [S.LLM_ALREADY_LINK]
@@ -319,21 +324,19 @@ def test_252_relink_returns_already_link_and_wrong_cluster_id(fresh_nodes):
     assert wrong_id == (S.LLM_LINK_FAILED, [S.LLM_LINK_FAILED])
 
 
-def test_262_set_role_with_links_is_exist_link_then_unlink(fresh_nodes):
+def test_set_role_with_links_is_exist_link_then_unlink(fresh_nodes):
     a, b = fresh_nodes
     dst, _ = b.register(fill=0)
     assert b.dd.SetRole(LlmRole.kPrompt, {}) == S.LLM_EXIST_LINK
     assert a.dd.SetRole(LlmRole.kDecoder) == S.LLM_EXIST_LINK  # the server side holds the link too
     assert b.dd.UnlinkLlmClusters([_info(A_ID, a.port)], 1000) == (S.LLM_SUCCESS, [S.LLM_SUCCESS])
-    deadline = time.monotonic() + 5
-    while a.dd.SetRole(LlmRole.kMix, {OPTION_LISTEN_IP_INFO: f"127.0.0.1:{a.port}"}) != S.LLM_SUCCESS:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    assert wait_until(lambda: a.dd.SetRole(LlmRole.kMix, {OPTION_LISTEN_IP_INFO: f"127.0.0.1:{a.port}"})
+                      == S.LLM_SUCCESS)  # once the server side has dropped its end of the link
     assert b.dd.SetRole(LlmRole.kPrompt, {}) == S.LLM_SUCCESS
     assert b.dd.PullKvCache(CacheIndex(A_ID, 1, 0), dst) == S.LLM_NOT_YET_LINK
 
 
-def test_263_forced_unlink_is_local_and_the_peer_unlinks_itself(fresh_nodes):
+def test_forced_unlink_is_local_and_the_peer_unlinks_itself(fresh_nodes):
     a, b = fresh_nodes
     assert b.dd.UnlinkLlmClusters([_info(A_ID, a.port)], 1000, True) == (S.LLM_SUCCESS, [S.LLM_SUCCESS])
     assert a.dd.UnlinkLlmClusters([ClusterInfo(B_ID)], 1000, True) == (S.LLM_SUCCESS, [S.LLM_SUCCESS])
@@ -341,7 +344,7 @@ def test_263_forced_unlink_is_local_and_the_peer_unlinks_itself(fresh_nodes):
     assert b.dd.LinkLlmClusters([_info(A_ID, a.port)], 2000) == (S.LLM_SUCCESS, [S.LLM_SUCCESS])
 
 
-def test_261_set_role_sequence_without_links(single):
+def test_set_role_sequence_without_links(single):
     dd = single.dd
     port = _port()
     assert dd.SetRole(LlmRole.kDecoder, {}) == S.LLM_SUCCESS
@@ -379,7 +382,7 @@ def test_pull_kv_cache_bytes_and_size(nodes):
     assert (sarr[3][0] == sarr[3][2]).all()
 
 
-def test_253_pull_size_checks(nodes):
+def test_pull_size_checks(nodes):
     a, b = nodes
     src, _ = a.register()
     dst, _ = b.register(fill=0)
@@ -415,7 +418,7 @@ def test_pull_status_paths(nodes):
     (KvCacheExtParam((0, 4), (0, 4), 2), True),
     (KvCacheExtParam((0, 5), (0, 5), 2), False),
 ])
-def test_254_pull_ext_param(nodes, ext, ok):
+def test_pull_ext_param(nodes, ext, ok):
     a, b = nodes
     src, _ = a.register(num_tensors=10)
     dst, _ = b.register(num_tensors=10, fill=0)
@@ -434,7 +437,7 @@ def test_pull_layer_ranges_are_inclusive(nodes):
     assert not any(darr[t].any() for t in range(4, 8))
 
 
-def test_255_same_registered_cache_is_pull_kv_cache_and_pull_kv_blocks_target(nodes):
+def test_same_registered_cache_is_pull_kv_cache_and_pull_kv_blocks_target(nodes):
     a, b = nodes
     src, sarr = a.register(num_tensors=10, seed=4)
     dst, darr = b.register(num_tensors=10, fill=0)
@@ -449,7 +452,7 @@ def test_255_same_registered_cache_is_pull_kv_cache_and_pull_kv_blocks_target(no
     assert not darr[0][2:].any()
 
 
-def test_256_pull_kv_blocks_checks(nodes):
+def test_pull_kv_blocks_checks(nodes):
     a, b = nodes
     src, _ = a.register()
     dst, _ = b.register(fill=0)
@@ -466,8 +469,8 @@ def test_unregistered_cache_is_gone_for_peers(nodes):
     dst, _ = b.register(fill=0)
     assert b.dd.PullKvCache(CacheIndex(A_ID, src.cache_id, 0), dst) == S.LLM_SUCCESS
     assert a.dd.UnregisterKvCache(src.cache_id) == S.LLM_SUCCESS
-    assert b.dd.PullKvCache(CacheIndex(A_ID, src.cache_id, 0), dst) == S.LLM_KV_CACHE_NOT_EXIST  # D13
-    later, larr = a.register(seed=9)  # registered after the link: visible at once (D12, D13)
+    assert b.dd.PullKvCache(CacheIndex(A_ID, src.cache_id, 0), dst) == S.LLM_KV_CACHE_NOT_EXIST  # after a refresh
+    later, larr = a.register(seed=9)  # registered after the link: visible at once
     assert b.dd.PullKvBlocks(CacheIndex(A_ID, later.cache_id), dst, [1], [0]) == S.LLM_SUCCESS
 
 
@@ -481,7 +484,7 @@ def test_push_kv_cache_bytes(nodes):
         assert (darr[t][3] == sarr[t][1]).all() and not darr[t][:3].any()
 
 
-def test_257_push_kv_cache_checks(nodes):
+def test_push_kv_cache_checks(nodes):
     a, b = nodes
     src, _ = b.register()
     dst, _ = a.register(fill=0)
@@ -504,7 +507,7 @@ def test_257_push_kv_cache_checks(nodes):
     (KvCacheExtParam((0, 1), (0, 1), 3), False),
     (KvCacheExtParam((-2, 0), (-2, 0), 2), False),
 ])
-def test_258_push_ext_param(nodes, ext, ok):
+def test_push_ext_param(nodes, ext, ok):
     a, b = nodes
     src, _ = b.register(num_tensors=10)
     dst, _ = a.register(num_tensors=10, fill=0)
@@ -529,7 +532,7 @@ def test_push_layers_move_in_lockstep(nodes):
     assert (darr[6][[2, 0]] == sarr[2][[0, 3]]).all() and (darr[7][[2, 0]] == sarr[3][[0, 3]]).all()
 
 
-def test_259_push_kv_blocks_checks(nodes):
+def test_push_kv_blocks_checks(nodes):
     a, b = nodes
     src, _ = b.register()
     dst, _ = a.register(fill=0)
@@ -542,19 +545,19 @@ def test_259_push_kv_blocks_checks(nodes):
 
 
 def test_roles_do_not_restrict_push(nodes):
-    a, b = nodes  # b is kDecoder (D6: a role is only a label)
+    a, b = nodes  # b is kDecoder (a role is only a label)
     src, sarr = b.register(seed=8)
     dst, darr = a.register(fill=0)
     assert b.dd.PushKvBlocks(src, CacheIndex(A_ID, dst.cache_id, 0), [1], [2]) == S.LLM_SUCCESS
     assert (darr[0][2] == sarr[0][1]).all()
 
 
-# ---- legacy semantics: AllocateCache, DeallocateCache, CopyKvCache, CopyKvBlocks (item 260) -------
+# ---- legacy semantics: AllocateCache, DeallocateCache, CopyKvCache, CopyKvBlocks -----------------
 def _view(cache: Cache, tensor: int, nbytes: int) -> np.ndarray:
     return np.ctypeslib.as_array((ctypes.c_ubyte * nbytes).from_address(cache.tensor_addrs[tensor]))
 
 
-def test_260_allocate_and_deallocate_from_buf_pool(single):
+def test_allocate_and_deallocate_from_buf_pool(single):
     dd = single.dd
     status, cache = dd.AllocateCache(_desc(num_tensors=2, dim0=4))
     assert status == S.LLM_SUCCESS and cache.cache_id > 0 and len(cache.tensor_addrs) == 2
@@ -573,7 +576,7 @@ def test_260_allocate_and_deallocate_from_buf_pool(single):
         assert dd.DeallocateCache(big.cache_id) == S.LLM_SUCCESS
 
 
-def test_260_allocate_without_pool_is_feature_not_enabled():
+def test_allocate_without_pool_is_feature_not_enabled():
     dd = LlmDataDist(A_ID, LlmRole.kPrompt)
     assert dd.Initialize({OPTION_DEVICE_ID: "0"}) == S.LLM_SUCCESS
     try:
@@ -583,7 +586,7 @@ def test_260_allocate_without_pool_is_feature_not_enabled():
         dd.Finalize()
 
 
-def test_260_copy_kv_cache_worked_example(single):
+def test_copy_kv_cache_worked_example(single):
     dd = single.dd
     st1, src = dd.AllocateCache(CacheDesc(CachePlacement.kDevice, 1, DataType.DT_INT32, [4, 4]))
     st2, dst = dd.AllocateCache(CacheDesc(CachePlacement.kDevice, 1, DataType.DT_INT32, [4, 8]))
@@ -604,7 +607,7 @@ def test_260_copy_kv_cache_worked_example(single):
     assert dd.CopyKvCache(src, Cache(999), 0, 0) == S.LLM_KV_CACHE_NOT_EXIST
 
 
-def test_260_copy_kv_blocks_one_to_many(single):
+def test_copy_kv_blocks_one_to_many(single):
     dd = single.dd
     reg, arrays = single.register(num_tensors=2, dim0=6, seed=2)
     status, alloc = dd.AllocateCache(_desc(num_tensors=2, dim0=6))
@@ -639,7 +642,7 @@ def test_allocated_cache_is_reachable_by_peers(nodes):
     assert a.dd.DeallocateCache(again.cache_id) == S.LLM_SUCCESS
 
 
-# ---- V1 with V2 in one process (D1; the two-process version is in tests/integration) --------------
+# ---- V1 with V2 in one process (the two-process version is in tests/integration) --------------
 def test_v1_and_v2_in_one_process():
     port = _port()
     config = LLMConfig()
@@ -658,14 +661,15 @@ def test_v1_and_v2_in_one_process():
         dst, darr = node.register(fill=0)
         assert node.dd.PullKvCache(CacheIndex(A_ID, v2_cache.cache_id, 3), dst, 0) == S.LLM_SUCCESS
         assert all((darr[t][0] == arrays[t][3]).all() for t in range(4))
-        deadline = time.monotonic() + 5
-        while True:
+
+        def pulled() -> bool:
             try:
                 v2.cache_manager.pull_cache(CacheKeyByIdAndIndex(B_ID, dst.cache_id, 0), v2_cache, 1)
-                break
+                return True
             except Exception:  # noqa: BLE001 - the server end of the link appears a moment later
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+                return False
+
+        assert wait_until(pulled)
         assert all((arrays[t][1] == arrays[t][3]).all() for t in range(4))
     finally:
         node.dd.Finalize()

@@ -66,7 +66,7 @@ def test_quick_run_markdown(quick_run):
     rows = [line for line in text.splitlines() if line.startswith("| 16K |") or line.startswith("| 64K |")]
     assert len(rows) >= 4
     assert any("×" in row for row in rows)  # ratios to the references
-    assert "### Targets (issue 5, item 3), pull" in text and "plan_blocks" in text
+    assert "### Targets: ratio and status, pull" in text and "plan_blocks" in text
 
 
 def test_quick_run_png(quick_run):

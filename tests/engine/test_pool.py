@@ -1,4 +1,4 @@
-"""Tests of the memory pools behind mem_pool_cfg / host_mem_pool_cfg (API-SPEC §7.3, items 138)."""
+"""Tests of the memory pools behind mem_pool_cfg / host_mem_pool_cfg: parsing, pages, exhaustion."""
 from __future__ import annotations
 
 import errno
@@ -130,7 +130,7 @@ def test_total_is_rounded_down_to_pages():
 
 
 def test_out_of_memory_then_success_after_free(pool):
-    """Item 138: exhausting the pool raises LLM_OUT_OF_MEMORY at once; after a free the same request succeeds."""
+    """Exhausting the pool raises LLM_OUT_OF_MEMORY at once; after a free the same request succeeds."""
     big = pool.allocate(pool.total - 8 * KIB)
     with pytest.raises(OutOfMemory) as info:
         pool.allocate(16 * KIB)

@@ -123,10 +123,8 @@ def test_version_mismatch_is_rejected_before_the_body(sockpair):
     a, b = sockpair
     # A huge announced body that never comes: the reader must fail on the header alone.
     a.sendall(_raw_frame(1, b"", version=p.PROTOCOL_VERSION + 1, length=p.MAX_FRAME_BYTES))
-    start = time.monotonic()
-    with pytest.raises(p.VersionMismatch) as info:
+    with pytest.raises(p.VersionMismatch) as info:  # waiting for the body would end in Timeout instead
         p.read_frame(b, time.monotonic() + 5)
-    assert time.monotonic() - start < 1.0
     assert info.value.peer_version == p.PROTOCOL_VERSION + 1
     assert "version" in str(info.value) and info.value.code == LLMStatusCode.LLM_LINK_FAILED
     assert isinstance(info.value, p.ProtocolError)
@@ -189,7 +187,7 @@ def test_read_deadline_raises_timeout(sockpair):
     start = time.monotonic()
     with pytest.raises(errors.Timeout):
         p.read_frame(b, time.monotonic() + 0.3)
-    assert 0.25 < time.monotonic() - start < 2.0
+    assert 0.25 < time.monotonic() - start < 2.0  # not before its deadline, and it never hangs
 
 
 def test_partial_frame_then_deadline_raises_timeout(sockpair):

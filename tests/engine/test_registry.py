@@ -1,4 +1,4 @@
-"""Tests of the cache registry: ids, key tables, reference counting (API-SPEC §9.1-§9.3, §9.15, §9.16)."""
+"""Tests of the cache registry: ids, key tables, reference counting, key consumption by pulls."""
 from __future__ import annotations
 
 import threading
@@ -79,7 +79,7 @@ def test_entry_geometry():
 
 
 def test_ids_start_at_one_shared_and_never_reused(reg):
-    """Items 136, 265: ids from 1, shared by allocate and register, never reused."""
+    """Ids from 1, shared by allocate and register, never reused."""
     a = allocated(reg)
     r = registered(reg)
     assert (a.cache_id, r.cache_id) == (1, 2)
@@ -100,7 +100,7 @@ def test_add_with_unissued_or_duplicate_id(reg):
 
 
 def test_keys_bind_to_slots_and_placeholders_skip(reg):
-    """Item 141: a placeholder at position i leaves slot i unbound; other slots are bound."""
+    """A placeholder at position i leaves slot i unbound; other slots are bound."""
     e = allocated(reg, [req(10), PH, req(12)])
     assert reg.lookup_key(req(10)) == (e, 0)
     assert reg.lookup_key(req(12)) == (e, 2)
@@ -113,7 +113,7 @@ def test_keys_bind_to_slots_and_placeholders_skip(reg):
 
 
 def test_several_placeholders_are_allowed_everywhere(reg):
-    """D3: placeholders are exempt from duplicate and already-bound checks and never collide with blocks keys."""
+    """Placeholders are exempt from duplicate and already-bound checks and never collide with blocks keys."""
     b = entry(reg, blocks=True)
     reg.add_blocks(b, 0, replace=False)
     e1 = allocated(reg, [PH, PH, req(1)])
@@ -127,7 +127,7 @@ def test_several_placeholders_are_allowed_everywhere(reg):
 
 
 def test_more_keys_than_batch_size(reg):
-    """Item 140 / Q4: more keys than shape[0] → PARAM_INVALID; fewer is fine."""
+    """More keys than shape[0] → PARAM_INVALID; fewer is fine."""
     with pytest.raises(ParamInvalid, match="exceeds"):
         allocated(reg, [req(i) for i in range(5)], dim0=4)
     with pytest.raises(ParamInvalid):
@@ -139,7 +139,7 @@ def test_more_keys_than_batch_size(reg):
 
 
 def test_key_bound_elsewhere_is_rejected_without_partial_binding(reg):
-    """Item 139 / D2: a key bound to another cache raises; nothing of the failed request is bound."""
+    """A key bound to another cache raises; nothing of the failed request is bound."""
     first = allocated(reg, [req(1)])
     with pytest.raises(ParamInvalid, match="already bound to cache"):
         allocated(reg, [req(2), req(1)])
@@ -152,7 +152,7 @@ def test_key_bound_elsewhere_is_rejected_without_partial_binding(reg):
 
 
 def test_duplicate_key_in_one_request_last_one_wins(reg):
-    """D2 / Q2: the key binds to the highest slot containing it; earlier slots stay unbound."""
+    """A duplicate key binds to the highest slot containing it; earlier slots stay unbound."""
     e = allocated(reg, [req(7), req(8), req(7), PH])
     assert reg.lookup_key(req(7)) == (e, 2)
     assert reg.lookup_key(req(8)) == (e, 1)
@@ -189,13 +189,13 @@ def test_release_without_keys_frees_at_once(reg, rec):
     assert rec.released == [e.cache_id] and e.released
     with pytest.raises(CacheNotExist):
         reg.get(e.cache_id)
-    assert reg.release_id(e.cache_id) is False  # item 144: already freed → no-op
+    assert reg.release_id(e.cache_id) is False  # already freed → no-op
     assert reg.release_id(12345) is False
     assert rec.released == [e.cache_id]
 
 
 def test_deferred_free_until_last_key_removed(reg, rec):
-    """Items 142, 143: deallocate with bound keys defers the free until every key is removed."""
+    """Deallocate with bound keys defers the free until every key is removed."""
     e = allocated(reg, [req(1), req(2)])
     assert reg.release_id(e.cache_id) is False
     assert not e.id_ref and rec.released == []
@@ -220,7 +220,7 @@ def test_remove_key_before_release(reg, rec):
 
 
 def test_remove_key_noops(reg, rec):
-    """Item 148: removing an unbound, consumed or placeholder key is a no-op."""
+    """Removing an unbound, consumed or placeholder key is a no-op."""
     e = allocated(reg, [req(1)])
     assert reg.remove_key(req(99)) is False
     assert reg.remove_key(PH) is False
@@ -231,7 +231,7 @@ def test_remove_key_noops(reg, rec):
 
 
 def test_prefix_keys_only_removed_explicitly(reg, rec):
-    """Q33/D17: pulls never consume prefix keys; remove_cache_key does."""
+    """Pulls never consume prefix keys; remove_cache_key does."""
     e = allocated(reg, [prefix(5), req(5)])
     assert reg.note_pulled(e.cache_id, 0, 0, 2) is False
     assert reg.lookup_key(prefix(5)) == (e, 0)
@@ -242,7 +242,7 @@ def test_prefix_keys_only_removed_explicitly(reg, rec):
     assert rec.released == [e.cache_id]
 
 
-# -- pulls (D16, items 266, 267) ----------------------------------------------------------------
+# -- pulls: key consumption per (cache, slot) ------------------------------------------------------
 def test_full_pull_consumes_key_then_frees_deferred_cache(reg, rec):
     e = allocated(reg, [req(1), req(2)], num_tensors=4)
     reg.release_id(e.cache_id)
@@ -256,7 +256,7 @@ def test_full_pull_consumes_key_then_frees_deferred_cache(reg, rec):
 
 
 def test_partial_pulls_tracked_per_slot(reg):
-    """D16 / Q11 / item 267: a key is consumed when every tensor of ITS slot was pulled at least once."""
+    """A key is consumed when every tensor of ITS slot was pulled at least once."""
     e = allocated(reg, [req(1), req(2)], num_tensors=6)
     cid = e.cache_id
     assert reg.note_pulled(cid, 0, 0, 2) is False
@@ -269,7 +269,7 @@ def test_partial_pulls_tracked_per_slot(reg):
 
 
 def test_pull_by_id_and_index_of_keyed_slot_consumes(reg):
-    """Item 266: the engine reports an id+index pull of a keyed slot the same way; the key is consumed."""
+    """The engine reports an id+index pull of a keyed slot the same way; the key is consumed."""
     e = allocated(reg, [PH, req(3)])
     assert reg.note_pulled(e.cache_id, 0, 0, 2) is False  # unkeyed slot: nothing consumed
     assert reg.note_pulled(e.cache_id, 1, 0, 2) is True
@@ -292,19 +292,19 @@ def test_many_tensors_bitmask(reg):
     assert reg.note_pulled(e.cache_id, 0, 188, 190) is True
 
 
-# -- registered caches (Q12, Q13, items 160, 269) -----------------------------------------------
+# -- registered caches: never consumed, never freed --------------------------------------------
 def test_registered_cache_keys_are_permanent(reg, rec):
     r = registered(reg, [req(1), prefix(2)])
     assert reg.release_id(r.cache_id) is False and r.id_ref  # deallocate: no-op
-    assert reg.remove_key(req(1)) is False  # item 269
-    assert reg.note_pulled(r.cache_id, 0, 0, 2) is False  # Q13
+    assert reg.remove_key(req(1)) is False  # a registered cache keeps its memory
+    assert reg.note_pulled(r.cache_id, 0, 0, 2) is False  # pulls never consume a registered cache's key
     assert reg.lookup_key(req(1)) == (r, 0)
     assert rec.released == []
     assert reg.unregister(r.cache_id) is True
     assert rec.released == [r.cache_id]
     with pytest.raises(CacheNotExist):
         reg.lookup_key(prefix(2))
-    assert reg.unregister(r.cache_id) is False  # item 160: unknown id → no-op
+    assert reg.unregister(r.cache_id) is False  # unknown id → no-op
     assert reg.unregister(-5) is False
     assert rec.released == [r.cache_id]
 
@@ -317,15 +317,15 @@ def test_unregister_allocated_cache_releases_once(reg, rec):
     assert rec.released == [e.cache_id]
 
 
-# -- blocks caches (items 153, 270; CLIENTS item 9) ---------------------------------------------
+# -- blocks caches: one per model id, freed at once ------------------------------------------
 def test_allocated_blocks_key_conflict_and_immediate_free(reg, rec):
     b = entry(reg, blocks=True)
     reg.add_blocks(b, 7, replace=False)
     assert reg.lookup_blocks(7) is b and b.blocks_model_id == 7
     with pytest.raises(ParamInvalid, match="already bound"):
-        reg.add_blocks(entry(reg, blocks=True), 7, replace=False)  # item 153
+        reg.add_blocks(entry(reg, blocks=True), 7, replace=False)  # the model id is bound already
     assert reg.note_pulled(b.cache_id, 0, 0, 2) is False  # pulls never unbind blocks keys
-    assert reg.release_id(b.cache_id) is True  # item 270: immediate
+    assert reg.release_id(b.cache_id) is True  # immediate
     assert rec.released == [b.cache_id]
     with pytest.raises(CacheNotExist):
         reg.lookup_blocks(7)

@@ -13,8 +13,29 @@ from llm_datadist._engine import errors
 from llm_datadist._engine import protocol as p
 from llm_datadist._engine import rpc
 from llm_datadist.status import LLMStatusCode
+from waiting import NEVER_HANGS_S, wait_until
+
+SLOW = 600  # the cache id whose Resolve handler blocks until the test opens the gate
 
 
+class _Gate:
+    """Holds the slow handler: ``entered`` is set once it runs, it returns when ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+
+GATE = _Gate()
+
+
+@pytest.fixture(autouse=True)
+def gate():
+    """A fresh gate per test; opened at the end, so a blocked handler never outlives its test."""
+    global GATE
+    GATE = _Gate()
+    yield GATE
+    GATE.release.set()
 
 
 def _tcp_pair():
@@ -42,8 +63,9 @@ def serve(conn, msg):
             raise errors.CacheNotExist(f"cache {msg.cache_id} does not exist")
         if msg.kind == "id" and msg.cache_id == 500:
             raise ValueError("boom")
-        if msg.kind == "id" and msg.cache_id == 600:
-            time.sleep(0.5)
+        if msg.kind == "id" and msg.cache_id == SLOW:
+            GATE.entered.set()
+            assert GATE.release.wait(NEVER_HANGS_S), "the test never opened the gate"
         return p.CacheView(cache_id=msg.ident, tensor_addrs=[], tensor_nbytes=0, stride=0, dim0=1, num_tensors=0,
                            placement=0, is_blocks=False, remote_accessible=True, owned=True)
     if isinstance(msg, p.TableRequest):
@@ -112,13 +134,14 @@ def test_unexpected_handler_error_is_llm_failed_and_logged(conns, caplog):
     assert a.call(p.Ping(), _soon()) == p.Ack()  # the link survives
 
 
-def test_deadline_raises_timeout_and_late_reply_is_dropped(conns):
+def test_deadline_raises_timeout_and_late_reply_is_dropped(conns, gate, caplog):
     a, _ = conns
-    start = time.monotonic()
-    with pytest.raises(errors.Timeout):
-        a.call(p.Resolve(kind="id", cluster_id=1, cache_id=600), time.monotonic() + 0.1)
-    assert time.monotonic() - start < 0.4
-    time.sleep(0.6)
+    with pytest.raises(errors.Timeout):  # the handler is still blocked: only the deadline can end the call
+        a.call(p.Resolve(kind="id", cluster_id=1, cache_id=SLOW), time.monotonic() + 0.1)
+    assert gate.entered.wait(NEVER_HANGS_S)
+    with caplog.at_level(logging.DEBUG, logger="llm_datadist._engine.rpc"):
+        gate.release.set()  # now the reply comes, too late
+        assert wait_until(lambda: any("late or unknown reply" in r.getMessage() for r in caplog.records))
     assert a.call(p.Resolve(kind="req", cluster_id=1, ident=9), _soon()).cache_id == 9
     assert not a.closed
 
@@ -129,15 +152,16 @@ def test_expired_deadline(conns):
         a.call(p.Ping(), time.monotonic() - 1)
 
 
-def test_slow_handler_does_not_block_replies_with_workers(conns):
+def test_slow_handler_does_not_block_replies_with_workers(conns, gate):
     a, _ = conns  # b (the serving side of a's calls) has 2 handler workers
-    slow = threading.Thread(target=a.call, args=(p.Resolve(kind="id", cluster_id=1, cache_id=600), _soon()))
+    slow = threading.Thread(target=a.call, args=(p.Resolve(kind="id", cluster_id=1, cache_id=SLOW), _soon()))
     slow.start()
-    time.sleep(0.05)
-    start = time.monotonic()
-    assert a.call(p.Ping(), _soon()) == p.Ack()
-    assert time.monotonic() - start < 0.3
-    slow.join()
+    assert gate.entered.wait(NEVER_HANGS_S)
+    assert a.call(p.Ping(), _soon()) == p.Ack()  # answered while the slow handler is still blocked
+    assert not gate.release.is_set() and slow.is_alive()
+    gate.release.set()
+    slow.join(NEVER_HANGS_S)
+    assert not slow.is_alive()
 
 
 def test_peer_death_fails_waiters_promptly():
@@ -147,52 +171,46 @@ def test_peer_death_fails_waiters_promptly():
     result = {}
 
     def caller():
-        start = time.monotonic()
         try:
-            a.call(p.Ping(), _soon(30))
+            a.call(p.Ping(), _soon(60))
         except errors.EngineError as exc:
             result["exc"] = exc
-        result["elapsed"] = time.monotonic() - start
 
     thread = threading.Thread(target=caller)
     thread.start()
-    raw.settimeout(5)
+    raw.settimeout(NEVER_HANGS_S)
     raw.recv(p.HEADER_SIZE)  # the request arrived; now the peer dies without answering
     raw.close()
-    thread.join(5)
-    assert isinstance(result["exc"], errors.LinkFailed)
-    assert result["elapsed"] < 1.0
-    assert closed.wait(1.0) and a.closed
+    thread.join(NEVER_HANGS_S)  # far before the call's own 60 s deadline: the death woke it
+    assert not thread.is_alive() and isinstance(result["exc"], errors.LinkFailed)
+    assert closed.wait(NEVER_HANGS_S) and a.closed
     with pytest.raises(errors.LinkFailed):
         a.call(p.Ping(), _soon())
     a.close()
 
 
-def test_local_close_wakes_waiters_and_is_idempotent(conns):
+def test_local_close_wakes_waiters_and_is_idempotent(conns, gate):
     a, b = conns
     result = {}
 
     def caller():
         try:
-            a.call(p.Resolve(kind="id", cluster_id=1, cache_id=600), _soon(30))
+            a.call(p.Resolve(kind="id", cluster_id=1, cache_id=SLOW), _soon(60))
         except errors.EngineError as exc:
             result["exc"] = exc
 
     thread = threading.Thread(target=caller)
     thread.start()
-    time.sleep(0.1)
-    start = time.monotonic()
+    assert gate.entered.wait(NEVER_HANGS_S)  # the call is in flight, its handler blocked
     a.close()
-    thread.join(5)
-    assert time.monotonic() - start < 1.0
-    assert isinstance(result["exc"], errors.LinkFailed)
+    thread.join(NEVER_HANGS_S)  # far before the call's own 60 s deadline: the close woke it
+    assert not thread.is_alive() and isinstance(result["exc"], errors.LinkFailed)
+    gate.release.set()
     a.close()
     assert a.closed and a.closed_log.count(a) == 1
     with pytest.raises(errors.LinkFailed):
         a.call(p.Ping(), _soon())
-    deadline = time.monotonic() + 2
-    while b not in a.closed_log and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_until(lambda: b in a.closed_log)
     assert b.closed  # the peer noticed (EOF) and ran its on_close too
     assert a.closed_log.count(b) == 1
 
@@ -202,9 +220,7 @@ def test_garbage_from_peer_drops_only_that_connection(caplog):
     a = rpc.Connection(a_sock, serve, name="a")
     with caplog.at_level(logging.WARNING, logger="llm_datadist._engine.rpc"):
         raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        deadline = time.monotonic() + 2
-        while not a.closed and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert wait_until(lambda: a.closed)
     assert a.closed and "protocol error" in a.close_reason
     assert any("dropping connection" in r.getMessage() for r in caplog.records)
     raw.close()
@@ -436,7 +452,7 @@ def test_silent_server_times_out():
     start = time.monotonic()
     with pytest.raises(errors.Timeout):
         rpc.open_connection("127.0.0.1", silent.getsockname()[1], _hello(), time.monotonic() + 0.3)
-    assert time.monotonic() - start < 1.5
+    assert time.monotonic() - start < NEVER_HANGS_S  # it gives up at its deadline, never hangs
     silent.close()
 
 

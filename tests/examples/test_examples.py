@@ -112,13 +112,12 @@ def test_a_mismatch_found_by_a_role_fails_the_example(tmp_path):
     assert "Mismatch: tensor 0: row 3 differs" in output and "broken: FAILED" in output, output
 
 
-def test_readme_links_the_compatibility_page_and_nothing_outside_the_repository():
+def test_readme_links_the_compatibility_page():
+    """The page exists with its sections (tests/test_stands_alone.py checks that nothing points outside)."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
         readme = handle.read()
     assert "(docs/compatibility.md)" in readme
     with open(os.path.join(ROOT, "docs", "compatibility.md"), encoding="utf-8") as handle:
         page = handle.read()
-    for text in (readme, page):
-        assert "../shared" not in text and "DECISIONS" not in text and "API-SPEC" not in text
     for heading in ("## Which official version", "## Deliberate differences", "## Not supported"):
         assert heading in page

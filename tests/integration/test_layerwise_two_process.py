@@ -1,5 +1,5 @@
-"""A real two-process layer-wise push (§9.14, items 237-239): the prefill process releases layers one by one and
-the decode process sees layer k arrive only after it was released, byte for byte."""
+"""A real two-process layer-wise push (transfer_cache_async, layer synchronizer): the prefill process releases
+layers one by one and the decode process sees layer k arrive only after it was released, byte for byte."""
 from __future__ import annotations
 
 import multiprocessing

@@ -1,5 +1,5 @@
 """V1 (LlmDataDist) and V2 (LLMDataDist, remote-cache-accessible mode) instances in two processes, linked either
-way, pulling from and pushing to each other, byte for byte (issue 4, API-SPEC §13-§14)."""
+way, pulling from and pushing to each other, byte for byte."""
 from __future__ import annotations
 
 import multiprocessing
@@ -15,6 +15,7 @@ from llm_datadist import (BlocksCacheKey, CacheDesc, CacheKeyByIdAndIndex, DataT
 from llm_datadist.v1 import (OPTION_DEVICE_ID, OPTION_LISTEN_IP_INFO, OPTION_SYNC_CACHE_WAIT_TIME, Cache,
                              CacheDesc as V1CacheDesc, CacheIndex, CachePlacement, ClusterInfo, IpInfo,
                              KvCacheExtParam, LlmDataDist, LlmRole, LLMStatusCode)
+from waiting import wait_until
 
 S = LLMStatusCode
 V1_ID, V2_ID = 41, 42
@@ -26,7 +27,7 @@ def pattern(seed: int, tensor: int) -> np.ndarray:
     return np.random.default_rng(seed * 1000 + tensor).integers(0, 256, (ROWS, ROW), dtype=np.uint8)
 
 
-# ---- the V2 process ---------------------------------------------------------------------------------
+# ---- the V2 process ------------------------------------------------------------------------------
 class V2Peer:
     """Commands from the test, executed on a V2 instance in remote-cache-accessible mode."""
 
@@ -144,7 +145,7 @@ class Remote:
             self.proc.join(5)
 
 
-# ---- the V1 side (this process) -----------------------------------------------------------------------
+# ---- the V1 side (this process) ------------------------------------------------------------------
 def _port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -197,13 +198,8 @@ def v1_server():
     try:
         remote.ok("init")
         assert remote.ok("link", port=port) == S.LLM_SUCCESS
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:  # the server end of the link appears a moment after the client's
-            try:
-                local.dd._dd._engine.links.get(V2_ID)
-                break
-            except Exception:  # noqa: BLE001
-                time.sleep(0.01)
+        # the server end of the link appears a moment after the client's
+        assert wait_until(lambda: local.dd._dd._engine.links.has_link_to(V2_ID))
         yield local, remote
     finally:
         local.dd.Finalize()
@@ -264,10 +260,8 @@ def test_v2_pulls_from_and_pushes_to_v1_over_the_same_link(v2_server):
     assert cache_id > 0
     # a V1 unlink tears down both ends
     assert v1.dd.UnlinkLlmClusters([info], 3000) == (S.LLM_SUCCESS, [S.LLM_SUCCESS])
-    deadline = time.monotonic() + 5
-    while v2.call("pull_cache", name="mine", cache_id=src.cache_id, batch_index=0, dst_index=0)[0] == "ok":
-        assert time.monotonic() < deadline, "the V2 side still has the link"
-        time.sleep(0.02)
+    assert wait_until(lambda: v2.call("pull_cache", name="mine", cache_id=src.cache_id, batch_index=0,
+                                      dst_index=0)[0] != "ok"), "the V2 side still has the link"
     assert v2.call("pull_cache", name="mine", cache_id=src.cache_id, batch_index=0, dst_index=0) == \
         ("llm", S.LLM_NOT_YET_LINK)
 

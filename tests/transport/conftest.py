@@ -20,6 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from peer_server import HOST_ID, Peer, pattern  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 PEER_BYTES = 72 << 20
 LOCAL_BYTES = 80 << 20
@@ -88,9 +89,7 @@ class ProcessPeer:
     def signal(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)
         if sig == signal.SIGSTOP:  # group stop reaches the other threads later: wait for all of them
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and not self._all_threads_stopped():
-                time.sleep(0.002)
+            assert wait_until(self._all_threads_stopped, interval_s=0.002), "the peer did not stop"
 
     def _all_threads_stopped(self) -> bool:
         task_dir = f"/proc/{self.proc.pid}/task"

@@ -2,7 +2,7 @@
 
 The peer is what an engine would be to a transport: a guard table, shared segments registered as regions,
 a generation guard per segment, and a credential granted for link 1. It prints one JSON line describing
-itself, then answers one JSON line per command (reset, add NBYTES, invalidate K, revoke, sleep S, quit).
+itself, then answers one JSON line per command (reset, add NBYTES, invalidate K, revoke, quit).
 """
 from __future__ import annotations
 
@@ -97,9 +97,6 @@ class Peer:
             return {"ok": True}
         if words[0] == "revoke":
             self.transport.revoke(LINK_ID)
-            return {"ok": True}
-        if words[0] == "sleep":
-            time.sleep(float(words[1]))
             return {"ok": True}
         raise ValueError(words)
 

@@ -21,6 +21,7 @@ from llm_datadist._engine.errors import EngineError, LinkFailed, ParamInvalid
 from llm_datadist._engine.listener import Listener
 from llm_datadist.status import LLMException
 from llm_datadist.utils.addresses import rank_table_addresses
+from llm_datadist.utils.log import warn_unauthenticated_listener
 
 _log = logging.getLogger(__name__)
 PREPARING, OK, FAILED = 1, 0, 2
@@ -103,6 +104,7 @@ class CommDomain:
             for host in (address, "0.0.0.0"):
                 try:
                     self._listener = Listener(host, port, self._on_accept, name=f"llm-dd-comm-{port}")
+                    warn_unauthenticated_listener(host, self._links.link_secret)
                     return True
                 except EngineError:
                     continue
@@ -120,7 +122,7 @@ class CommDomain:
                     raise LinkFailed(f"comm domain {self.comm_name}: peers did not link in time")
                 self._stop.wait(0.05)
         except EngineError as exc:
-            _log.error("comm domain %s (comm_id %d) failed: %s", self.comm_name, self.comm_id, exc)
+            _log.info("comm domain %s (comm_id %d) failed: %s", self.comm_name, self.comm_id, exc)
             with self._lock:
                 self._status = FAILED
         finally:

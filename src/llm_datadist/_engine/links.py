@@ -17,6 +17,7 @@ from llm_datadist._engine.link import Link
 from llm_datadist._engine.listener import Listener
 from llm_datadist._transport.base import PeerInfo
 from llm_datadist.status import LLMStatusCode
+from llm_datadist.utils.log import warn_unauthenticated_listener
 
 _log = logging.getLogger(__name__)
 MAX_PARALLEL_LINKS = 16
@@ -122,6 +123,12 @@ class LinkManager:
         self._listener = Listener(ip, port, self._on_accept, name=f"llm-dd-listen-{port}")
         self._listen = (ip, self._listener.port)
         _log.info("cluster %d listening on %s:%d", self._engine.cluster_id, ip, self._listener.port)
+        warn_unauthenticated_listener(ip, self.link_secret)
+
+    @property
+    def link_secret(self) -> Optional[bytes]:
+        """The instance's link secret (None: links are not authenticated)."""
+        return self._engine.opts.link_secret
 
     def stop_listening(self) -> None:
         listener, self._listener, self._listen = self._listener, None, None
@@ -350,14 +357,14 @@ class LinkManager:
     def _link_one(self, cluster: dict, deadline: float) -> LLMStatusCode:
         remote = cluster["remote"]
         if len(remote) != 1:
-            _log.error("link_clusters needs exactly one remote ip info, got %d", len(remote))
+            _log.debug("link_clusters needs exactly one remote ip info, got %d", len(remote))
             return LLMStatusCode.LLM_PARAM_INVALID
         ip, port = remote[0]
         try:
             self.connect(ip, port, cluster["cluster_id"], deadline, wait_for_listener=True)
             return LLMStatusCode.LLM_SUCCESS
         except EngineError as exc:
-            _log.error("link to %s:%d failed: %s", ip, port, exc)
+            _log.info("link to %s:%d failed: %s", ip, port, exc)
             return LLMStatusCode(exc.code)
 
     def unlink_clusters(self, clusters: List[dict], timeout_s: float, force: bool):
@@ -384,7 +391,7 @@ class LinkManager:
         try:
             self.unlink(link, deadline)
         except EngineError as exc:
-            _log.error("unlink of cluster %d failed: %s", cluster_id, exc)
+            _log.info("unlink of cluster %d failed: %s", cluster_id, exc)
             return LLMStatusCode.LLM_UNLINK_FAILED
         return LLMStatusCode.LLM_SUCCESS
 
@@ -406,7 +413,7 @@ class LinkManager:
             link.invalidate_table()
 
     def notify_table_changed(self, version: int) -> None:
-        """Tell every linked peer that our cache table changed, so no stale snapshot is used (D12)."""
+        """Tell every linked peer that our cache table changed, so no stale snapshot is used."""
         for link in self.links():
             if link.cluster_id == self._engine.cluster_id:  # a self link caches our own table: drop it here
                 link.invalidate_table()

@@ -397,7 +397,7 @@ class HostMemory(MemoryBackend):
 
 
 class CpuDevice(HostMemory):
-    """``Placement.DEVICE`` on a machine without CUDA: plain host memory (DECISIONS D21)."""
+    """``Placement.DEVICE`` on a machine without CUDA: plain host memory (a "CPU device")."""
 
     placement = PLACEMENT_DEVICE
 

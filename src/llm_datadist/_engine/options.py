@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Dict, Optional
 
@@ -33,6 +34,7 @@ ENV_LINK_SECRET = "LLM_DATADIST_LINK_SECRET"
 ENV_TRANSPORT = "LLM_DATADIST_TRANSPORT"
 DEFAULT_SYNC_TIMEOUT_MS = 1000
 ROLE_NAMES = {1: "Prompt", 2: "Decoder", 3: "Mix"}
+_log = logging.getLogger(__name__)
 #: What to do when the CacheManager mode is off, in the words a user writes.
 ENABLE_CACHE_MANAGER_HINT = ('set LLMConfig.enable_cache_manager = True (option llm.EnableCacheManager = "1") '
                              'before init')
@@ -61,9 +63,7 @@ class EngineOptions:
 
 
 def _invalid(message: str, code: LLMStatusCode = LLMStatusCode.LLM_PARAM_INVALID) -> LLMException:
-    from llm_datadist.utils.log import logger
-
-    logger.error(message)
+    _log.debug("%s", message)  # raised to the caller
     return LLMException(message, status_code=code)
 
 
@@ -85,7 +85,7 @@ def check_flow_graph_mem(options: Dict[str, str]) -> None:
 
 
 def complete_options(options: Dict[str, str], role: int) -> Dict[str, str]:
-    """The §8.2 step-5 copy of the caller's options with the implied defaults added."""
+    """The copy of the caller's options that ``init`` works on, with the implied defaults added."""
     opts = dict(options)
     opts[OPT_ROLE] = ROLE_NAMES.get(int(role) if role is not None else 0, "Prompt")
     if OPT_LOCAL_COMM_RES in opts:

@@ -47,7 +47,7 @@ def _unsigned(obj: dict, name: str, default: Optional[int]) -> int:
 
 
 def parse_pool_config(text: str) -> PoolConfig:
-    """Parse ``{"memory_size": n > 0, "page_shift": 10 <= x < 31 (default 16)}`` (API-SPEC §7.3).
+    """Parse ``{"memory_size": n > 0, "page_shift": 10 <= x < 31 (default 16)}``.
 
     Raises:
         ParamInvalid: not JSON, not an object, a missing or non-unsigned value, or a value out of range.

@@ -1,4 +1,4 @@
-"""Per-instance cache registry: cache entries, key tables and reference counting (API-SPEC §9.1-§9.3)."""
+"""Per-instance cache registry: cache entries, key tables and reference counting."""
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +27,7 @@ class KeyId(NamedTuple):
 
     @property
     def is_placeholder(self) -> bool:
-        """``req_id == prefix_id == UINT64_MAX``: leaves its slot unbound and binds nothing (D3)."""
+        """``req_id == prefix_id == UINT64_MAX``: leaves its slot unbound and binds nothing."""
         return self.namespace == NS_REQ and self.ident == UINT64_MAX
 
     @property
@@ -152,7 +152,7 @@ class Registry:
             return cache_id
 
     def _plan_keys(self, entry: CacheEntry, keys: Sequence[Optional[KeyId]]) -> Dict[KeyId, int]:
-        """Check keys of a new entry; returns key -> slot (last occurrence wins, D2). Lock held."""
+        """Check keys of a new entry; returns key -> slot (last occurrence wins). Lock held."""
         keys = list(keys)
         if len(keys) > entry.dim0:
             raise ParamInvalid(f"cache_keys size {len(keys)} exceeds batch size (shape[0]) {entry.dim0}")
@@ -334,7 +334,7 @@ class Registry:
         return True
 
     def note_pulled(self, cache_id: int, slot: int, tensor_lo: int, tensor_hi: int) -> bool:
-        """Record a successful pull of tensors ``[tensor_lo, tensor_hi)`` of a slot (D16).
+        """Record a successful pull of tensors ``[tensor_lo, tensor_hi)`` of a slot, per (cache, slot).
 
         When every tensor of the slot has been pulled and the slot holds a consumable key of an allocated
         continuous cache, the key is consumed (and the cache freed if nothing else holds it). Prefix keys,

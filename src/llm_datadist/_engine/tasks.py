@@ -127,7 +127,7 @@ class LayerTask:
         try:
             entry = self._engine.registry.pin(job.src_cache_id)
         except EngineError as exc:
-            _log.warning("transfer_cache_async: %s", exc)
+            _log.debug("transfer_cache_async: %s", exc)  # reported in the results
             for index in range(len(job.configs)):
                 self._set(index, exc.code)
             return
@@ -135,8 +135,8 @@ class LayerTask:
             src = side_of(entry)
             for layer in job.layers():
                 if self._cancel.is_set():
-                    _log.warning("transfer_cache_async of cache %d cancelled before layer %d (finalize)",
-                                 job.src_cache_id, layer)
+                    _log.info("transfer_cache_async of cache %d cancelled before layer %d (finalize)",
+                              job.src_cache_id, layer)
                     return
                 needing = [i for i, cfg in enumerate(job.configs) if layer in cfg.src_layers]
                 if not self._synchronize(layer, needing):
@@ -159,7 +159,7 @@ class LayerTask:
             ready = False
         if ready:
             return True
-        _log.warning("synchronize_layer(%d) reported failure; the task stops", layer)
+        _log.debug("synchronize_layer(%d) reported failure; the task stops", layer)
         for index in needing:
             self._set(index, LLMStatusCode.LLM_PARAM_INVALID)
         return False
@@ -171,8 +171,8 @@ class LayerTask:
             return LLMStatusCode.LLM_SUCCESS
         except (EngineError, TransportError) as exc:
             code = status_of(exc)
-            _log.warning("transfer_cache_async layer %d to cluster %d failed (%s): %s", layer, cfg.dst_cluster_id,
-                         code, exc)
+            _log.debug("transfer_cache_async layer %d to cluster %d failed (%s): %s", layer, cfg.dst_cluster_id,
+                       code, exc)
             return code
         except Exception:  # noqa: BLE001 - recorded as LLM_FAILED, never lost
             _log.exception("transfer_cache_async layer %d to cluster %d failed", layer, cfg.dst_cluster_id)

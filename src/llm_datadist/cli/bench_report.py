@@ -139,7 +139,7 @@ def _target_for(size: int, table) -> Optional[float]:
 
 
 def target_checks(results: Results) -> List[Tuple[str, str, Optional[str], Any]]:
-    """(column title, mechanism, reference, target table or fixed minimum) of issue 5 item 3."""
+    """(column title, mechanism, reference, target table or fixed minimum) of the bandwidth targets."""
     ceiling = results.ceiling_name()
     return [("auto / memcpy 1t", "auto", ceiling, SAME_HOST_TARGETS), ("auto / nixl", "auto", "nixl", NIXL_TARGETS),
             ("tcp / raw socket", "tcp", "raw_tcp", 0.9), ("tcp / mooncake", "tcp", "mooncake", 2.0),
@@ -260,7 +260,7 @@ def markdown(results: Results, title: str, meta: Dict[str, Any]) -> str:
     out += ["Columns:", ""] + _legend(results) + [""]
     for direction in ("pull", "push"):
         if any(k[1] == direction for k in results.bw):
-            out += [f"### Targets (issue 5, item 3), {direction}, host/host: ratio and status", ""]
+            out += [f"### Targets: ratio and status, {direction}, host/host", ""]
             out += target_table(results, direction) + [""]
     out += ["### Per-call latency and link set-up", ""] + latency_table(results) + [""]
     out += ["### Planning overhead", ""] + (_plan_lines(results) or ["- not measured"]) + [""]

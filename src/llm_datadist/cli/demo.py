@@ -22,7 +22,7 @@ __all__ = ["PRESETS", "Preset", "add_arguments", "build_config", "run", "summary
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """A model deployment from CLIENTS.md §3 (per TP rank)."""
+    """A model deployment as real serving engines size it (per TP rank)."""
 
     title: str
     layers: int

@@ -12,6 +12,7 @@ import numpy as np
 
 from llm_datadist.cli.instance import LOCALHOST, make_datadist
 from llm_datadist.cli.ipc import recv_message
+from llm_datadist.utils.log import set_log_level
 
 __all__ = ["CacheShape", "DemoConfig", "DemoError", "Pattern", "child_main"]
 
@@ -291,9 +292,8 @@ def _decode(cfg: DemoConfig, peer, parent) -> None:
 
 def child_main(role: str, cfg: DemoConfig, peer, parent) -> None:
     """Process entry point: run one side, report any failure to the parent and the peer, exit non-zero."""
-    if cfg.verbose:  # the library's loggers (see llm_datadist.utils.log); routes and links are logged at INFO
-        for name in ("LLM_DATADIST", "llm_datadist"):
-            logging.getLogger(name).setLevel(logging.INFO)
+    if cfg.verbose:  # routes and links are logged at INFO
+        set_log_level(logging.INFO)
     try:
         (_prefill if role == "prefill" else _decode)(cfg, peer, parent)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the process exits 1

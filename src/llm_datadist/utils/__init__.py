@@ -1,1 +1,1 @@
-"""Internal helpers of the public facade: argument checks and the package logger."""
+"""Internal helpers of the public facade: argument checks, addresses and the package loggers."""

@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 from typing import Any, Dict, Optional, Tuple
 
 from llm_datadist.status import LLMException, LLMStatusCode
-from llm_datadist.utils.log import logger
 
 __all__ = ["PORT_MAX", "parse_ip", "parse_port", "parse_ip_port", "rank_table_addresses"]
 
 PORT_MAX = 65535
+_log = logging.getLogger(__name__)
 
 
 def _invalid(message: str) -> LLMException:
-    logger.error(message)
+    _log.debug("%s", message)  # raised to the caller
     return LLMException(message, status_code=LLMStatusCode.LLM_PARAM_INVALID)
 
 

@@ -1,17 +1,24 @@
-"""The ``LLM_DATADIST`` logger: one stdout handler, level taken from environment variables."""
+"""The ``llm_datadist`` logger hierarchy and its official alias ``LLM_DATADIST``: stderr, WARNING unless set."""
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import sys
-from typing import Optional
+import threading
+from typing import List, Optional, Tuple
 
-__all__ = ["LOGGER_NAME", "PACKAGE_LOGGER_NAME", "logger", "level_from_env", "set_log_level"]
+__all__ = ["LOGGER_NAME", "PACKAGE_LOGGER_NAME", "logger", "level_from_env", "set_log_level",
+           "warn_unauthenticated_listener"]
 
 LOGGER_NAME = "LLM_DATADIST"
 PACKAGE_LOGGER_NAME = "llm_datadist"
+DEFAULT_LEVEL = logging.WARNING
+ENV_LEVEL = "LLM_DATADIST_LOG_LEVEL"
+ENV_ASCEND_LEVEL = "ASCEND_GLOBAL_LOG_LEVEL"
 
-_ASCEND_LEVELS = {"0": logging.DEBUG, "1": logging.INFO, "2": logging.WARNING, "3": logging.ERROR}
+_OFF = logging.CRITICAL + 10  # above every level: nothing is logged
+_ASCEND_LEVELS = {"0": logging.DEBUG, "1": logging.INFO, "2": logging.WARNING, "3": logging.ERROR, "4": _OFF}
 _NAMED_LEVELS = {
     "DEBUG": logging.DEBUG,
     "INFO": logging.INFO,
@@ -23,12 +30,15 @@ _NAMED_LEVELS = {
 }
 _FORMAT = "[%(levelname)s] %(name)s(%(process)d,%(threadName)s) %(asctime)s [%(filename)s:%(lineno)d] %(message)s"
 
+_package = logging.getLogger(PACKAGE_LOGGER_NAME)
+_log = logging.getLogger(__name__)
+_warned_lock = threading.Lock()
+_warned: set = set()
+
 
 def _parse_level(text: str) -> Optional[int]:
-    """Turn ``"INFO"``, ``"info"``, ``"0"``..``"3"`` or a numeric logging level into a level, else None."""
+    """Turn ``"INFO"``, ``"info"``, ``"0"``..``"4"`` or a numeric logging level into a level, else None."""
     value = text.strip()
-    if not value:
-        return None
     if value in _ASCEND_LEVELS:
         return _ASCEND_LEVELS[value]
     if value.isdigit():
@@ -36,61 +46,110 @@ def _parse_level(text: str) -> Optional[int]:
     return _NAMED_LEVELS.get(value.upper())
 
 
+def _env_level() -> Tuple[int, List[str]]:
+    """The level the environment chooses and a complaint for each variable whose value is not a level."""
+    complaints = []
+    for name, parse in ((ENV_LEVEL, _parse_level), (ENV_ASCEND_LEVEL, lambda v: _ASCEND_LEVELS.get(v.strip()))):
+        text = os.environ.get(name, "")
+        if not text.strip():
+            continue
+        level = parse(text)
+        if level is not None:
+            return level, complaints
+        complaints.append(f"{name}={text!r} is not a log level; it is ignored")
+    return DEFAULT_LEVEL, complaints
+
+
+def _warn_once(key: Tuple[str, ...], message: str, *args: object) -> None:
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    _log.warning(message, *args)
+
+
 def level_from_env() -> int:
     """Return the log level chosen by the environment.
 
-    ``LLM_DATADIST_LOG_LEVEL`` (a level name such as ``INFO`` or a digit) wins when set and valid;
-    otherwise ``ASCEND_GLOBAL_LOG_LEVEL`` ("0" DEBUG, "1" INFO, "2" WARNING, "3" ERROR); default ERROR.
+    ``LLM_DATADIST_LOG_LEVEL`` (a level name such as ``INFO`` or a digit) wins when set and valid; otherwise
+    ``ASCEND_GLOBAL_LOG_LEVEL`` ("0" DEBUG, "1" INFO, "2" WARNING, "3" ERROR, "4" nothing); default WARNING.
+    A value that is not a level is ignored, with one warning per process and value.
 
     Returns:
         A :mod:`logging` level.
     """
-    override = _parse_level(os.environ.get("LLM_DATADIST_LOG_LEVEL", ""))
-    if override is not None:
-        return override
-    return _ASCEND_LEVELS.get(os.environ.get("ASCEND_GLOBAL_LOG_LEVEL", "").strip(), logging.ERROR)
+    level, complaints = _env_level()
+    for text in complaints:
+        _warn_once(("env", text), "%s", text)
+    return level
 
 
-class _StdoutHandler(logging.StreamHandler):
-    """A stream handler that always writes to the current ``sys.stdout`` (works with redirection)."""
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr``, unless the application has configured the root logger itself."""
 
     def __init__(self) -> None:
-        super().__init__(sys.stdout)
+        super().__init__(sys.stderr)
 
     @property  # type: ignore[override]
     def stream(self):  # noqa: D401 - property of the base class
-        return sys.stdout
+        return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:  # the base class assigns it; the live sys.stdout is used instead
+    def stream(self, value) -> None:  # the base class assigns it; the live sys.stderr is used instead
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:  # the record propagates to the application's own handlers
+            return
+        super().emit(record)
 
 
 def _configure() -> logging.Logger:
-    """Attach the shared stdout handler to the public and the package loggers, once per process."""
-    public = logging.getLogger(LOGGER_NAME)
-    package = logging.getLogger(PACKAGE_LOGGER_NAME)
-    level = level_from_env()
-    handler = next((h for h in public.handlers if isinstance(h, _StdoutHandler)), None)
-    if handler is None:
-        handler = _StdoutHandler()
+    """Attach the stderr handler to ``llm_datadist`` and hang the alias below it, once per process.
+
+    ``LLM_DATADIST`` becomes a child of ``llm_datadist`` (its ``parent``), so its records go to the same handlers
+    (and on to the application's) and it has no level of its own: the package level applies to both.
+
+    Returns:
+        The ``LLM_DATADIST`` logger.
+    """
+    alias = logging.getLogger(LOGGER_NAME)
+    if not any(isinstance(h, _StderrHandler) for h in _package.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(_FORMAT))
-        public.addHandler(handler)
-    for target in (public, package):
-        target.setLevel(level)
-        if handler not in target.handlers:
-            target.addHandler(handler)
-    return public
+        _package.addHandler(handler)
+    alias.parent = _package
+    set_log_level(level_from_env())
+    return alias
 
 
 def set_log_level(level: int) -> None:
-    """Set the level of the ``LLM_DATADIST`` logger and of the ``llm_datadist`` logger hierarchy.
+    """Set the level of the ``llm_datadist`` logger hierarchy, which its alias ``LLM_DATADIST`` follows.
 
     Args:
         level: a :mod:`logging` level such as ``logging.INFO``.
     """
-    logging.getLogger(LOGGER_NAME).setLevel(level)
-    logging.getLogger(PACKAGE_LOGGER_NAME).setLevel(level)
+    _package.setLevel(level)
+    logging.getLogger(LOGGER_NAME).setLevel(logging.NOTSET)
+
+
+def warn_unauthenticated_listener(host: str, secret: Optional[bytes]) -> None:
+    """Warn once per process when links are accepted on a non-loopback address without a link secret.
+
+    Args:
+        host: the address the listener is bound to.
+        secret: the instance's link secret (empty or None: none).
+    """
+    if secret:
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    _warn_once(("listener",), "listening on %s without a link secret: any host that reaches this port can link and "
+               "read or write the caches registered remote_accessible; set LLMConfig.link_secret (or "
+               "LLM_DATADIST_LINK_SECRET) on every side", host)
 
 
 logger = _configure()

@@ -1,10 +1,10 @@
 """Argument checks of every public API (``llm_datadist.utils.utils``): types, integer ranges, semantic checks."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
 from llm_datadist.status import LLMException, LLMStatusCode
-from llm_datadist.utils.log import logger
 
 __all__ = [
     "check_isinstance",
@@ -44,6 +44,7 @@ UINT64_MAX = 2**64 - 1
 
 ClassSpec = Union[type, Sequence[type]]
 _PLAIN_INTS = frozenset((int, bool))
+_log = logging.getLogger(__name__)
 
 
 def _as_tuple(classes: ClassSpec) -> Tuple[type, ...]:
@@ -243,7 +244,7 @@ def raise_if_false(
     if condition:
         return
     text = _format(msg, args)
-    logger.error(text)
+    _log.debug("%s", text)  # raised to the caller
     raise LLMException(text, status_code=status_code)
 
 

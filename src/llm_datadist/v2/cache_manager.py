@@ -1,4 +1,4 @@
-"""CacheManager: registration, allocation, pulls, pushes and local copies, validated in the spec's order."""
+"""CacheManager: registration, allocation, pulls, pushes and local copies, validated in the official order."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Union
@@ -57,8 +57,9 @@ class CacheManager:
     def _default_remote_accessible(desc: CacheDesc, remote_accessible: Optional[bool]) -> bool:
         """None: DEVICE caches are remote accessible, HOST caches are not.
 
-        Registration is allowed at any time, also after a rank-table ``link`` (DECISIONS D12, which replaces
-        the official "you can not register remote accessible cache after link" rule and its False default).
+        Registration is allowed at any time, also after a rank-table ``link``, and new registrations are
+        visible to linked peers at once; this replaces the official "you can not register remote accessible
+        cache after link" rule and its False default (see docs/compatibility.md).
         """
         if remote_accessible is not None:
             return remote_accessible
@@ -331,7 +332,7 @@ class CacheManager:
             check_uint64("req_id", req_id)
         raise_if_false(dst.cache_desc.data_type == src.cache_desc.data_type,
                        "copy_cache needs caches of one data type, but got {} and {}",
-                       dst.cache_desc.data_type, src.cache_desc.data_type)  # DECISIONS D7
+                       dst.cache_desc.data_type, src.cache_desc.data_type)
         self._owned(dst, src)
         with map_errors("copy_cache"):
             self._live_engine().copy(rq.CopyCache(dst.cache_id, src.cache_id, dst_batch_index, src_batch_index,
@@ -410,7 +411,7 @@ def _key_id(key: CacheKey) -> Optional[KeyId]:
     if key.prefix_id != UINT64_MAX:
         return KeyId("prefix", key.prefix_id, key.model_id)
     if key.req_id == UINT64_MAX:
-        return None  # placeholder: the slot stays unbound (D3)
+        return None  # placeholder: the slot stays unbound and binds nothing
     return KeyId("req", key.req_id, key.model_id)
 
 

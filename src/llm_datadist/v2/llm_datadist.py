@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 import weakref
 from typing import Dict, List, Optional, Tuple  # noqa: F401
@@ -10,7 +11,6 @@ from llm_datadist._engine import api
 from llm_datadist._engine.api import map_errors
 from llm_datadist.configs import LLMClusterInfo, LLMRole, int_to_ip
 from llm_datadist.status import LLMException, LLMStatusCode
-from llm_datadist.utils.log import logger
 from llm_datadist.utils.utils import (check_int32, check_isinstance, check_uint32, check_uint64, raise_if_false,
                                       raise_if_true)
 from llm_datadist.v2 import config as cfg
@@ -18,6 +18,7 @@ from llm_datadist.v2.llm_types import RegisterMemStatus
 
 __all__ = ["LLMDataDist"]
 
+_log = logging.getLogger(__name__)
 _LIVE: "weakref.WeakSet[LLMDataDist]" = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
 _NOT_INITIALIZED = "llm datadist is not initialized"
@@ -77,7 +78,7 @@ class LLMDataDist:
                 self._cache_manager = CacheManager(self, engine)
             with _LIVE_LOCK:
                 _LIVE.add(self)
-            logger.info("LLMDataDist cluster %d initialized (role %s)", self._cluster_id, self._role)
+            _log.info("LLMDataDist cluster %d initialized (role %s)", self._cluster_id, self._role)
 
     def finalize(self) -> None:
         """Unlink everything, release registrations and pools, stop threads. Idempotent."""
@@ -134,8 +135,8 @@ class LLMDataDist:
     def link_clusters(self, clusters, timeout: int = 3000) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
         """Link to listening peers (client side). Failures are returned as codes, never raised.
 
-        A cluster may omit ``remote_cluster_id`` and the local ip (DECISIONS D27): the peer's id is learned
-        from the handshake.
+        A cluster may omit ``remote_cluster_id`` and the local ip: the peer's id is learned
+        from the handshake and the local address from the socket.
         """
         engine = self._require_engine()
         peers = self._cluster_args(clusters, timeout, for_link=True)
@@ -222,9 +223,9 @@ def _finalize_all_at_exit() -> None:
         try:
             instance.finalize()
         except LLMException as exc:
-            logger.warning("finalize at exit failed: %s", exc)
+            _log.warning("finalize at exit failed: %s", exc)
         except Exception as exc:  # noqa: BLE001 - exit must go on
-            logger.warning("finalize at exit failed: %s", exc)
+            _log.warning("finalize at exit failed: %s", exc)
 
 
 atexit.register(_finalize_all_at_exit)

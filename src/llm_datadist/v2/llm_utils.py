@@ -39,7 +39,7 @@ def check_tensor_num_per_layer(value: Any) -> None:
 
 
 def layer_range_arg(name: str, value: Any) -> Optional[range]:
-    """Validate an optional layer range: step 1, ``0 <= start < stop`` (empty ranges rejected, D14)."""
+    """Validate an optional layer range: step 1, ``0 <= start < stop`` (empty ranges rejected, in every API)."""
     check_isinstance(name, value, range)
     if value is None:
         return None

@@ -1,15 +1,17 @@
 """Tensors or arrays given to register_cache/register_blocks_cache instead of addresses: detection and checks."""
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any, List, Optional, Tuple
 
 from llm_datadist.data_type import DataType
 from llm_datadist.status import LLMException, LLMStatusCode
-from llm_datadist.utils.log import logger
 from llm_datadist.v2.llm_types import CacheDesc, Placement
 
 __all__ = ["registration_addresses", "dtype_of_name"]
+
+_log = logging.getLogger(__name__)
 
 #: numpy ``dtype.name`` and torch ``str(dtype)`` (without "torch.") -> DataType.
 _DTYPES_BY_NAME = {
@@ -30,7 +32,7 @@ def dtype_of_name(name: str) -> Optional[DataType]:
 
 
 def _invalid(message: str) -> LLMException:
-    logger.error(message)
+    _log.debug("%s", message)  # raised to the caller
     return LLMException(message, status_code=LLMStatusCode.LLM_PARAM_INVALID)
 
 

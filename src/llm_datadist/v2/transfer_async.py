@@ -1,4 +1,4 @@
-"""CacheManager.transfer_cache_async: the synchronous checks of API-SPEC §9.14 in order, then a background task."""
+"""CacheManager.transfer_cache_async: the official synchronous checks in order, then a background task."""
 from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence, Union
@@ -15,7 +15,7 @@ AnyConfig = Union[TransferConfig, TransferWithCacheKeyConfig]
 
 
 def _check_indices(name: str, indices: Optional[Sequence[int]]) -> List[int]:
-    """Step 3: None or a list/tuple of uint64 ints (TypeError / ValueError)."""
+    """Block indices: None or a list/tuple of uint64 ints (TypeError / ValueError)."""
     check_isinstance(name, indices, (list, tuple), int)
     if indices is None:
         return []
@@ -25,7 +25,7 @@ def _check_indices(name: str, indices: Optional[Sequence[int]]) -> List[int]:
 
 
 def _check_block_args(src_block_indices, dst_block_indices, dst_block_memory_size):
-    """Steps 3-6: types of the block arguments, then their combinations."""
+    """The block arguments: their types first, then their combinations."""
     dst_blocks = _check_indices("dst_block_indices", dst_block_indices)
     src_blocks = _check_indices("src_block_indices", src_block_indices)
     if dst_block_memory_size is not None:
@@ -41,7 +41,7 @@ def _check_block_args(src_block_indices, dst_block_indices, dst_block_memory_siz
 
 
 def _check_config_types(transfer_configs: Any, remote_accessible_mode: bool) -> None:
-    """Step 8: the config class depends on the remote-cache-accessible mode."""
+    """The config class depends on the remote-cache-accessible mode."""
     if not remote_accessible_mode:
         check_isinstance("transfer_configs", transfer_configs, (list, tuple), TransferConfig, allow_none=False)
         return
@@ -53,7 +53,7 @@ def _check_config_types(transfer_configs: Any, remote_accessible_mode: bool) -> 
 
 
 def _check_config(cfg: AnyConfig, num_layers: int, src_is_blocks: bool) -> None:
-    """Step 11 for one config (fills a missing src_layer_range in place, as upstream)."""
+    """The checks of one config (fills a missing src_layer_range in place, as upstream)."""
     if cfg.src_layer_range is None:
         cfg.src_layer_range = range(0, num_layers)
     if src_is_blocks:
@@ -103,11 +103,12 @@ def transfer_cache_async(cache_manager, src_cache: Cache, layer_synchronizer: La
         dst_block_memory_size: destination block size in bytes (needed for a continuous source with blocks).
 
     Returns:
-        A CacheTask; ``synchronize``/``get_results`` report one status per config (DECISIONS D15).
+        A CacheTask; ``synchronize``/``get_results`` report one status per config, in order;
+        a config that never ran reports LLM_FAILED.
 
     Raises:
         TypeError / ValueError: wrong argument types / out-of-range numbers.
-        LLMException: LLM_PARAM_INVALID for invalid combinations (§9.14 steps 2-11), LLM_FAILED once finalized.
+        LLMException: LLM_PARAM_INVALID for invalid combinations, LLM_FAILED once finalized.
     """
     check_isinstance("src_cache", src_cache, Cache, allow_none=False)
     raise_if_true(src_cache.cache_desc.placement == Placement.HOST,
