@@ -1,9 +1,8 @@
 """Internal error taxonomy of the engine, mapped once to LLMException at the facade boundary."""
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Iterator, Optional
+from typing import Optional
 
 from llm_datadist.status import LLMException, LLMStatusCode, code_2_status
 
@@ -121,12 +120,33 @@ def to_llm_exception(func_name: str, exc: BaseException) -> LLMException:
     return LLMException(message, status_code=code)
 
 
-@contextlib.contextmanager
-def map_errors(func_name: str) -> Iterator[None]:
-    """Turn EngineError/TransportError raised inside the block into LLMException (raise ... from)."""
-    from llm_datadist._transport.base import TransportError
+class map_errors:  # noqa: N801 - used like a function: ``with map_errors("pull_blocks"):``
+    """Turn EngineError/TransportError raised inside the block into LLMException (raise ... from).
 
-    try:
-        yield
-    except (EngineError, TransportError) as exc:
-        raise to_llm_exception(func_name, exc) from exc
+    A class rather than a generator context manager: it is on every call's path.
+    """
+
+    __slots__ = ("_name",)
+
+    def __init__(self, func_name: str) -> None:
+        self._name = func_name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None and isinstance(exc, _mapped()):
+            raise to_llm_exception(self._name, exc) from exc
+        return False
+
+
+_MAPPED: tuple = ()
+
+
+def _mapped() -> tuple:
+    global _MAPPED
+    if not _MAPPED:
+        from llm_datadist._transport.base import TransportError
+
+        _MAPPED = (EngineError, TransportError)
+    return _MAPPED

@@ -8,6 +8,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import msgspec
 
+from llm_datadist._engine import planner
 from llm_datadist._engine import protocol as proto
 from llm_datadist._engine.errors import CacheNotExist, LinkFailed, NotLinked, ParamInvalid
 from llm_datadist._engine.types import SourceSpec
@@ -62,6 +63,7 @@ class Link:
         self._active = 0
         self._table: Optional[proto.Table] = None
         self._blocks_views: Dict[int, proto.CacheView] = {}
+        self._sides: Dict[int, tuple] = {}  # id(view) -> (view, Side)
         self._regions: Dict[Tuple[int, int], proto.RegionView] = {}
         self._on_closed = on_closed
         self.grants: Dict[int, list] = {}  # owner side: write grants the peer holds over this link
@@ -236,10 +238,22 @@ class Link:
             raise CacheNotExist(f"cluster {self.cluster_id} has no cache for {_describe(source)}")
         return view
 
+    def side_of(self, view: proto.CacheView):
+        """The planner's Side of a peer view, kept while the view is (views of cached snapshots repeat)."""
+        hit = self._sides.get(id(view))
+        if hit is not None and hit[0] is view:
+            return hit[1]
+        side = planner.side_of(view)
+        if len(self._sides) >= 256:
+            self._sides.clear()
+        self._sides[id(view)] = (view, side)
+        return side
+
     def invalidate_table(self) -> None:
         """The peer's table changed: the next lookup fetches a fresh snapshot."""
         self._table = None
         self._blocks_views.clear()
+        self._sides.clear()
 
     # -- control --------------------------------------------------------------------------------
     def call(self, msg, deadline: float):

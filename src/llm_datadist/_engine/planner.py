@@ -39,7 +39,18 @@ class Side:
 
 
 def side_of(cache, as_blocks: Optional[bool] = None) -> Side:
-    """A Side of a local CacheEntry or a peer's CacheView (``as_blocks`` overrides its blocks flag)."""
+    """A Side of a local CacheEntry or a peer's CacheView (``as_blocks`` overrides its blocks flag).
+
+    A local entry's side is made once and kept on the entry (its geometry never changes; a local side needs
+    no guards: guards protect the remote side of a plan).
+    """
+    if as_blocks is None and hasattr(cache, "side_cache"):
+        side = cache.side_cache
+        if side is None:
+            side = cache.side_cache = Side(bases=tuple(cache.tensor_addrs), stride=int(cache.stride),
+                                           count=int(cache.dim0), is_blocks=bool(cache.is_blocks),
+                                           kind=cache.kind, cache_id=int(cache.cache_id))
+        return side
     return Side(bases=tuple(cache.tensor_addrs), stride=int(cache.stride), count=int(cache.dim0),
                 is_blocks=bool(cache.is_blocks if as_blocks is None else as_blocks),
                 kind=getattr(cache, "kind", HOST) or HOST, guards=guards_of(cache), cache_id=int(cache.cache_id))

@@ -80,6 +80,7 @@ class CacheEntry:
     pins: int = 0
     release_pending: bool = False
     freed: threading.Event = dataclasses.field(default_factory=threading.Event)  # set once memory is released
+    side_cache: Any = None  # the planner's Side of this cache, made on first use
 
     def __post_init__(self) -> None:
         self.tensor_addrs = tuple(int(a) for a in self.tensor_addrs)

@@ -1,10 +1,9 @@
 """Transfers between linked instances: the one resolve -> plan -> move -> retry path of pulls, pushes and tasks."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -32,13 +31,24 @@ def link_to(engine, cluster_id: int) -> Link:
     return engine.link_for_transfer(cluster_id)
 
 
-@contextlib.contextmanager
-def local_cache(engine, cache_id: int) -> Iterator:
+class local_cache:  # noqa: N801 - used like a function: ``with local_cache(engine, cache_id) as entry:``
     """The local cache entry, pinned so that a concurrent unregister/deallocate waits for the transfer."""
-    with engine.registry.pinned(cache_id) as entry:
+
+    __slots__ = ("_registry", "_entry")
+
+    def __init__(self, engine, cache_id: int) -> None:
+        self._registry = engine.registry
+        self._entry = entry = self._registry.pin(cache_id)
         if engine.opts.remote_cache_accessible and not (entry.remote_accessible or entry.owned):
+            self._registry.unpin(entry)
             raise ParamInvalid(f"local cache {cache_id} is not remote accessible")
-        yield entry
+
+    def __enter__(self):
+        return self._entry
+
+    def __exit__(self, *exc) -> bool:
+        self._registry.unpin(self._entry)
+        return False
 
 
 def send(link: Link, plan: CopyPlan, write: bool, deadline: float) -> None:
@@ -157,7 +167,7 @@ def pull_blocks(engine, source: SourceSpec, cache_id: int, src_blocks: Sequence[
         link = link_to(engine, source.cluster_id)
 
         def make_plan(view: proto.CacheView) -> CopyPlan:
-            remote = side_of(view)
+            remote = link.side_of(view)
             src_t, dst_t = planner.tensor_pairs(remote.num_tensors, local.num_tensors, layers, local.num_tensors)
             if source.kind == "blocks":
                 _need(view, blocks=True)

@@ -10,6 +10,7 @@ after the copy; writes run under the engine's write grant.
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
 import logging
 import mmap
@@ -90,6 +91,8 @@ class ShmChannel(Channel):
         self._starts = np.zeros(0, dtype=_U64)
         self._ends = np.zeros(0, dtype=_U64)
         self._entries: List[Tuple[int, int, int, int, int, str]] = []  # addr, nbytes, dev, ino, offset/size...
+        self._start_list: List[int] = []
+        self._end_list: List[int] = []
         self._delta = np.zeros(0, dtype=_U64)  # local = remote + delta (mod 2**64)
         self._mapped = np.zeros(0, dtype=bool)
 
@@ -110,6 +113,8 @@ class ShmChannel(Channel):
         entries.sort()
         with self._lock:
             self._entries = entries  # type: ignore[assignment]
+            self._start_list = [e[0] for e in entries]
+            self._end_list = [e[0] + e[1] for e in entries]
             self._starts = np.array([e[0] for e in entries], dtype=_U64)
             self._ends = self._starts + np.array([e[1] for e in entries], dtype=_U64)
             self._delta = np.zeros(len(entries), dtype=_U64)
@@ -124,6 +129,17 @@ class ShmChannel(Channel):
         base = self._maps[key][1]
         self._delta[k] = _U64((base + offset - addr) % (1 << 64))
         self._mapped[k] = True
+
+    def covers_small(self, ops) -> bool:
+        """Whether every remote range of a small plan's ops lies in one shared region (no numpy)."""
+        starts, ends = self._start_list, self._end_list
+        if not starts:
+            return False
+        for _lo, re, n in ops:
+            k = bisect.bisect_right(starts, re) - 1
+            if k < 0 or re + n > ends[k]:
+                return False
+        return True
 
     def translate(self, remote: np.ndarray, sizes: np.ndarray) -> Optional[np.ndarray]:
         """Local addresses of remote ranges, mapping segments on first use; None if not all are shared."""
@@ -253,6 +269,8 @@ class ShmTransport(Transport):
         """True only if every remote range lies inside one of the peer's shared regions."""
         if not isinstance(channel, ShmChannel):
             return False
+        if plan.ops is not None and not channel.covers_small(plan.ops):
+            return False  # the common refusal (registered, not pooled, memory) costs no array
         try:
             return channel.translate(plan.remote, plan.sizes) is not None
         except Exception:  # noqa: BLE001 - covers() answers, it does not fail
