@@ -25,7 +25,7 @@ from llm_datadist._engine.pool import MemPool, parse_pool_config
 from llm_datadist._engine.registry import CacheEntry, KeyId, Registry
 from llm_datadist._engine.tasks import LayerTask, TaskJob, TaskSet
 from llm_datadist._engine.types import DEVICE, HOST, CacheSpec
-from llm_datadist._transport import available_transports, transport_class, unavailable_reason
+from llm_datadist._transport import available_transports, iov, transport_class, unavailable_reason
 from llm_datadist._transport.base import Region, Transport, TransportContext
 from llm_datadist._transport.tls import Tls
 
@@ -96,6 +96,8 @@ class Engine:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
+        iov.acquire_helpers()  # local copies split across threads too
+        self._helpers = True
         try:
             if self.tls is not None:
                 try:
@@ -165,6 +167,9 @@ class Engine:
             if pool is not None:
                 _quietly(pool.close)
         _quietly(self.guards.close)
+        if getattr(self, "_helpers", False):
+            self._helpers = False
+            iov.release_helpers()
         _log.info("cluster %d finalized", self.cluster_id)
 
     # -- regions exposed to peers ---------------------------------------------------------------

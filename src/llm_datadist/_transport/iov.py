@@ -5,6 +5,7 @@ import collections
 import ctypes
 import errno
 import os
+import queue
 import sys
 import threading
 import time
@@ -26,11 +27,23 @@ from llm_datadist._transport.base import (
 IOV_MAX = 1024  # iovecs per process_vm_* call (UIO_MAXIOV)
 CHUNK_BYTES = 1 << 30  # bytes per call; the kernel truncates one call at MAX_RW_COUNT (~2 GiB)
 
-PARALLEL_MIN_BYTES = 16 << 20  # batches at least this large are split across COPY_THREADS threads
-# Threads for large batches: 2 where the machine has them; LLM_DATADIST_COPY_THREADS=1 turns the split off.
+# Splitting a batch across threads. A copy runs in the kernel with the GIL released, so k threads move k
+# slices at once when the machine has k cores to spare. A slice handed to a (persistent) helper thread costs
+# a queue hand-off and a wake-up, some tens of microseconds, which at 10 GB/s is the time to copy a few hundred
+# KiB: so a batch is split only from PARALLEL_MIN_BYTES on (1 MiB per extra thread), and into at most
+# COPY_THREADS parts, one per core the process may run on (capped at 4: memory bandwidth, not cores, is the
+# limit beyond). LLM_DATADIST_COPY_THREADS overrides the thread count (1 turns the split off).
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 _ENV_THREADS = os.environ.get("LLM_DATADIST_COPY_THREADS", "")
-COPY_THREADS = int(_ENV_THREADS) if _ENV_THREADS.isdigit() and int(_ENV_THREADS) > 0 else \
-    max(1, min(2, os.cpu_count() or 1))
+COPY_THREADS = int(_ENV_THREADS) if _ENV_THREADS.isdigit() and int(_ENV_THREADS) > 0 else max(1, min(4, _cores()))
+SPLIT_BYTES_PER_THREAD = 1 << 20
+PARALLEL_MIN_BYTES = 2 * SPLIT_BYTES_PER_THREAD  # the smallest batch worth two threads
 
 _U64 = np.uint64
 _ADDRESS_SPACE_BYTES = min(1 << 62, sys.maxsize)  # covers 57-bit (LA57) user address spaces
@@ -227,39 +240,96 @@ def pvm_write_small(pid: int, ops) -> int:
     return pvm_small(_WRITEV, "process_vm_writev", pid, ops)
 
 
+class _Helpers:
+    """Daemon threads that run slices of split copies, kept while some transport or engine uses them.
+
+    Started on first use (never more than a split needs); ``acquire``/``release`` count the users and the last
+    release stops the threads, so nothing outlives the instances that needed it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._threads: List[threading.Thread] = []
+        self._users = 0
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._users = max(0, self._users - 1)
+            if self._users:
+                return
+            threads, self._threads = self._threads, []
+        for _ in threads:
+            self._queue.put(None)
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(5.0)
+
+    def run(self, jobs: List[Callable[[], None]]) -> None:
+        """Run every job, the first on the calling thread, the others on helpers; re-raise the first error."""
+        done = threading.Semaphore(0)
+        errors: List[BaseException] = []
+
+        def wrap(job: Callable[[], None]) -> Callable[[], None]:
+            def slice_job() -> None:
+                try:
+                    job()
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                    errors.append(exc)
+                finally:
+                    done.release()
+            return slice_job
+
+        with self._lock:
+            while len(self._threads) < len(jobs) - 1:
+                thread = threading.Thread(target=self._work, name=f"llm-dd-copy-{len(self._threads)}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        for job in jobs[1:]:
+            self._queue.put(wrap(job))
+        wrap(jobs[0])()
+        for _ in jobs:
+            done.acquire()
+        if errors:
+            raise errors[0]
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            job()
+
+
+_HELPERS = _Helpers()
+acquire_helpers = _HELPERS.acquire
+release_helpers = _HELPERS.release
+
+
 def _split_run(run: Callable[[np.ndarray, np.ndarray, np.ndarray], object], local: np.ndarray, remote: np.ndarray,
                sizes: np.ndarray, threads: int) -> int:
-    """Run ``run(local, remote, sizes)`` on ``threads`` byte-balanced slices of a batch at once.
+    """Run ``run(local, remote, sizes)`` on up to ``threads`` byte-balanced slices of a batch at once.
 
-    Small batches (under PARALLEL_MIN_BYTES) run on the calling thread only. The copy primitives release
-    the GIL, so the slices really proceed in parallel.
+    A batch is split into ``min(threads, total // SPLIT_BYTES_PER_THREAD)`` slices; a small one runs on the
+    calling thread only.
     """
     sizes = np.ascontiguousarray(sizes, dtype=_U64)
     n = int(sizes.shape[0])
     total = int(sizes.sum()) if n else 0
-    if threads <= 1 or n < threads or total < PARALLEL_MIN_BYTES:
+    parts = min(threads, n, total // SPLIT_BYTES_PER_THREAD) if total >= PARALLEL_MIN_BYTES else 1
+    if parts <= 1:
         run(local, remote, sizes)
         return total
     cum = np.cumsum(sizes)
-    cuts = np.searchsorted(cum, np.arange(1, threads, dtype=np.float64) * (total / threads)).tolist()
-    edges = sorted(set([0] + [int(c) + 1 for c in cuts] + [n]))
-    errors: List[BaseException] = []
-
-    def part(a: int, b: int) -> None:
-        try:
-            run(local[a:b], remote[a:b], sizes[a:b])
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
-            errors.append(exc)
-
-    helpers = [threading.Thread(target=part, args=(a, b), daemon=True, name="llm-dd-copy")
-               for a, b in zip(edges[1:-1], edges[2:])]
-    for thread in helpers:
-        thread.start()
-    part(edges[0], edges[1])
-    for thread in helpers:
-        thread.join()
-    if errors:
-        raise errors[0]
+    cuts = np.searchsorted(cum, np.arange(1, parts, dtype=np.float64) * (total / parts)).tolist()
+    edges = sorted(set([0] + [min(int(c) + 1, n) for c in cuts] + [n]))
+    jobs = [(lambda a=a, b=b: run(local[a:b], remote[a:b], sizes[a:b])) for a, b in zip(edges[:-1], edges[1:])
+            if b > a]
+    _HELPERS.run(jobs)
     return total
 
 

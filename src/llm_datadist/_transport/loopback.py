@@ -75,6 +75,7 @@ class LoopbackTransport(Transport):
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
+        iov.acquire_helpers()  # split copies' helper threads live while this transport does
         self._token = os.urandom(16)
         self._readable = iov.RangeTable()
         self._writable = iov.RangeTable()
@@ -167,4 +168,5 @@ class LoopbackTransport(Transport):
         self._writable.clear()
         with _DIR_LOCK:
             _DIRECTORY.pop(self._token, None)
+        iov.release_helpers()
 

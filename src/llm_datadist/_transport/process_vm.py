@@ -86,6 +86,7 @@ class ProcessVmTransport(Transport):
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
+        iov.acquire_helpers()  # split copies' helper threads live while this transport does
         self._closed = False
 
     @classmethod
@@ -194,4 +195,6 @@ class ProcessVmTransport(Transport):
 
     def close(self) -> None:
         """Stop serving channels (idempotent)."""
-        self._closed = True
+        if not self._closed:
+            self._closed = True
+            iov.release_helpers()

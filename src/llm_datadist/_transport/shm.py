@@ -206,6 +206,7 @@ class ShmTransport(Transport):
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
+        iov.acquire_helpers()  # split copies' helper threads live while this transport does
         self._lock = threading.Lock()
         self._channels: List[ShmChannel] = []
         self._info = b""
@@ -325,6 +326,9 @@ class ShmTransport(Transport):
         """Close every channel (idempotent)."""
         with self._lock:
             channels, self._channels = self._channels, []
+            first = not self._closed
             self._closed = True
+        if first:
+            iov.release_helpers()
         for channel in channels:
             channel.close()
