@@ -308,6 +308,7 @@ class _Helpers:
 _HELPERS = _Helpers()
 acquire_helpers = _HELPERS.acquire
 release_helpers = _HELPERS.release
+run_parallel = _HELPERS.run
 
 
 def _split_run(run: Callable[[np.ndarray, np.ndarray, np.ndarray], object], local: np.ndarray, remote: np.ndarray,

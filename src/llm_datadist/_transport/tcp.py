@@ -115,6 +115,30 @@ class TcpChannel(Channel):
             raise TransportClosed("tcp channel is closed")
         return sock
 
+    def try_acquire(self, deadline: float) -> Optional[socket.socket]:
+        """An idle connection, or a new one when the pool has room; None at once when neither (no waiting:
+        a transfer that already holds a connection must never wait for a second one)."""
+        with self._cond:
+            if self.closed:
+                return None
+            if self._idle:
+                return self._idle.pop()
+            if len(self._all) + self._opening >= self._max:
+                return None
+            self._opening += 1
+        sock = None
+        try:
+            sock = self.open_connection(deadline)
+        except (ConnectFailed, TransferTimeout):
+            return None
+        finally:
+            with self._cond:
+                self._opening -= 1
+                if sock is not None and not self.closed:
+                    self._all.add(sock)
+                self._cond.notify_all()
+        return sock
+
     def release(self, sock: socket.socket, reusable: bool) -> None:
         """Return a connection to the pool, or close it when its stream state is unknown."""
         with self._cond:
@@ -180,23 +204,114 @@ class _BadFrame(RemoteRejected):
     """The peer rejected the frame and closes the connection."""
 
 
-def read_once(sock: socket.socket, plan: CopyPlan, deadline: float) -> None:
-    """One READ request on one connection: request, status, then data into local memory."""
-    stall = _client_stall(sock, deadline)
-    stall()
-    _request(sock, wire.OP_READ, plan, stall)
-    _expect_ok(sock, stall)
-    wire.recv(sock, plan.local, plan.sizes, stall)
+class _Op:
+    """One request frame on one connection, in two phases: ``begin`` (request, the server's verdict) and
+    ``finish`` (the data). Every part of a transfer is begun before any is finished, so a refused part means
+    no byte of the transfer moved."""
+
+    def __init__(self, write: bool) -> None:
+        self.write = write
+
+    def begin(self, sock: socket.socket, plan: CopyPlan, deadline: float) -> None:
+        stall = _client_stall(sock, deadline)
+        stall()
+        _request(sock, wire.OP_WRITE if self.write else wire.OP_READ, plan, stall)
+        _expect_ok(sock, stall)
+
+    def finish(self, sock: socket.socket, plan: CopyPlan, deadline: float) -> None:
+        stall = _client_stall(sock, deadline)
+        if self.write:
+            wire.send(sock, plan.local, plan.sizes, stall)
+            _expect_ok(sock, stall)
+        else:
+            wire.recv(sock, plan.local, plan.sizes, stall)
 
 
-def write_once(sock: socket.socket, plan: CopyPlan, deadline: float) -> None:
-    """One WRITE request: request, go-ahead, data from local memory, completion."""
-    stall = _client_stall(sock, deadline)
-    stall()
-    _request(sock, wire.OP_WRITE, plan, stall)
-    _expect_ok(sock, stall)
-    wire.send(sock, plan.local, plan.sizes, stall)
-    _expect_ok(sock, stall)
+READ, WRITE = _Op(write=False), _Op(write=True)
+
+
+# One large transfer is spread over this many data connections at once (byte-balanced parts of at least
+# STREAM_MIN_BYTES), so the sending and receiving sides' kernel work overlaps on the cores the machine has;
+# LLM_DATADIST_TCP_STREAMS overrides it (1: one stream).
+_ENV_STREAMS = os.environ.get("LLM_DATADIST_TCP_STREAMS", "")
+STREAMS_PER_TRANSFER = int(_ENV_STREAMS) if _ENV_STREAMS.isdigit() and int(_ENV_STREAMS) > 0 else \
+    max(1, min(MAX_CONNS_PER_CHANNEL, iov.COPY_THREADS))
+STREAM_MIN_BYTES = 2 << 20
+
+
+def _wanted_streams(plan: CopyPlan) -> int:
+    if plan.ops is not None:
+        return 1
+    return max(1, min(STREAMS_PER_TRANSFER, len(plan), plan.total_bytes // STREAM_MIN_BYTES))
+
+
+def _streams(plan: CopyPlan, parts: int) -> List[List[CopyPlan]]:
+    """The plan in ``parts`` byte-balanced parts, each cut into frames of at most MAX_OPS ops."""
+    n = len(plan)
+    total = plan.total_bytes
+    if parts <= 1:
+        edges = [0, n]
+    else:
+        cum = np.cumsum(plan.sizes)
+        cuts = np.searchsorted(cum, np.arange(1, parts, dtype=np.float64) * (total / parts)).tolist()
+        edges = sorted(set([0] + [min(int(c) + 1, n) for c in cuts] + [n]))
+    out: List[List[CopyPlan]] = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        if b - a <= wire.MAX_OPS and (a, b) == (0, n):
+            out.append([plan])
+        else:
+            out.append([plan.part(c, min(c + wire.MAX_OPS, b)) for c in range(a, b, wire.MAX_OPS)])
+    return out
+
+
+def _transfer(channel: "TcpChannel", plan: CopyPlan, deadline: float, op: _Op) -> None:
+    """Spread the plan over the connections it can have at once, begin every frame, then move the data.
+
+    Every frame is begun (the server admitted and checked it) before any data moves, so a refused frame means
+    no byte of the transfer moved. A transfer waits for its first connection only; further streams come from
+    what the pool has at once, so concurrent transfers never wait on each other for connections.
+    """
+    socks = [channel.acquire(deadline)]
+    reusable = [False]
+    try:
+        for _ in range(_wanted_streams(plan) - 1):
+            extra = channel.try_acquire(deadline)
+            if extra is None:
+                break
+            socks.append(extra)
+            reusable.append(False)
+        streams = _streams(plan, len(socks))
+        for sock, frames in zip(socks, streams):
+            op.begin(sock, frames[0], deadline)
+        jobs = [(lambda k=k: _finish(op, socks[k], streams[k], deadline, reusable, k)) for k in range(len(socks))]
+        if len(jobs) == 1:
+            jobs[0]()
+        else:
+            iov.run_parallel(jobs)
+    except _BadFrame:
+        raise
+    except RemoteRejected:
+        if len(socks) == 1 and not any(reusable):
+            reusable[0] = True  # refused before any data: the stream is still in step
+        raise
+    except (OSError, ValueError, struct.error) as exc:
+        raise TransportClosed(f"tcp transfer failed: {exc}") from exc
+    finally:
+        for sock, ok in zip(socks, reusable):
+            channel.release(sock, ok)
+
+
+def _finish(op: _Op, sock: socket.socket, frames: List[CopyPlan], deadline: float, reusable: List[bool],
+            k: int) -> None:
+    """The data of the first (begun) frame, then the later frames of this stream one after another."""
+    try:
+        op.finish(sock, frames[0], deadline)
+        for frame in frames[1:]:
+            op.begin(sock, frame, deadline)
+            op.finish(sock, frame, deadline)
+        reusable[k] = True
+    except (OSError, ValueError, struct.error) as exc:
+        raise TransportClosed(f"tcp transfer failed: {exc}") from exc
 
 
 class TcpTransport(Transport):
@@ -212,6 +327,7 @@ class TcpTransport(Transport):
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
+        iov.acquire_helpers()  # the streams of one large transfer run on the helper threads
         self._readable = iov.RangeTable()
         self._writable = iov.RangeTable()
         self._lock = threading.Lock()
@@ -295,31 +411,14 @@ class TcpTransport(Transport):
             self._channels.add(channel)
         return channel
 
-    def _run(self, channel: Channel, plan: CopyPlan, deadline: float,
-             once: Callable[[socket.socket, CopyPlan, float], None]) -> None:
+    def _run(self, channel: Channel, plan: CopyPlan, deadline: float, op: _Op) -> None:
         if self._server is None:
             raise TransportClosed("tcp transport is closed")
         if not isinstance(channel, TcpChannel):
             raise ConnectFailed("not a tcp channel")
         if time.monotonic() > deadline:
             raise TransferTimeout("deadline passed before the transfer")
-        plan = plan.merged()
-        for start in range(0, len(plan), wire.MAX_OPS):
-            part = plan if len(plan) <= wire.MAX_OPS else plan.part(start, start + wire.MAX_OPS)
-            sock = channel.acquire(deadline)
-            reusable = False
-            try:
-                once(sock, part, deadline)
-                reusable = True
-            except _BadFrame:
-                raise
-            except RemoteRejected:
-                reusable = True
-                raise
-            except (OSError, ValueError, struct.error) as exc:
-                raise TransportClosed(f"tcp transfer failed: {exc}") from exc
-            finally:
-                channel.release(sock, reusable)
+        _transfer(channel, plan.merged(), deadline, op)
 
     def read(self, channel: Channel, plan: CopyPlan, deadline: float) -> None:
         """Pull peer ``plan.remote[i]`` into local ``plan.local[i]``: one request frame per batch.
@@ -334,14 +433,14 @@ class TcpTransport(Transport):
             TransferTimeout: the deadline passed (e.g. the peer is stopped).
             TransportClosed: the peer went away or the channel/transport was closed.
         """
-        self._run(channel, plan, deadline, read_once)
+        self._run(channel, plan, deadline, READ)
 
     def write(self, channel: Channel, plan: CopyPlan, deadline: float) -> None:
         """Push local ``plan.local[i]`` to peer ``plan.remote[i]``; returns once the peer has the bytes.
 
         Args and errors as :meth:`read`.
         """
-        self._run(channel, plan, deadline, write_once)
+        self._run(channel, plan, deadline, WRITE)
 
     def disconnect(self, channel: Channel) -> None:
         """Close the channel's connections (idempotent)."""
@@ -360,3 +459,4 @@ class TcpTransport(Transport):
             server.close()
             self._readable.clear()
             self._writable.clear()
+            iov.release_helpers()
