@@ -25,12 +25,13 @@ def free_port() -> int:
 class PeerProcess:
     """A running peer_proc.py; ``call(op, **args)`` returns its reply dict (raises on timeout)."""
 
-    def __init__(self, env=None) -> None:
+    def __init__(self, env=None, prefix=(), stderr=None) -> None:
         environ = dict(os.environ)
         environ["PYTHONPATH"] = SRC + os.pathsep + environ.get("PYTHONPATH", "")
         environ.update(env or {})
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "peer_proc.py")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=environ)
+        self.proc = subprocess.Popen([*prefix, sys.executable, os.path.join(HERE, "peer_proc.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                     env=environ)
         self._lock = threading.Lock()
 
     @property
@@ -94,8 +95,8 @@ class PeerProcess:
 def spawn_peer():
     peers: List[PeerProcess] = []
 
-    def spawn(env=None) -> PeerProcess:
-        peer = PeerProcess(env)
+    def spawn(env=None, prefix=(), stderr=None) -> PeerProcess:
+        peer = PeerProcess(env, prefix, stderr)
         peers.append(peer)
         return peer
 

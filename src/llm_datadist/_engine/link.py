@@ -124,6 +124,8 @@ class Link:
         where = "same host" if self.same_host else "cross host"
         _log.info("link to cluster %d routes over %s (%s, peer %s pid %d)", self.cluster_id,
                   " then ".join(r.name for r in routes), where, self.peer.address, self.peer.pid)
+        for error in errors:  # a faster route that could not be used: why, and how to fix it, once per link
+            _log.info("link to cluster %d: %s", self.cluster_id, error)
         if self._regions:
             for route in routes:
                 route.transport.learn(route.channel, self._remote_regions(route.name))

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from llm_datadist._transport import iov
+from llm_datadist._transport import iov, ptrace
 from llm_datadist._transport.base import (
     HOST,
     SAME_HOST,
@@ -87,6 +87,7 @@ class ProcessVmTransport(Transport):
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
         iov.acquire_helpers()  # split copies' helper threads live while this transport does
+        ptrace.grant_same_user_peers()  # under Yama ptrace_scope 1, let same-user peers read us
         self._closed = False
 
     @classmethod
@@ -122,7 +123,8 @@ class ProcessVmTransport(Transport):
         try:
             seen = iov.pvm_peek(pid, table + _NONCE_OFFSET, _NONCE_BYTES)
         except TransportError as exc:
-            raise ConnectFailed(f"process_vm_readv not permitted on pid {pid}: {exc}") from exc
+            raise ConnectFailed(f"process_vm_readv of pid {pid} is not permitted ({exc}); fix: "
+                                f"{ptrace.refusal_hint()}") from exc
         if seen != peer.nonce:
             raise ConnectFailed(f"pid {pid} here is not the peer (another pid namespace or a reused pid)")
         words = np.frombuffer(peer.nonce, dtype=np.uint64)

@@ -179,7 +179,48 @@ def _pvm_status() -> str:
     own = "permitted" if process_vm_status()[0] else "NOT permitted"
     scope = _read_text("/proc/sys/kernel/yama/ptrace_scope")
     scope_text = f"ptrace_scope {scope}" if scope is not None else "no Yama ptrace_scope"
-    return f"own process: {own}; another process of this user: {_pvm_child_check()} ({scope_text})"
+    grant = " (an instance grants same-user peers: PR_SET_PTRACER_ANY)" if (scope or "").strip() == "1" and \
+        os.environ.get("LLM_DATADIST_PTRACE_GRANT", "") != "0" else ""
+    return (f"own process: {own}; a child: {_pvm_child_check()}; a sibling (what an independently started "
+            f"peer gets): {_pvm_sibling_check()} ({scope_text}{grant})")
+
+
+_TARGET = ("import ctypes, sys\nb = ctypes.create_string_buffer(%r, 32)\nprint(ctypes.addressof(b), flush=True)\n"
+           "sys.stdin.read()\n")
+_READER = ("import sys\nfrom llm_datadist._engine.api import read_process_memory\n"
+           "try:\n    print('ok' if read_process_memory(int(sys.argv[1]), int(sys.argv[2]), %d) == %r else 'wrong')\n"
+           "except Exception as exc:\n    print('refused', exc)\n")
+
+
+def _pvm_sibling_check() -> str:
+    """A second child reads the first: two processes neither of which started the other."""
+    marker = b"llm-datadist-sibling"
+    try:
+        target = subprocess.Popen([sys.executable, "-c", _TARGET % marker], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    except OSError as exc:
+        return f"unknown ({exc})"
+    try:
+        line = target.stdout.readline() if target.stdout else b""
+        if not line.strip():
+            return "unknown (the probe process did not start)"
+        out = subprocess.run([sys.executable, "-c", _READER % (len(marker), marker), str(target.pid),
+                              line.decode().strip()], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({exc})"
+    finally:
+        if target.stdin:
+            target.stdin.close()
+        try:
+            target.wait(5)
+        except subprocess.TimeoutExpired:
+            target.kill()
+            target.wait()
+        if target.stdout:
+            target.stdout.close()
+    if out == "ok":
+        return "permitted"
+    return f"NOT permitted ({out or 'no answer'}); same-host links then use shm for pool caches, else tcp"
 
 
 def _pvm_child_check() -> str:
