@@ -113,17 +113,22 @@ class Engine:
             raise
 
     def _transport_names(self) -> Sequence[str]:
+        """The default set, or the forced backend(s): a name, or several separated by commas."""
         backend = self.opts.transfer_backend
         if backend is None or backend == "hixl":
             available = available_transports()
             return [name for name in DEFAULT_TRANSPORTS if name in available]
-        try:
-            reason = unavailable_reason(backend)
-        except KeyError:
-            raise FeatureNotEnabled(f"transfer backend {backend!r} is unknown") from None
-        if reason:
-            raise FeatureNotEnabled(f"transfer backend {backend!r} is not available on this machine: {reason}")
-        return [backend]
+        names = [name.strip() for name in backend.split(",") if name.strip()]
+        if not names:
+            raise FeatureNotEnabled(f"transfer backend {backend!r} names no transport")
+        for name in names:
+            try:
+                reason = unavailable_reason(name)
+            except KeyError:
+                raise FeatureNotEnabled(f"transfer backend {name!r} is unknown") from None
+            if reason:
+                raise FeatureNotEnabled(f"transfer backend {name!r} is not available on this machine: {reason}")
+        return names
 
     def _start_transports(self) -> None:
         ctx = TransportContext(host_id=self.host_id, pid=self.pid, bind_host=self.opts.listen_ip or "0.0.0.0",
