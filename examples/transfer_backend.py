@@ -47,6 +47,7 @@ def prompt(ch, args) -> None:
         common.check_rows(f"tensor {t}", tensor, PULLED + PUSHED, expected, PULLED + PUSHED)
     common.expect_success("unlink_clusters", datadist.unlink_clusters([decoder], common.LINK_TIMEOUT_MS))
     ch.barrier("unlinked")
+    ch.barrier("decoder unlinked")  # the decoder's own unlink reaches this instance before it finalizes
     cm.unregister_cache(cache.cache_id)
     datadist.finalize()
 
@@ -65,6 +66,7 @@ def decoder(ch, args) -> None:
     ch.send("pushed")
     ch.barrier("unlinked")  # the prompt's unlink removed its link on both sides; ours is left
     common.expect_success("unlink_clusters", datadist.unlink_clusters([prompt_cluster], common.LINK_TIMEOUT_MS))
+    ch.barrier("decoder unlinked")
     cm.unregister_cache(cache.cache_id)
     datadist.finalize()
 

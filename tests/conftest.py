@@ -21,7 +21,7 @@ from waiting import NEVER_HANGS_S, wait_until
 SENTINEL = 0xEE
 #: A small pool (1 MiB, 1 KiB pages) for allocate_* tests.
 POOL_BYTES = 1 << 20
-POOL_CFG = '{"memory_size": %d, "page_shift": 10}' % POOL_BYTES
+POOL_CFG = f'{{"memory_size": {POOL_BYTES}, "page_shift": 10}}'
 #: Cluster ids of the prompt (server) and decoder (client) of a pair.
 P_ID, D_ID = 1, 2
 #: Name prefixes of the library's threads ("llm-dd" in the engine; the transports name theirs differently).

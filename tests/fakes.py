@@ -73,7 +73,7 @@ class Delayed:
         for event in active:
             event.wait(max(deadline - time.monotonic(), 0.0))
 
-    def __enter__(self) -> "Delayed":
+    def __enter__(self) -> Delayed:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,7 +13,7 @@ from llm_datadist._transport.base import (HOST, PROCESS, Capabilities, Channel, 
 
 LOG: List[tuple] = []  # (transport name, "read" | "write" | "connect" | "learn", details)
 _LOCK = threading.Lock()
-_LIVE: "weakref.WeakValueDictionary[bytes, RecordingTransport]" = weakref.WeakValueDictionary()
+_LIVE: weakref.WeakValueDictionary[bytes, RecordingTransport] = weakref.WeakValueDictionary()
 ON_WRITE: List[Callable[[CopyPlan], None]] = []  # hooks run inside write(), before the bytes move
 
 
@@ -23,7 +23,7 @@ def record(*entry) -> None:
 
 
 class _Channel(Channel):
-    def __init__(self, peer: PeerInfo, target: "RecordingTransport") -> None:
+    def __init__(self, peer: PeerInfo, target: RecordingTransport) -> None:
         super().__init__(peer)
         self.target = target
 
@@ -66,7 +66,7 @@ class RecordingTransport(Transport):
     def learn(self, channel: Channel, regions) -> None:
         record(self.name, "learn", len(regions))
 
-    def _check(self, channel: Channel, plan: CopyPlan) -> "RecordingTransport":
+    def _check(self, channel: Channel, plan: CopyPlan) -> RecordingTransport:
         target = channel.target  # type: ignore[attr-defined]
         if not target._table.contains(plan.remote, plan.sizes):
             raise RemoteRejected("outside the peer's registered memory")

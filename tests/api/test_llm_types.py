@@ -313,7 +313,8 @@ def test_transfer_config_value_checks():
 
 def test_transfer_config_repr_and_setters():
     cfg = TransferConfig(1, [1, 2], range(0, 1), 1)
-    assert str(cfg) == "TransferConfig(dst_cluster_id=1, dst_addrs=[1, 2], src_layer_range=range(0, 1), src_batch_index=1)"
+    assert str(cfg) == ("TransferConfig(dst_cluster_id=1, dst_addrs=[1, 2], src_layer_range=range(0, 1), "
+                        "src_batch_index=1)")
     assert cfg.dst_layer_range is None
     cfg.src_layer_range = None
     assert cfg.src_layer_range is None

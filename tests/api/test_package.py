@@ -45,7 +45,7 @@ def test_all_matches_official_order_minus_unavailable_v1_names():
 
 def test_unknown_attribute():
     with pytest.raises(AttributeError, match="has no attribute"):
-        getattr(llm_datadist, "NonExistentAttr")
+        llm_datadist.NonExistentAttr
     assert "module 'llm_datadist' has no attribute 'NonExistentAttr'" in _attr_error_text()
 
 

@@ -35,7 +35,8 @@ def test_a_peer_that_may_not_read_falls_back_to_tcp_and_says_why(spawn_peer):
     decode.call("register", name="dst", num_tensors=NT, num_blocks=NB, block_bytes=BB, seed=None, model_id=1)
     assert decode.call("link_clusters", clusters=[{"cluster_id": 71, "ip": "127.0.0.1", "port": port}])["code"] == 0
     decode.call("pull_blocks", name="dst", cluster_id=71, model_id=0, src_blocks=[6, 1], dst_blocks=[0, 7])
-    got = [np.frombuffer(bytes.fromhex(t), np.uint8).reshape(NB, BB) for t in decode.call("digest", name="dst")["tensors"]]
+    tensors = decode.call("digest", name="dst")["tensors"]
+    got = [np.frombuffer(bytes.fromhex(t), np.uint8).reshape(NB, BB) for t in tensors]
     for t in range(NT):
         src = pattern(3, t, NB * BB).reshape(NB, BB)
         assert np.array_equal(got[t][0], src[6]) and np.array_equal(got[t][7], src[1])
@@ -68,6 +69,6 @@ def test_doctor_says_what_a_sibling_process_may_do():
     out = subprocess.run(["llm-datadist", "doctor"], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PATH=os.pathsep.join([os.path.dirname(os.sys.executable),
                                                                    os.environ.get("PATH", "")]))).stdout
-    line = next(l for l in out.splitlines() if l.strip().startswith("process_vm"))
+    line = next(text for text in out.splitlines() if text.strip().startswith("process_vm"))
     assert "a sibling" in line and ("permitted" in line)
 

@@ -120,13 +120,15 @@ def test_server_pulls_from_client_without_any_call_on_client(prefill):
 def test_pull_cache_by_key_consumes_on_owner(spawn_peer):
     port = free_port()
     peer = spawn_peer()
-    peer.call("init", role=1, cluster_id=31, config={"enable_cache_manager": True, "listen_ip_info": f"127.0.0.1:{port}",
+    peer.call("init", role=1, cluster_id=31, config={"enable_cache_manager": True,
+                                                     "listen_ip_info": f"127.0.0.1:{port}",
                                                      "mem_pool_cfg": json.dumps({"memory_size": 8 << 20})})
     peer.call("allocate", name="c", num_tensors=4, num_blocks=3, block_bytes=BB, seed=9, keys=[[100, 0], [101, 0]])
     dd = local_dd(32)
     try:
         arrays = [np.full((2, BB), SENTINEL, np.uint8) for _ in range(4)]
-        cache = dd.cache_manager.register_cache(CacheDesc(4, [2, BB], DataType.DT_UINT8), [a.ctypes.data for a in arrays])
+        cache = dd.cache_manager.register_cache(CacheDesc(4, [2, BB], DataType.DT_UINT8),
+                                                [a.ctypes.data for a in arrays])
         assert dd.link_clusters([cluster(31, port)], 5000)[0] == LLMStatusCode.LLM_SUCCESS
         expected = expected_blocks(9, nt=4, nb=3)
         dd.cache_manager.pull_cache(CacheKey(31, 101, 0), cache, 1)
@@ -147,7 +149,8 @@ def test_pull_cache_by_key_consumes_on_owner(spawn_peer):
 def test_pull_blocks_from_continuous_slot(spawn_peer):
     port = free_port()
     peer = spawn_peer()
-    peer.call("init", role=1, cluster_id=41, config={"enable_cache_manager": True, "listen_ip_info": f"127.0.0.1:{port}"})
+    peer.call("init", role=1, cluster_id=41, config={"enable_cache_manager": True,
+                                                     "listen_ip_info": f"127.0.0.1:{port}"})
     # continuous cache: 2 slots of 4 blocks each (slot stride 4*BB)
     peer.call("register", name="c", num_tensors=2, num_blocks=2, block_bytes=4 * BB, seed=3, blocks=False,
               keys=[[7, 0]])
@@ -169,7 +172,8 @@ def test_pull_blocks_from_continuous_slot(spawn_peer):
 def test_remote_accessible_mode_push_and_pull(spawn_peer):
     port = free_port()
     peer = spawn_peer()
-    peer.call("init", role=2, cluster_id=51, config={"enable_cache_manager": True, "listen_ip_info": f"127.0.0.1:{port}",
+    peer.call("init", role=2, cluster_id=51, config={"enable_cache_manager": True,
+                                                     "listen_ip_info": f"127.0.0.1:{port}",
                                                      "enable_remote_cache_accessible": True})
     peer.call("register", name="blk", num_tensors=NT, num_blocks=NB, block_bytes=BB, seed=None, model_id=0)
     peer.call("register", name="cont", num_tensors=2, num_blocks=4, block_bytes=BB, seed=8, blocks=False)

@@ -47,7 +47,7 @@ class VllmInstance:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([python, os.path.join(HERE, "vllm_driver.py")], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._log, text=True, env=vllm_env(env))
-        self._replies: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._replies: queue.Queue[Optional[str]] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.endpoint: Optional[List[Any]] = None
 
@@ -103,7 +103,7 @@ def start_instances(python: str, model: str, log_dir: str, specs: Dict[str, Dict
     try:
         for name, spec in specs.items():
             instances[name].send("start", model=model, **spec)
-        for name, instance in instances.items():
+        for instance in instances.values():
             instance.endpoint = instance.recv(START_TIMEOUT_S).get("endpoint")
     except BaseException:
         for instance in instances.values():

@@ -1,7 +1,8 @@
 """A peer process on a simulated host: JSON-line commands on stdin, one JSON reply per command on stdout.
 
 Uses the public API only. The replies keep the original stdout; anything else printed to stdout (the
-library's log lines) goes to stderr, so replies and logs never mix. An op with ``"bg": TAG`` runs in a thread and answers at once; ``join`` with that tag
+library's log lines) goes to stderr, so replies and logs never mix. An op with ``"bg": TAG`` runs in a thread and
+answers at once; ``join`` with that tag
 returns its reply. Every reply carries ``elapsed`` (seconds the call took) and, on failure, the status code.
 """
 from __future__ import annotations

@@ -40,7 +40,7 @@ class HostPeer:
         self._log = open(log_path, "w")
         self.proc = hosts.popen(host, [sys.executable, os.path.join(HERE, "host_peer.py")], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=self._log, text=True, env=environ)
-        self._replies: "queue.Queue[Optional[dict]]" = queue.Queue()
+        self._replies: queue.Queue[Optional[dict]] = queue.Queue()
         self._next_id = 0
         self._lock = threading.Lock()
         threading.Thread(target=self._read, name=f"peer-reader-{host.index}", daemon=True).start()
@@ -144,7 +144,7 @@ class Expected:
             self.rows = [[row_hash(row) for row in initial[t]] for t in range(num_tensors)]
 
     def put(self, src: Sequence[np.ndarray], pairs: Iterable[Tuple[int, int]],
-            tensors: Optional[Iterable[int]] = None, src_tensors: Optional[Sequence[int]] = None) -> "Expected":
+            tensors: Optional[Iterable[int]] = None, src_tensors: Optional[Sequence[int]] = None) -> Expected:
         """Rows ``dst`` of ``tensors`` hold rows ``src_row`` of ``src`` (same tensor, or ``src_tensors[i]``)."""
         chosen = list(range(len(self.rows)) if tensors is None else tensors)
         pairs = list(pairs)

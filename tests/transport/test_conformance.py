@@ -18,7 +18,6 @@ from llm_datadist._transport.base import (
     ConnectFailed,
     CopyPlan,
     PeerInfo,
-    Region,
     RemoteRejected,
     StaleMemory,
     TransferTimeout,

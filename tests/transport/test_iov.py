@@ -11,7 +11,6 @@ import pytest
 
 from llm_datadist._transport import iov
 from llm_datadist._transport.base import (
-    CopyPlan,
     RemoteRejected,
     TransferTimeout,
     TransportClosed,

@@ -23,11 +23,12 @@ __all__ = [
     "EngineOptions", "open_engine", "options", "requests", "map_errors", "status_of", "to_llm_exception",
     "EngineError", "FeatureNotEnabled", "LinkFailed", "NotLinked", "ParamInvalid", "KeyId", "UINT64_MAX",
     "CacheSpec", "LayerSel", "SourceSpec", "ConfigJob", "TaskJob", "TENSORS_PER_LAYER", "HOST",
-    "DEVICE", "link_timeout_s", "transport_report", "process_vm_status", "plan_blocks_timing", "read_process_memory", "memory_kinds", "memory_kind",
+    "DEVICE", "link_timeout_s", "transport_report", "process_vm_status", "plan_blocks_timing", "read_process_memory",
+    "memory_kinds", "memory_kind",
 ]
 
 
-def open_engine(opts: EngineOptions) -> "Engine":
+def open_engine(opts: EngineOptions) -> Engine:
     """A started engine for ``opts`` (EngineError if it cannot start; nothing is left running then)."""
     from llm_datadist._engine.engine import Engine
 

@@ -19,7 +19,7 @@ class Executor:
     def __init__(self, max_workers: int, name: str) -> None:
         self._max = max(1, max_workers)
         self._name = name
-        self._queue: "queue.SimpleQueue[Optional[Callable[[], None]]]" = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Optional[Callable[[], None]]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads: List[threading.Thread] = []
         self._outstanding = 0  # submitted jobs not finished yet

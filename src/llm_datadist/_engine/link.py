@@ -44,7 +44,7 @@ class Link:
 
     def __init__(self, peer: PeerInfo, conn, transports: Dict[str, Transport], peer_ra: bool,
                  comm_id: int = 0, serial: int = 0, descriptors: Optional[Dict[str, bytes]] = None,
-                 same_host: bool = False, on_closed: Optional[Callable[["Link"], None]] = None,
+                 same_host: bool = False, on_closed: Optional[Callable[[Link], None]] = None,
                  accepted: bool = False) -> None:
         self.peer = peer
         self.conn = conn

@@ -22,8 +22,8 @@ from llm_datadist.utils.log import warn_unauthenticated_listener
 _log = logging.getLogger(__name__)
 MAX_PARALLEL_LINKS = 16
 MAX_LINKS = int(os.environ.get("LLM_DATADIST_MAX_LINKS", "") or 1024)  # links one instance holds at most
-EVICT_PING_S = 1.0
-NOTICE_SEND_S = 0.2  # a table-change notice that cannot be queued this fast is dropped (guards still hold)  # how long an existing link has to answer before a new one with its identity replaces it
+EVICT_PING_S = 1.0  # how long an existing link has to answer before a new one with its identity replaces it
+NOTICE_SEND_S = 0.2  # a table-change notice that cannot be queued this fast is dropped (guards still hold)
 
 
 LinkKey = Tuple[int, int]  # (peer cluster id, comm id, or DIALED / ACCEPTED for link_clusters links)

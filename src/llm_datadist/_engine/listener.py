@@ -49,7 +49,7 @@ class Listener:
         self._name = name
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._pending: "collections.OrderedDict[threading.Thread, socket.socket]" = collections.OrderedDict()
+        self._pending: collections.OrderedDict[threading.Thread, socket.socket] = collections.OrderedDict()
         self._closed = False
         self._sock = _bind(host, port, backlog)
         self._sock.settimeout(ACCEPT_TIMEOUT_S)

@@ -97,7 +97,7 @@ def _is_mapped_procmaps(start: int, size: int, maps_path: str = "/proc/self/maps
     """Fallback: walk the sorted mapping list of /proc/self/maps over [start, start+size)."""
     end, pos = start + size, start
     try:
-        with open(maps_path, "r") as f:
+        with open(maps_path) as f:
             for line in f:
                 lo_s, _, rest = line.partition("-")
                 hi_s = rest.split(" ", 1)[0]
@@ -265,7 +265,7 @@ class SharedSegment:
         self._closed = True
         self._finalizer()
 
-    def __enter__(self) -> "SharedSegment":
+    def __enter__(self) -> SharedSegment:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -417,7 +417,7 @@ def cuda_available() -> bool:
         return False
 
 
-_DEVICE_BACKENDS: "dict[str, Callable[[int], MemoryBackend]]" = {}
+_DEVICE_BACKENDS: dict[str, Callable[[int], MemoryBackend]] = {}
 
 
 def register_backend(kind: str, factory: Callable[[int], MemoryBackend]) -> None:
@@ -425,7 +425,7 @@ def register_backend(kind: str, factory: Callable[[int], MemoryBackend]) -> None
     _DEVICE_BACKENDS[kind] = factory
 
 
-def device_backends() -> "list[str]":
+def device_backends() -> list[str]:
     """Kinds of device memory that have a registered backend."""
     return list(_DEVICE_BACKENDS)
 

@@ -119,7 +119,8 @@ class Registry:
     ``on_invalidate(entry)`` is called under the lock the moment an entry leaves the table (its generation
     word changes there, before the call that removed it returns). ``reguard(old_guard) -> new_guard`` gives a
     live entry a new generation when it loses a key (unbound, or a blocks key moved to another cache), so a
-    peer's view that found this cache through that key fails its check instead of reading the wrong cache. ``on_release(entry)`` is called exactly once
+    peer's view that found this cache through that key fails its check instead of reading the wrong cache.
+    ``on_release(entry)`` is called exactly once
     per entry whose memory must be released (owned: back to the pool; registered: deregister from transports),
     outside the lock and after the last :meth:`unpin`; ``entry.freed`` is set after it.
     """

@@ -91,7 +91,7 @@ class Connection:
     """
 
     def __init__(self, sock: socket.socket, handler: Optional[Handler] = None, *, name: str = "link",
-                 on_close: Optional[Callable[["Connection"], None]] = None, handler_workers: int = 0,
+                 on_close: Optional[Callable[[Connection], None]] = None, handler_workers: int = 0,
                  executor=None, reply_timeout_s: float = 10.0, start: bool = True,
                  poller: Optional[Poller] = None) -> None:
         """Wrap a connected socket (after the handshake).

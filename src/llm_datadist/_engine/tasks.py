@@ -79,7 +79,7 @@ def plan_to(job: TaskJob, src: Side, cfg: ConfigJob, layer: int, dst: Side, dst_
 class LayerTask:
     """A running transfer_cache_async; the CacheTask's waiter (``join``/``results``)."""
 
-    def __init__(self, engine, job: TaskJob, tasks: "TaskSet") -> None:
+    def __init__(self, engine, job: TaskJob, tasks: TaskSet) -> None:
         self._engine = engine
         self._job = job
         self._tasks = tasks

@@ -199,7 +199,7 @@ class CopyPlan:
 
     @classmethod
     def from_ops(cls, ops: List[Tuple[int, int, int]], local_kind: str = HOST, remote_kind: str = HOST,
-                 guards: Tuple[Guard, ...] = (), merged: bool = False) -> "CopyPlan":
+                 guards: Tuple[Guard, ...] = (), merged: bool = False) -> CopyPlan:
         plan = cls.__new__(cls)
         plan.ops, plan._local, plan._remote, plan._sizes = ops, None, None, None
         plan.local_kind, plan.remote_kind, plan.guards, plan._merged = local_kind, remote_kind, guards, merged
@@ -238,7 +238,7 @@ class CopyPlan:
             return sum(op[2] for op in self.ops)
         return int(self._sizes.sum()) if len(self) else 0  # type: ignore[union-attr]
 
-    def merged(self) -> "CopyPlan":
+    def merged(self) -> CopyPlan:
         """Neighbouring ops that are contiguous on both sides merged (order kept); computed once."""
         if self._merged:
             return self
@@ -263,14 +263,14 @@ class CopyPlan:
         self._merged = True
         return self
 
-    def swapped(self) -> "CopyPlan":
+    def swapped(self) -> CopyPlan:
         """The same copies seen from the other side (local and remote exchanged, no guards)."""
         if self.ops is not None:
             return CopyPlan.from_ops([(r, lo, n) for lo, r, n in self.ops], self.remote_kind, self.local_kind, (),
                                      self._merged)
         return CopyPlan(self.remote, self.local, self.sizes, self.remote_kind, self.local_kind, (), self._merged)
 
-    def part(self, start: int, stop: int) -> "CopyPlan":
+    def part(self, start: int, stop: int) -> CopyPlan:
         """Ops ``[start, stop)`` with the same kinds and guards."""
         if self.ops is not None:
             return CopyPlan.from_ops(self.ops[start:stop], self.local_kind, self.remote_kind, self.guards,

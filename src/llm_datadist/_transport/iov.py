@@ -249,7 +249,7 @@ class _Helpers:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: List[threading.Thread] = []
         self._users = 0
 

@@ -29,7 +29,7 @@ from llm_datadist._transport.base import (
 _MAGIC = b"LBK1"
 _DESC = struct.Struct("<4sQ16s")  # magic, pid, token
 
-_DIRECTORY: "weakref.WeakValueDictionary[bytes, LoopbackTransport]" = weakref.WeakValueDictionary()
+_DIRECTORY: weakref.WeakValueDictionary[bytes, LoopbackTransport] = weakref.WeakValueDictionary()
 _DIR_LOCK = threading.Lock()
 
 
@@ -48,11 +48,11 @@ def _guards_hold(guards: Sequence[Guard]) -> bool:
 class LoopbackChannel(Channel):
     """A channel to another transport instance of this process."""
 
-    def __init__(self, peer: PeerInfo, target: "LoopbackTransport") -> None:
+    def __init__(self, peer: PeerInfo, target: LoopbackTransport) -> None:
         super().__init__(peer)
         self._target: Optional[LoopbackTransport] = target
 
-    def target(self) -> "LoopbackTransport":
+    def target(self) -> LoopbackTransport:
         """The serving instance; TransportClosed once the channel or the peer is closed."""
         target = self._target
         if target is None:
@@ -122,7 +122,7 @@ class LoopbackTransport(Transport):
             raise ConnectFailed("loopback peer instance not found")
         return LoopbackChannel(peer, target)
 
-    def _checked_target(self, channel: Channel, plan: CopyPlan, write: bool) -> "LoopbackTransport":
+    def _checked_target(self, channel: Channel, plan: CopyPlan, write: bool) -> LoopbackTransport:
         if self.closed:
             raise TransportClosed("loopback transport is closed")
         if not isinstance(channel, LoopbackChannel):

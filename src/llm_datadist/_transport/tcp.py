@@ -264,7 +264,7 @@ def _streams(plan: CopyPlan, parts: int) -> List[List[CopyPlan]]:
     return out
 
 
-def _transfer(channel: "TcpChannel", plan: CopyPlan, deadline: float, op: _Op) -> None:
+def _transfer(channel: TcpChannel, plan: CopyPlan, deadline: float, op: _Op) -> None:
     """Spread the plan over the connections it can have at once, begin every frame, then move the data.
 
     Every frame is begun (the server admitted and checked it) before any data moves, so a refused frame means

@@ -71,7 +71,7 @@ class DataServer:
         self._threads: Set[threading.Thread] = set()
         self._version = 0
         self._active: collections.Counter = collections.Counter()
-        self._pending: "collections.OrderedDict[int, _Pending]" = collections.OrderedDict()
+        self._pending: collections.OrderedDict[int, _Pending] = collections.OrderedDict()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ, None)
         self._poller = threading.Thread(target=self._poll_loop, name=f"tcp-data-{self.port}", daemon=True)

@@ -164,7 +164,7 @@ def _supervise(cfg: DemoConfig, procs, conns, progress: Progress) -> Dict[str, A
     for role, msg in child_messages(conns, procs, time.monotonic() + cfg.timeout_s + 10.0, done, DemoError,
                                     timeout_text):
         if msg[0] == "error":
-            raise DemoError(f"{msg[1]} process: {msg[2]}")
+            raise DemoError(_first_cause(conns, role, f"{msg[1]} process: {msg[2]}"))
         if msg[0] == "progress":
             moved, pull_s = moved + cfg.request_bytes, pull_s + msg[1]
             progress.update(1, note=f"{_gbps(moved, pull_s):.2f} GB/s")
@@ -172,6 +172,23 @@ def _supervise(cfg: DemoConfig, procs, conns, progress: Progress) -> Dict[str, A
             results[role] = msg[1]
             done.add(role)
     return results
+
+
+def _first_cause(conns, role: str, message: str) -> str:
+    """When one process only reports that the other one failed, that other one's own error is the news."""
+    if "process failed" not in message and "went away" not in message:
+        return message
+    for other, conn in conns.items():
+        if other == role:
+            continue
+        try:
+            while conn.poll(2.0):
+                msg = conn.recv()
+                if msg[0] == "error":
+                    return f"{msg[1]} process: {msg[2]}"
+        except (EOFError, OSError):
+            pass
+    return message
 
 
 def _gbps(nbytes: float, seconds: float) -> float:

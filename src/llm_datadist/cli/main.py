@@ -228,8 +228,7 @@ def _pvm_child_check() -> str:
     from llm_datadist._engine.api import read_process_memory
 
     marker = b"llm-datadist-doctor"
-    code = ("import ctypes, sys\nb = ctypes.create_string_buffer(%r, 32)\nprint(ctypes.addressof(b), flush=True)\n"
-            "sys.stdin.read()\n" % marker)
+    code = _TARGET % marker
     try:
         proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL)

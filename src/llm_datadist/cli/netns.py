@@ -43,7 +43,7 @@ _HOST_SHIM = "\n".join([
     "    sys.exit('cannot mount a private /dev/shm: ' + os.strerror(ctypes.get_errno()))",
     "os.execvp(sys.argv[2], sys.argv[2:])",
 ])
-_open_runs: "Dict[int, SimulatedHosts]" = {}
+_open_runs: Dict[int, SimulatedHosts] = {}
 _runs_lock = threading.Lock()
 _counter = [0]
 
@@ -180,7 +180,7 @@ class SimulatedHosts:
         self._lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def __enter__(self) -> "SimulatedHosts":
+    def __enter__(self) -> SimulatedHosts:
         self.start()
         return self
 
@@ -193,7 +193,7 @@ class SimulatedHosts:
     def __len__(self) -> int:
         return len(self.hosts)
 
-    def start(self) -> "SimulatedHosts":
+    def start(self) -> SimulatedHosts:
         """Create the switch namespace, its bridge, and every host with its veth pair and address."""
         reason = unavailable_reason()
         if reason is not None:

@@ -69,7 +69,7 @@ class Progress:
         if self._tty and self._drawn:
             self._write("\n")
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:

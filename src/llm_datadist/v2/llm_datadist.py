@@ -19,7 +19,7 @@ from llm_datadist.v2.llm_types import RegisterMemStatus
 __all__ = ["LLMDataDist"]
 
 _log = logging.getLogger(__name__)
-_LIVE: "weakref.WeakSet[LLMDataDist]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[LLMDataDist] = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
 _NOT_INITIALIZED = "llm datadist is not initialized"
 

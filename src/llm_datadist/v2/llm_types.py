@@ -340,7 +340,7 @@ class Cache:
         self._valid = False
 
     @classmethod
-    def create_cpu_cache(cls, cache_desc: CacheDesc, addrs: List[int]) -> "Cache":
+    def create_cpu_cache(cls, cache_desc: CacheDesc, addrs: List[int]) -> Cache:
         """Describe host memory as a blocks cache, for ``swap_blocks`` only.
 
         Args:
@@ -408,7 +408,7 @@ class KvCache:
         return self._per_device_tensor_addrs
 
     @classmethod
-    def create_cpu_cache(cls, cache_desc: CacheDesc, addrs: list) -> "KvCache":
+    def create_cpu_cache(cls, cache_desc: CacheDesc, addrs: list) -> KvCache:
         """Describe host memory as a KvCache with ``cache_id == -1``.
 
         Args:

@@ -80,7 +80,7 @@ class ConnectorConfig:
         return self.link_timeout_ms / 1000.0
 
     @classmethod
-    def from_extra(cls, extra: Optional[Mapping[str, Any]]) -> "ConnectorConfig":
+    def from_extra(cls, extra: Optional[Mapping[str, Any]]) -> ConnectorConfig:
         """Parse ``kv_connector_extra_config``; numbers may be given as strings (CLI JSON).
 
         Raises:

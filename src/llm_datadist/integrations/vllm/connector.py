@@ -57,7 +57,7 @@ class LLMDataDistConnector(KVConnectorBase_V1):
         assert self._worker is not None, "worker-side method called on the scheduler-side connector"
         return self._worker
 
-    def register_kv_caches(self, kv_caches: Dict[str, "torch.Tensor"]) -> None:
+    def register_kv_caches(self, kv_caches: Dict[str, torch.Tensor]) -> None:
         """Register every layer in one llm_datadist blocks cache; producers start listening."""
         self.worker.register_kv_caches(kv_caches)
 
@@ -85,7 +85,7 @@ class LLMDataDistConnector(KVConnectorBase_V1):
         """Nothing to wait for: a loading request waits in WAITING_FOR_REMOTE_KVS instead."""
         return  # loads are asynchronous: the request waits in WAITING_FOR_REMOTE_KVS until they finish
 
-    def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any) -> None:
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         """Mark the layer written, releasing its layer-wise push."""
         self.worker.layer_saved(layer_name)
 

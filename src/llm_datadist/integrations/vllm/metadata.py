@@ -27,7 +27,7 @@ class TransferParams:
     block_ids: Tuple[int, ...] = ()
 
     @classmethod
-    def parse(cls, params: Mapping[str, Any], default_mode: str) -> "TransferParams":
+    def parse(cls, params: Mapping[str, Any], default_mode: str) -> TransferParams:
         """Read the parameters a prefill (pull) or a proxy (push) gave a decode request.
 
         Raises:

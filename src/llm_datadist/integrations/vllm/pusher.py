@@ -83,7 +83,7 @@ class Pusher:
         self._step: List[_Push] = []  # pushes whose prompt completes in the running forward
         self._layer_index = {name: i for i, name in enumerate(layout.layer_names)}
         self._gate: Optional[StepGate] = None
-        self._queue: "queue.Queue[Any]" = queue.Queue()
+        self._queue: queue.Queue[Any] = queue.Queue()
         self.counts: Dict[str, int] = {"layerwise": 0, "after_forward": 0, "failed": 0}
         self._thread = threading.Thread(target=self._run, name="llm-dd-vllm-push", daemon=True)
         self._thread.start()

@@ -206,7 +206,7 @@ class ControlClient:
 
     def __init__(self, host: str, port: int, secret: str, cluster_id: int, timeout_s: float,
                  on_push_done: Callable[[proto.PushDone], None],
-                 on_lost: Callable[["ControlClient"], None]) -> None:
+                 on_lost: Callable[[ControlClient], None]) -> None:
         self.host = host
         self.port = port
         self._secret = secret
