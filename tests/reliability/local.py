@@ -51,3 +51,8 @@ def untouched(arrays) -> bool:
 
 def pool_cfg(nbytes: int) -> str:
     return '{"memory_size": %d, "page_shift": 16}' % nbytes
+
+
+def unlink(dd, cluster_id: int, port: int) -> None:
+    code, _codes = dd.unlink_clusters([cluster(cluster_id, port)], 3000)
+    assert code == LLMStatusCode.LLM_SUCCESS, code

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import traceback
 from typing import Dict
 
@@ -115,6 +116,10 @@ class Peer:
         owned = self.blocks[name]
         blocks = list(range(owned.arrays[0].shape[0]))
         return {"gen": kv.one_generation(owned.arrays, blocks, blocks), "expected": gen}
+
+    def op_threads(self):
+        """The names of this process's Python threads (for diagnostics in assertion messages)."""
+        return {"names": sorted(t.name for t in threading.enumerate())}
 
     def op_finalize(self, inst="main"):
         self.dds.pop(inst).finalize()

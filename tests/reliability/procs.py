@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -69,6 +70,17 @@ def settle(measure: Callable[[], int], limit: int, timeout: float) -> int:
         time.sleep(0.05)
         value = measure()
     return value
+
+
+POOL_WORKER = re.compile(r"-w\d+$")  # workers of the engines' bounded executors ("...-w0", "...-w1")
+POOL_WORKERS_PER_INSTANCE = 12  # handler and task pools together start at most this many, on demand
+
+
+def thread_census(peer) -> "tuple[int, int]":
+    """(bounded pool workers, every other thread) of a peer process, by Python thread name."""
+    names = peer.call("threads")["names"]
+    pool = sum(1 for name in names if POOL_WORKER.search(name))
+    return pool, len(names) - pool
 
 
 class Usage:

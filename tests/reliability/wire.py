@@ -6,6 +6,7 @@ These speak the library's wire formats directly (the frame layouts of ``_engine.
 from __future__ import annotations
 
 import itertools
+import selectors
 import socket
 import struct
 import threading
@@ -185,6 +186,47 @@ class RawLink:
         self.sock.close()
         self.closed.wait(5)
         self._reader.join(5)
+
+
+def one_shot(port: int, cases: Sequence[Tuple[bytes, bool]], timeout: float = 5.0) -> List[bool]:
+    """Send each case's bytes on its own new connection, all at once; which ones the server closed in time.
+
+    A case is (bytes, half_close): with ``half_close`` our side shuts its write half after sending (the server
+    sees the end of the stream at once); without it the server must drop the connection on its own.
+    """
+    socks: List[socket.socket] = []
+    try:
+        for data, half_close in cases:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            socks.append(sock)
+            try:
+                sock.sendall(data)
+                if half_close:
+                    sock.shutdown(socket.SHUT_WR)
+            except OSError:  # already reset by the server: it dropped the frame, which is fine
+                pass
+        deadline = time.monotonic() + timeout
+        closed = [False] * len(socks)
+        sel = selectors.DefaultSelector()
+        for i, sock in enumerate(socks):
+            sock.setblocking(False)
+            sel.register(sock, selectors.EVENT_READ, i)
+        while not all(closed) and time.monotonic() < deadline:
+            for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
+                try:
+                    gone = not key.fileobj.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    gone = True
+                if gone:
+                    closed[key.data] = True
+                    sel.unregister(key.fileobj)
+        sel.close()
+        return closed
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 # -- tcp data plane --------------------------------------------------------------------------------------
