@@ -146,10 +146,14 @@ class OwnedBlocks:
 
 
 class Loop:
-    """A background loop of ``step(i)`` until ``stop()``; counts steps and failure codes."""
+    """A background loop of ``step(i)`` until ``stop()``; counts steps and failure codes.
 
-    def __init__(self, step, name: str) -> None:
+    ``pause`` spaces the steps out (a wait on the stop event, so ``stop()`` never waits for it).
+    """
+
+    def __init__(self, step, name: str, pause: float = 0.0) -> None:
         self._step = step
+        self._pause = pause
         self._stop = threading.Event()
         self.count = 0
         self.codes: Dict[int, int] = {}
@@ -170,6 +174,8 @@ class Loop:
             except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
                 self.errors.append(f"{type(exc).__name__}: {exc}")
                 return
+            if self._pause:
+                self._stop.wait(self._pause)
 
     def stop(self, timeout: float = 30.0) -> dict:
         self._stop.set()

@@ -69,9 +69,9 @@ class Peer:
         self.caches[name] = (cache, arrays)
         return {"cache_id": cache.cache_id}
 
-    def op_churn_start(self, name):
+    def op_churn_start(self, name, pause=0.0):
         owned = self.blocks[name]
-        self.loops[name] = kv.Loop(owned.renew, f"churn-{name}")
+        self.loops[name] = kv.Loop(owned.renew, f"churn-{name}", pause)
         return {}
 
     def op_push_start(self, name, cluster_id, model_id, src_blocks, dst_blocks, inst="main"):
