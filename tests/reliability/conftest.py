@@ -5,7 +5,6 @@ one short table at the end of the run, also with ``-q``.
 """
 from __future__ import annotations
 
-import os
 from typing import List, Tuple
 
 import pytest
@@ -33,9 +32,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
         return
     terminalreporter.write_sep("-", "reliability figures")
     width = max(len(name) for name, _v, _u in _FIGURES)
-    vwidth = max(len(value) for _n, value, _u in _FIGURES)
     for name, value, unit in _FIGURES:
-        terminalreporter.write_line(f"{name:<{width}}  {value:>{vwidth}} {unit}".rstrip())
+        terminalreporter.write_line(f"{name:<{width}}  {value} {unit}".rstrip())
 
 
 @pytest.fixture
@@ -65,5 +63,3 @@ def transport_env(monkeypatch):
     monkeypatch.delenv("LLM_DATADIST_LINK_SECRET", raising=False)
     return force
 
-
-CPUS = os.cpu_count() or 1

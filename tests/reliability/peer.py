@@ -14,21 +14,13 @@ from typing import Dict
 
 import numpy as np
 
-from llm_datadist import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex, DataType, LLMClusterInfo,
-                          LLMConfig, LLMDataDist, LLMException, LLMRole, Placement)
+from llm_datadist import BlocksCacheKey, CacheDesc, DataType, LLMConfig, LLMDataDist, LLMException, LLMRole, Placement
 from tests.reliability import kv
 
 
-def _info(cluster_id, ip, port) -> LLMClusterInfo:
-    info = LLMClusterInfo()
-    if cluster_id is not None:
-        info.remote_cluster_id = cluster_id
-    info.append_local_ip_info("127.0.0.1", 0)
-    info.append_remote_ip_info(ip, port)
-    return info
-
-
 class Peer:
+    """The commands: ``op_<name>(**args)`` returns the reply fields; instances, caches and loops by name."""
+
     def __init__(self) -> None:
         self.dds: Dict[str, LLMDataDist] = {}
         self.blocks: Dict[str, kv.OwnedBlocks] = {}
@@ -58,14 +50,18 @@ class Peer:
         owned.renew(cycle)
         return {"cache_id": owned.cache.cache_id, "gen": owned.gen}
 
-    def op_continuous(self, name, num_tensors, batch, slot_bytes, req_ids, gen=1, inst="main"):
-        """A registered continuous cache whose slot i is bound to CacheKey(req_id=req_ids[i]) (never consumed)."""
-        dd = self.dds[inst]
-        arrays = [np.empty((batch, slot_bytes), np.uint8) for _ in range(num_tensors)]
-        kv.fill(arrays, gen)
+    def op_continuous(self, name, num_tensors, batch, slot_bytes, gen=1, pool=False, inst="main"):
+        """A continuous cache without keys (peers pull it by cache id and batch index): registered numpy arrays,
+        or allocated from the HOST pool."""
+        cm = self.dds[inst].cache_manager
         desc = CacheDesc(num_tensors, [batch, slot_bytes], DataType.DT_UINT8, Placement.HOST)
-        keys = [CacheKey(dd.cluster_id, r, 0) for r in req_ids]
-        cache = dd.cache_manager.register_cache(desc, [a.ctypes.data for a in arrays], keys)
+        if pool:
+            cache = cm.allocate_cache(desc, [])
+            arrays = [kv.raw_view(a, batch * slot_bytes).reshape(batch, slot_bytes) for a in cache.tensor_addrs]
+        else:
+            arrays = [np.empty((batch, slot_bytes), np.uint8) for _ in range(num_tensors)]
+            cache = cm.register_cache(desc, [a.ctypes.data for a in arrays], [])
+        kv.fill(arrays, gen)
         self.caches[name] = (cache, arrays)
         return {"cache_id": cache.cache_id}
 
@@ -89,41 +85,19 @@ class Peer:
             result["gen"] = owned.gen
         return result
 
-    def op_release(self, name):
-        self.blocks.pop(name).release()
-        return {}
-
-    def op_link(self, cluster_id, port, ip="127.0.0.1", timeout=5000, inst="main"):
-        code, codes = self.dds[inst].link_clusters([_info(cluster_id, ip, port)], timeout)
-        return {"code": int(code), "codes": [int(c) for c in codes]}
-
-    def op_unlink(self, cluster_id, port, ip="127.0.0.1", force=False, timeout=3000, inst="main"):
-        code, codes = self.dds[inst].unlink_clusters([_info(cluster_id, ip, port)], timeout, force=force)
-        return {"code": int(code), "codes": [int(c) for c in codes]}
-
-    def op_pull_slot(self, name, cluster_id, req_id, dst_index=0, inst="main"):
-        cache, arrays = self.caches[name]
-        self.dds[inst].cache_manager.pull_cache(CacheKey(cluster_id, req_id, 0), cache, dst_index)
-        return {}
-
-    def op_pull_by_id(self, name, cluster_id, cache_id, batch_index, inst="main"):
-        cache, _ = self.caches[name]
-        self.dds[inst].cache_manager.pull_cache(CacheKeyByIdAndIndex(cluster_id, cache_id, batch_index), cache, 0)
-        return {}
-
     def op_check_blocks(self, name, gen):
         """Whether the blocks cache still holds generation ``gen`` everywhere."""
         owned = self.blocks[name]
         blocks = list(range(owned.arrays[0].shape[0]))
         return {"gen": kv.one_generation(owned.arrays, blocks, blocks), "expected": gen}
 
+    def op_route(self, cluster_id, inst="main"):
+        """The transports that carried this instance's transfers to a cluster (a test-only probe)."""
+        return {"route": self.dds[inst]._engine.route(cluster_id, every=True)}
+
     def op_threads(self):
         """The names of this process's Python threads (for diagnostics in assertion messages)."""
         return {"names": sorted(t.name for t in threading.enumerate())}
-
-    def op_finalize(self, inst="main"):
-        self.dds.pop(inst).finalize()
-        return {}
 
     def op_exit(self):
         for loop in list(self.loops.values()):

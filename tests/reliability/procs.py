@@ -220,10 +220,9 @@ def server(spawn, cluster_id: int, env: Optional[Dict[str, str]] = None, *, ra: 
            config: Optional[dict] = None, inst: str = "main", role: int = 1) -> "tuple[PeerProcess, int]":
     """A peer process with an instance listening on a free port of 127.0.0.1; returns (peer, port)."""
     peer = spawn(env)
-    port = free_port()
-    cfg = {"enable_cache_manager": True, "listen_ip_info": f"127.0.0.1:{port}"}
+    cfg = {"enable_cache_manager": True, "listen_ip_info": f"127.0.0.1:{free_port()}"}
     if ra:
         cfg["enable_remote_cache_accessible"] = True
-    cfg.update(config or {})
+    cfg.update(config or {})  # a listen_ip_info here wins (a restarted owner on its old port)
     peer.call("init", role=role, cluster_id=cluster_id, config=cfg, inst=inst)
-    return peer, port
+    return peer, int(cfg["listen_ip_info"].rsplit(":", 1)[1])

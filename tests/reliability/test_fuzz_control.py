@@ -131,7 +131,7 @@ def test_the_control_listener_survives_thousands_of_hostile_frames(target, make_
     rng = np.random.default_rng(20240601)
     cold = peer.usage()
     warm_frames, _ = _round(rng, ports, BATCH * 4, 20, 10)
-    warm, (_pool, warm_threads) = peer.usage(), thread_census(peer)
+    warm, warm_threads = peer.usage(), thread_census(peer)[1]
     frames, must_close = _round(rng, ports, PRE_CONNECTIONS, AUTH_CONNECTIONS, LINKS)
     assert peer.alive()
     fds = settle(lambda: peer.usage().fds, warm.fds + FD_SLACK, 10.0)

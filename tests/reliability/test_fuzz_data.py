@@ -89,7 +89,7 @@ def test_the_data_port_survives_thousands_of_hostile_frames(target, make_dd, fig
     rng = np.random.default_rng(20240602)
     cold = peer.usage()
     warm_frames, warm_checked = _round(rng, link, view, BATCH * 4, 10)
-    warm, (_pool, warm_threads) = peer.usage(), thread_census(peer)
+    warm, warm_threads = peer.usage(), thread_census(peer)[1]
     frames, checked = _round(rng, link, view, PRE_CONNECTIONS, SESSIONS)
     assert peer.alive()
     fds = settle(lambda: peer.usage().fds, warm.fds + FD_SLACK, 10.0)
