@@ -5,11 +5,12 @@ one short table at the end of the run, also with ``-q``.
 """
 from __future__ import annotations
 
+import os
 from typing import List, Tuple
 
 import pytest
 
-from tests.reliability.procs import PeerProcess
+from tests.reliability.procs import PeerProcess, behaviour_env
 
 _FIGURES: List[Tuple[str, str, str]] = []
 
@@ -51,6 +52,14 @@ def spawn():
         peer.close()
 
 
+@pytest.fixture(autouse=True)
+def _own_environment(monkeypatch):
+    """The tests choose transports, secrets and caps themselves: none comes from the caller's environment
+    (peer processes drop those variables too, see PeerProcess)."""
+    for name in behaviour_env(os.environ):
+        monkeypatch.delenv(name)
+
+
 @pytest.fixture
 def transport_env(monkeypatch):
     """``transport_env(name)``: force that transport in this process; returns the env for peer processes."""
@@ -59,7 +68,5 @@ def transport_env(monkeypatch):
         monkeypatch.setenv("LLM_DATADIST_TRANSPORT", name)
         return {"LLM_DATADIST_TRANSPORT": name}
 
-    monkeypatch.delenv("LLM_DATADIST_TRANSPORT", raising=False)
-    monkeypatch.delenv("LLM_DATADIST_LINK_SECRET", raising=False)
     return force
 

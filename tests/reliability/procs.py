@@ -11,11 +11,17 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 SRC = os.path.join(ROOT, "src")
+
+
+def behaviour_env(environ) -> List[str]:
+    """The library variables that change behaviour (transport, secret, caps...): every ``LLM_DATADIST_*``
+    but the log level."""
+    return [n for n in environ if n.startswith("LLM_DATADIST_") and n != "LLM_DATADIST_LOG_LEVEL"]
 
 
 def free_port() -> int:
@@ -111,6 +117,8 @@ class PeerProcess:
 
     def __init__(self, env: Optional[Dict[str, str]] = None) -> None:
         environ = dict(os.environ)
+        for name in behaviour_env(environ):  # only what ``env`` says
+            del environ[name]
         environ["PYTHONPATH"] = os.pathsep.join([ROOT, SRC, environ.get("PYTHONPATH", "")])
         environ.update(env or {})
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.reliability.peer"], cwd=ROOT,

@@ -124,7 +124,7 @@ def _round(rng: np.random.Generator, ports: dict, pre: int, auth: int, links: in
     return frames, must_close
 
 
-def test_the_control_listener_survives_thousands_of_hostile_frames(target, make_dd, figures, transport_env):
+def test_the_control_listener_survives_thousands_of_hostile_frames(target, make_dd, figures):
     """A short warm-up round fills the bounded pools (link handlers start on demand); the long round after it
     must leave no fd or thread behind."""
     peer, ports = target

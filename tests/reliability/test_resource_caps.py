@@ -64,16 +64,18 @@ def owner(spawn):
 
 
 def test_idle_sockets_on_both_ports_do_not_block_a_new_link_and_its_pulls(owner, make_dd, figures, transport_env):
+    """The idle sockets sit there while a new link is made and pulls run over tcp; what each one costs the server
+    (RSS per connection it accepted) is reported."""
     peer, port, data_port = owner
     transport_env("tcp")  # the pulls go through the data port the idle sockets sit on
     before = peer.usage()
-    control = _open(port, IDLE_CONTROL)
-    assert wait_for(lambda: peer.usage().threads >= before.threads + 32, 5.0)  # the listener is serving them
-    with_control = peer.usage()
-    held_control = _held(control)
     data = _open(data_port, IDLE_DATA)
+    assert wait_for(lambda: peer.usage().fds >= before.fds + IDLE_DATA, 5.0)  # all accepted, waiting for HELLO
     with_data = peer.usage()
-    held_data = _held(data)
+    control = _open(port, IDLE_CONTROL)
+    assert wait_for(lambda: peer.usage().fds >= with_data.fds + 32, 5.0)  # the listener took them in
+    with_control = peer.usage()
+    held = (_held(control), _held(data))
     try:
         dd = make_dd(LLMRole.DECODER, 702)
         local.link(dd, P, port)
@@ -84,15 +86,13 @@ def test_idle_sockets_on_both_ports_do_not_block_a_new_link_and_its_pulls(owner,
     finally:
         _close(control + data)
     local.unlink(dd, P, port)
-    assert held_data == IDLE_DATA  # waiting for a HELLO costs no thread, so all of them are held
-    per_control = (with_control.rss_kib - before.rss_kib) / max(with_control.threads - before.threads, 1)
-    per_data = (with_data.rss_kib - with_control.rss_kib) / IDLE_DATA
-    figures.add(f"idle sockets: {IDLE_CONTROL} on the listener, held while linking", f"{held_control} -> {still[0]}")
-    figures.add(f"idle sockets: {IDLE_DATA} on the data port, held while linking", f"{held_data} -> {still[1]}")
-    figures.add("idle sockets: server threads before -> with them (handshakes capped at 64)",
-                f"{before.threads} -> {with_control.threads}")
-    figures.add("idle sockets: RSS per pending handshake (a thread each)", per_control, "KiB")
-    figures.add("idle sockets: RSS per held data-port connection", per_data, "KiB")
+    per_data = (with_data.rss_kib - before.rss_kib) / (with_data.fds - before.fds)
+    per_control = (with_control.rss_kib - with_data.rss_kib) / max(with_control.fds - with_data.fds, 1)
+    figures.add(f"idle sockets: {IDLE_CONTROL} on the listener, still open while linking", f"{held[0]} -> {still[0]}")
+    figures.add(f"idle sockets: {IDLE_DATA} on the data port, still open while linking", f"{held[1]} -> {still[1]}")
+    figures.add("idle sockets: server threads before -> with them", f"{before.threads} -> {with_control.threads}")
+    figures.add("idle sockets: RSS per accepted listener connection", per_control, "KiB")
+    figures.add("idle sockets: RSS per accepted data-port connection", per_data, "KiB")
 
 
 def test_oversized_frames_before_authentication_are_dropped_at_their_header(owner, figures):
@@ -106,18 +106,17 @@ def test_oversized_frames_before_authentication_are_dropped_at_their_header(owne
     after = peer.usage()
     # the largest frame a stranger may announce (64 KiB), its body withheld: what one held connection costs
     withheld = _open(port, 32, fuzz.control_header(1, proto.HANDSHAKE_FRAME_BYTES))
-    assert wait_for(lambda: peer.usage().threads >= after.threads + 16, 5.0)
+    assert wait_for(lambda: peer.usage().fds >= after.fds + 32, 5.0)
     with_withheld = peer.usage()
-    held = _held(withheld)
     _close(withheld)
     assert peer.alive()
     figures.add("oversized headers before authentication, dropped", f"{len(control)} control, {len(data)} data")
     figures.add("oversized headers: server RSS change", after.rss_kib - before.rss_kib, "KiB")
-    figures.add("64 KiB frame announced, body withheld: RSS per held connection",
-                (with_withheld.rss_kib - after.rss_kib) / max(held, 1), "KiB")
+    figures.add("64 KiB frame announced, body withheld: RSS per connection",
+                (with_withheld.rss_kib - after.rss_kib) / (with_withheld.fds - after.fds), "KiB")
 
 
-def test_the_link_cap_refuses_the_link_beyond_it(spawn, make_dd, figures, transport_env):
+def test_the_link_cap_refuses_the_link_beyond_it(spawn, make_dd, figures):
     cap = 3
     peer, port = server(spawn, P, env={"LLM_DATADIST_MAX_LINKS": str(cap)})
     peer.call("blocks", name="kv", num_tensors=NT, num_blocks=NB, block_bytes=BB)

@@ -9,6 +9,7 @@ import os
 import time
 
 import numpy as np
+import pytest
 
 from llm_datadist import BlocksCacheKey, LLMRole
 from tests.reliability import kv, local
@@ -21,7 +22,8 @@ WARMUP = 2_000
 RSS_BOUND_KIB = 4 << 10
 
 
-def test_100k_verified_pulls_without_growth(spawn, make_dd, figures, transport_env):
+@pytest.mark.timeout(600)  # the rate depends on the machine; only growth is asserted
+def test_100k_verified_pulls_without_growth(spawn, make_dd, figures):
     peer, port = server(spawn, P)
     peer.call("blocks", name="kv", num_tensors=NT, num_blocks=NB, block_bytes=BB)
     dd = make_dd(LLMRole.DECODER, D)

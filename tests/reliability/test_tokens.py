@@ -186,7 +186,7 @@ class FakeServer:
 
 
 @pytest.mark.parametrize("secret", [None, SECRET], ids=["no-secret", "secret"])
-def test_a_clients_first_frames_carry_no_token_and_no_secret(make_dd, secret, transport_env):
+def test_a_clients_first_frames_carry_no_token_and_no_secret(make_dd, secret):
     fake = FakeServer(secret)
     attrs = {"link_secret": secret.decode()} if secret else {}
     dd = make_dd(LLMRole.DECODER, 409, **attrs)
