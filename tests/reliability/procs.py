@@ -127,6 +127,7 @@ class PeerProcess:
         self._reader = threading.Thread(target=self._read, name="peer-replies", daemon=True)
         self._reader.start()
         self._lock = threading.Lock()
+        self.port = 0  # the listen port of its instance, when ``server()`` made it
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -233,4 +234,5 @@ def server(spawn, cluster_id: int, env: Optional[Dict[str, str]] = None, *, ra: 
         cfg["enable_remote_cache_accessible"] = True
     cfg.update(config or {})  # a listen_ip_info here wins (a restarted owner on its old port)
     peer.call("init", role=role, cluster_id=cluster_id, config=cfg, inst=inst)
-    return peer, int(cfg["listen_ip_info"].rsplit(":", 1)[1])
+    peer.port = int(cfg["listen_ip_info"].rsplit(":", 1)[1])
+    return peer, peer.port

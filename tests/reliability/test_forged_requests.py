@@ -2,7 +2,8 @@
 
 A raw client links by hand (so it holds a real per-link token), learns the owner's cache views, and sends READ
 and WRITE frames a well-behaved client never would. Every refusal is checked on the wire (status, no payload)
-and on the owner (its bytes unchanged); a valid request on the same connection afterwards still works.
+and on the owner (its bytes unchanged); a valid request on the same connection afterwards still works. Block
+indices far beyond any cache, given to the public API, are refused the same way (LLM_PARAM_INVALID, nothing moved).
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import mmap
 import numpy as np
 import pytest
 
+from llm_datadist import BlocksCacheKey, LLMException, LLMRole
 from llm_datadist._engine import protocol as proto
 from llm_datadist._transport import tcp_wire as dwire
 from llm_datadist.status import LLMStatusCode
-from tests.reliability import kv, wire
+from tests.reliability import kv, local, wire
 from tests.reliability.procs import server
 
 P = 31
@@ -119,3 +121,19 @@ def test_writes_with_a_stale_guard_or_outside_a_writable_cache_are_refused(owner
     assert (status, data) == (dwire.ST_OK, block)
     random_guard = link.call(proto.WriteGrant(guards=[(slot ^ 5, 12345)]))
     assert isinstance(random_guard, proto.Error) and random_guard.code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+
+
+def test_block_indices_beyond_any_cache_are_refused_by_the_api_and_move_nothing(owner, make_dd):
+    peer, _link, _conn = owner
+    dd = make_dd(LLMRole.DECODER, 902)
+    local.link(dd, P, peer.port)
+    cache, arrays = local.blocks(dd.cache_manager, NT, NB, BB)
+    for index in (NB, 2**62, 2**63, 2**64 - 1, 2**64, -1):
+        for src, dst in (([index], [0]), ([0], [index])):
+            with pytest.raises(LLMException) as refused:
+                dd.cache_manager.pull_blocks(BlocksCacheKey(P, 0), cache, src, dst)
+            assert refused.value.status_code == LLMStatusCode.LLM_PARAM_INVALID, (index, src, dst)
+    assert local.untouched(arrays)
+    dd.cache_manager.pull_blocks(BlocksCacheKey(P, 0), cache, [NB - 1], [0])
+    assert kv.one_generation(arrays, [0], [NB - 1]) == 1
+    local.unlink(dd, P, peer.port)

@@ -1,7 +1,9 @@
 """Resource caps: idle and oversized strangers on both ports never block a real link; the link cap holds."""
 from __future__ import annotations
 
+import selectors
 import socket
+import time
 from typing import List
 
 import pytest
@@ -93,6 +95,48 @@ def test_idle_sockets_on_both_ports_do_not_block_a_new_link_and_its_pulls(owner,
     figures.add("idle sockets: server threads before -> with them", f"{before.threads} -> {with_control.threads}")
     figures.add("idle sockets: RSS per accepted listener connection", per_control, "KiB")
     figures.add("idle sockets: RSS per accepted data-port connection", per_data, "KiB")
+
+
+def _close_times(socks: List[socket.socket], timeout: float) -> List[float]:
+    """Seconds until the server closed each socket (inf where it did not within ``timeout``)."""
+    start = time.monotonic()
+    times = [float("inf")] * len(socks)
+    sel = selectors.DefaultSelector()
+    for i, sock in enumerate(socks):
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ, i)
+    while sel.get_map() and time.monotonic() - start < timeout:
+        for key, _ in sel.select(0.05):
+            try:
+                gone = key.fileobj.recv(4096) == b""
+            except BlockingIOError:
+                continue
+            except OSError:
+                gone = True
+            if gone:
+                times[key.data] = time.monotonic() - start
+                sel.unregister(key.fileobj)
+    sel.close()
+    return times
+
+
+def test_strangers_that_never_say_hello_are_cut_the_oldest_first(owner, figures):
+    """Beyond 64 waiting handshakes the oldest is cut at once; the rest go at the Hello deadline (3 s on the
+    listener, 2 s on the data port). None is held longer."""
+    _peer, port, data_port = owner
+    control = _open(port, 100)
+    data = _open(data_port, 50)
+    try:
+        control_times = _close_times(control + data, 8.0)
+    finally:
+        _close(control + data)
+    control_times, data_times = control_times[:100], control_times[100:]
+    assert max(control_times + data_times) < 8.0, "a stranger was held past its Hello deadline"
+    oldest, newest = sorted(control_times[:30]), sorted(control_times[-30:])
+    assert oldest[15] < newest[15], (oldest, newest)  # the oldest were cut first
+    figures.add("strangers: listener cuts the oldest 30 / newest 30 after (median)",
+                f"{oldest[15]:.2f} s / {newest[15]:.2f} s")
+    figures.add("strangers: the data port drops idle ones after (slowest)", f"{max(data_times):.2f} s")
 
 
 def test_oversized_frames_before_authentication_are_dropped_at_their_header(owner, figures):
