@@ -289,6 +289,7 @@ class LinkManager:
             link.peer_unlinked = True
             link.retire()
             self._forget(link)
+            self._engine.revoke_credentials(link.serial)  # its data-plane token ends with the link, not the socket
 
     def _on_connection_lost(self, link: Optional[Link]) -> None:
         if link is None or self._closed:

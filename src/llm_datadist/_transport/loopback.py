@@ -130,6 +130,8 @@ class LoopbackTransport(Transport):
         target = channel.target()
         table = target._writable if write else target._readable
         if not table.contains(plan.remote, plan.sizes):
+            if not _guards_hold(plan.guards):  # released (guard first, then its ranges): not a caller error
+                raise StaleMemory("the peer released that cache")
             raise RemoteRejected("range outside the peer's registered memory")
         return target
 
