@@ -192,9 +192,8 @@ _READER = ("import sys\nfrom llm_datadist._engine.api import read_process_memory
            "except Exception as exc:\n    print('refused', exc)\n")
 
 
-def _pvm_sibling_check() -> str:
-    """A second child reads the first: two processes neither of which started the other."""
-    marker = b"llm-datadist-sibling"
+def _with_target(marker: bytes, read: Callable[[int, int], str]) -> str:
+    """Start a short-lived child holding ``marker``; ``read(pid, address)`` says what reading it gave."""
     try:
         target = subprocess.Popen([sys.executable, "-c", _TARGET % marker], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -204,10 +203,7 @@ def _pvm_sibling_check() -> str:
         line = target.stdout.readline() if target.stdout else b""
         if not line.strip():
             return "unknown (the probe process did not start)"
-        out = subprocess.run([sys.executable, "-c", _READER % (len(marker), marker), str(target.pid),
-                              line.decode().strip()], capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"unknown ({exc})"
+        return read(target.pid, int(line))
     finally:
         if target.stdin:
             target.stdin.close()
@@ -218,9 +214,23 @@ def _pvm_sibling_check() -> str:
             target.wait()
         if target.stdout:
             target.stdout.close()
-    if out == "ok":
-        return "permitted"
-    return f"NOT permitted ({out or 'no answer'}); same-host links then use shm for pool caches, else tcp"
+
+
+def _pvm_sibling_check() -> str:
+    """A second child reads the first: two processes neither of which started the other."""
+    marker = b"llm-datadist-sibling"
+
+    def read(pid: int, addr: int) -> str:
+        try:
+            out = subprocess.run([sys.executable, "-c", _READER % (len(marker), marker), str(pid), str(addr)],
+                                 capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"unknown ({exc})"
+        if out == "ok":
+            return "permitted"
+        return f"NOT permitted ({out or 'no answer'}); same-host links then use shm for pool caches, else tcp"
+
+    return _with_target(marker, read)
 
 
 def _pvm_child_check() -> str:
@@ -228,30 +238,15 @@ def _pvm_child_check() -> str:
     from llm_datadist._engine.api import read_process_memory
 
     marker = b"llm-datadist-doctor"
-    code = _TARGET % marker
-    try:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL)
-    except OSError as exc:
-        return f"unknown ({exc})"
-    try:
-        line = proc.stdout.readline() if proc.stdout else b""
-        if not line.strip():
-            return "unknown (the probe process did not start)"
-        seen = read_process_memory(proc.pid, int(line), len(marker))
-        return "permitted" if seen == marker else "NOT permitted (read the wrong memory)"
-    except Exception as exc:  # noqa: BLE001 - a refusal is the answer, not an error
-        return f"NOT permitted ({exc}); same-host links fall back to shm or tcp"
-    finally:
-        if proc.stdin:
-            proc.stdin.close()
+
+    def read(pid: int, addr: int) -> str:
         try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+            seen = read_process_memory(pid, addr, len(marker))
+        except Exception as exc:  # noqa: BLE001 - a refusal is the answer, not an error
+            return f"NOT permitted ({exc}); same-host links fall back to shm or tcp"
+        return "permitted" if seen == marker else "NOT permitted (read the wrong memory)"
+
+    return _with_target(marker, read)
 
 
 def _doctor_cuda() -> Tuple[List[Row], bool]:
