@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import LOCAL_BYTES, PEER_BYTES, TESTED, Setup, ctx
+from conftest import LOCAL_BYTES, PARAMS, PEER_BYTES, TESTED, Setup, ctx
 from llm_datadist._transport import available_transports, transport_class
 from llm_datadist._transport.base import (
     ConnectFailed,
@@ -280,7 +280,7 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@pytest.mark.parametrize("name", TESTED)
+@pytest.mark.parametrize("name", PARAMS)
 def test_nothing_leaks_after_close(name):
     Setup(name).close()  # warm up imports and lazily created helpers
     threads, fds = threading.active_count(), _open_fds()
@@ -328,9 +328,9 @@ def test_stale_guard_fails_reads_and_writes_and_a_live_one_still_works(fresh: Se
 
 
 def test_a_wrong_instance_nonce_is_refused_at_connect(fresh: Setup):
-    """A same-host route must prove the peer's identity (another pid namespace, a reused pid)."""
-    if fresh.name not in ("process_vm", "shm"):
-        pytest.skip("identity by nonce is a same-host route's check")
+    """A one-sided route must prove the peer's identity (another pid namespace, a reused pid, another agent)."""
+    if fresh.name not in ("process_vm", "shm", "nixl"):
+        pytest.skip("identity by nonce is a one-sided route's check")
     import dataclasses
 
     impostor = dataclasses.replace(fresh.peer_info, nonce=b"\x01" * 16)

@@ -14,6 +14,7 @@ _REGISTRY: Dict[str, str] = {
     "process_vm": "llm_datadist._transport.process_vm:ProcessVmTransport",
     "shm": "llm_datadist._transport.shm:ShmTransport",
     "tcp": "llm_datadist._transport.tcp:TcpTransport",
+    "nixl": "llm_datadist._transport.nixl:NixlTransport",
 }
 _CACHE: Dict[str, type] = {}
 _LOCK = threading.Lock()
