@@ -181,7 +181,6 @@ class NixlTransport(Transport):
     name = "nixl"
     priority = 20 if _PREFERRED else 5
     in_auto = _PREFERRED
-    rank_reason = nixl_env.rank_reason()
     caps = Capabilities(memory_kinds=frozenset({HOST, CUDA}), locality=NETWORK, one_sided=True, asynchronous=True)
 
     def __init__(self, ctx: TransportContext) -> None:
@@ -291,8 +290,7 @@ class NixlTransport(Transport):
             raise ConnectFailed(f"nixl agent {name} is not the peer (wrong instance nonce)")
         with self._lock:
             self._channels.add(channel)
-        logger.info("nixl channel to cluster %d (agent %s at %s); %s", peer.cluster_id, name, peer.address,
-                    self.rank_reason)
+        logger.debug("nixl channel to cluster %d (agent %s at %s)", peer.cluster_id, name, peer.address)
         return channel
 
     def _attach(self, name: str, metadata: bytes) -> None:

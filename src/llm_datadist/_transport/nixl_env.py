@@ -45,12 +45,15 @@ def preferred_reason() -> str:
     return ""
 
 
+NOT_PREFERRED = "no RDMA device or GPU here, and UCX over TCP is slower than our tcp"
+
+
 def rank_reason() -> str:
-    """One line on where nixl ranks in auto mode and why (for logs and ``doctor``)."""
+    """One line on where nixl ranks in auto mode and why (for the log line of each link)."""
     reason = preferred_reason()
     if reason:
         return f"nixl is preferred over tcp across hosts: {reason}"
-    return "tcp is preferred over nixl across hosts: no RDMA device or GPU here, and UCX over TCP is slower"
+    return f"tcp is preferred over nixl across hosts: {NOT_PREFERRED}"
 
 
 def ucx_defaults() -> Dict[str, str]:
