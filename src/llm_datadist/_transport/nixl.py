@@ -40,6 +40,7 @@ from llm_datadist._transport.base import (
     TransportError,
 )
 from llm_datadist._transport.nixl_ops import Regions, rows
+from llm_datadist._transport.nixl_requests import SCRATCH_WORDS, Requests, Scratch
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,6 @@ _INFO = struct.Struct("<4sQQH")  # magic, guard table address, its size, agent n
 _REGION_MAGIC = b"NXR1"
 _NONCE_OFFSET = 8  # the guard table header: 8 bytes of magic, then the 16-byte instance nonce
 _NONCE_BYTES = 16
-SCRATCH_WORDS = 512  # guard words one request reads into a scratch buffer
-_POLL_FIRST_S = 20e-6
-_POLL_MAX_S = 1e-3
 _PREFERRED = bool(nixl_env.preferred_reason())
 
 
@@ -86,90 +84,6 @@ class NixlChannel(Channel):
         self.closed = True
 
 
-class _Scratch:
-    """A registered buffer guard words are read into."""
-
-    def __init__(self, transport: "NixlTransport") -> None:
-        self.words = np.zeros(SCRATCH_WORDS, dtype=np.uint64)
-        self.addr = self.words.ctypes.data
-        self.descs = transport.agent.register(self.addr, self.words.nbytes, HOST, 0)
-
-
-class _Transfer:
-    """Requests posted one after the other; ``poll`` advances without blocking."""
-
-    def __init__(self, transport: "NixlTransport", channel: NixlChannel,
-                 stages: List[Tuple[Callable[[], int], Optional[Callable[[], None]]]],
-                 scratch: Optional[_Scratch]) -> None:
-        self._t = transport
-        self._ch = channel
-        self._stages = stages
-        self._scratch = scratch
-        self._index = 0
-        self._handle: Optional[int] = None
-        self._error: Optional[BaseException] = None
-        self._done = False
-        self._lock = threading.Lock()
-
-    def poll(self) -> bool:
-        with self._lock:
-            if self._error is not None:
-                raise self._error
-            try:
-                return self._advance()
-            except TransportError as exc:
-                self._fail(exc)
-                raise
-
-    def _advance(self) -> bool:
-        agent = self._t.agent
-        while not self._done:
-            if self._handle is None:
-                if self._index == len(self._stages):
-                    self._finish()
-                    return True
-                self._handle = self._stages[self._index][0]()
-            if not agent.done(self._handle):
-                return False
-            agent.abandon(self._handle)
-            self._handle = None
-            after = self._stages[self._index][1]
-            self._index += 1
-            if after is not None:
-                after()
-        return True
-
-    def _finish(self) -> None:
-        self._done = True
-        self._t.give_back(self._scratch)
-        self._scratch = None
-
-    def _fail(self, exc: BaseException) -> None:
-        self._error = exc
-        self._done = True
-        if isinstance(exc, TransportClosed) and not self._t.closed:
-            self._ch.broken = str(exc)
-            self._t.mark_broken(self._ch.agent)
-        if self._handle is not None:
-            self._t.agent.abandon(self._handle, self._scratch)
-            self._handle = None
-        else:
-            self._t.give_back(self._scratch)
-        self._scratch = None
-
-    def wait(self, deadline: float) -> None:
-        pause = _POLL_FIRST_S
-        while not self.poll():
-            now = time.monotonic()
-            if now >= deadline:
-                with self._lock:
-                    if not self._done:
-                        self._fail(TransferTimeout("nixl transfer deadline passed"))
-                raise TransferTimeout("nixl transfer deadline passed")
-            time.sleep(min(pause, deadline - now))
-            pause = min(pause * 2, _POLL_MAX_S)
-
-
 class NixlTransport(Transport):
     """Reads and writes registered memory of a peer through a NIXL agent (UCX backend).
 
@@ -194,8 +108,8 @@ class NixlTransport(Transport):
         self._ranges: Dict[str, List[Tuple[int, int]]] = {HOST: [], CUDA: []}
         self._peers: Dict[str, _PeerAgent] = {}
         self._channels: Set[NixlChannel] = set()
-        self._scratch: List[_Scratch] = []
-        self._all_scratch: List[_Scratch] = []
+        self._scratch: List[Scratch] = []
+        self._all_scratch: List[Scratch] = []
         self._info = self._describe(0, 0, None)
         self.closed = False
 
@@ -370,16 +284,16 @@ class NixlTransport(Transport):
         channel.check()
         return channel
 
-    def _scratch_buffer(self) -> _Scratch:
+    def _scratch_buffer(self) -> Scratch:
         with self._lock:
             if self._scratch:
                 return self._scratch.pop()
-        scratch = _Scratch(self)
+        scratch = Scratch(self)
         with self._lock:
             self._all_scratch.append(scratch)
         return scratch
 
-    def give_back(self, scratch: Optional[_Scratch]) -> None:
+    def give_back(self, scratch: Optional[Scratch]) -> None:
         if scratch is not None:
             with self._lock:
                 self._scratch.append(scratch)
@@ -388,7 +302,7 @@ class NixlTransport(Transport):
         for kept in self.agent.reap():
             self.give_back(kept)  # type: ignore[arg-type]
 
-    def _guard_stage(self, channel: NixlChannel, scratch: _Scratch, addrs: np.ndarray, expected: np.ndarray,
+    def _guard_stage(self, channel: NixlChannel, scratch: Scratch, addrs: np.ndarray, expected: np.ndarray,
                      error: Callable[[str], TransportError]):
         """A request reading guard words into scratch, and the check of what it read."""
         n = addrs.shape[0]
@@ -424,7 +338,7 @@ class NixlTransport(Transport):
         scratch = self._scratch_buffer()
         seen: List[np.ndarray] = []
         post, _ = self._guard_stage(channel, scratch, addrs, np.zeros(0, dtype=np.uint64), StaleMemory)
-        transfer = _Transfer(self, channel, [(post, lambda: seen.append(scratch.words[:addrs.shape[0]].copy()))],
+        transfer = Requests(self, channel, [(post, lambda: seen.append(scratch.words[:addrs.shape[0]].copy()))],
                              scratch)
         transfer.wait(deadline)
         return seen[0]
@@ -440,6 +354,8 @@ class NixlTransport(Transport):
         ch = self._ready(channel)
         if time.monotonic() >= deadline:
             raise TransferTimeout("deadline passed before the nixl transfer")
+        if self.agent.pending:
+            self._reap()  # requests of earlier timeouts that UCX has let go of since
         local_dev = self.ctx.device_id if plan.local_kind == CUDA else 0
         lrows, rrows = rows(plan, self._local[plan.local_kind], ch.regions, local_dev, 0)
         addrs, expected = self._guards(ch, plan)
@@ -453,7 +369,7 @@ class NixlTransport(Transport):
             stages.append((data, None))
             if not write:
                 stages.append(guard)
-        transfer = _Transfer(self, ch, stages, scratch)
+        transfer = Requests(self, ch, stages, scratch)
         return Pending(transfer.poll, transfer.wait)
 
     def read(self, channel: Channel, plan: CopyPlan, deadline: float) -> None:

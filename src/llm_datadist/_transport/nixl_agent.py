@@ -160,11 +160,13 @@ class Agent:
         except Exception:  # noqa: BLE001 - still in flight
             return False
 
-    def abandon(self, handle: int, keep: Optional[object] = None) -> None:
-        """Free a request now or, while UCX still runs it, later (with ``keep``, e.g. its scratch buffer)."""
-        if not self.release(handle):
-            with self._lock:
-                self._zombies.append((handle, keep))
+    def abandon(self, handle: int, keep: Optional[object] = None) -> bool:
+        """Free a request now (True) or, while UCX still runs it, later with ``keep`` (its scratch buffer)."""
+        if self.release(handle):
+            return True
+        with self._lock:
+            self._zombies.append((handle, keep))
+        return False
 
     def reap(self) -> List[object]:
         """Free the kept requests UCX has finished with; returns what was kept with them."""
