@@ -5,6 +5,10 @@ connection metadata plus the guard table's registration (the handshake), ``regis
 registration (peers learn it from our cache table). A read posts three requests one after the other (the
 guards, the data, the guards again: NIXL completes the ops of one request in no set order) and fails with
 StaleMemory when a guard changed; a write, done under the engine's write grant, reads the guards once first.
+
+Each request is made from its plan's descriptor rows (``createXferReq``), not from prepared lists and indices:
+plans are arbitrary address lists, and on this project's machines a prepared list saved about 0.1 ms per 4096
+descriptors (0.16 against 0.26 ms), under 0.1% of such a transfer over UCX/TCP.
 """
 from __future__ import annotations
 
