@@ -29,7 +29,14 @@ def start_prefill(spawn_peer, cluster_id, port, env=None, seed=5, num_blocks=16,
     return peer
 
 
-@pytest.mark.parametrize("transport", ["tcp", "process_vm"])
+def _forced(name: str):
+    from llm_datadist._transport import unavailable_reason
+
+    reason = unavailable_reason(name)
+    return pytest.param(name, marks=pytest.mark.skipif(bool(reason), reason=f"{name}: {reason}"))
+
+
+@pytest.mark.parametrize("transport", ["tcp", "process_vm", _forced("nixl")])
 def test_peer_killed_mid_pull_then_force_unlink_and_relink(spawn_peer, transport, monkeypatch):
     monkeypatch.setenv("LLM_DATADIST_TRANSPORT", transport)
     env = {"LLM_DATADIST_TRANSPORT": transport}

@@ -29,6 +29,11 @@ def _needs_namespaces():
 @pytest.fixture(params=list(CROSS_HOST_TRANSPORTS))
 def transport(request) -> str:
     """Each cross-host transport in turn (forced on both peers through LLM_DATADIST_TRANSPORT)."""
+    from llm_datadist._transport import unavailable_reason as transport_unavailable
+
+    reason = transport_unavailable(request.param)
+    if reason:
+        pytest.skip(f"{request.param} is not available: {reason}")
     return request.param
 
 

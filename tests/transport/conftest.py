@@ -13,8 +13,8 @@ from typing import List, Optional
 import numpy as np
 import pytest
 
-from llm_datadist._transport import available_transports, transport_class
-from llm_datadist._transport.base import CopyPlan, Guard, PeerInfo, RemoteRegion, TransportContext
+from llm_datadist._transport import available_transports, transport_class, unavailable_reason
+from llm_datadist._transport.base import CopyPlan, Guard, PeerInfo, Region, RemoteRegion, TransportContext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -26,8 +26,11 @@ PEER_BYTES = 72 << 20
 LOCAL_BYTES = 80 << 20
 # The one list of transports the suite runs against; a new backend is tested by adding it here (with a skip
 # mark when it needs an optional package or a GPU).
-ALL = ["loopback", "process_vm", "shm", "tcp"]
+ALL = ["loopback", "process_vm", "shm", "tcp", "nixl"]
 TESTED = [n for n in ALL if n in available_transports()]
+# Transports this machine lacks are reported as skips with the reason (nixl without its package, say).
+PARAMS = [n if n in TESTED else pytest.param(n, marks=pytest.mark.skip(reason=f"{n}: {unavailable_reason(n)}"))
+          for n in ALL]
 ONE_SIDED = {"loopback", "process_vm", "shm"}  # the serving side does no work during a transfer
 
 
@@ -136,6 +139,7 @@ class Setup:
         self.addr, self.nbytes, self.seed, self.guard = info["addr"], info["nbytes"], info["seed"], info["guard"]
         self.transport = transport_class(name)(ctx())
         self.local = np.zeros(LOCAL_BYTES, dtype=np.uint8)
+        self.transport.register(Region(self.local.ctypes.data, LOCAL_BYTES))  # as an engine registers its caches
         self.peer_info = PeerInfo(cluster_id=2, host_id=HOST_ID, pid=self.peer.pid, address="127.0.0.1",
                                   descriptor=info["local_info"], credential=info["credential"], nonce=info["nonce"])
         self.regions = [RemoteRegion(self.addr, self.nbytes, "host", info["descriptor"])]
@@ -180,7 +184,7 @@ class Setup:
         self.peer.close()
 
 
-@pytest.fixture(scope="module", params=TESTED)
+@pytest.fixture(scope="module", params=PARAMS)
 def setup(request) -> Setup:
     """One connected pair per transport, shared by the non-destructive tests of a module."""
     pair = Setup(request.param)
@@ -188,7 +192,7 @@ def setup(request) -> Setup:
     pair.close()
 
 
-@pytest.fixture(params=TESTED)
+@pytest.fixture(params=PARAMS)
 def fresh(request) -> Setup:
     """A connected pair of its own, for tests that stop, kill or close things."""
     pair = Setup(request.param)

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import LOCAL_BYTES, PEER_BYTES, TESTED, Setup, ctx
+from conftest import LOCAL_BYTES, PARAMS, PEER_BYTES, TESTED, Setup, ctx
 from waiting import NEVER_HANGS_S, wait_until
 from llm_datadist._transport import available_transports, transport_class
 from llm_datadist._transport.base import (
@@ -27,7 +27,7 @@ from llm_datadist._transport.base import (
 SENTINEL = 0xA5
 SERVER_CHECKED = [n for n in TESTED if n != "process_vm"]  # a serving side or a range table refuses bad ranges
 TWO_PROCESS = [n for n in TESTED if n != "loopback"]
-SAME_HOST = [n for n in TESTED if n in ("process_vm", "shm")]
+SAME_HOST = [n for n in TESTED if n in ("process_vm", "shm", "nixl")]  # routes that prove identity by nonce
 TCP = [n for n in TESTED if n == "tcp"]
 SHM = [n for n in TESTED if n == "shm"]
 
@@ -290,7 +290,7 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@pytest.mark.parametrize("name", TESTED)
+@pytest.mark.parametrize("name", PARAMS)
 def test_nothing_leaks_after_close(name):
     Setup(name).close()  # warm up imports and lazily created helpers
     threads, fds = threading.active_count(), _open_fds()
@@ -336,7 +336,7 @@ def test_stale_guard_fails_reads_and_writes_and_a_live_one_still_works(fresh: Se
 
 @pytest.mark.parametrize("fresh", SAME_HOST, indirect=True)
 def test_a_wrong_instance_nonce_is_refused_at_connect(fresh: Setup):
-    """A same-host route must prove the peer's identity (another pid namespace, a reused pid)."""
+    """A one-sided route must prove the peer's identity (another pid namespace, a reused pid, another agent)."""
     import dataclasses
 
     impostor = dataclasses.replace(fresh.peer_info, nonce=b"\x01" * 16)

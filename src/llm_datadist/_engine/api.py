@@ -6,6 +6,7 @@ other modules or the transports.
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, List, Tuple
 
 from llm_datadist._engine import options, requests
@@ -25,6 +26,7 @@ __all__ = [
     "CacheSpec", "LayerSel", "SourceSpec", "ConfigJob", "TaskJob", "TENSORS_PER_LAYER", "HOST",
     "DEVICE", "link_timeout_s", "transport_report", "process_vm_status", "plan_blocks_timing", "read_process_memory",
     "memory_kinds", "memory_kind",
+    "cross_host_choice",
 ]
 
 
@@ -42,6 +44,21 @@ def transport_report() -> List[Tuple[str, str]]:
     from llm_datadist._transport import transport_report as report
 
     return report()
+
+
+def cross_host_choice() -> str:
+    """How auto mode moves bytes between hosts here (nixl or tcp) and why, UCX settings included."""
+    from llm_datadist._transport import nixl_env, unavailable_reason
+
+    reason = unavailable_reason("nixl")
+    if reason:
+        return f"tcp (nixl: {reason})"
+    ucx = {k: v for k, v in nixl_env.ucx_defaults().items() if k != "UCX_LOG_LEVEL"}
+    ucx.update({k: v for k, v in os.environ.items() if k in ("UCX_TLS", "UCX_MODULES", "UCX_NET_DEVICES")})
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(ucx.items())) or "UCX picks its transports"
+    preferred = nixl_env.preferred_reason()
+    why = preferred or nixl_env.NOT_PREFERRED
+    return f"{'nixl' if preferred else 'tcp'} ({why}; nixl runs with {settings})"
 
 
 def process_vm_status() -> Tuple[bool, int]:

@@ -31,7 +31,7 @@ from llm_datadist._transport.tls import Tls
 
 _log = logging.getLogger(__name__)
 MAX_COMM_DOMAINS = 512
-DEFAULT_TRANSPORTS = ("loopback", "process_vm", "shm", "tcp")
+DEFAULT_TRANSPORTS = ("loopback", "process_vm", "shm", "nixl", "tcp")
 TASK_WORKERS = 8  # layer-wise tasks running at once; more wait in the executor's queue
 HANDLER_WORKERS = 4  # threads serving peers' requests (resolve, table, grants) for every link together
 _ENGINES = itertools.count(1)
@@ -117,7 +117,9 @@ class Engine:
         backend = self.opts.transfer_backend
         if backend is None or backend == "hixl":
             available = available_transports()
-            return [name for name in DEFAULT_TRANSPORTS if name in available]
+            # A transport may stay out of auto mode where it would never win (nixl without RDMA or a GPU).
+            return [name for name in DEFAULT_TRANSPORTS
+                    if name in available and getattr(transport_class(name), "in_auto", True)]
         names = [name.strip() for name in backend.split(",") if name.strip()]
         if not names:
             raise FeatureNotEnabled(f"transfer backend {backend!r} names no transport")

@@ -12,6 +12,7 @@ from llm_datadist._engine import planner
 from llm_datadist._engine import protocol as proto
 from llm_datadist._engine.errors import CacheNotExist, LinkFailed, NotLinked, ParamInvalid
 from llm_datadist._engine.types import SourceSpec
+from llm_datadist._transport import cross_host_reason
 from llm_datadist._transport.base import (PROCESS, SAME_HOST, Channel, ConnectFailed, CopyPlan, PeerInfo,
                                           RemoteRegion, Transport)
 
@@ -122,8 +123,10 @@ class Link:
         if not routes:
             raise LinkFailed(f"no transport reaches cluster {self.cluster_id}: {'; '.join(errors) or 'none shared'}")
         where = "same host" if self.same_host else "cross host"
-        _log.info("link to cluster %d routes over %s (%s, peer %s pid %d)", self.cluster_id,
-                  " then ".join(r.name for r in routes), where, self.peer.address, self.peer.pid)
+        reason = "" if self.same_host else cross_host_reason(routes[-1].name, self._transports)
+        _log.info("link to cluster %d routes over %s (%s, peer %s pid %d)%s", self.cluster_id,
+                  " then ".join(r.name for r in routes), where, self.peer.address, self.peer.pid,
+                  f": {reason}" if reason else "")
         for error in errors:  # a faster route that could not be used: why, and how to fix it, once per link
             _log.info("link to cluster %d: %s", self.cluster_id, error)
         if self._regions:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from typing import Dict, List, Tuple, Type
+from typing import Collection, Dict, List, Tuple, Type
 
 logger = logging.getLogger(__name__)
 
@@ -14,6 +14,7 @@ _REGISTRY: Dict[str, str] = {
     "process_vm": "llm_datadist._transport.process_vm:ProcessVmTransport",
     "shm": "llm_datadist._transport.shm:ShmTransport",
     "tcp": "llm_datadist._transport.tcp:TcpTransport",
+    "nixl": "llm_datadist._transport.nixl:NixlTransport",
 }
 _CACHE: Dict[str, type] = {}
 _LOCK = threading.Lock()
@@ -77,5 +78,21 @@ def transport_report() -> List[Tuple[str, str]]:
     return [(name, unavailable_reason(name)) for name in list(_REGISTRY)]
 
 
-__all__ = ["available_transports", "register_transport", "transport_class", "transport_names", "transport_report",
-           "unavailable_reason"]
+def cross_host_reason(route: str, started: Collection[str]) -> str:
+    """Why auto mode put a cross-host link on ``route`` rather than nixl or tcp ("" where it did not choose).
+
+    Args:
+        route: The transport the link uses.
+        started: The transports of the instance (one alone: it was forced, nothing was chosen).
+    """
+    if route not in ("nixl", "tcp") or len(started) < 2:
+        return ""
+    if route == "tcp" and unavailable_reason("nixl"):
+        return "nixl is not available here"
+    from llm_datadist._transport import nixl_env
+
+    return nixl_env.rank_reason()
+
+
+__all__ = ["available_transports", "cross_host_reason", "register_transport", "transport_class", "transport_names",
+           "transport_report", "unavailable_reason"]

@@ -129,14 +129,27 @@ def conditions(args: argparse.Namespace, opts: Dict[str, Any]) -> List[Condition
 
 
 def netns_transports(text: Optional[str]) -> List[str]:
-    """The library suites of the run: every cross-host transport, or the ``--transports`` subset."""
+    """The library suites of the run: every cross-host transport this machine has, or the ``--transports`` subset.
+
+    Raises:
+        ValueError: an unknown name, or a chosen transport that is not available here (with the reason).
+    """
+    from llm_datadist._engine.api import transport_report
+
+    reasons = dict(transport_report())
     if not text:
-        return list(CROSS_HOST_TRANSPORTS)
+        missing = [n for n in CROSS_HOST_TRANSPORTS if reasons.get(n)]
+        for name in missing:
+            print(f"{PROG}: the {name} suite is left out: {reasons[name]}", file=sys.stderr)
+        return [n for n in CROSS_HOST_TRANSPORTS if n not in missing]
     chosen = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in chosen if t not in CROSS_HOST_TRANSPORTS]
     if unknown:
         raise ValueError(f"with --hosts netns, --transports takes {', '.join(CROSS_HOST_TRANSPORTS)}, not "
                          f"{', '.join(unknown)}")
+    missing = [t for t in chosen if reasons.get(t)]
+    if missing:
+        raise ValueError("; ".join(f"{t} is not available here: {reasons[t]}" for t in missing))
     return chosen
 
 

@@ -51,6 +51,10 @@ def _legend(meta: Dict[str, Any]) -> List[str]:
         "sendmsg/recvmsg_into batches and one send/recv per block: the reference of every ratio",
         "- **tcp**: the library with `transfer_backend` tcp (`pull_blocks` / `push_blocks`, one call per pass, "
         "remote-cache-accessible mode), registered page-aligned memory",
+    ] + ([
+        "- **nixl**: the library with `transfer_backend` nixl (the same calls as tcp): NIXL over UCX, which runs "
+        "over TCP between the namespaces (`UCX_TLS=tcp,self`: no RDMA device here)",
+    ] if "nixl" in meta.get("transports", ()) else []) + [
         "- **mooncake**: Mooncake TE 0.3.13.post1, protocol tcp, P2PHANDSHAKE, batch_transfer_sync_read/write, "
         "its target on host 0 and its initiator on host 1",
     ]

@@ -170,6 +170,9 @@ def _doctor_backends() -> Tuple[List[Row], bool]:
     if forced:
         rows.append(("", f"LLM_DATADIST_TRANSPORT={forced} forces that backend"))
     rows.append(("process_vm", _pvm_status()))
+    from llm_datadist._engine.api import cross_host_choice
+
+    rows.append(("cross-host", cross_host_choice()))
     return rows, True
 
 

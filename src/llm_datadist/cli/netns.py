@@ -29,7 +29,7 @@ __all__ = ["CROSS_HOST_TRANSPORTS", "Host", "NetnsError", "SimulatedHosts", "net
            "sweep_stale", "unavailable_reason"]
 
 #: The library's transports that run between hosts, each tested and benchmarked across namespaces.
-CROSS_HOST_TRANSPORTS = ("tcp",)
+CROSS_HOST_TRANSPORTS = ("tcp", "nixl")  # nixl only where its package is installed (UCX over TCP here)
 PREFIX = "lldd"  # namespace names: lldd-<pid>-<run>-<host>; a run of a dead pid is stale
 HOST_IF = "eth0"  # the host's end of its veth pair (names are per namespace)
 _CMD_TIMEOUT_S = 20.0

@@ -1,0 +1,78 @@
+"""What only the nixl transport has: its asynchronous form, requests freed after a timeout, ops cut at regions."""
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from conftest import Setup
+from llm_datadist._transport import unavailable_reason
+from llm_datadist._transport.base import CopyPlan, RemoteRejected, TransferTimeout
+from llm_datadist._transport.nixl_ops import Regions, rows
+
+REASON = unavailable_reason("nixl")
+needs_nixl = pytest.mark.skipif(bool(REASON), reason=f"nixl: {REASON}")
+
+
+@pytest.fixture
+def pair():
+    if REASON:
+        pytest.skip(f"nixl: {REASON}")
+    setup = Setup("nixl")
+    yield setup
+    setup.close()
+
+
+@needs_nixl
+def test_start_returns_a_pending_transfer_that_wait_completes(pair):
+    bs, n = 16384, 512
+    rng = np.random.default_rng(4)
+    local, remote = rng.permutation(n) * bs, rng.permutation(pair.nbytes // bs)[:n] * bs
+    pair.local[:] = 0
+    pending = pair.transport.start(pair.channel, pair.plan(local, remote, np.full(n, bs)), pair.deadline(), False)
+    pending.wait(pair.deadline())
+    assert pending.poll()
+    got = pair.local[:n * bs].reshape(n, bs)[local // bs]
+    assert np.array_equal(got, pair.expected().reshape(-1, bs)[remote // bs])
+
+
+@needs_nixl
+def test_a_timed_out_request_is_freed_once_the_peer_runs_again(pair):
+    plan = pair.plan([0], [0], [8 << 20])
+    pair.peer.signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(TransferTimeout):
+            pair.transport.read(pair.channel, plan, time.monotonic() + 0.3)
+    finally:
+        pair.peer.signal(signal.SIGCONT)
+    pair.local[:] = 0
+    pair.transport.read(pair.channel, plan, pair.deadline())  # the same channel works again
+    assert np.array_equal(pair.local[:8 << 20], pair.expected()[:8 << 20])
+    deadline = time.monotonic() + 10
+    while pair.transport.agent.pending and time.monotonic() < deadline:
+        pair.transport.read(pair.channel, pair.plan([0], [0], [16]), pair.deadline())  # each transfer reaps
+        time.sleep(0.05)
+    assert pair.transport.agent.pending == 0
+
+
+def _plan(local, remote, sizes) -> CopyPlan:
+    return CopyPlan(np.array(local), np.array(remote), np.array(sizes))
+
+
+def test_ops_over_neighbouring_regions_are_cut_at_the_boundary():
+    local, remote = Regions([(10_000, 4096)]), Regions([(1000, 1000), (2000, 1000)])
+    lrows, rrows = rows(_plan([10_000, 12_000], [1500, 2500], [1000, 0]), local, remote)
+    assert lrows[:, :2].tolist() == [[10_000, 500], [10_500, 500]]  # the zero-length op is dropped
+    assert rrows[:, :2].tolist() == [[1500, 500], [2000, 500]]
+
+
+def test_ops_outside_registered_memory_are_refused_on_either_side():
+    local, remote = Regions([(10_000, 4096)]), Regions([(1000, 1000), (2500, 1000)])
+    with pytest.raises(RemoteRejected, match="remote range"):
+        rows(_plan([10_000], [1500], [1000]), local, remote)  # a gap between the peer's regions
+    with pytest.raises(RemoteRejected, match="local range"):
+        rows(_plan([14_000], [1000], [200]), local, remote)
+    with pytest.raises(RemoteRejected, match="impossible"):
+        rows(_plan([0], [1000], [10]), local, remote)
