@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "loopback socket) and, with --peers, NIXL and Mooncake. Writes results.md, "
                                "results.jsonl and bench.png to --out.")
     parser.add_argument("--quick", action="store_true", help="3 sizes, 32 MiB per pass, 3 passes (seconds)")
+    parser.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"),
+                        help="measure nothing: print, per table cell, how the ratios changed from run A to run B")
     parser.add_argument("--out", default="bench-out", help="output folder (default %(default)s)")
     parser.add_argument("--sizes", help="block sizes, e.g. 16K,64K,2M (default 16K..2M, 8 sizes)")
     parser.add_argument("--transports", help=f"comma list of {', '.join(TRANSPORTS)}, {TLS_SUITE}, auto (default: "
@@ -285,6 +287,10 @@ def _total_units(opts: Dict[str, Any], suites: List[SuiteSpec], args: argparse.N
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the benchmark; 0 when every suite of the library ran, 1 when one failed, 2 on bad options."""
     args = build_parser().parse_args(argv)
+    if args.compare:
+        from llm_datadist.cli.bench_compare import compare_main
+
+        return compare_main(args.compare[0], args.compare[1])
     try:
         opts = _options(args)
     except ValueError as exc:
