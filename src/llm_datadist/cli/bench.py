@@ -210,7 +210,7 @@ def _meta(args: argparse.Namespace, opts: Dict[str, Any]) -> Dict[str, Any]:
                 mode="quick" if args.quick else "full",
                 sizes=[format_size(s) for s in opts["sizes"]], transports=opts["transports"],
                 directions=list(opts["directions"]), library=_library_state(), load_before=_loadavg(),
-                tcp_streams=opts["streams"])
+                tcp_streams=opts.get("streams", 1))
 
 
 def _ceiling(opts: Dict[str, Any], args: argparse.Namespace, progress: Progress, copier) -> List[Dict[str, Any]]:
