@@ -145,6 +145,25 @@ def test_bad_options_return_2(capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_tls_suite_moves_the_same_bytes_per_pass_in_fewer_passes():
+    from llm_datadist.cli.bench_common import TlsFiles
+
+    args = bench.build_parser().parse_args([])
+    opts = dict(sizes=(16384, 2 << 20), total=128 << 20, passes=10, warmup=2, directions=("pull", "push"),
+                transports=["tcp", "tcp+tls", "auto"], peers=(), streams=1)
+    tls = TlsFiles("ca.pem", "prefill.pem", "prefill.key", "decode.pem", "decode.key")
+    suites = {s.name: s for s in bench._suites(opts, args, ["host/host"], tls)}
+    plain, secure = suites["tcp"], suites["tcp+tls"]
+    assert secure.transport == "tcp" and secure.tls == tls and plain.tls is None and suites["auto"].tls is None
+    assert (secure.sizes, secure.total_bytes, secure.directions) == (plain.sizes, plain.total_bytes, plain.directions)
+    assert (secure.passes, secure.warmup, secure.latency_iters, secure.model_iters) == (5, 1, 200, 5)
+    assert (plain.passes, plain.warmup, plain.latency_iters, plain.model_iters) == (10, 2, 1000, 20)
+    assert tls.config(owner=True) == {"tls_cert_file": "prefill.pem", "tls_key_file": "prefill.key",
+                                      "tls_ca_file": "ca.pem"}
+    assert tls.config(owner=False)["tls_cert_file"] == "decode.pem"
+    assert "tcp+tls" not in {s.name for s in bench._suites(opts, args, ["host/host"], None)}  # no certificates
+
+
 def test_tcp_streams_default_asks_the_library(monkeypatch):
     from llm_datadist._transport import tcp
 
