@@ -68,11 +68,13 @@ def test_quick_run_floor_next_to_every_same_host_latency(quick_run):
     _, out = quick_run
     records = _records(out)
     floors = {(r["kind"], r["mechanism"]): r for r in records if r["kind"].startswith("floor_")}
-    for suite in ("process_vm", "auto"):  # process_vm ran, so process_vm_readv works between the two processes
-        small, layers = floors[("floor_16k", suite)], floors[("floor_layers", suite)]
+    for suite in ("process_vm", "shm", "tcp", "auto"):  # process_vm ran: process_vm_readv works between them
+        small = floors[("floor_16k", suite)]
         assert small["iovecs"] == 1 and small["bytes"] == 16384 and small["verified"]
-        assert layers["iovecs"] == 56 and layers["bytes"] == 56 * 16384 and layers["verified"]
         assert 0 < small["median_us"] <= small["p99_us"] and len(small["samples_us"]) == 100
+    layers = floors[("floor_layers", "auto")]  # --quick: the 56-layer and model-shaped series run in auto only
+    assert layers["iovecs"] == 56 and layers["bytes"] == 56 * 16384 and layers["verified"]
+    assert {m for k, m in floors if k == "floor_layers"} == {"auto"}
     shape = {r["mechanism"]: r for r in records if r["kind"] == "latency_layers"}["auto"]
     assert shape["tensors"] == 56 and shape["blocks"] == 1 and shape["bytes"] == 56 * 16384 and shape["verified"]
 
@@ -83,11 +85,11 @@ def test_quick_run_model_request_paired_with_two_thread_memcpy(quick_run):
     if not any(r["mechanism"] == "memcpy.c_2t" for r in records):
         pytest.skip("no C compiler: no native memcpy to pair with")
     model = {r["mechanism"]: r for r in records if r["kind"] == "latency_model"}
-    for suite in ("process_vm", "auto"):
-        rec = model[suite]
-        assert len(rec["paired_memcpy_2t_us"]) == len(rec["samples_us"]) == len(rec["paired_ratios_2t"]) == 2
-        assert rec["paired_ratio_2t"] > 0 and rec["verified"]
-    assert "paired_ratios_2t" not in model["tcp"]  # its reference is the socket, not memcpy
+    assert set(model) == {"auto"}  # --quick: the model-shaped request runs in auto only
+    rec = model["auto"]
+    assert len(rec["paired_memcpy_2t_us"]) == len(rec["samples_us"]) == len(rec["paired_ratios_2t"]) == 2
+    assert rec["paired_ratio_2t"] > 0 and rec["verified"]
+    assert rec["tensors"] == 56 and rec["blocks"] == 32 and rec["bytes"] == 56 * 32 * 65536
 
 
 def test_quick_run_raw_socket_one_stream_and_n_streams(quick_run):
@@ -158,6 +160,10 @@ def test_tls_suite_moves_the_same_bytes_per_pass_in_fewer_passes():
     assert (secure.sizes, secure.total_bytes, secure.directions) == (plain.sizes, plain.total_bytes, plain.directions)
     assert (secure.passes, secure.warmup, secure.latency_iters, secure.model_iters) == (5, 1, 200, 5)
     assert (plain.passes, plain.warmup, plain.latency_iters, plain.model_iters) == (10, 2, 1000, 20)
+    assert all(s.call_shapes == ("16k", "layers", "model") for s in suites.values())
+    quick = {s.name: s for s in bench._suites(opts, bench.build_parser().parse_args(["--quick"]), ["host/host"], tls)}
+    assert quick["auto"].call_shapes == ("16k", "layers", "model")
+    assert quick["tcp"].call_shapes == quick["tcp+tls"].call_shapes == ("16k",)
     assert tls.config(owner=True) == {"tls_cert_file": "prefill.pem", "tls_key_file": "prefill.key",
                                       "tls_ca_file": "ca.pem"}
     assert tls.config(owner=False)["tls_cert_file"] == "decode.pem"

@@ -156,18 +156,18 @@ def _suites(opts: Dict[str, Any], args: argparse.Namespace, placements: Sequence
                 sizes=opts["sizes"], directions=opts["directions"], passes=opts["passes"], warmup=opts["warmup"],
                 total_bytes=opts["total"], seed=args.seed, latency_iters=100 if quick else 1000,
                 model_iters=2 if quick else 20, link_repeats=2 if quick else 5, timeout_s=args.timeout,
-                owner_id=base, initiator_id=base + 1, paired=transport != "tcp"))
+                owner_id=base, initiator_id=base + 1, paired=transport != "tcp",
+                call_shapes=("16k", "layers", "model") if not quick or name == "auto" else ("16k",)))
             if name == TLS_SUITE:
-                suites[-1] = _lighter_tls(suites[-1], tls, quick)
+                suites[-1] = _lighter_tls(suites[-1], tls)
     return suites
 
 
-def _lighter_tls(spec: SuiteSpec, tls: Optional[TlsFiles], quick: bool) -> SuiteSpec:
+def _lighter_tls(spec: SuiteSpec, tls: Optional[TlsFiles]) -> SuiteSpec:
     """TLS moves bytes several times slower: the same blocks per pass (a fair ratio to tcp), fewer passes and calls."""
     return dataclasses.replace(spec, tls=tls, passes=min(spec.passes, TLS_MAX_PASSES),
                                warmup=min(spec.warmup, 1), latency_iters=min(spec.latency_iters, 200),
-                               model_iters=min(spec.model_iters, 5),
-                               call_shapes=("16k",) if quick else ("16k", "layers", "model"))
+                               model_iters=min(spec.model_iters, 5))
 
 
 def _certificates(opts: Dict[str, Any], workdir: str) -> tuple:
