@@ -50,7 +50,7 @@ def untouched(arrays) -> bool:
 
 
 def pool_cfg(nbytes: int) -> str:
-    return '{"memory_size": %d, "page_shift": 16}' % nbytes
+    return f'{{"memory_size": {nbytes}, "page_shift": 16}}'
 
 
 def unlink(dd, cluster_id: int, port: int) -> None:

@@ -82,7 +82,7 @@ POOL_WORKER = re.compile(r"-w\d+$")  # workers of the engines' bounded executors
 POOL_WORKERS_PER_INSTANCE = 12  # handler and task pools together start at most this many, on demand
 
 
-def thread_census(peer) -> "tuple[int, int]":
+def thread_census(peer) -> tuple[int, int]:
     """(bounded pool workers, every other thread) of a peer process, by Python thread name."""
     names = peer.call("threads")["names"]
     pool = sum(1 for name in names if POOL_WORKER.search(name))
@@ -123,7 +123,7 @@ class PeerProcess:
         environ.update(env or {})
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.reliability.peer"], cwd=ROOT,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environ)
-        self._replies: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._replies: queue.Queue[Optional[str]] = queue.Queue()
         self._reader = threading.Thread(target=self._read, name="peer-replies", daemon=True)
         self._reader.start()
         self._lock = threading.Lock()
@@ -226,7 +226,7 @@ class LocalPeer:
 
 
 def server(spawn, cluster_id: int, env: Optional[Dict[str, str]] = None, *, ra: bool = False,
-           config: Optional[dict] = None, inst: str = "main", role: int = 1) -> "tuple[PeerProcess, int]":
+           config: Optional[dict] = None, inst: str = "main", role: int = 1) -> tuple[PeerProcess, int]:
     """A peer process with an instance listening on a free port of 127.0.0.1; returns (peer, port)."""
     peer = spawn(env)
     cfg = {"enable_cache_manager": True, "listen_ip_info": f"127.0.0.1:{free_port()}"}

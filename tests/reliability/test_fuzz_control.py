@@ -99,7 +99,7 @@ def _verify_pulls(make_dd, port: int, cluster_id: int, secret=None) -> None:
     local.unlink(dd, cluster_id, port)
 
 
-def _round(rng: np.random.Generator, ports: dict, pre: int, auth: int, links: int) -> "tuple[int, int]":
+def _round(rng: np.random.Generator, ports: dict, pre: int, auth: int, links: int) -> tuple[int, int]:
     """One fuzzing round; returns (frames sent, connections the server had to drop on its own)."""
     frames = must_close = 0
     for start in range(0, pre, BATCH):

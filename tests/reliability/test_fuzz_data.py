@@ -34,7 +34,7 @@ def target(spawn):
     link.close()
 
 
-def _session(rng: np.random.Generator, link: wire.RawLink, view) -> "tuple[int, int]":
+def _session(rng: np.random.Generator, link: wire.RawLink, view) -> tuple[int, int]:
     """One authenticated connection: refused requests, valid reads, then a fatal frame. (frames, bytes checked)"""
     conn = wire.DataConn(link.data_port)
     assert conn.hello(link.token)
@@ -68,7 +68,7 @@ def _session(rng: np.random.Generator, link: wire.RawLink, view) -> "tuple[int, 
     return frames, checked
 
 
-def _round(rng: np.random.Generator, link: wire.RawLink, view, pre: int, sessions: int) -> "tuple[int, int]":
+def _round(rng: np.random.Generator, link: wire.RawLink, view, pre: int, sessions: int) -> tuple[int, int]:
     frames = checked = 0
     for _ in range(0, pre, BATCH):
         made = [fuzz.data_pre_auth_case(rng, link.token) for _ in range(BATCH)]

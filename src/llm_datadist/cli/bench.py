@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -13,8 +14,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from llm_datadist.cli.bench_common import (DEFAULT_SIZES, MIB, QUICK_SIZES, CpuWatch, SuiteSpec, format_size,
-                                           merge_samples, parse_sizes, record)
+from llm_datadist.cli.bench_common import (DEFAULT_SIZES, MIB, QUICK_SIZES, CpuWatch, SuiteSpec, TlsFiles,
+                                           format_size, merge_samples, parse_sizes, record)
+from llm_datadist.cli.bench_tls import TLS_SUITE
 from llm_datadist.cli.progress import Progress, format_duration
 
 __all__ = ["main", "build_parser"]
@@ -23,6 +25,7 @@ PROG = "llm-datadist bench"
 TRANSPORTS = ("process_vm", "shm", "tcp")
 DIRECTIONS = ("pull", "push")
 PEER_NAMES = ("nixl", "mooncake")
+TLS_MAX_PASSES = 5  # measured passes of the tcp+tls suite (each pass moves the same bytes as the other suites')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,11 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "and 'auto'; the same run measures the ceiling (memcpy of the same blocks, a raw "
                                "loopback socket) and, with --peers, NIXL and Mooncake. Writes results.md, "
                                "results.jsonl and bench.png to --out.")
-    parser.add_argument("--quick", action="store_true", help="3 sizes, 32 MiB per pass, 3 passes (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="3 sizes, 32 MiB per pass, 3 passes (seconds)")
+    parser.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"),
+                        help="measure nothing: print, per table cell, how the ratios changed from run A to run B")
     parser.add_argument("--out", default="bench-out", help="output folder (default %(default)s)")
     parser.add_argument("--sizes", help="block sizes, e.g. 16K,64K,2M (default 16K..2M, 8 sizes)")
-    parser.add_argument("--transports", help=f"comma list of {', '.join(TRANSPORTS)}, auto (default: every "
-                                             f"available one and auto)")
+    parser.add_argument("--transports", help=f"comma list of {', '.join(TRANSPORTS)}, {TLS_SUITE}, auto (default: "
+                                             f"every available one, {TLS_SUITE} where openssl exists, and auto)")
     parser.add_argument("--directions", default="pull,push", help="pull, push or both (default %(default)s)")
     parser.add_argument("--passes", type=int, help="measured passes per point (default 10; quick 3)")
     parser.add_argument("--warmup", type=int, help="warm-up passes per point (default 2; quick 1)")
@@ -48,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="repeat everything this many times and pool the samples (a noisy machine; default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scattered block order")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per step before giving up")
+    parser.add_argument("--tcp-streams", type=int, metavar="N",
+                        help="streams of the parallel raw socket reference (default: as many data connections as "
+                             "the library's tcp transport uses for one large transfer)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     hosts = parser.add_argument_group("across simulated hosts (--hosts netns; root, Linux network namespaces)")
     hosts.add_argument("--hosts", choices=("local", "netns"), default="local",
@@ -75,6 +83,8 @@ def _options(args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError(f"--directions takes pull and/or push, not {args.directions!r}")
     if passes <= 0 or warmup < 0 or total <= 0 or args.rounds <= 0:
         raise ValueError("--passes, --rounds and --total-mib must be > 0, --warmup >= 0")
+    if args.tcp_streams is not None and not 1 <= args.tcp_streams <= 64:
+        raise ValueError(f"--tcp-streams takes 1 to 64, not {args.tcp_streams}")
     too_big = [format_size(s) for s in sizes if s > total or s % 8]
     if too_big:
         raise ValueError(f"block sizes {', '.join(too_big)} exceed --total-mib or are not multiples of 8 bytes")
@@ -82,7 +92,8 @@ def _options(args: argparse.Namespace) -> Dict[str, Any]:
     if set(peers) - set(PEER_NAMES):
         raise ValueError(f"--peers takes {', '.join(PEER_NAMES)}, not {args.peers!r}")
     return dict(sizes=sizes, total=total, passes=passes, warmup=warmup, directions=directions, peers=peers,
-                transports=[] if args.hosts == "netns" else _backends(args.transports))
+                transports=[] if args.hosts == "netns" else _backends(args.transports),
+                streams=args.tcp_streams or library_tcp_streams())
 
 
 def _backends(text: Optional[str]) -> List[str]:
@@ -91,12 +102,25 @@ def _backends(text: Optional[str]) -> List[str]:
     working = {name for name, reason in transport_report() if not reason}
     available = [t for t in TRANSPORTS if t in working]
     if not text:
-        return available + ["auto"]
+        return available + ([TLS_SUITE] if "tcp" in available else []) + ["auto"]
     chosen = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in chosen if t not in TRANSPORTS + ("auto",)]
+    unknown = [t for t in chosen if t not in TRANSPORTS + (TLS_SUITE, "auto")]
     if unknown:
-        raise ValueError(f"unknown transport(s) {', '.join(unknown)}; choose from {', '.join(TRANSPORTS)}, auto")
+        raise ValueError(f"unknown transport(s) {', '.join(unknown)}; choose from {', '.join(TRANSPORTS)}, "
+                         f"{TLS_SUITE}, auto")
     return chosen
+
+
+def library_tcp_streams() -> int:
+    """How many data connections the library's tcp transport opens for one large transfer (1 if it does not say)."""
+    try:
+        from llm_datadist._transport import tcp
+    except ImportError:
+        return 1
+    try:
+        return max(1, int(getattr(tcp, "STREAMS_PER_TRANSFER", 1)))
+    except (TypeError, ValueError):
+        return 1
 
 
 def _cuda_note() -> Optional[str]:
@@ -115,22 +139,44 @@ def _cuda_note() -> Optional[str]:
     return "torch sees no CUDA device: host/device and device/device placements skipped"
 
 
-def _suites(opts: Dict[str, Any], args: argparse.Namespace, placements: Sequence[str]) -> List[SuiteSpec]:
+def _suites(opts: Dict[str, Any], args: argparse.Namespace, placements: Sequence[str],
+            tls: Optional[TlsFiles]) -> List[SuiteSpec]:
     quick = args.quick
     base = 1000 + (os.getpid() % 100000) * 2
     suites = []
     for placement in placements:
         names = opts["transports"] if placement == "host/host" else ["auto"]
         for name in names:
-            transport = None if name == "auto" else name
+            if name == TLS_SUITE and tls is None:
+                continue
+            transport = {"auto": None, TLS_SUITE: "tcp"}.get(name, name)
             suffix = "" if placement == "host/host" else f"[{placement}]"
             suites.append(SuiteSpec(
                 name=name + suffix, transport=transport, pool=name == "shm", placement=placement,
                 sizes=opts["sizes"], directions=opts["directions"], passes=opts["passes"], warmup=opts["warmup"],
                 total_bytes=opts["total"], seed=args.seed, latency_iters=100 if quick else 1000,
-                model_iters=3 if quick else 20, link_repeats=2 if quick else 5, timeout_s=args.timeout,
-                owner_id=base, initiator_id=base + 1, paired=name != "tcp"))
+                model_iters=2 if quick else 20, link_repeats=2 if quick else 5, timeout_s=args.timeout,
+                owner_id=base, initiator_id=base + 1, paired=transport != "tcp"))
+            if name == TLS_SUITE:
+                suites[-1] = _lighter_tls(suites[-1], tls, quick)
     return suites
+
+
+def _lighter_tls(spec: SuiteSpec, tls: Optional[TlsFiles], quick: bool) -> SuiteSpec:
+    """TLS moves bytes several times slower: the same blocks per pass (a fair ratio to tcp), fewer passes and calls."""
+    return dataclasses.replace(spec, tls=tls, passes=min(spec.passes, TLS_MAX_PASSES),
+                               warmup=min(spec.warmup, 1), latency_iters=min(spec.latency_iters, 200),
+                               model_iters=min(spec.model_iters, 5),
+                               call_shapes=("16k",) if quick else ("16k", "layers", "model"))
+
+
+def _certificates(opts: Dict[str, Any], workdir: str) -> tuple:
+    """(TLS files, None) for the tcp+tls suite, or (None, why it does not run / None when not asked for)."""
+    if TLS_SUITE not in opts["transports"]:
+        return None, None
+    from llm_datadist.cli.bench_tls import make_certificates
+
+    return make_certificates(workdir)
 
 
 def _loadavg() -> str:
@@ -173,7 +219,8 @@ def _meta(args: argparse.Namespace, opts: Dict[str, Any]) -> Dict[str, Any]:
                 passes=opts["passes"], warmup=opts["warmup"], rounds=args.rounds,
                 mode="quick" if args.quick else "full",
                 sizes=[format_size(s) for s in opts["sizes"]], transports=opts["transports"],
-                directions=list(opts["directions"]), library=_library_state(), load_before=_loadavg())
+                directions=list(opts["directions"]), library=_library_state(), load_before=_loadavg(),
+                tcp_streams=opts.get("streams", 1))
 
 
 def _ceiling(opts: Dict[str, Any], args: argparse.Namespace, progress: Progress, copier) -> List[Dict[str, Any]]:
@@ -198,9 +245,10 @@ def _run_all(opts: Dict[str, Any], args: argparse.Namespace, suites: List[SuiteS
     scripts = find_peer_scripts(args.peer_scripts)
     for round_no in range(1, args.rounds + 1):
         records += _watched("memcpy ceiling", round_no, lambda: _ceiling(opts, args, progress, copier))
+        streams = opts["streams"] if any(s.transport == "tcp" for s in suites) else 1
         records += _watched("raw tcp socket", round_no, lambda: measure_raw_tcp(
             opts["sizes"], opts["total"], opts["passes"], opts["warmup"], args.seed,
-            lambda: progress.update(1, note="raw tcp socket")))
+            lambda: progress.update(1, note="raw tcp socket"), streams))  # noqa: B023 - called at once
         for spec in suites:
             records += [dict(r, round=round_no) if r.get("kind") == "cpu" else r for r in run_suite(spec, progress)]
         if opts["peers"]:
@@ -249,6 +297,10 @@ def _total_units(opts: Dict[str, Any], suites: List[SuiteSpec], args: argparse.N
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the benchmark; 0 when every suite of the library ran, 1 when one failed, 2 on bad options."""
     args = build_parser().parse_args(argv)
+    if args.compare:
+        from llm_datadist.cli.bench_compare import compare_main
+
+        return compare_main(args.compare[0], args.compare[1])
     try:
         opts = _options(args)
     except ValueError as exc:
@@ -260,13 +312,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run_netns(args, opts)
     cuda_note = _cuda_note()
     placements = ["host/host"] + ([] if cuda_note else ["host/device", "device/device"])
-    suites = _suites(opts, args, placements)
+    workdir = tempfile.mkdtemp(prefix="llmdd-bench-")
+    tls, tls_note = _certificates(opts, workdir)
+    suites = _suites(opts, args, placements, tls)
     meta = _meta(args, opts)
     print(f"{PROG}: {meta['mode']}, sizes {','.join(meta['sizes'])}, {meta['total_mib']} MiB per pass, "
           f"{opts['passes']} passes (+{opts['warmup']} warm-up), suites {', '.join(s.name for s in suites)}"
           f"{', peers ' + ','.join(opts['peers']) if opts['peers'] else ''}", file=sys.stderr)
     progress = Progress(_total_units(opts, suites, args), label="bench", enabled=not args.no_progress)
-    workdir = tempfile.mkdtemp(prefix="llmdd-bench-")
     start = time.monotonic()
     try:
         records = _run_all(opts, args, suites, progress, workdir)
@@ -276,8 +329,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     progress.close()
-    if cuda_note:
-        records.append(record("note", "placements", message=cuda_note))
+    for mechanism, note in (("placements", cuda_note), (TLS_SUITE, tls_note)):
+        if note:
+            records.append(record("note", mechanism, message=note))
     meta.update(load_after=_loadavg(), wall_s=round(time.monotonic() - start, 1))
     files = _write(args.out, records, meta)
     print(f"{PROG}: done in {format_duration(meta['wall_s'])}; wrote {', '.join(files)}", file=sys.stderr)

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = [
-    "DEFAULT_SIZES", "QUICK_SIZES", "MIB", "Buffer", "CpuWatch", "SuiteSpec", "block_order", "derive",
+    "DEFAULT_SIZES", "QUICK_SIZES", "MIB", "Buffer", "CpuWatch", "SuiteSpec", "TlsFiles", "block_order", "derive",
     "expected_words", "fill_pattern", "format_size", "gbps", "merge_samples", "parse_size", "parse_sizes",
     "placement_kinds", "record", "summarize", "verify_blocks",
 ]
@@ -63,7 +63,7 @@ def summarize(samples: Sequence[float]) -> Dict[str, float]:
 
 
 _LIST_FIELDS = ("samples_gbps", "paired_ratios", "paired_ratios_2t", "paired_memcpy_gbps", "paired_memcpy_2t_gbps",
-                "samples_us", "samples_ms", "first_pull_samples_ms")
+                "paired_memcpy_2t_us", "samples_us", "samples_ms", "first_pull_samples_ms")
 
 
 def _median(values: Sequence[float]) -> float:
@@ -166,6 +166,22 @@ def verify_blocks(array: np.ndarray, block_bytes: int, src: np.ndarray, dst: np.
 
 
 @dataclasses.dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a TLS suite: one CA and a certificate with its key for each of the two processes."""
+
+    ca: str
+    owner_cert: str
+    owner_key: str
+    initiator_cert: str
+    initiator_key: str
+
+    def config(self, owner: bool) -> Dict[str, str]:
+        """The ``LLMConfig`` attributes of one side."""
+        cert, key = (self.owner_cert, self.owner_key) if owner else (self.initiator_cert, self.initiator_key)
+        return {"tls_cert_file": cert, "tls_key_file": key, "tls_ca_file": self.ca}
+
+
+@dataclasses.dataclass(frozen=True)
 class SuiteSpec:
     """One two-process run: a transport (None = auto) on one placement pair, every size and direction."""
 
@@ -188,6 +204,8 @@ class SuiteSpec:
     paired: bool = True  # a memcpy pass in the initiator right before each pass (ratios robust to drift)
     owner_host: str = "127.0.0.1"  # the owner listens here and the initiator links to it
     initiator_host: str = "127.0.0.1"
+    tls: Optional[TlsFiles] = None  # both sides configured for mutual TLS
+    call_shapes: Tuple[str, ...] = ("16k", "layers", "model")  # the per-call latency series to run
 
     def work_units(self) -> int:
         """Progress units: one per (size, direction), plus latency and link."""

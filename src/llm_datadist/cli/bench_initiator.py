@@ -1,4 +1,4 @@
-"""The initiator (decode) side of one ``bench`` suite: link set-up, bandwidth passes and per-call latency."""
+"""The initiator (decode) side of one ``bench`` suite: link set-up, bandwidth passes, per-call latency and its floor."""
 from __future__ import annotations
 
 import sys
@@ -7,17 +7,66 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from llm_datadist.cli.bench_ceiling import TwoThreads, load_copier, split_ops
-from llm_datadist.cli.bench_common import (Buffer, SuiteSpec, block_order, fill_pattern, gbps, placement_kinds, record,
+from llm_datadist.cli.bench_ceiling import Copier, TwoThreads, load_copier, split_ops
+from llm_datadist.cli.bench_common import (Buffer, SuiteSpec, block_order, gbps, placement_kinds, record,
                                            verify_blocks)
-from llm_datadist.cli.bench_worker import (LAT_BLOCK, LAT_BLOCKS, MODEL_BLOCK, MODEL_BLOCKS, MODEL_TENSORS,
-                                           BenchError, CacheSide, make_instance, recv_reply, report_failure)
+from llm_datadist.cli.bench_floor import ReadvFloor
+from llm_datadist.cli.bench_worker import (LAT_BLOCK, LAT_BLOCKS, LAYER_BLOCKS, LAYER_TENSORS, MODEL_BLOCK,
+                                           MODEL_BLOCKS, MODEL_TENSORS, BenchError, CacheSide, make_instance,
+                                           recv_reply, report_failure)
 
 __all__ = ["initiator_main"]
 
 OWNER_SALT = 0  # the owner fills its caches with this pattern salt
 PUSH_SALT = 1 << 40  # the initiator's push source pattern
-LAT_MODEL, MODEL_MODEL = 1000, 1001  # model ids of the latency caches (bandwidth caches use the size index)
+LAT_MODEL, MODEL_MODEL, LAYER_MODEL = 1000, 1001, 1002  # latency caches (bandwidth caches use the size index)
+LAT_WARMUP = 20  # untimed calls before every latency series
+FLOOR_CALLS = 64  # distinct scatter lists the floor cycles over
+
+
+class _Paired:
+    """memcpy of the same blocks inside the initiator, timed next to each pass: a C loop on 1 and 2 threads."""
+
+    def __init__(self, copier: Copier, nbytes: int) -> None:
+        self.copier = copier
+        self.two = TwoThreads(copier)
+        self.src, self.dst = Buffer(nbytes), Buffer(nbytes)
+
+    def ensure(self, nbytes: int) -> None:
+        """Scratch buffers of at least ``nbytes`` (the model-shaped request may exceed one pass)."""
+        if self.src.nbytes < nbytes:
+            self.src.close()
+            self.dst.close()
+            self.src, self.dst = Buffer(nbytes), Buffer(nbytes)
+
+    def passes(self, block: int, s_blk: np.ndarray, d_blk: np.ndarray,
+               tensors: int = 1) -> Dict[str, Callable[[], float]]:
+        """Timed copies (seconds) of ``tensors`` caches of ``len(s_blk)`` blocks in the scattered order."""
+        tensor_bytes = np.uint64(len(s_blk) * block)
+        self.ensure(int(tensor_bytes) * tensors)
+        bs = np.uint64(block)
+        bases = np.arange(tensors, dtype=np.uint64)[:, None] * tensor_bytes
+        d_ops = (np.uint64(self.dst.addr) + bases + d_blk.astype(np.uint64)[None, :] * bs).ravel()
+        s_ops = (np.uint64(self.src.addr) + bases + s_blk.astype(np.uint64)[None, :] * bs).ravel()
+        sizes = np.full(len(s_ops), block, dtype=np.uint64)
+        halves = split_ops(d_ops, s_ops, sizes, 2)
+        out = {"": _timed(lambda: self.copier.copy(d_ops, s_ops, sizes))}
+        if len(halves) == 2:
+            out["_2t"] = _timed(lambda: self.two.run(halves))
+        return out
+
+    def close(self) -> None:
+        self.two.close()
+        self.src.close()
+        self.dst.close()
+
+
+def _timed(fn: Callable[[], None]) -> Callable[[], float]:
+    def run_once() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    return run_once
 
 
 class _Run:
@@ -31,7 +80,8 @@ class _Run:
         self.side: Optional[CacheSide] = None
         self.port = 0
         self.info = None
-        self.paired = None  # (Copier, TwoThreads, scratch source, scratch destination): interleaved memcpy passes
+        self.owner_pid = 0
+        self.paired: Optional[_Paired] = None  # memcpy passes interleaved with the transfers
 
     def owner(self, *msg) -> tuple:
         self.peer.send(msg)
@@ -106,27 +156,106 @@ def _measure_link(run: _Run) -> None:
 
 
 def _measure_latency(run: _Run) -> None:
-    """One 16 KiB block per pull_blocks call, then one model-shaped request (56 tensors x 32 blocks of 64 KiB)."""
+    """One 16 KiB block per call, one 16 KiB block of each of 56 layers per call, one model-shaped request."""
+    _small_latency(run)
+    if "layers" in run.spec.call_shapes:
+        _layers_latency(run)
+    if "model" in run.spec.call_shapes:
+        _model_latency(run)
+    run.parent.send(("progress", 1, "latency"))
+
+
+def _picks(run: _Run, blocks: int) -> List[List[int]]:
+    rng = np.random.default_rng([run.spec.seed, blocks])
+    return rng.integers(0, blocks, size=(run.spec.latency_iters + LAT_WARMUP, 2)).tolist()
+
+
+def _small_latency(run: _Run) -> None:
     spec = run.spec
     cache, bufs = run.side.get(LAT_MODEL)
-    rng = np.random.default_rng(spec.seed)
-    picks = rng.integers(0, LAT_BLOCKS, size=(spec.latency_iters + 20, 2)).tolist()
-    times = [_pull(run, LAT_MODEL, cache, [s], [d]) for s, d in picks][20:]
+    picks = _picks(run, LAT_BLOCKS)
+    times = [_pull(run, LAT_MODEL, cache, [s], [d]) for s, d in picks][LAT_WARMUP:]
     problem = verify_blocks(bufs[0].array, LAT_BLOCK, np.array([picks[-1][0]]), np.array([picks[-1][1]]), OWNER_SALT)
     run.emit(_latency_record(spec, "latency_16k", times, LAT_BLOCK, problem))
+    _floor(run, "floor_16k", LAT_MODEL, LAT_BLOCKS, picks)
     run.side.release(LAT_MODEL)
     run.owner("release", LAT_MODEL)
+
+
+def _layers_latency(run: _Run) -> None:
+    spec = run.spec
+    run.owner("prepare", LAYER_MODEL, LAYER_TENSORS, LAYER_BLOCKS, LAT_BLOCK, OWNER_SALT)
+    cache, bufs = run.side.create(LAYER_MODEL, LAYER_TENSORS, LAYER_BLOCKS, LAT_BLOCK, None)
+    picks = _picks(run, LAYER_BLOCKS)
+    times = [_pull(run, LAYER_MODEL, cache, [s], [d]) for s, d in picks][LAT_WARMUP:]
+    last_src, last_dst = np.array([picks[-1][0]]), np.array([picks[-1][1]])
+    problem = None
+    for t in (0, LAYER_TENSORS - 1):
+        problem = problem or verify_blocks(bufs[t].array, LAT_BLOCK, last_src, last_dst, OWNER_SALT + t)
+    run.emit(_latency_record(spec, "latency_layers", times, LAYER_TENSORS * LAT_BLOCK, problem,
+                             tensors=LAYER_TENSORS, blocks=1, piece_bytes=LAT_BLOCK))
+    _floor(run, "floor_layers", LAYER_MODEL, LAYER_BLOCKS, picks)
+    run.side.release(LAYER_MODEL)
+    run.owner("release", LAYER_MODEL)
+
+
+def _floor(run: _Run, kind: str, model_id: int, blocks: int, picks: List[List[int]]) -> None:
+    """The same pieces in one process_vm_readv call from Python, owner to a scratch buffer (same host only)."""
+    spec = run.spec
+    if spec.placement != "host/host" or spec.owner_host != spec.initiator_host or not run.owner_pid:
+        return
+    addrs = run.owner("addr", model_id)[1]
+    tensor_bytes = blocks * LAT_BLOCK
+    scratch = Buffer(len(addrs) * tensor_bytes)
+    try:
+        calls = [[(scratch.addr + t * tensor_bytes + d * LAT_BLOCK, addr + s * LAT_BLOCK, LAT_BLOCK)
+                  for t, addr in enumerate(addrs)] for s, d in picks[:FLOOR_CALLS]]
+        floor = ReadvFloor()
+        samples = floor.measure(run.owner_pid, calls, spec.latency_iters, LAT_WARMUP)
+        if samples is None:
+            run.emit(record("note", spec.name, message=floor.problem))
+            return
+        s, d = picks[(LAT_WARMUP + spec.latency_iters - 1) % len(calls)]
+        words = scratch.array.reshape(len(addrs), tensor_bytes)
+        for t in {0, len(addrs) - 1}:
+            problem = verify_blocks(words[t], LAT_BLOCK, np.array([s]), np.array([d]), OWNER_SALT + t)
+            if problem:
+                raise BenchError(f"{kind}: process_vm_readv read the wrong bytes: {problem}")
+        run.emit(record(kind, spec.name, bytes=len(addrs) * LAT_BLOCK, iovecs=len(addrs), samples_us=samples,
+                        verified=True))
+    finally:
+        scratch.close()
+
+
+def _model_latency(run: _Run) -> None:
+    """56 tensors x 32 blocks of 64 KiB in one pull_blocks call, each call after a 2-thread memcpy of the same."""
+    spec = run.spec
     run.owner("prepare", MODEL_MODEL, MODEL_TENSORS, MODEL_BLOCKS, MODEL_BLOCK, OWNER_SALT)
     cache, bufs = run.side.create(MODEL_MODEL, MODEL_TENSORS, MODEL_BLOCKS, MODEL_BLOCK, None)
     s_blk, d_blk = block_order(MODEL_BLOCKS, spec.seed)
     src, dst = s_blk.tolist(), d_blk.tolist()
-    times = [_pull(run, MODEL_MODEL, cache, src, dst) for _ in range(spec.model_iters + 1)][1:]
+    copy = None
+    if run.paired is not None:
+        copy = run.paired.passes(MODEL_BLOCK, s_blk, d_blk, MODEL_TENSORS).get("_2t")
+    times: List[float] = []
+    memcpy_us: List[float] = []
+    for i in range(spec.model_iters + 1):
+        copied = copy() if copy is not None else None
+        took = _pull(run, MODEL_MODEL, cache, src, dst)
+        if i:  # the first call warms up
+            times.append(took)
+            if copied is not None:
+                memcpy_us.append(copied * 1e6)
     problem = None
     for t in (0, MODEL_TENSORS - 1):
         problem = problem or verify_blocks(bufs[t].array, MODEL_BLOCK, s_blk, d_blk, OWNER_SALT + t)
     nbytes = MODEL_TENSORS * MODEL_BLOCKS * MODEL_BLOCK
+    paired = {}
+    if memcpy_us:
+        paired = dict(paired_memcpy_2t_us=memcpy_us,
+                      paired_ratios_2t=[m / (t * 1e6) for m, t in zip(memcpy_us, times) if t > 0])
     run.emit(_latency_record(spec, "latency_model", times, nbytes, problem, tensors=MODEL_TENSORS,
-                             blocks=MODEL_BLOCKS, piece_bytes=MODEL_BLOCK), units=1, note="latency")
+                             blocks=MODEL_BLOCKS, piece_bytes=MODEL_BLOCK, **paired))
     run.side.release(MODEL_MODEL)
     run.owner("release", MODEL_MODEL)
 
@@ -140,26 +269,7 @@ def _latency_record(spec: SuiteSpec, kind: str, times: List[float], nbytes: int,
 
 def _paired_memcpy(run: _Run, block: int, s_blk: np.ndarray, d_blk: np.ndarray) -> Dict[str, Callable[[], float]]:
     """Timed passes of the C memcpy loop (1 and 2 threads) over the same scattered blocks in this process."""
-    if run.paired is None:
-        return {}
-    copier, two, src, dst = run.paired
-    bs = np.uint64(block)
-    d_ops = np.uint64(dst.addr) + d_blk.astype(np.uint64) * bs
-    s_ops = np.uint64(src.addr) + s_blk.astype(np.uint64) * bs
-    sizes = np.full(len(s_blk), block, dtype=np.uint64)
-    halves = split_ops(d_ops, s_ops, sizes, 2)
-
-    def timed(fn: Callable[[], None]) -> Callable[[], float]:
-        def run_once() -> float:
-            start = time.perf_counter()
-            fn()
-            return time.perf_counter() - start
-        return run_once
-
-    out = {"": timed(lambda: copier.copy(d_ops, s_ops, sizes))}
-    if len(halves) == 2:
-        out["_2t"] = timed(lambda: two.run(halves))
-    return out
+    return {} if run.paired is None else run.paired.passes(block, s_blk, d_blk)
 
 
 def _passes(spec: SuiteSpec, move, nbytes: int, memcpy: Dict[str, Callable[[], float]]):
@@ -199,12 +309,12 @@ def _bandwidth_size(run: _Run, index: int, block: int) -> None:
     memcpy = _paired_memcpy(run, block, s_blk, d_blk)
     for direction in spec.directions:
         if direction == "pull":
-            samples, paired = _passes(spec, lambda: _pull(run, model_id, cache, src, dst), n * block, memcpy)
+            samples, paired = _passes(spec, lambda: _pull(run, model_id, cache, src, dst), n * block, memcpy)  # noqa: B023
             problem = verify_blocks(bufs[0].array, block, s_blk, d_blk, OWNER_SALT)
         else:
             run.side.release(model_id)
             cache, bufs = run.side.create(model_id, 1, n, block, PUSH_SALT)
-            samples, paired = _passes(spec, lambda: _push(run, model_id, cache, src, dst), n * block, memcpy)
+            samples, paired = _passes(spec, lambda: _push(run, model_id, cache, src, dst), n * block, memcpy)  # noqa: B023
             problem = run.owner("verify", model_id, block, src[:64] + src[-64:], dst[:64] + dst[-64:],
                                 PUSH_SALT)[1]
         if problem:
@@ -223,11 +333,10 @@ def _body(run: _Run) -> None:
     if spec.paired and spec.placement == "host/host":
         copier = load_copier()
         if copier.native:
-            scratch = Buffer(spec.total_bytes)
-            fill_pattern(scratch.array, 7)
-            run.paired = (copier, TwoThreads(copier), scratch, Buffer(spec.total_bytes))
+            run.paired = _Paired(copier, spec.total_bytes)
     msg = recv_reply(run.peer, time.monotonic() + spec.timeout_s, "owner")
     run.port = int(msg[1])
+    run.owner_pid = int(msg[2]) if len(msg) > 2 else 0
     _measure_link(run)
     for index, block in enumerate(spec.sizes):
         _bandwidth_size(run, index, block)
@@ -237,9 +346,7 @@ def _body(run: _Run) -> None:
     run.side.release_all()
     run.datadist.finalize()
     if run.paired is not None:
-        run.paired[1].close()
-        run.paired[2].close()
-        run.paired[3].close()
+        run.paired.close()
 
 
 def initiator_main(spec: SuiteSpec, peer, parent) -> None:

@@ -1,4 +1,4 @@
-"""A process of ``bench --hosts netns`` on one simulated host: ``python -m llm_datadist.cli.bench_netns_child ROLE FD...``.
+"""A process of ``bench --hosts netns`` on one simulated host (``python -m llm_datadist.cli.bench_netns_child``).
 
 The first descriptor is a socket to the orchestrator, which sends the role's job as the first message; the
 others (if any) are sockets to processes on other hosts. Messages are those of the local bench processes.

@@ -314,7 +314,8 @@ def _markdown(results: Sequence[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             setup = f"{statistics.median(ms):.1f} p50, {ms[-1]:.1f} max (one call per decode)"
         a, t = r["per_link_after_link"], r["per_link_after_transfer"]
         agg = r["aggregate_samples_gbps"]
-        lines.append(f"| {r['hub']} ({r['phase']}) | {r['links']} | {setup} | {a['rss_kib']:.0f} / {t['rss_kib']:.0f} | "
+        lines.append(f"| {r['hub']} ({r['phase']}) | {r['links']} | {setup} | "
+                     f"{a['rss_kib']:.0f} / {t['rss_kib']:.0f} | "
                      f"{a['threads']:.2f} / {t['threads']:.2f} | {a['fds']:.2f} / {t['fds']:.2f} | "
                      f"{statistics.median(agg):.2f} ({min(agg):.2f}-{max(agg):.2f}) | "
                      f"{r['hub_after_finalize']['threads']} ({r['hub_interpreter']['threads']}) |")

@@ -4,12 +4,12 @@ from __future__ import annotations
 from typing import Optional
 
 from llm_datadist.cli.bench_common import format_size
-from llm_datadist.cli.bench_report import COLUMN_ORDER, Results, label
+from llm_datadist.cli.bench_results import SAME_HOST, Results
 
 __all__ = ["plot"]
 
 _REFERENCE_STYLE = {"memcpy.c_1t": ("black", "--"), "memcpy.np_1t": ("black", "--"), "memcpy.c_2t": ("grey", ":"),
-                    "raw_tcp": ("dimgrey", "-.")}
+                    "raw_tcp": ("dimgrey", "-."), "raw_tcp_n": ("silver", "-.")}
 
 
 def plot(results: Results, path: str, title: str) -> Optional[str]:
@@ -59,7 +59,8 @@ def _line(ax, results: Results, mech: str, direction: str, placement: str, sizes
         return
     if mech in _REFERENCE_STYLE:
         color, style = _REFERENCE_STYLE[mech]
-        ax.plot(xs, ys, linestyle=style, color=color, linewidth=1.8, label=f"{label(mech)} (reference)")
+        ax.plot(xs, ys, linestyle=style, color=color, linewidth=1.8, label=f"{results.column_label(mech)} (reference)")
         return
-    marker = "o" if mech in COLUMN_ORDER[:6] else "s"
-    ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, markersize=4, capsize=2, linewidth=1.4, label=label(mech))
+    marker = "o" if mech in SAME_HOST else "s"
+    ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, markersize=4, capsize=2, linewidth=1.4,
+                label=results.column_label(mech))

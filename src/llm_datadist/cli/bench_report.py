@@ -1,93 +1,18 @@
-"""``bench`` output: markdown tables in the official shape (GB/s (min-max) ×ratio), the targets check, JSON lines."""
+"""``bench`` output: markdown tables in the official shape (GB/s (min-max) ×ratio), targets, latency, JSON lines."""
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+import statistics
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from llm_datadist.cli.bench_common import format_size
+from llm_datadist.cli.bench_results import (COLUMN_ORDER, MEMCPY_2T, RAW_TCP_N, SAME_HOST, TLS, Results,
+                                            label)
+from llm_datadist.cli.bench_targets import (TARGET_STATEMENTS, call_target_table, target_rows,
+                                            target_table)
 
-__all__ = ["Results", "markdown", "write_jsonl", "COLUMN_ORDER", "label"]
-
-SAME_HOST = ("process_vm", "shm", "auto")
-COLUMN_ORDER = ("memcpy.c_1t", "memcpy.np_1t", "memcpy.c_2t", "process_vm", "shm", "auto", "nixl", "raw_tcp", "tcp",
-                "mooncake")
-_LABELS = {"memcpy.c_1t": "memcpy 1t", "memcpy.np_1t": "memcpy 1t (numpy)", "memcpy.c_2t": "memcpy 2t",
-           "raw_tcp": "raw tcp socket"}
-# (first size, last size, minimum ratio) per target; None sizes have no target of their own.
-SAME_HOST_TARGETS = ((16 << 10, 16 << 10, 0.75), (64 << 10, 2 << 20, 0.85))
-NIXL_TARGETS = ((16 << 10, 64 << 10, 1.5), (256 << 10, 1 << 40, 1.0))
-
-
-def label(mechanism: str) -> str:
-    return _LABELS.get(mechanism, mechanism)
-
-
-class Results:
-    """Index of the records of one run: bandwidth by (mechanism, direction, placement, size)."""
-
-    def __init__(self, records: Sequence[Dict[str, Any]]) -> None:
-        self.records = list(records)
-        self.bw: Dict[Tuple[str, str, str, int], Dict[str, Any]] = {}
-        for rec in self.records:
-            if rec.get("kind") == "bandwidth":
-                key = (rec["mechanism"], rec.get("direction", "copy"), rec.get("placement", "host/host"),
-                       int(rec["block_bytes"]))
-                self.bw[key] = rec
-
-    def of_kind(self, kind: str) -> List[Dict[str, Any]]:
-        return [r for r in self.records if r.get("kind") == kind]
-
-    def get(self, mechanism: str, direction: str, placement: str, size: int) -> Optional[Dict[str, Any]]:
-        rec = self.bw.get((mechanism, direction, placement, size))
-        if rec is None and mechanism.startswith(("memcpy", "raw_tcp")):  # references serve both directions
-            for other in ("copy", "pull", "push"):
-                rec = rec or self.bw.get((mechanism, other, "host/host", size))
-        return rec
-
-    def median(self, mechanism: str, direction: str, placement: str, size: int) -> Optional[float]:
-        rec = self.get(mechanism, direction, placement, size)
-        return float(rec["median_gbps"]) if rec else None
-
-    def ceiling_name(self) -> str:
-        return "memcpy.c_1t" if any(k[0] == "memcpy.c_1t" for k in self.bw) else "memcpy.np_1t"
-
-    def reference(self, mechanism: str) -> Optional[str]:
-        """The reference a mechanism's ratio is taken against."""
-        if mechanism == "nixl" and not any(k[0].startswith("memcpy") for k in self.bw):
-            return "raw_tcp"  # across simulated hosts: the library's nixl transport, against the socket
-        if mechanism in SAME_HOST or mechanism == "nixl":
-            return self.ceiling_name()
-        if mechanism in ("tcp", "mooncake"):
-            return "raw_tcp"
-        return None
-
-    def ratio(self, mechanism: str, direction: str, placement: str, size: int,
-              against: Optional[str] = None) -> Optional[float]:
-        ref = against or self.reference(mechanism)
-        rec = self.get(mechanism, direction, placement, size)
-        if rec is not None and ref == self.ceiling_name() and rec.get("paired_ratio"):
-            return float(rec["paired_ratio"])  # memcpy measured pass by pass next to it: robust to drift
-        if rec is not None and ref == "memcpy.c_2t" and rec.get("paired_ratio_2t"):
-            return float(rec["paired_ratio_2t"])
-        mine = self.median(mechanism, direction, placement, size)
-        theirs = self.median(ref, direction, placement, size) if ref else None
-        if mine is None or not theirs:
-            return None
-        return mine / theirs
-
-    def sizes(self) -> List[int]:
-        return sorted({k[3] for k in self.bw})
-
-    def pairs(self) -> List[Tuple[str, str]]:
-        """(placement, direction) of the transfer tables, pull first."""
-        found = {(k[2], k[1]) for k in self.bw if k[1] in ("pull", "push")}
-        return sorted(found, key=lambda p: (p[0] != "host/host", p[0], p[1] != "pull"))
-
-    def columns(self, placement: str, direction: str) -> List[str]:
-        """Mechanisms measured for (placement, direction), plus the in-process and socket references."""
-        refs = ("memcpy.c_1t", "memcpy.np_1t", "memcpy.c_2t", "raw_tcp")
-        present = {k[0] for k in self.bw if (k[2], k[1]) == (placement, direction) or k[0] in refs}
-        return [m for m in COLUMN_ORDER if m in present]
+__all__ = ["COLUMN_ORDER", "Results", "cpu_table", "label", "latency_table", "markdown", "peer_table",
+           "target_rows", "target_table", "transfer_table", "write_jsonl"]
 
 
 def _cell(results: Results, mechanism: str, direction: str, placement: str, size: int) -> str:
@@ -95,13 +20,18 @@ def _cell(results: Results, mechanism: str, direction: str, placement: str, size
     if rec is None:
         return "—"
     text = f"{rec['median_gbps']:.2f} ({rec['min_gbps']:.2f}-{rec['max_gbps']:.2f})"
-    ratio = results.ratio(mechanism, direction, placement, size)
-    return f"{text} ×{ratio:.2f}" if ratio is not None else text
+    ratios = []
+    for i, ref in enumerate(results.references(mechanism)):
+        value = results.ratio(mechanism, direction, placement, size, against=ref)
+        if value is not None:
+            ratios.append(f"×{value:.2f}" if i == 0 else f"(1t ×{value:.2f})")
+    return " ".join([text] + ratios)
 
 
 def transfer_table(results: Results, placement: str, direction: str) -> List[str]:
     cols = results.columns(placement, direction)
-    lines = ["| block size | " + " | ".join(label(c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = ["| block size | " + " | ".join(results.column_label(c) for c in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
     for size in results.sizes():
         cells = [_cell(results, c, direction, placement, size) for c in cols]
         lines.append(f"| {format_size(size)} | " + " | ".join(cells) + " |")
@@ -125,76 +55,38 @@ def peer_table(results: Results, placement: str, direction: str) -> List[str]:
     return lines
 
 
-def _status(value: Optional[float], target: float) -> str:
-    if value is None:
-        return "n/a"
-    if value >= target:
-        return "met"
-    return f"NOT met ({(value / target - 1) * 100:+.0f}%)"
-
-
-def _target_for(size: int, table) -> Optional[float]:
-    for lo, hi, minimum in table:
-        if lo <= size <= hi:
-            return minimum
-    return None
-
-
-def target_checks(results: Results) -> List[Tuple[str, str, Optional[str], Any]]:
-    """(column title, mechanism, reference, target table or fixed minimum) of the bandwidth targets."""
-    ceiling = results.ceiling_name()
-    return [("auto / memcpy 1t", "auto", ceiling, SAME_HOST_TARGETS), ("auto / nixl", "auto", "nixl", NIXL_TARGETS),
-            ("tcp / raw socket", "tcp", "raw_tcp", 0.9), ("tcp / mooncake", "tcp", "mooncake", 2.0),
-            ("auto / memcpy 2t (optional)", "auto", "memcpy.c_2t", 0.85)]
-
-
-def target_rows(results: Results, placement: str = "host/host") -> List[Tuple[str, str, str, str, str, str]]:
-    """(check, size, direction, measured, target, status) for every size that has a target."""
-    rows = []
-    for direction in ("pull", "push"):
-        for size in results.sizes():
-            for title, mech, ref, spec in target_checks(results):
-                target = spec if isinstance(spec, float) else _target_for(size, spec)
-                if target is None or results.median(mech, direction, placement, size) is None:
-                    continue
-                value = results.ratio(mech, direction, placement, size, against=ref)
-                rows.append((title, format_size(size), direction, f"×{value:.2f}" if value else "n/a",
-                             f"≥ {target}", _status(value, target)))
-    return rows
-
-
-def target_table(results: Results, direction: str, placement: str = "host/host") -> List[str]:
-    """Rows = block size, columns = the checks; a cell is "×ratio status" (or the ratio alone without a target)."""
-    checks = target_checks(results)
-    lines = ["| block size | " + " | ".join(t for t, _, _, _ in checks) + " |", "|---" * (len(checks) + 1) + "|"]
-    for size in results.sizes():
-        cells = []
-        for _title, mech, ref, spec in checks:
-            target = spec if isinstance(spec, float) else _target_for(size, spec)
-            value = results.ratio(mech, direction, placement, size, against=ref)
-            if value is None:
-                cells.append("—")
-            elif target is None:
-                cells.append(f"×{value:.2f} (no target)")
-            else:
-                cells.append(f"×{value:.2f} {_status(value, target)} (≥ {target})")
-        lines.append(f"| {format_size(size)} | " + " | ".join(cells) + " |")
-    return lines
+def _p50_p99(rec: Optional[Dict[str, Any]]) -> str:
+    return f"{rec['median_us']:.1f} / {rec['p99_us']:.1f}" if rec and rec.get("samples_us") else "—"
 
 
 def latency_table(results: Results) -> List[str]:
-    lines = ["| suite | route | 16 KiB pull p50 / p99 (µs) | 56×32×64 KiB request p50 (ms, GB/s) | "
-             "link_clusters (ms) | first pull after link (ms) |", "|---|---|---|---|---|---|"]
-    links = {r["mechanism"]: r for r in results.of_kind("link")}
-    small = {r["mechanism"]: r for r in results.of_kind("latency_16k")}
-    model = {r["mechanism"]: r for r in results.of_kind("latency_model")}
-    for suite in sorted(set(links) | set(small) | set(model), key=_suite_order):
-        s, m, k = small.get(suite), model.get(suite), links.get(suite)
-        lines.append("| {} | {} | {} | {} | {} | {} |".format(
-            suite, (k or {}).get("route", "?"),
-            f"{s['median_us']:.0f} / {s['p99_us']:.0f}" if s else "—",
-            f"{m['median_us'] / 1e3:.1f} ({m['median_gbps']:.2f})" if m else "—",
+    """Per suite: small calls next to their system-call floor, link set-up, and the model-shaped request."""
+    small, layers = results.by_suite("latency_16k"), results.by_suite("latency_layers")
+    floor16, floor56 = results.by_suite("floor_16k"), results.by_suite("floor_layers")
+    links, model = results.by_suite("link"), results.by_suite("latency_model")
+    suites = sorted(set(links) | set(small) | set(layers) | set(model), key=_suite_order)
+    lines = ["Per call, µs p50 / p99; floor = one `process_vm_readv` of the same pieces from Python between the same "
+             "two processes, same run:", "",
+             "| suite | route | 16 KiB block | floor, 1 × 16 KiB | 56 × 1 × 16 KiB | floor, 56 × 16 KiB | "
+             "link_clusters (ms) | first pull after link (ms) |", "|---|---|---|---|---|---|---|---|"]
+    for suite in suites:
+        k = links.get(suite)
+        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            suite, (k or {}).get("route", "?"), _p50_p99(small.get(suite)), _p50_p99(floor16.get(suite)),
+            _p50_p99(layers.get(suite)), _p50_p99(floor56.get(suite)),
             f"{k['median_ms']:.1f}" if k else "—", f"{k['first_pull_ms']:.1f}" if k else "—"))
+    if model:
+        lines += ["", "Model-shaped request, 56 tensors × 32 blocks × 64 KiB (112 MiB) in one `pull_blocks` call; the "
+                      "2-thread memcpy of the same blocks runs in the initiator right before each call:", "",
+                  "| suite | p50 (ms) | GB/s | memcpy 2t, same blocks, p50 (ms) | ratio to memcpy 2t (paired) |",
+                  "|---|---|---|---|---|"]
+        for suite in sorted(model, key=_suite_order):
+            m = model[suite]
+            memcpy = m.get("paired_memcpy_2t_us") or []
+            lines.append("| {} | {:.2f} | {:.2f} | {} | {} |".format(
+                suite, m["median_us"] / 1e3, m["median_gbps"],
+                f"{statistics.median(memcpy) / 1e3:.2f}" if memcpy else "—",
+                f"×{m['paired_ratio_2t']:.2f}" if m.get("paired_ratio_2t") else "—"))
     return lines
 
 
@@ -208,7 +100,7 @@ def cpu_table(results: Results) -> List[str]:
 
 
 def _suite_order(name: str) -> Tuple[int, str]:
-    order = ("process_vm", "shm", "tcp", "auto")
+    order = ("process_vm", "shm", "tcp", TLS, "auto")
     return (order.index(name) if name in order else len(order), name)
 
 
@@ -216,21 +108,34 @@ def _legend(results: Results) -> List[str]:
     routes = {r["mechanism"]: r.get("route", "?") for r in results.of_kind("link")}
     ceiling = results.ceiling_name()
     notes = {r.get("note") for r in results.records if r.get("mechanism") == ceiling and r.get("note")}
-    paired = any(r.get("paired_ratio") for r in results.of_kind("bandwidth"))
+    paired = any(r.get("paired_ratio_2t") or r.get("paired_ratio") for r in results.of_kind("bandwidth"))
+    two = results.has(MEMCPY_2T)
     lines = [f"- **{label(ceiling)}**: in-process single-thread copy of the same scattered blocks "
-             f"({'; '.join(sorted(notes)) or 'C loop'}); the reference of the same-host transports and NIXL"
-             + (". The ratios of process_vm, shm and auto are paired: the initiator runs one memcpy pass of the same "
-                "blocks (1 thread, then 2 threads) right before each of its passes and the ratio is the median of "
-                "the per-pass quotients (robust to a machine that drifts); the memcpy columns are the separate "
-                "in-process measurement, before and after the suites" if paired else ""),
-             "- **memcpy 2t**: the same copy split over two threads (both cores)",
+             f"({'; '.join(sorted(notes)) or 'C loop'}), before and after the suites",
+             "- **memcpy 2t**: the same copy split over two threads (both cores): the ceiling every same-host cell "
+             "(process_vm, shm, auto, nixl) is a ratio to; the ratio to memcpy 1t follows in brackets" if two else
+             "- **memcpy 2t**: not measured (no C compiler): the same-host ratios are to memcpy 1t",
              "- **process_vm / shm / tcp**: the library with `transfer_backend` forced; shm moves pool-allocated "
              "caches (`host_mem_pool_cfg` + `allocate_blocks_cache`), the others registered page-aligned memory",
              f"- **auto**: the library's own choice on registered memory (route: {routes.get('auto', '?')})",
-             "- **raw tcp socket**: two processes, loopback TCP, best of sendmsg/recvmsg_into batches and one "
-             "send/recv per block; the reference of tcp and Mooncake",
-             "- **nixl**: NIXL 1.5.1, UCX over CMA, initiator progress thread off, initialize_xfer+transfer+poll "
-             "per pass; **mooncake**: Mooncake TE 0.3.13.post1, tcp, batch_transfer_sync_read/write"]
+             "- **raw tcp socket**: two processes, one loopback TCP stream, best of sendmsg/recvmsg_into batches and "
+             "one send/recv per block; the reference of tcp and Mooncake"]
+    if paired:
+        lines.insert(2, "- **paired ratios**: the initiator of process_vm, shm and auto runs one memcpy pass of the "
+                        "same blocks (1 thread, then 2 threads) right before each transfer pass; their ratios are "
+                        "the medians of the per-pass quotients (a machine that drifts slows both sides alike); the "
+                        "memcpy columns are the separate in-process measurement")
+    if results.has(RAW_TCP_N):
+        lines.append(f"- **{results.column_label(RAW_TCP_N)}**: the same blocks split over as many loopback "
+                     f"connections at once (one thread per stream on each side), as many as the library's tcp "
+                     f"uses for one large transfer; shown next to the one-stream reference, not a ratio base")
+    if results.has(TLS):
+        lines.append("- **tcp+tls**: `tcp` forced with mutual TLS on both sides (`tls_cert_file`, `tls_key_file`, "
+                     "`tls_ca_file`; a CA and two certificates made with openssl for the run); its ratio is to plain "
+                     "tcp of the same run, the throughput cost of TLS (the same bytes per pass, at most 5 passes "
+                     "and 200 calls: TLS is slow)")
+    lines.append("- **nixl**: NIXL 1.5.1, UCX over CMA, initiator progress thread off, initialize_xfer+transfer+poll "
+                 "per pass; **mooncake**: Mooncake TE 0.3.13.post1, tcp, batch_transfer_sync_read/write")
     return lines
 
 
@@ -245,8 +150,8 @@ def _plan_lines(results: Results) -> List[str]:
 
 
 def _problems(results: Results) -> List[str]:
-    return [f"- **{r['mechanism']}**: {r.get('message', '')}" for r in results.of_kind("error")] + \
-           [f"- {r['message']}" for r in results.of_kind("note")]
+    notes = list(dict.fromkeys(f"- {r['message']}" for r in results.of_kind("note")))  # once per text
+    return [f"- **{r['mechanism']}**: {r.get('message', '')}" for r in results.of_kind("error")] + notes
 
 
 def markdown(results: Results, title: str, meta: Dict[str, Any]) -> str:
@@ -260,11 +165,15 @@ def markdown(results: Results, title: str, meta: Dict[str, Any]) -> str:
         if peers:
             out += [f"Ratios to the peers ({direction}, {placement}; medians of separate runs):", ""] + peers + [""]
     out += ["Columns:", ""] + _legend(results) + [""]
+    out += ["### Targets", ""] + [f"- {text}" for text in TARGET_STATEMENTS] + [""]
     for direction in ("pull", "push"):
         if any(k[1] == direction for k in results.bw):
-            out += [f"### Targets: ratio and status, {direction}, host/host", ""]
+            out += [f"Bandwidth, {direction}, host/host (ratio and status):", ""]
             out += target_table(results, direction) + [""]
-    out += ["### Per-call latency and link set-up", ""] + latency_table(results) + [""]
+    calls = call_target_table(results)
+    if calls:
+        out += ["Per call (auto):", ""] + calls + [""]
+    out += ["### Per-call latency, link set-up, model-shaped request", ""] + latency_table(results) + [""]
     out += ["### Planning overhead", ""] + (_plan_lines(results) or ["- not measured"]) + [""]
     out += ["### Machine load during each step (cores busy: this benchmark / everything else)", ""]
     out += cpu_table(results) + [""]
@@ -276,7 +185,7 @@ def markdown(results: Results, title: str, meta: Dict[str, Any]) -> str:
 
 def _meta_line(meta: Dict[str, Any]) -> str:
     keys = ("date", "host", "cpu", "python", "numpy", "library", "total_mib", "passes", "warmup", "rounds", "mode",
-            "load_before", "load_after", "wall_s")
+            "tcp_streams", "load_before", "load_after", "wall_s")
     return "; ".join(f"{k}: {meta[k]}" for k in keys if k in meta)
 
 

@@ -11,13 +11,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from llm_datadist.cli.bench_common import MIB, Buffer, SuiteSpec, fill_pattern, placement_kinds, verify_blocks
-from llm_datadist.cli.instance import make_datadist
+from llm_datadist.cli.instance import INIT_ATTEMPTS, free_port
 from llm_datadist.cli.ipc import recv_message
 
 __all__ = ["BenchError", "CacheSide", "make_instance", "owner_main", "recv_reply", "report_failure"]
 
 MODEL_TENSORS, MODEL_BLOCKS, MODEL_BLOCK = 56, 32, 64 * 1024
 LAT_BLOCKS, LAT_BLOCK = 64, 16 * 1024
+LAYER_TENSORS, LAYER_BLOCKS = 56, 16  # one 16 KiB block per layer: 56 tensors of LAYER_BLOCKS x LAT_BLOCK
 
 
 class BenchError(RuntimeError):
@@ -31,13 +32,52 @@ def pool_bytes(spec: SuiteSpec) -> int:
 
 
 def make_instance(spec: SuiteSpec, cluster_id: int, owner: bool):
-    """An initialized LLMDataDist in remote-cache-accessible mode; returns (datadist, listen port or 0)."""
+    """An initialized LLMDataDist in remote-cache-accessible mode; returns (datadist, listen port or 0).
+
+    A listening side retries on another port when ``init`` fails (the port was taken meanwhile); an unavailable
+    transport (LLM_FEATURE_NOT_ENABLED) fails at once. Failures raise BenchError.
+    """
+    from llm_datadist import LLMDataDist, LLMException, LLMRole
+
     if spec.transport is None:
         os.environ.pop("LLM_DATADIST_TRANSPORT", None)  # "auto" means the library's own choice
     listen = owner or spec.transport is not None  # transfer_backend needs listen_ip_info on both sides
-    return make_datadist(owner, cluster_id, listen, spec.transport, int(spec.timeout_s * 1000), int(spec.timeout_s),
-                         BenchError, pool_bytes(spec) if spec.pool else 0,
-                         spec.owner_host if owner else spec.initiator_host)
+    host = spec.owner_host if owner else spec.initiator_host
+    last: Optional[Exception] = None
+    for _ in range(INIT_ATTEMPTS):
+        port = free_port(host) if listen else 0
+        datadist = LLMDataDist(LLMRole.PROMPT if owner else LLMRole.DECODER, cluster_id)
+        try:
+            datadist.init(_config(spec, owner, f"{host}:{port}" if listen else "").generate_options())
+            return datadist, port
+        except LLMException as exc:
+            last = exc
+            if not listen or exc.status_code.name == "LLM_FEATURE_NOT_ENABLED":
+                break
+    raise BenchError(f"LLMDataDist.init failed: {last}")
+
+
+def _config(spec: SuiteSpec, owner: bool, listen: str):
+    """The LLMConfig of one side: cache manager, remote-cache-accessible, forced transport, pool, TLS files."""
+    import json
+
+    from llm_datadist import LLMConfig
+
+    config = LLMConfig()
+    config.device_id = 0
+    config.enable_cache_manager = True
+    config.enable_remote_cache_accessible = True
+    config.sync_kv_timeout = int(spec.timeout_s * 1000)
+    config.link_total_time = max(1, int(spec.timeout_s))
+    if listen:
+        config.listen_ip_info = listen
+    if spec.transport:
+        config.transfer_backend = spec.transport
+    if spec.pool:
+        config.host_mem_pool_cfg = json.dumps({"memory_size": pool_bytes(spec)})
+    for name, value in (spec.tls.config(owner) if spec.tls else {}).items():
+        setattr(config, name, value)
+    return config
 
 
 class _HostView:
@@ -167,6 +207,8 @@ def _owner_loop(spec: SuiteSpec, side: CacheSide, peer) -> None:
         elif op == "release":
             side.release(msg[1])
             peer.send(("ok",))
+        elif op == "addr":
+            peer.send(("ok", [int(buf.addr) for buf in side.get(msg[1])[1]]))
         elif op == "verify":
             _, model_id, block, src, dst, salt = msg
             peer.send(("ok", _owner_verify(side, model_id, block, src, dst, salt)))

@@ -1,0 +1,63 @@
+"""The bench's references measured for real: raw loopback sockets (one stream and N) and the system-call floor."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from llm_datadist.cli.bench_common import Buffer, expected_words, fill_pattern
+from llm_datadist.cli.bench_floor import ReadvFloor
+from llm_datadist.cli.bench_socket import best_raw_tcp, measure_raw_tcp
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_raw_socket_moves_the_same_blocks_over_one_or_n_streams(streams):
+    steps = []
+    records = measure_raw_tcp((16 << 10, 256 << 10), 2 * MIB, passes=2, warmup=1, seed=5,
+                              on_step=lambda: steps.append(1), streams=streams)
+    assert len(steps) == 2
+    by_mech = {}
+    for rec in records:
+        by_mech.setdefault(rec["mechanism"], []).append(rec)
+    one = {"raw_tcp.batch", "raw_tcp.b1"}
+    assert set(by_mech) == (one | {"raw_tcp_n.batch", "raw_tcp_n.b1"} if streams > 1 else one)
+    for mech, recs in by_mech.items():
+        assert all(r["verified"] and len(r["samples_gbps"]) == 2 and r["median_gbps"] > 0 for r in recs)
+        assert all(r["streams"] == (1 if mech.startswith("raw_tcp.") else streams) for r in recs)
+    best = {(r["mechanism"], r["block_bytes"]): r for r in best_raw_tcp(records) if "best_of" in r}
+    assert {m for m, _ in best} == ({"raw_tcp", "raw_tcp_n"} if streams > 1 else {"raw_tcp"})
+    for (family, size), rec in best.items():
+        variants = [r["median_gbps"] for r in records
+                    if r["mechanism"].startswith(family + ".") and r["block_bytes"] == size]
+        assert len(variants) == 2 and rec["median_gbps"] == max(variants)
+
+
+def test_floor_times_one_readv_per_call_and_reads_the_right_bytes():
+    block = 16 << 10
+    src, dst = Buffer(8 * block), Buffer(4 * block)
+    fill_pattern(src.array, 11)
+    try:
+        calls = [[(dst.addr + d * block, src.addr + s * block, block) for d, s in ((0, 5), (1, 2))],
+                 [(dst.addr + 2 * block, src.addr + 7 * block, block)]]
+        floor = ReadvFloor()
+        samples = floor.measure(os.getpid(), calls, iters=7, warmup=3)
+        assert floor.problem is None and len(samples) == 7 and all(s > 0 for s in samples)
+        words = dst.array.view(np.uint64).reshape(4, -1)
+        for d, s in ((0, 5), (1, 2), (2, 7)):
+            assert np.array_equal(words[d], expected_words(s, block, 11))
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_floor_reports_a_failed_read_instead_of_timing_it():
+    dst = Buffer(16 << 10)
+    try:
+        floor = ReadvFloor()
+        assert floor.measure(os.getpid(), [[(dst.addr, 8, 16 << 10)]], iters=5) is None  # unmapped remote page
+        assert "process_vm_readv read -1 of 16384 bytes" in floor.problem and "no floor measured" in floor.problem
+    finally:
+        dst.close()
