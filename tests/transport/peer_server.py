@@ -6,6 +6,7 @@ itself, then answers one JSON line per command (reset, add NBYTES, invalidate K,
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 import os
@@ -95,6 +96,15 @@ class Peer:
             self.guards.invalidate(seg.guard)
             self.transport.fence(time.monotonic() + 10)
             return {"ok": True}
+        if words[0] == "recut":  # segment k registered again over part of its memory: other bounds, same bytes
+            seg = self.segments[int(words[1])]
+            offset, nbytes = int(words[2]), int(words[3])
+            self.transport.deregister(seg.region)
+            ref = dataclasses.replace(seg.region.segment, offset=offset) if seg.region.segment else None
+            seg.region = dataclasses.replace(seg.region, addr=seg.array.ctypes.data + offset, nbytes=nbytes,
+                                             segment=ref)
+            seg.descriptor = self.transport.register(seg.region)
+            return seg.info()
         if words[0] == "revoke":
             self.transport.revoke(LINK_ID)
             return {"ok": True}

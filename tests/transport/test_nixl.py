@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import Setup
+from peer_server import pattern
 from llm_datadist._transport import unavailable_reason
-from llm_datadist._transport.base import CopyPlan, RemoteRejected, TransferTimeout
+from llm_datadist._transport.base import CopyPlan, RemoteRegion, RemoteRejected, TransferTimeout
 from llm_datadist._transport.nixl_ops import Regions, rows
 
 REASON = unavailable_reason("nixl")
@@ -55,6 +56,27 @@ def test_a_timed_out_request_is_freed_once_the_peer_runs_again(pair):
         pair.transport.read(pair.channel, pair.plan([0], [0], [16]), pair.deadline())  # each transfer reaps
         time.sleep(0.05)
     assert pair.transport.agent.pending == 0
+
+
+@needs_nixl
+def test_memory_registered_again_in_other_bounds_is_read_through_the_new_registration(pair):
+    """The peer releases a region and registers its memory again, first as a part, then whole: NIXL must not be
+    left with the overlapping earlier registrations (it refuses transfers over them), so the peer is reloaded."""
+    seg = pair.add(4 << 20)
+    base, seed = seg["addr"], seg["seed"]
+    expected = pattern(4 << 20, seed)
+    parts = [(200 << 10, 256 << 10), (600 << 10, 1 << 20), (0, 4 << 20)]  # the last overlaps the ones before
+    for offset, nbytes in parts:
+        info = pair.peer.command("recut", str(len(pair.regions) - 1), str(offset), str(nbytes))
+        pair.regions[-1] = RemoteRegion(info["addr"], info["nbytes"], "host", info["descriptor"])
+        pair.transport.learn(pair.channel, pair.regions)
+        pieces = np.arange(0, nbytes - (nbytes % 65536), 65536, dtype=np.uint64)
+        pair.local[:] = 0
+        plan = pair.plan(pieces, pieces + np.uint64(offset), np.full(len(pieces), 65536), base=base)
+        pair.transport.read(pair.channel, plan, pair.deadline())
+        assert np.array_equal(pair.local[:len(pieces) * 65536], expected[offset:offset + len(pieces) * 65536])
+    record = pair.transport._peers[pair.channel.agent]
+    assert len(record.loaded) == len(pair.regions)  # nothing left of the released registrations
 
 
 def _plan(local, remote, sizes) -> CopyPlan:

@@ -193,11 +193,18 @@ class Link:
                 for (addr, nbytes, kind, descs) in self._regions.values() if transport_name in descs]
 
     def note_view(self, view: proto.CacheView) -> proto.CacheView:
-        """Learn the region descriptors a view carries; returns the view."""
+        """Learn the region descriptors a view carries; returns the view.
+
+        A region of the view replaces those it overlaps: the owner released that memory and registered it again
+        in other bounds, and a transport must not be told of both.
+        """
         new = False
         for region in view.regions:
             key = (region[0], region[1])
             if self._regions.get(key) != region:
+                start, end = region[0], region[0] + region[1]
+                for old in [k for k in self._regions if k != key and k[0] < end and start < k[0] + k[1]]:
+                    del self._regions[old]
                 self._regions[key] = region
                 new = True
         if new:

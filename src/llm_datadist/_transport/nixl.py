@@ -12,13 +12,15 @@ descriptors (0.16 against 0.26 ms), under 0.1% of such a transfer over UCX/TCP.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import logging
 import os
 import struct
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -62,7 +64,22 @@ class _PeerAgent:
 
     refs: int = 0
     broken: bool = False
-    loaded: Set[bytes] = dataclasses.field(default_factory=set)
+    connection: bytes = b""
+    loaded: Dict[bytes, Tuple[int, int]] = dataclasses.field(default_factory=dict)  # region metadata -> span
+
+
+def _overlapping(spans: Iterable[Tuple[int, int]], others: Iterable[Tuple[int, int]]) -> bool:
+    """Whether any (addr, nbytes) of ``spans`` overlaps any of ``others`` (sorted, not pairwise)."""
+    table = sorted((int(b), int(b) + int(m)) for b, m in others)
+    if not table:
+        return False
+    starts = [b for b, _ in table]
+    reach = list(itertools.accumulate((e for _, e in table), max))  # the furthest end among the first i
+    for a, n in spans:
+        before = bisect.bisect_left(starts, int(a) + int(n))  # others starting before this span ends
+        if before and reach[before - 1] > int(a):
+            return True
+    return False
 
 
 class NixlChannel(Channel):
@@ -75,6 +92,8 @@ class NixlChannel(Channel):
         self.nonce_addrs = np.array([table + _NONCE_OFFSET, table + _NONCE_OFFSET + 8], dtype=np.uint64)
         self.nonce_words = np.frombuffer(peer.nonce, dtype=np.uint64).copy()
         self.regions = Regions()
+        self.known: Dict[bytes, Tuple[int, int]] = {}  # the region metadata behind ``regions`` -> (addr, nbytes)
+        self.wanted: Optional[Dict[bytes, Tuple[int, int]]] = None  # regions a reload that could not run yet
         self.closed = False
         self.broken = ""
 
@@ -112,6 +131,7 @@ class NixlTransport(Transport):
         self._ranges: Dict[str, List[Tuple[int, int]]] = {HOST: [], CUDA: []}
         self._peers: Dict[str, _PeerAgent] = {}
         self._channels: Set[NixlChannel] = set()
+        self._learning = threading.Lock()  # one learn at a time: a reload must not race another learn's loads
         self._scratch: List[Scratch] = []
         self._all_scratch: List[Scratch] = []
         self._info = self._describe(0, 0, None)
@@ -216,7 +236,7 @@ class NixlTransport(Transport):
             record = self._peers.get(name)
             if record is not None and record.broken:
                 self.agent.forget_remote(name)
-                record.broken, record.loaded = False, set()
+                record.broken, record.loaded = False, {}
                 self._load(name, metadata, record)
             elif record is None:
                 record = _PeerAgent()
@@ -234,7 +254,7 @@ class NixlTransport(Transport):
         if loaded != name:
             self.agent.forget_remote(loaded)
             raise ConnectFailed(f"the peer's metadata names agent {loaded!r}, not {name!r}")
-        record.loaded.add(metadata)
+        record.connection = metadata
 
     def _detach(self, name: str) -> None:
         with self._lock:
@@ -257,27 +277,76 @@ class NixlTransport(Transport):
                 record.broken = True
 
     def learn(self, channel: Channel, regions: Sequence[RemoteRegion]) -> None:
-        """Load the metadata of every region not loaded yet; the channel covers exactly ``regions``."""
+        """Load the metadata of every region not loaded yet; the channel covers exactly ``regions``.
+
+        Where a new region overlaps one loaded earlier that is no longer among the peer's regions (the peer
+        released that memory and registered it again in other bounds), the peer agent is loaded afresh with only
+        the regions its channels know now: NIXL refuses transfers over overlapping remote registrations.
+        """
         if not isinstance(channel, NixlChannel):
             return
-        known = []
-        with self._lock:
-            record = self._peers.get(channel.agent)
-            for region in regions:
-                desc = region.descriptor
-                if not desc.startswith(_REGION_MAGIC):
-                    continue
-                metadata = desc[len(_REGION_MAGIC):]
-                if record is not None and metadata not in record.loaded and channel.agent != self.agent.name:
-                    try:
-                        if self.agent.load_remote(metadata) != channel.agent:
-                            continue
-                    except TransportError as exc:
-                        logger.warning("nixl: a region of agent %s does not load: %s", channel.agent, exc)
+        self._learn(channel, {r.descriptor[len(_REGION_MAGIC):]: (r.addr, r.nbytes) for r in regions
+                              if r.descriptor.startswith(_REGION_MAGIC)})
+
+    def _learn(self, channel: NixlChannel, current: Dict[bytes, Tuple[int, int]]) -> None:
+        channel.wanted = None
+        with self._learning:
+            with self._lock:
+                record = self._peers.get(channel.agent)
+                if record is None or channel.agent == self.agent.name:  # self link: NIXL reads our own memory
+                    self._learned(channel, current, set(current))
+                    return
+                fresh = {md: span for md, span in current.items() if md not in record.loaded}
+                stale = [span for md, span in record.loaded.items() if md not in current]
+                keep: Dict[bytes, Tuple[int, int]] = {}
+                if fresh and _overlapping(stale, fresh.values()):
+                    for other in self._channels:
+                        if other.agent == channel.agent and other is not channel:
+                            keep.update((md, span) for md, span in other.known.items()
+                                        if not _overlapping([span], current.values()))
+                    keep.update(current)
+            if keep:
+                self._reload(channel, record, keep, current)
+                return
+            loaded = {md for md in current if md in record.loaded}
+            for metadata, span in fresh.items():
+                try:
+                    if self.agent.load_remote(metadata) != channel.agent:
                         continue
-                    record.loaded.add(metadata)
-                known.append((region.addr, region.nbytes))
-        channel.regions = Regions(known)
+                except TransportError as exc:
+                    logger.warning("nixl: a region of agent %s does not load: %s", channel.agent, exc)
+                    continue
+                record.loaded[metadata] = span
+                loaded.add(metadata)
+            self._learned(channel, current, loaded)
+
+    def _reload(self, channel: NixlChannel, record: _PeerAgent, keep: Dict[bytes, Tuple[int, int]],
+                current: Dict[bytes, Tuple[int, int]]) -> None:
+        """Load the peer agent afresh with the regions in ``keep`` (under ``_learning``)."""
+        try:
+            loaded = self.agent.reload_remote(channel.agent, record.connection, list(keep))
+        except TransportError as exc:
+            logger.warning("nixl: agent %s does not load again: %s", channel.agent, exc)
+            record.broken, record.loaded = True, {}
+            channel.broken = str(exc)
+            self._learned(channel, {}, set())
+            return
+        if loaded is None:  # requests in flight the whole time: the next transfer on this channel tries again
+            self._learned(channel, current, set(record.loaded))
+            channel.wanted = current
+            return
+        record.loaded = {md: keep[md] for md in loaded}
+        logger.debug("nixl: agent %s loaded afresh with %d regions", channel.agent, len(loaded))
+        with self._lock:
+            others = [c for c in self._channels if c.agent == channel.agent and c is not channel]
+        for other in others:
+            self._learned(other, other.known, set(record.loaded))
+        self._learned(channel, current, set(record.loaded))
+
+    @staticmethod
+    def _learned(channel: NixlChannel, current: Dict[bytes, Tuple[int, int]], loaded: Set[bytes]) -> None:
+        channel.known = {md: span for md, span in current.items() if md in loaded}
+        channel.regions = Regions(list(channel.known.values()))
 
     # -- transfers ------------------------------------------------------------------------------
     def _ready(self, channel: Channel) -> NixlChannel:
@@ -358,6 +427,9 @@ class NixlTransport(Transport):
         ch = self._ready(channel)
         if time.monotonic() >= deadline:
             raise TransferTimeout("deadline passed before the nixl transfer")
+        if ch.wanted is not None:
+            self._learn(ch, ch.wanted)
+            ch.check()
         if self.agent.pending:
             self._reap()  # requests of earlier timeouts that UCX has let go of since
         local_dev = self.ctx.device_id if plan.local_kind == CUDA else 0

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import List, Optional, Tuple
+import time
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -18,6 +19,8 @@ from llm_datadist._transport.base import CUDA, RemoteRejected, TransportClosed, 
 logger = logging.getLogger(__name__)
 
 PROGRESS_DELAY_US = 10_000  # the progress thread's poll timeout; UCX events wake it before that
+DRAIN_TIMEOUT_S = 2.0  # how long a reload of a peer's metadata waits for the requests in flight to end
+_DRAINING, _RELOADING = "draining", "reloading"
 _BIND_LOCK = threading.Lock()
 _BIND: List[object] = []
 
@@ -73,7 +76,10 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - a backend that does not start
             raise TransportError(f"the NIXL UCX backend does not start: {exc}") from exc
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._zombies: List[Tuple[int, object]] = []  # timed-out requests UCX has not finished with yet
+        self._live = 0  # requests created and not freed yet (zombies included)
+        self._gate: Optional[str] = None  # set while a peer's metadata is reloaded: no new requests meanwhile
 
     def mem_type(self, kind: str):
         return self.bind.VRAM_SEG if kind == CUDA else self.bind.DRAM_SEG
@@ -128,10 +134,15 @@ class Agent:
         bind = self.bind
         op = bind.NIXL_READ if read else bind.NIXL_WRITE
         what = "nixl read" if read else "nixl write"
+        with self._changed:
+            while self._gate is not None:  # a reload ends within DRAIN_TIMEOUT_S plus NIXL's own calls
+                self._changed.wait(0.05)
+            self._live += 1
         try:
             handle = self._agent.createXferReq(op, bind.nixlXferDList(self.mem_type(local_kind), local),
                                                bind.nixlXferDList(self.mem_type(remote_kind), remote), peer, "", [])
         except Exception as exc:  # noqa: BLE001
+            self._freed()
             raise mapped(exc, what) from exc
         try:
             self._agent.postXferReq(handle, "")
@@ -156,9 +167,63 @@ class Agent:
         """Free a request; False when UCX still runs it (then call again later)."""
         try:
             self._agent.releaseXferReq(handle)
-            return True
         except Exception:  # noqa: BLE001 - still in flight
             return False
+        self._freed()
+        return True
+
+    def _freed(self) -> None:
+        with self._changed:
+            self._live -= 1
+            self._changed.notify_all()
+
+    def reload_remote(self, name: str, connection: bytes, regions: Sequence[bytes]) -> Optional[List[bytes]]:
+        """Replace everything loaded of agent ``name`` with ``connection`` and ``regions`` (its partial metadata).
+
+        NIXL cannot forget one remote registration, and a registration over memory the peer has since registered
+        anew in other bounds makes NIXL refuse transfers there; so the peer is dropped and loaded again. Dropping
+        it while a request of ours is in flight would leave that request pointing at freed metadata: new requests
+        wait meanwhile, and the reload happens once none is in flight (any peer's: NIXL gives no per-peer count).
+
+        Returns:
+            The region metadata that loaded, or None when requests were still in flight after DRAIN_TIMEOUT_S
+            (nothing was changed then).
+
+        Raises:
+            TransportError: the connection metadata does not load again (the peer cannot be reached through
+                NIXL any more).
+        """
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        with self._changed:
+            while self._gate is not None:
+                self._changed.wait(0.05)
+            self._gate = _DRAINING
+        try:
+            while True:
+                with self._changed:
+                    if self._live == 0:
+                        self._gate = _RELOADING
+                        break
+                    if time.monotonic() >= deadline:
+                        logger.info("nixl: %d requests still in flight; agent %s is not reloaded", self._live, name)
+                        return None
+                    self._changed.wait(0.01)
+                self.reap()
+            self.forget_remote(name)
+            self.load_remote(connection)
+            loaded = []
+            for metadata in regions:
+                try:
+                    self.load_remote(metadata)
+                except TransportError as exc:
+                    logger.warning("nixl: a region of agent %s does not load again: %s", name, exc)
+                    continue
+                loaded.append(metadata)
+            return loaded
+        finally:
+            with self._changed:
+                self._gate = None
+                self._changed.notify_all()
 
     def abandon(self, handle: int, keep: Optional[object] = None) -> bool:
         """Free a request now (True) or, while UCX still runs it, later with ``keep`` (its scratch buffer)."""
