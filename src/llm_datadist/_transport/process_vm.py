@@ -56,6 +56,11 @@ def check_plan(plan: CopyPlan) -> None:
         raise RemoteRejected(f"invalid op at index {int(np.flatnonzero(bad)[0])}")
 
 
+def _one_call(plan: CopyPlan) -> bool:
+    """Whether a plan runs as one call on this thread: few ops and few bytes (64 ops of 2 MiB still split)."""
+    return plan.ops is not None and (iov.COPY_THREADS == 1 or plan.total_bytes < iov.PARALLEL_MIN_BYTES)
+
+
 class ProcessVmChannel(Channel):
     """A channel to a process on this host: its pid, and the identity guards read in every batch."""
 
@@ -170,7 +175,7 @@ class ProcessVmTransport(Transport):
         ch = self._channel(channel, plan)
         merged = plan.merged()
         try:
-            if merged.ops is not None:  # a small request: one call, straight from the ints
+            if _one_call(merged):  # a small request: one call, straight from the ints
                 iov.pvm_read_small(ch.pid, merged.ops, self._guard_pairs(ch, plan))
             else:
                 iov.pvm_read(ch.pid, merged.local, merged.remote, merged.sizes, deadline, iov.COPY_THREADS,
@@ -188,7 +193,7 @@ class ProcessVmTransport(Transport):
         merged = plan.merged()
         try:
             iov.pvm_read_small(ch.pid, [], self._guard_pairs(ch, plan))
-            if merged.ops is not None:
+            if _one_call(merged):
                 iov.pvm_write_small(ch.pid, merged.ops)
             else:
                 iov.pvm_write(ch.pid, merged.local, merged.remote, merged.sizes, deadline, iov.COPY_THREADS)
