@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from llm_datadist.cli.bench_common import MIB, Buffer, SuiteSpec, fill_pattern, placement_kinds, verify_blocks
-from llm_datadist.cli.instance import INIT_ATTEMPTS, free_port
+from llm_datadist.cli.instance import init_datadist
 from llm_datadist.cli.ipc import recv_message
 
 __all__ = ["BenchError", "CacheSide", "make_instance", "owner_main", "recv_reply", "report_failure"]
@@ -37,24 +37,11 @@ def make_instance(spec: SuiteSpec, cluster_id: int, owner: bool):
     A listening side retries on another port when ``init`` fails (the port was taken meanwhile); an unavailable
     transport (LLM_FEATURE_NOT_ENABLED) fails at once. Failures raise BenchError.
     """
-    from llm_datadist import LLMDataDist, LLMException, LLMRole
-
     if spec.transport is None:
         os.environ.pop("LLM_DATADIST_TRANSPORT", None)  # "auto" means the library's own choice
     listen = owner or spec.transport is not None  # transfer_backend needs listen_ip_info on both sides
     host = spec.owner_host if owner else spec.initiator_host
-    last: Optional[Exception] = None
-    for _ in range(INIT_ATTEMPTS):
-        port = free_port(host) if listen else 0
-        datadist = LLMDataDist(LLMRole.PROMPT if owner else LLMRole.DECODER, cluster_id)
-        try:
-            datadist.init(_config(spec, owner, f"{host}:{port}" if listen else "").generate_options())
-            return datadist, port
-        except LLMException as exc:
-            last = exc
-            if not listen or exc.status_code.name == "LLM_FEATURE_NOT_ENABLED":
-                break
-    raise BenchError(f"LLMDataDist.init failed: {last}")
+    return init_datadist(owner, cluster_id, listen, host, lambda address: _config(spec, owner, address), BenchError)
 
 
 def _config(spec: SuiteSpec, owner: bool, listen: str):
