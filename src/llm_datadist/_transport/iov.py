@@ -473,6 +473,8 @@ def chunk_bounds(sizes: np.ndarray, max_bytes: int, max_count: int = IOV_MAX) ->
     n = int(sizes.shape[0])
     if n == 0:
         return [0]
+    if n <= max_count and int(sizes.sum()) < max_bytes:  # every op starts in the first window: one chunk
+        return [0, n]
     starts = np.zeros(n, dtype=_U64)
     np.cumsum(sizes[:-1], out=starts[1:])
     window = starts // _U64(max(max_bytes, 1))
