@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import fakes_transport as rec
+from llm_datadist._transport.base import TransportClosed
 from waiting import wait_until
 from llm_datadist import (BlocksCacheKey, CacheDesc, DataType, LayerSynchronizer, LLMClusterInfo, LLMConfig,
                           LLMDataDist, LLMException, LLMRole, LLMStatusCode, Placement, TransferWithCacheKeyConfig)
@@ -160,3 +161,51 @@ def test_a_layerwise_task_makes_one_guarded_write_per_layer_and_destination(make
     assert all(len(plan.guards) == 1 for plan in writes)
     for t in range(6):
         assert np.array_equal(dst[t][6:8], src[t][1:3])
+
+
+def _server_info(dd, cluster_id: int) -> LLMClusterInfo:
+    host, port = dd._engine.links.listen_address
+    info = LLMClusterInfo()
+    info.remote_cluster_id = cluster_id
+    info.append_local_ip_info("127.0.0.1", 0)
+    info.append_remote_ip_info(host, port)
+    return info
+
+
+def test_a_route_that_breaks_with_its_peer_gone_drops_the_link_before_the_error_is_reported(make_pair):
+    """The peer's forced unlink broke the data route: the failed push is LINK_FAILED, the next call NOT_YET_LINK
+    at once (not LINK_FAILED again while the closed control connection is still on its way)."""
+    p, d = make_pair("recording", ra=True)
+    _dst_cache, _dst = _blocks(d, model_id=4)
+    src_cache, _src = _blocks(p, seed=8)
+
+    def peer_forces_unlink(plan):
+        rec.ON_WRITE.clear()
+        assert d.unlink_clusters([_server_info(p, 1)], 2000, force=True)[0] == S.LLM_SUCCESS
+        raise TransportClosed("the peer closed the data route")
+
+    rec.ON_WRITE.append(peer_forces_unlink)
+    with pytest.raises(LLMException) as exc:
+        p.cache_manager.push_blocks(BlocksCacheKey(2, 4), src_cache, [0], [0])
+    assert exc.value.status_code == S.LLM_LINK_FAILED
+    with pytest.raises(LLMException) as exc:
+        p.cache_manager.push_blocks(BlocksCacheKey(2, 4), src_cache, [0], [0])
+    assert exc.value.status_code == S.LLM_NOT_YET_LINK
+
+
+def test_a_route_that_breaks_while_its_peer_answers_keeps_the_link(make_pair):
+    p, d = make_pair("recording", ra=True)
+    _dst_cache, dst = _blocks(d, model_id=4)
+    src_cache, src = _blocks(p, seed=9)
+
+    def route_breaks(plan):
+        rec.ON_WRITE.clear()
+        raise TransportClosed("one data connection was cut")
+
+    rec.ON_WRITE.append(route_breaks)
+    with pytest.raises(LLMException) as exc:
+        p.cache_manager.push_blocks(BlocksCacheKey(2, 4), src_cache, [1], [2])
+    assert exc.value.status_code == S.LLM_LINK_FAILED
+    p.cache_manager.push_blocks(BlocksCacheKey(2, 4), src_cache, [1], [2])  # the peer answered its ping
+    for t in range(2):
+        assert np.array_equal(dst[t][2], src[t][1])

@@ -10,7 +10,7 @@ import msgspec
 
 from llm_datadist._engine import planner
 from llm_datadist._engine import protocol as proto
-from llm_datadist._engine.errors import CacheNotExist, LinkFailed, NotLinked, ParamInvalid
+from llm_datadist._engine.errors import CacheNotExist, LinkFailed, NotLinked, ParamInvalid, Timeout
 from llm_datadist._engine.types import SourceSpec
 from llm_datadist._transport import cross_host_reason
 from llm_datadist._transport.base import (PROCESS, SAME_HOST, Channel, ConnectFailed, CopyPlan, PeerInfo,
@@ -19,6 +19,7 @@ from llm_datadist._transport.base import (PROCESS, SAME_HOST, Channel, ConnectFa
 _log = logging.getLogger(__name__)
 CREDENTIALS_WAIT_S = 5.0  # how long the serving end waits for the client's credentials before a route needs them
 CLOSE_WAIT_S = 5.0  # how long close() waits for transfers still running on the link
+PROBE_S = 1.0  # how long a broken transfer waits for the peer to answer a ping before the link is dropped
 
 
 class Route:
@@ -86,6 +87,30 @@ class Link:
     def retire(self) -> None:
         """Take no new transfers (unlink in progress); the connection stays up until closed."""
         self.retired = True
+
+    @property
+    def gone(self) -> bool:
+        """Closed, unlinking, or its control connection is closed (the close callback may still be on its way)."""
+        return self.closed or self.retired or self.conn.closed
+
+    def drop_if_dead(self) -> None:
+        """A transfer on this link failed with LinkFailed: close the link now if its peer is gone.
+
+        A peer's forced unlink or crash closes its data routes and its control connection together; which of
+        them this side notices first is a matter of timing. A ping over the control connection settles it
+        before the failure is reported, so the next call on this cluster answers NotLinked, not LinkFailed
+        again. A peer that still answers keeps the link (only a data route broke).
+        """
+        if self.closed:
+            return
+        if not self.conn.closed:
+            try:
+                self.conn.call(proto.Ping(), time.monotonic() + PROBE_S)
+                return
+            except (LinkFailed, Timeout):
+                pass
+        _log.info("cluster %d does not answer after a failed transfer; link removed", self.cluster_id)
+        self.close()
 
     def set_credentials(self, credentials: Dict[str, bytes]) -> None:
         """What the peer granted us for this link (from its HelloAck or its Credentials request)."""
@@ -283,12 +308,12 @@ class Link:
             self.closed = True
             self._idle.wait_for(lambda: self._active == 0, CLOSE_WAIT_S)
             routes, self._routes = self._routes, []
+        self.conn.close()  # first: a peer whose data route breaks finds the control connection closed already
         for route in routes:
             try:
                 route.transport.disconnect(route.channel)
             except Exception:  # noqa: BLE001 - closing must never fail
                 _log.debug("disconnect failed", exc_info=True)
-        self.conn.close()
         if self._on_closed is not None:
             self._on_closed(self)
 

@@ -57,7 +57,7 @@ class LinkManager:
         """The newest live link to ``cluster_id`` (that ``usable`` accepts); NotLinked if there is none."""
         with self._lock:
             candidates = [link for (cid, _), link in self._links.items()
-                          if cid == cluster_id and not (link.closed or link.retired)]
+                          if cid == cluster_id and not link.gone]
         for link in sorted(candidates, key=lambda link: -link.serial):
             if usable is None or usable(link):
                 return link
@@ -65,11 +65,11 @@ class LinkManager:
 
     def has_links(self) -> bool:
         with self._lock:
-            return any(not (link.closed or link.retired) for link in self._links.values())
+            return any(not link.gone for link in self._links.values())
 
     def has_link_to(self, cluster_id: int) -> bool:
         with self._lock:
-            return any(cid == cluster_id and not (link.closed or link.retired)
+            return any(cid == cluster_id and not link.gone
                        for (cid, _), link in self._links.items())
 
     def links(self) -> List[Link]:

@@ -9,11 +9,12 @@ import numpy as np
 
 from llm_datadist._engine import planner
 from llm_datadist._engine import protocol as proto
-from llm_datadist._engine.errors import CacheNotExist, EngineError, ParamInvalid
+from llm_datadist._engine.errors import CacheNotExist, EngineError, ParamInvalid, status_of
 from llm_datadist._engine.link import Link, check_view_accessible
 from llm_datadist._engine.planner import Side, side_of
 from llm_datadist._engine.types import LayerSel, SourceSpec
-from llm_datadist._transport.base import CopyPlan, RemoteRejected, StaleMemory
+from llm_datadist._transport.base import CopyPlan, RemoteRejected, StaleMemory, TransportError
+from llm_datadist.status import LLMStatusCode
 
 _log = logging.getLogger(__name__)
 MakePlan = Callable[[proto.CacheView], CopyPlan]
@@ -59,6 +60,15 @@ def send(link: Link, plan: CopyPlan, write: bool, deadline: float) -> None:
     """
     if len(plan) == 0:
         return
+    try:
+        _send(link, plan, write, deadline)
+    except (EngineError, TransportError) as exc:
+        if status_of(exc) == LLMStatusCode.LLM_LINK_FAILED:
+            link.drop_if_dead()  # the next call on this cluster answers NotLinked if the peer is gone
+        raise
+
+
+def _send(link: Link, plan: CopyPlan, write: bool, deadline: float) -> None:
     link.enter()
     try:
         route = link.route_for(plan, deadline)
