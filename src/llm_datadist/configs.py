@@ -15,7 +15,6 @@ from llm_datadist.utils.utils import (
     check_uint32,
     check_uint64,
     raise_if_false,
-    raise_if_true,
 )
 
 __all__ = ["LLMRole", "LLMConfig", "LlmConfig", "LLMClusterInfo", "role_option_value", "ip_to_int", "int_to_ip"]
@@ -57,10 +56,10 @@ def ip_to_int(ip: Union[str, int], option: str = "ip") -> int:
     if isinstance(ip, int):
         return ip
     try:
-        packed: Optional[bytes] = socket.inet_aton(ip)
+        packed = socket.inet_aton(ip)
     except (OSError, ValueError, UnicodeError):
-        packed = None
-    raise_if_true(packed is None, "Can not parse ip str:{} ({} must be an IPv4 address)", ip, option)
+        raise LLMException(f"Can not parse ip str:{ip} ({option} must be an IPv4 address)",
+                           status_code=LLMStatusCode.LLM_PARAM_INVALID) from None
     return int.from_bytes(packed, "little")
 
 

@@ -7,7 +7,7 @@ import json
 import logging
 import threading
 from enum import IntEnum
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from llm_datadist.configs import LLMRole
 from llm_datadist.data_type import DataType, dtype_size
 from llm_datadist.status import LLMException, LLMStatusCode
 from llm_datadist.utils import addresses
+
+if TYPE_CHECKING:
+    from llm_datadist.v2.llm_datadist import LLMDataDist as V2DataDist
 
 __all__ = [
     "LlmDataDist", "LlmRole", "CachePlacement", "CacheDesc", "CacheIndex", "Cache", "IpInfo", "ClusterInfo",
@@ -289,7 +292,7 @@ class LlmDataDist:
     def __init__(self, cluster_id: int, role: int) -> None:
         self._cluster_id = cluster_id
         self._role = role
-        self._dd = None
+        self._dd: Optional[V2DataDist] = None
         self._lock = threading.RLock()
 
     @property
@@ -300,10 +303,14 @@ class LlmDataDist:
     def role(self) -> int:
         return self._role
 
-    def _engine(self):
+    def _v2(self) -> V2DataDist:
         dd = self._dd
-        _require(dd is not None, "not initialized", S.LLM_FAILED)
-        return dd._engine
+        if dd is None:
+            raise _Fail(S.LLM_FAILED, "not initialized")
+        return dd
+
+    def _engine(self):
+        return self._v2()._engine
 
     @staticmethod
     def _post_code(func: str, code: LLMStatusCode) -> LLMStatusCode:
@@ -352,7 +359,7 @@ class LlmDataDist:
         _check_type("options", options, dict)
         listen = parse_ip_port(options[OPTION_LISTEN_IP_INFO]) if OPTION_LISTEN_IP_INFO in options else None
         engine.set_role(int(role), listen)
-        self._dd._role = LLMRole(int(role))
+        self._v2()._role = LLMRole(int(role))
         self._role = LlmRole(int(role))
         return S.LLM_SUCCESS
 

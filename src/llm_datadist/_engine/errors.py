@@ -134,10 +134,9 @@ class map_errors:  # noqa: N801 - used like a function: ``with map_errors("pull_
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if exc is not None and isinstance(exc, _mapped()):
             raise to_llm_exception(self._name, exc) from exc
-        return False
 
 
 _MAPPED: tuple = ()

@@ -33,8 +33,7 @@ class Guards(GuardTable):
         self._segment = SharedSegment(PAGE_SIZE + 8 * capacity, hugepages=False)
         header = np_view(self._segment.addr, HEADER.size)
         header[:] = np.frombuffer(HEADER.pack(MAGIC, self.nonce, capacity), dtype=np.uint8)
-        self._words = np.frombuffer((np.ctypeslib.ctypes.c_uint64 * capacity).from_address(
-            self._segment.addr + PAGE_SIZE), dtype=np.uint64)
+        self._words = np_view(self._segment.addr + PAGE_SIZE, 8 * capacity).view(np.uint64)
         self._lock = threading.Lock()
         self._free: List[int] = []
         self._next = 0

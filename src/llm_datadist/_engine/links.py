@@ -175,7 +175,7 @@ class LinkManager:
             _log.warning("handshake from %s failed: %s", addr, exc)
             ack = None
         link = made.get("link")
-        if ack is None or ack.code != 0:
+        if link is None or ack is None or ack.code != 0:
             if link is not None and self._forget(link):
                 link.close()
             _close_quietly(sock)

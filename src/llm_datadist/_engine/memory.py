@@ -148,7 +148,8 @@ def np_view(addr: int, nbytes: int) -> np.ndarray:
     """A writable uint8 numpy view over raw memory, no copy. It must not outlive the memory."""
     if nbytes <= 0:
         return np.empty(0, dtype=np.uint8)
-    return np.frombuffer((ctypes.c_ubyte * nbytes).from_address(addr), dtype=np.uint8)
+    buffer = (ctypes.c_ubyte * nbytes).from_address(addr)
+    return np.frombuffer(buffer, dtype=np.uint8)  # type: ignore[call-overload]  # numpy's stubs omit ctypes buffers
 
 
 def _buffer_address(mm: mmap.mmap) -> int:

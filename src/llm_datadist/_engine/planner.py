@@ -8,7 +8,7 @@ side is local) and merged once.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -112,7 +112,9 @@ def covered_tensors(layers: LayerSel, src_nt: int) -> Tuple[int, int]:
 
 
 # ---- index checks ----------------------------------------------------------------------------------------
-Ops = Tuple[Sequence[int], Sequence[int], Sequence[int]]  # source addresses, destination addresses, sizes
+# source addresses, destination addresses, sizes: int lists for a few ops, uint64 arrays for many
+Addrs = Union[Sequence[int], np.ndarray]
+Ops = Tuple[Addrs, Addrs, Addrs]
 
 
 def block_indices(blocks: Sequence[int], limit: int, what: str) -> np.ndarray:

@@ -10,12 +10,13 @@ import struct
 import threading
 import time
 # typing (not PEP 604/585) generics: msgspec resolves these annotations at runtime, also on Python 3.9.
-from typing import Annotated, Dict, List, Literal, NamedTuple, Optional, Tuple, Type, Union
+from typing import Annotated, Dict, List, NamedTuple, Optional, Tuple, Type, Union
 
 import msgspec
 from msgspec import Meta
 
 from llm_datadist._engine import errors
+from llm_datadist._engine.types import SourceKind
 from llm_datadist._transport import tls
 
 # Changelog of the control protocol. Bump PROTOCOL_VERSION on ANY change of the header layout, of a
@@ -72,7 +73,7 @@ Members = Annotated[List[U64], Meta(max_length=MAX_MEMBERS)]
 Addrs = Annotated[List[U64], Meta(max_length=MAX_TENSORS)]
 Key = Tuple[Name, WireInt, WireInt, U32]  # (namespace, ident, model_id, slot)
 Keys = Annotated[List[Key], Meta(max_length=MAX_KEYS)]
-ResolveKind = Literal["req", "prefix", "id", "blocks"]
+ResolveKind = SourceKind
 Nonce = Annotated[bytes, Meta(max_length=64)]
 GuardRef = Tuple[U32, U64, U64]  # (slot, value, address of the word in the owner)
 Kind = Annotated[str, Meta(max_length=16)]

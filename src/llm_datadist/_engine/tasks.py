@@ -4,9 +4,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import List, Optional, Set, Tuple
+from typing import List, Optional, Sequence, Set, Tuple
 
-import numpy as np
 
 from llm_datadist._engine import planner, transfers
 from llm_datadist._engine import protocol as proto
@@ -36,8 +35,8 @@ def _raw_target(job: TaskJob, src: Side, cfg: ConfigJob, layer: int, link: Link,
     return transfers.raw_destination(link, bases, stride, deadline, fresh)
 
 
-def _key_target(job: TaskJob, src: Side, cfg: ConfigJob, layer: int, view: proto.CacheView) -> Tuple[Side, np.ndarray,
-                                                                                                        int]:
+def _key_target(job: TaskJob, src: Side, cfg: ConfigJob, layer: int,
+                view: proto.CacheView) -> Tuple[Side, Sequence[int], int]:
     """Key mode: the destination geometry comes from the peer's table (src layer i -> dst layer i)."""
     check_view_accessible(view, "destination")
     assert cfg.dst_layers is not None
@@ -56,7 +55,7 @@ def _key_target(job: TaskJob, src: Side, cfg: ConfigJob, layer: int, view: proto
     return dst, dst_t, (0 if view.is_blocks else view.slot)  # blocks to blocks without indices: block 0
 
 
-def plan_to(job: TaskJob, src: Side, cfg: ConfigJob, layer: int, dst: Side, dst_t: np.ndarray,
+def plan_to(job: TaskJob, src: Side, cfg: ConfigJob, layer: int, dst: Side, dst_t: Sequence[int],
             dst_slot: int) -> CopyPlan:
     """Plan one (layer, destination): blocks, a slot cut into blocks, or a slot."""
     src_t = planner.layer_tensors(layer, TENSORS_PER_LAYER, src.num_tensors, "source")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
@@ -47,9 +47,8 @@ class local_cache:  # noqa: N801 - used like a function: ``with local_cache(engi
     def __enter__(self):
         return self._entry
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> None:
         self._registry.unpin(self._entry)
-        return False
 
 
 def send(link: Link, plan: CopyPlan, write: bool, deadline: float) -> None:
@@ -289,9 +288,9 @@ def check_inside(plan: CopyPlan, side: Side) -> None:
         raise ParamInvalid("a destination address range is not inside any remote accessible cache")
 
 
-def _owners_of(table: proto.Table, bases: Sequence[int]):
-    """The accessible caches of the table that contain the base addresses (one per address), or None."""
-    owners = []
+def _owners_of(table: proto.Table, bases: Sequence[int]) -> Optional[List[proto.CacheView]]:
+    """The accessible caches of the table that contain the base addresses (each once), or None."""
+    owners: List[proto.CacheView] = []
     for base in bases:
         owner = next((v for v in table.caches if (v.remote_accessible or v.owned)
                       and any(int(a) <= base < int(a) + int(v.tensor_nbytes) for a in v.tensor_addrs)), None)

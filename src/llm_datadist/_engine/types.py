@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Literal, Optional, Tuple
 
 UINT64_MAX = 2**64 - 1
+SourceKind = Literal["req", "prefix", "id", "blocks"]  # how a pull names the remote cache
 HOST = 0
 DEVICE = 1
 
@@ -36,7 +37,7 @@ class CacheSpec:
 class SourceSpec:
     """What a pull names on the remote side."""
 
-    kind: str  # "req", "prefix", "id", "blocks"
+    kind: SourceKind
     cluster_id: int
     ident: int = 0
     model_id: int = 0

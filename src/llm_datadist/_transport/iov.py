@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from bisect import bisect_right
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -196,7 +196,7 @@ def pvm_small(func, what: str, pid: int, ops, guards=()) -> int:
     scratch = (_U64C * (2 * g))() if g else None
     local: list = []
     remote: list = []
-    if g:
+    if scratch is not None:
         base = ctypes.addressof(scratch)
         for k, (addr, _value) in enumerate(guards):
             local += (base + 8 * k, 8)
@@ -206,7 +206,7 @@ def pvm_small(func, what: str, pid: int, ops, guards=()) -> int:
         local += (lo, n)
         remote += (re, n)
         total += n
-    if g:
+    if scratch is not None:
         for k, (addr, _value) in enumerate(guards):
             local += (base + 8 * (g + k), 8)
             remote += (addr, 8)
@@ -223,9 +223,9 @@ def pvm_small(func, what: str, pid: int, ops, guards=()) -> int:
                 continue
             raise _errno_error(err, what)
         raise RemoteRejected(f"{what}: copied {got} of {expected} bytes (memory not mapped)")
-    if g:
+    if scratch is not None:
         for k, (_addr, value) in enumerate(guards):
-            if scratch[k] != value or scratch[g + k] != value:  # type: ignore[index]
+            if scratch[k] != value or scratch[g + k] != value:
                 raise StaleMemory(f"{what}: the peer released or replaced that memory during the transfer")
     return total
 
@@ -269,12 +269,12 @@ class _Helpers:
             if thread is not threading.current_thread():
                 thread.join(5.0)
 
-    def run(self, jobs: List[Callable[[], None]]) -> None:
+    def run(self, jobs: Sequence[Callable[[], object]]) -> None:
         """Run every job, the first on the calling thread, the others on helpers; re-raise the first error."""
         done = threading.Semaphore(0)
         errors: List[BaseException] = []
 
-        def wrap(job: Callable[[], None]) -> Callable[[], None]:
+        def wrap(job: Callable[[], object]) -> Callable[[], None]:
             def slice_job() -> None:
                 try:
                     job()

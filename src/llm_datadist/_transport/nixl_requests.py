@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 import numpy as np
 
-from llm_datadist._transport.base import HOST, Channel, TransferTimeout, TransportClosed, TransportError
+from llm_datadist._transport.base import HOST, TransferTimeout, TransportClosed, TransportError
 
 if TYPE_CHECKING:
-    from llm_datadist._transport.nixl import NixlTransport
+    from llm_datadist._transport.nixl import NixlChannel, NixlTransport
 
 SCRATCH_WORDS = 512  # guard words one request reads into a scratch buffer
 _POLL_FIRST_S = 20e-6
@@ -29,7 +29,7 @@ class Scratch:
 class Requests:
     """Requests posted one after the other; ``poll`` advances without blocking."""
 
-    def __init__(self, transport: NixlTransport, channel: Channel,
+    def __init__(self, transport: NixlTransport, channel: NixlChannel,
                  stages: List[Tuple[Callable[[], int], Optional[Callable[[], None]]]],
                  scratch: Optional[Scratch]) -> None:
         self._t = transport

@@ -166,7 +166,8 @@ def _memcpy_one(copier: Copier, two: Optional[TwoThreads], src_buf: Buffer, dst_
     samples_1t = _timed_passes(lambda: copier.copy(dst, src, lens), passes, warmup, nbytes)
     problem = verify_blocks(dst_buf.array, block, order[0], order[1], 0)
     halves = split_ops(dst, src, lens, 2)
-    samples_2t = _timed_passes(lambda: two.run(halves), passes, warmup, nbytes) if len(halves) == 2 else []
+    samples_2t = _timed_passes(lambda: two.run(halves), passes, warmup, nbytes) \
+        if two is not None and len(halves) == 2 else []
     out = [record("bandwidth", "memcpy.c_1t", samples_gbps=samples_1t, threads=1, note=copier.note,
                   verified=problem is None, **common)]
     if samples_2t:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -14,6 +14,9 @@ from llm_datadist.cli.bench_floor import ReadvFloor
 from llm_datadist.cli.bench_worker import (LAT_BLOCK, LAT_BLOCKS, LAYER_BLOCKS, LAYER_TENSORS, MODEL_BLOCK,
                                            MODEL_BLOCKS, MODEL_TENSORS, BenchError, CacheSide, make_instance,
                                            recv_reply, report_failure)
+
+if TYPE_CHECKING:
+    from llm_datadist import LLMClusterInfo, LLMDataDist
 
 __all__ = ["initiator_main"]
 
@@ -72,14 +75,14 @@ def _timed(fn: Callable[[], None]) -> Callable[[], float]:
 class _Run:
     """State of the initiator: its instance, caches, the owner pipe and the parent pipe."""
 
-    def __init__(self, spec: SuiteSpec, peer, parent) -> None:
+    def __init__(self, spec: SuiteSpec, peer, parent, datadist: LLMDataDist, side: CacheSide) -> None:
         self.spec = spec
         self.peer = peer
         self.parent = parent
-        self.datadist = None
-        self.side: Optional[CacheSide] = None
+        self.datadist = datadist
+        self.side = side
         self.port = 0
-        self.info = None
+        self.info: Optional[LLMClusterInfo] = None
         self.owner_pid = 0
         self.paired: Optional[_Paired] = None  # memcpy passes interleaved with the transfers
 
@@ -100,8 +103,11 @@ class _Run:
         return BlocksCacheKey(self.spec.owner_id, model_id)
 
     def route(self) -> str:
-        try:  # private and read-only: the routes the engine chose for this link
-            return str(self.datadist._engine.route(self.spec.owner_id, every=True)) or "unknown"
+        engine = self.datadist._engine  # private and read-only: the routes the engine chose for this link
+        if engine is None:
+            return "unknown"
+        try:
+            return str(engine.route(self.spec.owner_id, every=True)) or "unknown"
         except Exception:  # noqa: BLE001 - informational only
             return "unknown"
 
@@ -124,8 +130,9 @@ def _link(run: _Run) -> float:
 
 
 def _unlink(run: _Run) -> None:
-    run.datadist.unlink_clusters([run.info], int(run.spec.timeout_s * 1000))
-    run.info = None
+    if run.info is not None:
+        run.datadist.unlink_clusters([run.info], int(run.spec.timeout_s * 1000))
+        run.info = None
 
 
 def _pull(run: _Run, model_id: int, cache, src: List[int], dst: List[int]) -> float:
@@ -328,8 +335,6 @@ def _bandwidth_size(run: _Run, index: int, block: int) -> None:
 
 def _body(run: _Run) -> None:
     spec = run.spec
-    run.datadist, _ = make_instance(spec, spec.initiator_id, owner=False)
-    run.side = CacheSide(run.datadist, spec.initiator_id, placement_kinds(spec.placement)[0], spec.pool)
     if spec.paired and spec.placement == "host/host":
         copier = load_copier()
         if copier.native:
@@ -351,9 +356,10 @@ def _body(run: _Run) -> None:
 
 def initiator_main(spec: SuiteSpec, peer, parent) -> None:
     """Process entry: drive the owner over ``peer``, report records and progress to ``parent``."""
-    run = _Run(spec, peer, parent)
     try:
-        _body(run)
+        datadist, _ = make_instance(spec, spec.initiator_id, owner=False)
+        side = CacheSide(datadist, spec.initiator_id, placement_kinds(spec.placement)[0], spec.pool)
+        _body(_Run(spec, peer, parent, datadist, side))
         parent.send(("done",))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent and the owner, then exit 1
         report_failure(exc, parent, peer)

@@ -222,7 +222,7 @@ def _mooncake(hosts: SimulatedHosts, cond: Condition, args: argparse.Namespace, 
     scripts = find_peer_scripts(args.peer_scripts)
     missing = "peer driver scripts (benchmarks/peers) not found" if scripts is None else \
         _importable(python, PEERS["mooncake"][1])
-    if missing:
+    if missing or scripts is None:
         progress.update(len(cond.sizes) * len(directions), note="mooncake missing")
         return [record("error", "mooncake", message=f"mooncake not available: {missing} (install it with "
                                                     f"benchmarks/peers/setup_peers.sh)")]

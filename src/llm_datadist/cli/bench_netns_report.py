@@ -19,8 +19,8 @@ def condition_results(records: Sequence[Dict[str, Any]], condition: str) -> Resu
 
 def ratio_range(results: Results, mechanism: str, direction: str, against: str) -> Optional[str]:
     """``"×0.81-0.97"`` over the sizes measured for both, or None."""
-    values = [results.ratio(mechanism, direction, "host/host", size, against=against) for size in results.sizes()]
-    values = [v for v in values if v is not None]
+    ratios = [results.ratio(mechanism, direction, "host/host", size, against=against) for size in results.sizes()]
+    values = [v for v in ratios if v is not None]
     if not values:
         return None
     return f"×{min(values):.2f}" if len(values) == 1 else f"×{min(values):.2f}-{max(values):.2f}"

@@ -12,7 +12,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -45,11 +45,15 @@ def _resources() -> Dict[str, Any]:
     return out
 
 
+if TYPE_CHECKING:
+    from llm_datadist import LLMDataDist
+
+
 class _Worker:
     """One LLMDataDist and its caches; the orchestrator drives it message by message."""
 
     def __init__(self) -> None:
-        self.dd = None
+        self._dd: Optional[LLMDataDist] = None
         self.cluster_id = 0
         self.ip = ""
         self.buffers: Dict[int, Buffer] = {}
@@ -64,15 +68,21 @@ class _Worker:
         config.sync_kv_timeout = timeout_ms
         if listen:
             config.listen_ip_info = f"{ip}:{LISTEN_PORT}"
-        self.dd = LLMDataDist(LLMRole.PROMPT if role == "prefill" else LLMRole.DECODER, cluster_id)
+        dd = self._dd = LLMDataDist(LLMRole.PROMPT if role == "prefill" else LLMRole.DECODER, cluster_id)
         self.cluster_id = cluster_id
-        self.dd.init(config.generate_options())
+        dd.init(config.generate_options())
         self.ip = ip
         return _resources()
 
     def resources(self) -> Dict[str, int]:
         """Resident memory (KiB), threads and open descriptors of this process now."""
         return _resources()
+
+    @property
+    def dd(self) -> LLMDataDist:
+        if self._dd is None:
+            raise RuntimeError("the worker got a request before init")
+        return self._dd
 
     def register(self, model_id: int, blocks: int, block_bytes: int, salt: Optional[int]) -> Dict[str, int]:
         from llm_datadist import BlocksCacheKey, CacheDesc, DataType, Placement
@@ -246,7 +256,8 @@ def _fan_in(hosts, n: int, blocks: int, args: argparse.Namespace) -> Dict[str, A
         before = peers.ask(0, "resources")  # the hub ready, nothing linked
         linked = peers.ask(0, "link", [(hosts[i].ip, FIRST_LEAF_ID + i - 1) for i in leaves])
         specs = [(FIRST_LEAF_ID + i - 1, 0, i) + _plan(i, blocks, args.seed) for i in leaves]
-        walls, after_transfer = [], None
+        walls: List[float] = []
+        after_transfer: Dict[str, Any] = {}
         for _ in range(args.warmup + PASSES):
             result = peers.ask(0, "pulls", specs, list(leaves))
             walls.append(_aggregate(result["times"], n * blocks * BLOCK_BYTES))
@@ -280,7 +291,8 @@ def _fan_out(hosts, n: int, blocks: int, args: argparse.Namespace) -> Dict[str, 
             link_ms.append(peers.ask(i, "link", [(hosts[0].ip, HUB_ID)])["seconds"] * 1e3)
         hub_after_links = peers.ask(0, "resources")
         specs = {i: (HUB_ID, 0, 0) + _plan(i, blocks, args.seed) for i in leaves}
-        walls, hub_after_transfer = [], None
+        walls = []
+        hub_after_transfer: Dict[str, Any] = {}
         for _ in range(args.warmup + PASSES):
             results = peers.ask_all(leaves, lambda i: ("pulls", [specs[i]], [0]))
             walls.append(_aggregate([r["times"][0] for r in results], n * blocks * BLOCK_BYTES))

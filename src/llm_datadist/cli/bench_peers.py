@@ -43,7 +43,7 @@ def write_orders(path: str, sizes: Sequence[int], total_bytes: int, seed: int) -
     for block in sizes:
         src, dst = block_order(total_bytes // block, seed)
         arrays[f"src_{block}"], arrays[f"dst_{block}"] = src, dst
-    np.savez(path, **arrays)
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stubs match **kwargs against allow_pickle too
 
 
 def _importable(python: str, module: str) -> Optional[str]:

@@ -107,7 +107,7 @@ def _suite_order(name: str) -> Tuple[int, str]:
 def _legend(results: Results) -> List[str]:
     routes = {r["mechanism"]: r.get("route", "?") for r in results.of_kind("link")}
     ceiling = results.ceiling_name()
-    notes = {r.get("note") for r in results.records if r.get("mechanism") == ceiling and r.get("note")}
+    notes = {str(r["note"]) for r in results.records if r.get("mechanism") == ceiling and r.get("note")}
     paired = any(r.get("paired_ratio_2t") or r.get("paired_ratio") for r in results.of_kind("bandwidth"))
     two = results.has(MEMCPY_2T)
     lines = [f"- **{label(ceiling)}**: in-process single-thread copy of the same scattered blocks "

@@ -32,7 +32,7 @@ def _tune(sock: socket.socket) -> None:
 
 
 def _block_views(buf: Buffer, block: int, blocks: np.ndarray) -> List[memoryview]:
-    whole = memoryview(buf.array)
+    whole = buf.array.data
     return [whole[b * block:(b + 1) * block] for b in blocks.tolist()]
 
 

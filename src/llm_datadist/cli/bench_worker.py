@@ -72,7 +72,7 @@ class _HostView:
 
     def __init__(self, addr: int, nbytes: int) -> None:
         self.addr = addr
-        self.array = np.frombuffer((ctypes.c_uint8 * nbytes).from_address(addr), dtype=np.uint8)
+        self.array = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(addr))
 
     def close(self) -> None:
         self.array = np.zeros(0, dtype=np.uint8)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import time
+from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_any
+from multiprocessing.process import BaseProcess
 from typing import Callable, Dict, Iterator, Optional, Set, Tuple, Type
 
 
@@ -32,8 +34,9 @@ def exit_text(code: Optional[int]) -> str:
     return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
 
-def child_messages(conns: Dict[str, object], procs: Dict[str, object], deadline: float, done: Set[str],
-                   error: Type[Exception], timeout_text: Callable[[], str]) -> Iterator[Tuple[str, tuple]]:
+def child_messages(conns: Dict[str, Connection], procs: Dict[str, BaseProcess], deadline: float,
+                   done: Set[str], error: Type[Exception],
+                   timeout_text: Callable[[], str]) -> Iterator[Tuple[str, tuple]]:
     """Yield ``(role, message)`` from child processes until every role is in ``done`` (the caller adds them).
 
     Raises ``error`` when the deadline passes or a process goes away before it is done.
@@ -45,7 +48,7 @@ def child_messages(conns: Dict[str, object], procs: Dict[str, object], deadline:
         for conn in wait_any(list(live.values()), timeout=0.5):
             role = next(r for r, c in live.items() if c is conn)
             try:
-                msg = conn.recv()
+                msg = live[role].recv()
             except (EOFError, OSError):
                 del live[role]
                 if role not in done:

@@ -48,7 +48,7 @@ def _parse_level(text: str) -> Optional[int]:
 
 def _env_level() -> Tuple[int, List[str]]:
     """The level the environment chooses and a complaint for each variable whose value is not a level."""
-    complaints = []
+    complaints: List[str] = []
     for name, parse in ((ENV_LEVEL, _parse_level), (ENV_ASCEND_LEVEL, lambda v: _ASCEND_LEVELS.get(v.strip()))):
         text = os.environ.get(name, "")
         if not text.strip():

@@ -5,7 +5,7 @@ import atexit
 import logging
 import threading
 import weakref
-from typing import Dict, List, Optional, Tuple  # noqa: F401
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple  # noqa: F401
 
 from llm_datadist._engine import api
 from llm_datadist._engine.api import map_errors
@@ -15,6 +15,10 @@ from llm_datadist.utils.utils import (check_int32, check_isinstance, check_uint3
                                       raise_if_true)
 from llm_datadist.v2 import config as cfg
 from llm_datadist.v2.llm_types import RegisterMemStatus
+
+if TYPE_CHECKING:
+    from llm_datadist._engine.engine import Engine
+    from llm_datadist.v2.cache_manager import CacheManager
 
 __all__ = ["LLMDataDist"]
 
@@ -32,8 +36,8 @@ class LLMDataDist:
         check_uint64("cluster_id", cluster_id)
         self._role = role
         self._cluster_id = cluster_id
-        self._engine = None
-        self._cache_manager = None
+        self._engine: Optional[Engine] = None
+        self._cache_manager: Optional[CacheManager] = None
         self._cm_mode = False
         self._options: Dict[str, str] = {}
         self._lock = threading.RLock()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from enum import Enum, IntEnum
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 from llm_datadist.data_type import DataType, dtype_size
 from llm_datadist.status import LLMStatusCode
@@ -197,7 +197,7 @@ class CacheKey:
         check_uint64("req_id", req_id)
         check_uint64("model_id", model_id)
         check_uint64("prefix_id", prefix_id)
-        self._cluster_id = cluster_id
+        self._cluster_id: int = cast(int, cluster_id)  # checked just above: never None here
         self._req_id = req_id
         self._model_id = model_id
         self._prefix_id = prefix_id
@@ -561,15 +561,16 @@ class TransferWithCacheKeyConfig:
         check_isinstance("cache_key", cache_key, [BlocksCacheKey, CacheKeyByIdAndIndex], allow_none=False)
         check_layer_range("src_layer_range", src_layer_range, allow_none=False)
         check_layer_range("dst_layer_range", dst_layer_range, allow_none=False)
+        assert src_layer_range is not None and dst_layer_range is not None  # checked just above
         raise_if_false(
             len(src_layer_range) == len(dst_layer_range),
             "src_layer_range {} and dst_layer_range {} must have the same length",
             src_layer_range,
             dst_layer_range,
         )
-        self._cache_key = cache_key
-        self._src_layer_range = src_layer_range
-        self._dst_layer_range = dst_layer_range
+        self._cache_key: Union[BlocksCacheKey, CacheKeyByIdAndIndex, None] = cache_key
+        self._src_layer_range: Optional[range] = src_layer_range
+        self._dst_layer_range: Optional[range] = dst_layer_range
         self.src_batch_index = src_batch_index
         self.dst_cluster_id = cache_key.cluster_id
 

@@ -52,14 +52,15 @@ def _check_config_types(transfer_configs: Any, remote_accessible_mode: bool) -> 
         raise TypeError(f"While enable_remote_cache_accessible is True, {exc}") from None
 
 
-def _check_config(cfg: AnyConfig, num_layers: int, src_is_blocks: bool) -> None:
-    """The checks of one config (fills a missing src_layer_range in place, as upstream)."""
-    if cfg.src_layer_range is None:
-        cfg.src_layer_range = range(0, num_layers)
+def _checked_job(cfg: AnyConfig, num_layers: int, src_is_blocks: bool) -> ConfigJob:
+    """The checks of one config and the job made of what was checked (a missing src_layer_range is filled in
+    place, as upstream)."""
+    layers = cfg.src_layer_range
+    if layers is None:
+        layers = cfg.src_layer_range = range(0, num_layers)
     if src_is_blocks:
         raise_if_false(cfg.src_batch_index == 0, "src_batch_index must be 0 when the source is a blocks cache, "
                        "but got {}", cfg.src_batch_index)
-    layers = cfg.src_layer_range
     raise_if_false(0 <= layers.start < layers.stop <= num_layers,
                    "src_layer_range {} must satisfy 0 <= start < stop <= {} (layers of the source cache)",
                    layers, num_layers)
@@ -67,23 +68,18 @@ def _check_config(cfg: AnyConfig, num_layers: int, src_is_blocks: bool) -> None:
         raise_if_false(len(cfg.dst_addrs) == TENSORS_PER_LAYER * len(layers),
                        "dst_addrs size {} must be {} (2 tensors for each of the {} layers of {})",
                        len(cfg.dst_addrs), TENSORS_PER_LAYER * len(layers), len(layers), layers)
-        return
-    check_isinstance("cache_key", cfg.cache_key, (BlocksCacheKey, CacheKeyByIdAndIndex), allow_none=False)
+        return ConfigJob(dst_cluster_id=cfg.dst_cluster_id, src_layers=layers, src_batch_index=cfg.src_batch_index,
+                         dst_addrs=tuple(int(a) for a in cfg.dst_addrs))
+    key = cfg.cache_key
+    check_isinstance("cache_key", key, (BlocksCacheKey, CacheKeyByIdAndIndex), allow_none=False)
+    assert key is not None  # check_isinstance(allow_none=False) raised for None
     dst_layers = cfg.dst_layer_range if cfg.dst_layer_range is not None else layers
     raise_if_false(len(dst_layers) == len(layers), "src_layer_range {} and dst_layer_range {} differ in length",
                    layers, dst_layers)
-    raise_if_true(isinstance(cfg.cache_key, BlocksCacheKey) and cfg.src_batch_index != 0,
+    raise_if_true(isinstance(key, BlocksCacheKey) and cfg.src_batch_index != 0,
                   "src_batch_index must be 0 when cache_key is a BlocksCacheKey, but got {}", cfg.src_batch_index)
-
-
-def _config_job(cfg: AnyConfig) -> ConfigJob:
-    if isinstance(cfg, TransferConfig):
-        return ConfigJob(dst_cluster_id=cfg.dst_cluster_id, src_layers=cfg.src_layer_range,
-                               src_batch_index=cfg.src_batch_index, dst_addrs=tuple(int(a) for a in cfg.dst_addrs))
-    dst_layers = cfg.dst_layer_range if cfg.dst_layer_range is not None else cfg.src_layer_range
-    return ConfigJob(dst_cluster_id=cfg.cache_key.cluster_id, src_layers=cfg.src_layer_range,
-                           src_batch_index=cfg.src_batch_index, dest=cache_key_source(cfg.cache_key),
-                           dst_layers=dst_layers)
+    return ConfigJob(dst_cluster_id=key.cluster_id, src_layers=layers, src_batch_index=cfg.src_batch_index,
+                     dest=cache_key_source(key), dst_layers=dst_layers)
 
 
 def transfer_cache_async(cache_manager, src_cache: Cache, layer_synchronizer: LayerSynchronizer,
@@ -125,16 +121,14 @@ def transfer_cache_async(cache_manager, src_cache: Cache, layer_synchronizer: La
                    num_tensors)
     num_layers = num_tensors // TENSORS_PER_LAYER
     src_is_blocks = src_cache.is_blocks_cache or bool(src_blocks)
-    for cfg in transfer_configs:
-        _check_config(cfg, num_layers, src_is_blocks)
+    configs = tuple(_checked_job(cfg, num_layers, src_is_blocks) for cfg in transfer_configs)
     raise_if_true(bool(src_blocks) and not src_cache.is_blocks_cache,
                   "src_block_indices need a blocks source cache")
     cache_manager._owned(src_cache)
     engine = cache_manager._live_engine()
-    job = TaskJob(src_cache_id=src_cache.cache_id, configs=tuple(_config_job(c) for c in transfer_configs),
-                        synchronizer=layer_synchronizer, src_blocks=tuple(src_blocks), dst_blocks=tuple(dst_blocks),
-                        dst_block_size=int(dst_block_memory_size or 0),
-                        timeout_s=engine.opts.sync_kv_timeout_ms / 1000.0)
+    job = TaskJob(src_cache_id=src_cache.cache_id, configs=configs, synchronizer=layer_synchronizer,
+                  src_blocks=tuple(src_blocks), dst_blocks=tuple(dst_blocks),
+                  dst_block_size=int(dst_block_memory_size or 0), timeout_s=engine.opts.sync_kv_timeout_ms / 1000.0)
     with map_errors("transfer_cache_async"):
         task = engine.start_layerwise(job)
     return CacheTask(task, len(job.configs))

@@ -10,11 +10,17 @@ import collections
 import dataclasses
 import threading
 import time
-from typing import Deque, Dict, Hashable, List, Optional, Set, Tuple
+from typing import Deque, Dict, Hashable, List, Optional, Protocol, Set, Tuple
 
 __all__ = ["Hold", "HoldTable", "RELEASE_LOG_LEN"]
 
 RELEASE_LOG_LEN = 4096
+
+
+class Ready(Protocol):
+    """Completes the KV writes of a request when called (a CUDA event, for example)."""
+
+    def synchronize(self) -> object: ...
 
 
 @dataclasses.dataclass
@@ -25,7 +31,7 @@ class Hold:
     block_ids: List[int]
     expires_at: float
     owner: Optional[Hashable] = None
-    ready: Optional[object] = None  # an object with ``synchronize()``: the KV writes are complete after it
+    ready: Optional[Ready] = None  # the KV writes are complete after its ``synchronize()``
 
 
 class HoldTable:
@@ -39,7 +45,7 @@ class HoldTable:
         # (request id, why, monotonic time) of the latest releases, for measurements and logs
         self.release_log: Deque[Tuple[str, str, float]] = collections.deque(maxlen=RELEASE_LOG_LEN)
 
-    def hold(self, request_id: str, block_ids: List[int], lease_s: float, ready: Optional[object] = None) -> None:
+    def hold(self, request_id: str, block_ids: List[int], lease_s: float, ready: Optional[Ready] = None) -> None:
         """Keep ``block_ids`` for ``request_id`` for at most ``lease_s`` seconds unless claimed."""
         with self._lock:
             self._holds[request_id] = Hold(request_id, list(block_ids), time.monotonic() + lease_s, None, ready)

@@ -168,13 +168,19 @@ class Pusher:
                 del self._early[tid]
 
     # -- transfers ----------------------------------------------------------------------------------
+    @staticmethod
+    def _ready(state: _Push) -> proto.PushReady:
+        if state.ready is None:  # pushes are queued once the decode is ready; a failure to report, never a crash
+            raise ValueError(f"transfer {state.hold.transfer_id}: the decode's hand-off has not arrived")
+        return state.ready
+
     def _pairs(self, state: _Push) -> Tuple[List[int], List[int]]:
-        ready = state.ready
+        ready = self._ready(state)
         return block_pairs(state.hold.block_ids, ready.dst_block_ids, ready.num_tokens, self._block_size,
                            ready.first_block)
 
     def _dest(self, state: _Push) -> BlocksCacheKey:
-        return BlocksCacheKey(state.ready.cluster_id, self._config.model_id)
+        return BlocksCacheKey(self._ready(state).cluster_id, self._config.model_id)
 
     def _start_layerwise(self, state: _Push, gate: StepGate) -> Any:
         layers = self._layout.num_regions // 2
@@ -230,7 +236,7 @@ class Pusher:
             self.counts["failed" if not ok else "layerwise" if state.task is not None else "after_forward"] += 1
             if not ok:
                 _log.warning("transfer %s: push to cluster %s failed: %s", state.hold.transfer_id,
-                             state.ready.cluster_id, reason)
+                             state.ready.cluster_id if state.ready is not None else "?", reason)
             if state.conn is not None:
                 state.conn.send(proto.PushDone(state.hold.transfer_id, ok, reason, nbytes))
             self._release(state.hold.request_id, "pushed" if ok else "push failed")
