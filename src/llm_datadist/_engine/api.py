@@ -26,7 +26,7 @@ __all__ = [
     "CacheSpec", "LayerSel", "SourceSpec", "ConfigJob", "TaskJob", "TENSORS_PER_LAYER", "HOST",
     "DEVICE", "link_timeout_s", "transport_report", "process_vm_status", "plan_blocks_timing", "read_process_memory",
     "memory_kinds", "memory_kind",
-    "cross_host_choice",
+    "cross_host_choice", "tcp_streams_per_transfer",
 ]
 
 
@@ -44,6 +44,13 @@ def transport_report() -> List[Tuple[str, str]]:
     from llm_datadist._transport import transport_report as report
 
     return report()
+
+
+def tcp_streams_per_transfer() -> int:
+    """How many data connections the tcp transport opens for one large transfer."""
+    from llm_datadist._transport import tcp
+
+    return tcp.STREAMS_PER_TRANSFER
 
 
 def cross_host_choice() -> str:

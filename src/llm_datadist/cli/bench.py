@@ -113,14 +113,9 @@ def _backends(text: Optional[str]) -> List[str]:
 
 def library_tcp_streams() -> int:
     """How many data connections the library's tcp transport opens for one large transfer (1 if it does not say)."""
-    try:
-        from llm_datadist._transport import tcp
-    except ImportError:
-        return 1
-    try:
-        return max(1, int(getattr(tcp, "STREAMS_PER_TRANSFER", 1)))
-    except (TypeError, ValueError):
-        return 1
+    from llm_datadist._engine.api import tcp_streams_per_transfer
+
+    return max(1, tcp_streams_per_transfer())
 
 
 def _cuda_note() -> Optional[str]:
