@@ -59,16 +59,8 @@ def send(link: Link, plan: CopyPlan, write: bool, deadline: float) -> None:
     """
     if len(plan) == 0:
         return
-    try:
-        _send(link, plan, write, deadline)
-    except (EngineError, TransportError) as exc:
-        if status_of(exc) == LLMStatusCode.LLM_LINK_FAILED:
-            link.drop_if_dead()  # the next call on this cluster answers NotLinked if the peer is gone
-        raise
-
-
-def _send(link: Link, plan: CopyPlan, write: bool, deadline: float) -> None:
     link.enter()
+    broken = False
     try:
         route = link.route_for(plan, deadline)
         if not (write and route.transport.caps.one_sided):
@@ -84,8 +76,13 @@ def _send(link: Link, plan: CopyPlan, write: bool, deadline: float) -> None:
                 link.conn.notify(proto.WriteRelease(grant_id=granted.grant_id), deadline + 1.0)
             except EngineError as exc:  # the link is gone: the owner drops the grant with it
                 _log.debug("write release to cluster %d not sent: %s", link.cluster_id, exc)
+    except (EngineError, TransportError) as exc:
+        broken = status_of(exc) == LLMStatusCode.LLM_LINK_FAILED
+        raise
     finally:
         link.leave()
+        if broken:  # after leave(): closing the link waits for its transfers
+            link.drop_if_dead()  # the next call on this cluster answers NotLinked if the peer is gone
 
 
 def _view(engine, link: Link, source: SourceSpec, deadline: float) -> proto.CacheView:
