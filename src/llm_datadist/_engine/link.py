@@ -93,22 +93,27 @@ class Link:
         """Closed, unlinking, or its control connection is closed (the close callback may still be on its way)."""
         return self.closed or self.retired or self.conn.closed
 
-    def drop_if_dead(self) -> None:
+    def drop_if_dead(self, deadline: float) -> None:
         """A transfer on this link failed with LinkFailed: close the link now if its peer is gone.
 
         A peer's forced unlink or crash closes its data routes and its control connection together; which of
         them this side notices first is a matter of timing. A ping over the control connection settles it
         before the failure is reported, so the next call on this cluster answers NotLinked, not LinkFailed
-        again. A peer that still answers keeps the link (only a data route broke).
+        again. A peer that still answers keeps the link (only a data route broke). The ping waits at most
+        PROBE_S and never past the call's ``deadline``; with no time left only a closed connection counts.
         """
         if self.closed:
             return
         if not self.conn.closed:
+            wait = min(PROBE_S, deadline - time.monotonic())
+            if wait <= 0:
+                return
             try:
-                self.conn.call(proto.Ping(), time.monotonic() + PROBE_S)
+                self.conn.call(proto.Ping(), time.monotonic() + wait)
                 return
             except (LinkFailed, Timeout):
-                pass
+                if not self.conn.closed and wait < PROBE_S:
+                    return  # the call's own time ran out first: no verdict on the peer
         _log.info("cluster %d does not answer after a failed transfer; link removed", self.cluster_id)
         self.close()
 

@@ -82,7 +82,7 @@ def send(link: Link, plan: CopyPlan, write: bool, deadline: float) -> None:
     finally:
         link.leave()
         if broken:  # after leave(): closing the link waits for its transfers
-            link.drop_if_dead()  # the next call on this cluster answers NotLinked if the peer is gone
+            link.drop_if_dead(deadline)  # the next call on this cluster answers NotLinked if the peer is gone
 
 
 def _view(engine, link: Link, source: SourceSpec, deadline: float) -> proto.CacheView:
