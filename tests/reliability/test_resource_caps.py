@@ -10,6 +10,7 @@ import pytest
 
 from llm_datadist import BlocksCacheKey, LLMRole, LLMStatusCode
 from llm_datadist._engine import protocol as proto
+from llm_datadist._engine.listener import MAX_PENDING_HANDSHAKES
 from tests.reliability import fuzz, kv, local, wire
 from tests.reliability.procs import server, wait_for
 
@@ -41,6 +42,19 @@ def _held(socks: List[socket.socket]) -> int:
         except OSError:
             pass
     return count
+
+
+def _steady(peer, timeout: float = 5.0):
+    """The server's usage once its fd count stopped changing (two readings 0.1 s apart agree)."""
+    last = peer.usage()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = peer.usage()
+        if now.fds == last.fds:
+            return now
+        last = now
+    return last
 
 
 def _close(socks: List[socket.socket]) -> None:
@@ -75,7 +89,10 @@ def test_idle_sockets_on_both_ports_do_not_block_a_new_link_and_its_pulls(owner,
     before = peer.usage()
     control = _open(port, IDLE_CONTROL)
     assert wait_for(lambda: peer.usage().fds >= before.fds + 32, 5.0)  # the listener took them in
-    with_control = peer.usage()
+    # it holds at most MAX_PENDING_HANDSHAKES and cuts the oldest beyond: count the data port's sockets only once
+    # the cut ones are closed, so that the listener's fds no longer fall while the data port's rise
+    assert wait_for(lambda: _held(control) <= MAX_PENDING_HANDSHAKES, 10.0)
+    with_control = _steady(peer)
     data = _open(data_port, IDLE_DATA)
     assert wait_for(lambda: peer.usage().fds >= with_control.fds + IDLE_DATA // 2, 5.0)  # accepted, before HELLO
     with_data = peer.usage()
