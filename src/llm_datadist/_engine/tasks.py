@@ -6,7 +6,6 @@ import threading
 import time
 from typing import List, Optional, Sequence, Set, Tuple
 
-
 from llm_datadist._engine import planner, transfers
 from llm_datadist._engine import protocol as proto
 from llm_datadist._engine.errors import CacheNotExist, EngineError, Finalized, ParamInvalid, status_of

@@ -112,7 +112,7 @@ def _backends(text: Optional[str]) -> List[str]:
 
 
 def library_tcp_streams() -> int:
-    """How many data connections the library's tcp transport opens for one large transfer (1 if it does not say)."""
+    """How many data connections the library's tcp transport opens for one large transfer."""
     from llm_datadist._engine.api import tcp_streams_per_transfer
 
     return max(1, tcp_streams_per_transfer())

@@ -18,6 +18,9 @@ import numpy as np
 
 from llm_datadist.cli.bench_common import MIB, Buffer, block_order, fill_pattern, gbps, record, verify_blocks
 
+if TYPE_CHECKING:
+    from llm_datadist import LLMDataDist
+
 __all__ = ["run_scale", "scale_worker"]
 
 PROG = "llm-datadist bench --hosts netns --scale"
@@ -43,10 +46,6 @@ def _resources() -> Dict[str, Any]:
             elif key == "Threads":
                 out["threads"] = int(value)
     return out
-
-
-if TYPE_CHECKING:
-    from llm_datadist import LLMDataDist
 
 
 class _Worker:
