@@ -6,7 +6,6 @@ Instances made here run in this process (any number of instances per process) an
 from __future__ import annotations
 
 import dataclasses
-import socket
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -15,6 +14,7 @@ import pytest
 
 from llm_datadist import (BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, LLMClusterInfo, LLMConfig,
                           LLMDataDist, LLMRole, LLMStatusCode, Placement)
+from ports import free_port as free_port_below_ephemeral
 from waiting import NEVER_HANGS_S, wait_until
 
 #: Byte written into every destination before a transfer; any byte still equal to it was not written.
@@ -107,16 +107,9 @@ def _no_leaked_threads():
 # ----------------------------------------------------------------------------------------------
 # Instances
 # ----------------------------------------------------------------------------------------------
-def find_free_port() -> int:
-    """A TCP port of 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def free_port() -> Callable[[], int]:
-    return find_free_port
+    return free_port_below_ephemeral
 
 
 def make_options(**attrs: Any) -> Dict[str, str]:
@@ -154,7 +147,7 @@ class DDFactory:
         dd = LLMDataDist(role, cluster_id)
         self.made.append(dd)
         if listen:
-            port = find_free_port()
+            port = free_port_below_ephemeral()
             attrs["listen_ip_info"] = f"127.0.0.1:{port}"
             self._ports[id(dd)] = port
         if init:

@@ -9,6 +9,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from ports import free_port as _port
 
 from llm_datadist import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig, LLMDataDist, LLMException,
                           LLMRole, LLMStatusCode, Placement)
@@ -48,12 +49,6 @@ def pki(tmp_path_factory):
 def _files(pki: str, name: str, ca: str = "ca") -> dict:
     return {"tls_cert_file": os.path.join(pki, f"{name}.pem"), "tls_key_file": os.path.join(pki, f"{name}.key"),
             "tls_ca_file": os.path.join(pki, f"{ca}.pem")}
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _instance(role, cluster_id, listen_port=None, **attrs) -> LLMDataDist:

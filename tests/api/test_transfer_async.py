@@ -1,13 +1,13 @@
 """CacheManager.transfer_cache_async: checks, results per config, layer mapping and access to peer memory."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from typing import List, Optional
 
 import numpy as np
 import pytest
+from ports import free_port as _port
 
 from llm_datadist import (BlocksCacheKey, CacheDesc, CacheKeyByIdAndIndex, CacheTask, DataType, LayerSynchronizer,
                           LLMClusterInfo, LLMConfig, LLMDataDist, LLMException, LLMRole, LLMStatusCode, Placement,
@@ -21,12 +21,6 @@ SLOT = 64  # bytes of one batch slot / block of every test tensor
 
 
 # ---- fixtures (own ones: this file does not depend on tests/conftest.py) -------------------------
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Side:
     """One instance and the numpy arrays behind its caches (kept alive until the instance is finalized)."""
 

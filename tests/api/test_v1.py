@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from ports import free_port as _port
 
 from llm_datadist import (CacheDesc as V2CacheDesc, CacheKeyByIdAndIndex, DataType, LLMConfig, LLMDataDist,
                           LLMRole, Placement)
@@ -25,12 +26,6 @@ S = LLMStatusCode
 A_ID, B_ID = 21, 22
 ROW = 32  # bytes per slot / block
 POOL = '{"memory_size": 65536, "page_shift": 10}'
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _desc(num_tensors=4, dim0=4, placement=CachePlacement.kDevice, dtype=DataType.DT_UINT8, row=ROW):

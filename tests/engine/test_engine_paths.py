@@ -3,10 +3,10 @@ transports (in-process fakes that copy for real and record every plan) instead o
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import pytest
+from ports import free_port as _port
 
 import fakes_transport as rec
 from llm_datadist._transport.base import TransportClosed
@@ -26,12 +26,6 @@ def _fakes():
     rec.ON_WRITE.clear()
     yield
     rec.ON_WRITE.clear()
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

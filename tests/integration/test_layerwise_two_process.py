@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import time
 
 import numpy as np
 import pytest
+from ports import free_port as _port
 
 from llm_datadist import (BlocksCacheKey, CacheDesc, DataType, LayerSynchronizer, LLMClusterInfo, LLMConfig,
                           LLMDataDist, LLMRole, LLMStatusCode, Placement, TransferConfig,
@@ -87,12 +87,6 @@ def prefill_main(conn, decode_port: int, mode: str) -> None:
         conn.send(("error", repr(exc), 0))
     finally:
         dd.finalize()
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _recv(conn):

@@ -3,12 +3,12 @@ way, pulling from and pushing to each other, byte for byte."""
 from __future__ import annotations
 
 import multiprocessing
-import socket
 import time
 import traceback
 
 import numpy as np
 import pytest
+from ports import free_port as _port
 
 from llm_datadist import (BlocksCacheKey, CacheDesc, CacheKeyByIdAndIndex, DataType, LLMClusterInfo, LLMConfig,
                           LLMDataDist, LLMException, LLMRole, Placement)
@@ -146,12 +146,6 @@ class Remote:
 
 
 # ---- the V1 side (this process) ------------------------------------------------------------------
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class V1Side:
     def __init__(self, listen_port=None) -> None:
         self.dd = LlmDataDist(V1_ID, LlmRole.kDecoder)

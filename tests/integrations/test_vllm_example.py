@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,18 +14,13 @@ import urllib.request
 
 import pytest
 
+from ports import free_port as _free_port
 from vllm_harness import EXAMPLE, vllm_env
 
 pytestmark = pytest.mark.timeout(600)
 
 READY_TIMEOUT_S = 300.0
 PROMPT = [(7 * i + 3) % 400 + 1 for i in range(75)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _completion(url: str, stream: bool):

@@ -6,12 +6,13 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from typing import Callable, Dict, List, Optional
+
+from ports import free_port  # noqa: F401  (the reliability tests import it from here)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -22,13 +23,6 @@ def behaviour_env(environ) -> List[str]:
     """The library variables that change behaviour (transport, secret, caps...): every ``LLM_DATADIST_*``
     but the log level."""
     return [n for n in environ if n.startswith("LLM_DATADIST_") and n != "LLM_DATADIST_LOG_LEVEL"]
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- /proc ---------------------------------------------------------------------------------------------
