@@ -207,6 +207,24 @@ def test_range_table():
     assert t.contains(np.array([], dtype=U64), np.array([], dtype=U64))
 
 
+def test_range_table_small_lookup_agrees_with_the_vectorised_check():
+    """``contains`` looks a few ranges up one by one: same answers as the numpy check, edges and wrap included."""
+    rng = np.random.default_rng(11)
+    t = iov.RangeTable()
+    for a in rng.integers(0, 1 << 20, 40).tolist():
+        t.add(a, int(rng.integers(0, 5000)))
+    t.add(2 ** 64 - 8192, 4096)
+    starts, ends = t.intervals()
+    edges = np.concatenate((starts, ends, starts - U64(1), ends - U64(1))).astype(U64)
+    for _ in range(3000):
+        n = int(rng.integers(1, 2 * iov._SMALL_LOOKUP))
+        addrs = np.where(rng.random(n) < 0.5, rng.choice(edges, n), rng.integers(0, 1 << 21, n)).astype(U64)
+        sizes = rng.choice(np.array([0, 1, 7, 4096, 2 ** 63, 2 ** 64 - 1], dtype=U64), n)
+        expected = bool(t.check(addrs, sizes).all())
+        assert t.contains(addrs, sizes) == expected
+        assert t.contains(addrs.tolist(), sizes.tolist()) == expected
+
+
 def test_chunk_bounds_respect_count_and_bytes():
     sizes = np.full(5000, 100, dtype=U64)
     bounds = iov.chunk_bounds(sizes, max_bytes=1 << 40)

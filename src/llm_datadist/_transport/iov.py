@@ -538,18 +538,24 @@ def scatter_io(op: Callable[[List[memoryview]], int], addrs: np.ndarray, sizes: 
         on_stall()
 
 
+#: Up to this many ranges, ``RangeTable.contains`` checks them one by one in Python (cheaper than numpy's
+#: fixed per-call cost); above it, vectorised.
+_SMALL_LOOKUP = 16
+
+
 class RangeTable:
     """Registered address ranges, coalesced into a sorted disjoint list for vectorised checks.
 
-    ``add``/``remove`` keep a multiset of ranges (registering twice needs two removes). Lookups use a
-    snapshot of two numpy arrays swapped atomically, so checks never block registration.
+    ``add``/``remove`` keep a multiset of ranges (registering twice needs two removes). Lookups read one
+    snapshot (the interval starts and ends, as numpy arrays and as lists) swapped in by a single assignment,
+    so checks never block registration and never pair the starts of one version with the ends of another.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ranges: dict = {}
-        self._starts = np.zeros(0, dtype=_U64)
-        self._ends = np.zeros(0, dtype=_U64)
+        self._snapshot: Tuple[np.ndarray, np.ndarray, List[int], List[int]] = (
+            np.zeros(0, dtype=_U64), np.zeros(0, dtype=_U64), [], [])
 
     def add(self, addr: int, nbytes: int) -> None:
         """Add the range ``[addr, addr + nbytes)``."""
@@ -588,19 +594,19 @@ class RangeTable:
             else:
                 starts.append(a)
                 ends.append(a + n)
-        self._starts = np.array(starts, dtype=_U64)
-        self._ends = np.array(ends, dtype=_U64)
+        self._snapshot = (np.array(starts, dtype=_U64), np.array(ends, dtype=_U64), starts, ends)
 
     def __len__(self) -> int:
         return len(self._ranges)
 
     def intervals(self) -> Tuple[np.ndarray, np.ndarray]:
         """The coalesced ``(starts, ends)`` arrays (a consistent snapshot)."""
-        return self._starts, self._ends
+        starts, ends, _, _ = self._snapshot
+        return starts, ends
 
     def check(self, addrs: np.ndarray, sizes: np.ndarray) -> np.ndarray:
         """Boolean mask: whether each ``[addrs[i], addrs[i] + sizes[i])`` lies inside one interval."""
-        starts, ends = self._starts, self._ends
+        starts, ends, _, _ = self._snapshot
         addrs = np.asarray(addrs, dtype=_U64)
         sizes = np.asarray(sizes, dtype=_U64)
         if starts.shape[0] == 0:
@@ -613,5 +619,18 @@ class RangeTable:
         return inside & (sizes <= room)
 
     def contains(self, addrs: np.ndarray, sizes: np.ndarray) -> bool:
-        """Whether every range lies inside the registered intervals."""
-        return bool(self.check(addrs, sizes).all()) if len(addrs) else True
+        """Whether every range lies inside the registered intervals.
+
+        A few ranges (a small request, the common case on a serving thread) are looked up with ``bisect``
+        on Python ints: a handful of list operations instead of a dozen numpy calls of fixed cost each.
+        """
+        n = len(addrs)
+        if n > _SMALL_LOOKUP:
+            return bool(self.check(addrs, sizes).all())
+        _, _, starts, ends = self._snapshot
+        as_list = lambda v: v.tolist() if isinstance(v, np.ndarray) else [int(x) for x in v]  # noqa: E731
+        for addr, size in zip(as_list(addrs), as_list(sizes)):
+            i = bisect_right(starts, addr) - 1
+            if i < 0 or addr + size > ends[i]:
+                return False
+        return True

@@ -253,9 +253,10 @@ class DataServer:
             if int(sizes.sum()) != nbytes:
                 self._reply(sock, wire.ST_BAD_FRAME)
                 return False
-            if op == wire.OP_READ:
-                self._reply(sock, wire.ST_OK, count, nbytes)
-                wire.send(sock, addrs, sizes, self._stall)
+            if op == wire.OP_READ:  # the verdict and the data in one gather send (the bytes on the wire as two)
+                head = np.frombuffer(wire.header(wire.OP_REPLY, wire.ST_OK, count, nbytes), dtype=np.uint8)
+                wire.send(sock, np.concatenate((np.array([head.ctypes.data], dtype=np.uint64), addrs)),
+                          np.concatenate((np.array([head.nbytes], dtype=np.uint64), sizes)), self._stall)
             else:
                 self._reply(sock, wire.ST_OK)
                 wire.recv(sock, addrs, sizes, self._stall)
