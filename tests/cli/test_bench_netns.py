@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import llm_datadist
-from llm_datadist.cli.bench_netns import conditions, netns_transports
+from llm_datadist.cli.bench_netns import conditions, netns_suites
 from llm_datadist.cli.netns import CROSS_HOST_TRANSPORTS, unavailable_reason
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(llm_datadist.__file__)))
@@ -37,7 +37,7 @@ def test_netns_run_measures_every_condition_with_verified_bytes(tmp_path):
     assert [c["name"] for c in records[0]["conditions"]] == ["unlimited", "tbf 2gbit"]
     bw = {(r["condition"], r["mechanism"], r["direction"]) for r in records if r["kind"] == "bandwidth"}
     for condition in ("unlimited", "tbf 2gbit"):
-        for mech in netns_transports(None):  # tcp, and nixl where it is installed
+        for mech in netns_suites(None):  # tcp, and nixl where it is installed
             assert {(condition, mech, "pull"), (condition, mech, "push")} <= bw
         assert (condition, "raw_tcp.batch", "pull") in bw
     assert all(r["verified"] for r in records if r["kind"] == "bandwidth")
@@ -78,10 +78,10 @@ def test_conditions_unlimited_then_each_rate_with_a_smaller_workload():
     assert [c.name for c in conditions(_args(rate="none"), opts)] == ["unlimited"]
 
 
-def test_netns_transports_are_the_cross_host_ones_this_machine_has():
+def test_netns_suites_are_the_cross_host_ones_this_machine_has():
     from llm_datadist._transport import unavailable_reason as transport_unavailable
 
-    assert netns_transports(None) == [n for n in CROSS_HOST_TRANSPORTS if not transport_unavailable(n)]
-    assert "tcp" in netns_transports(None)
+    assert netns_suites(None) == [n for n in CROSS_HOST_TRANSPORTS if not transport_unavailable(n)]
+    assert "tcp" in netns_suites(None)
     with pytest.raises(ValueError, match="--transports takes"):
-        netns_transports("process_vm")
+        netns_suites("process_vm")

@@ -10,9 +10,9 @@ import pytest
 
 from llm_datadist._engine import errors, rpc
 from llm_datadist._engine import protocol as p
-from llm_datadist._engine.listener import Listener
+from llm_datadist._engine.listener import MAX_PENDING_HANDSHAKES, Listener
 from llm_datadist.status import LLMStatusCode
-from waiting import NEVER_HANGS_S
+from waiting import NEVER_HANGS_S, wait_until
 
 
 def test_accepts_on_an_ephemeral_port_and_closes_twice():
@@ -147,3 +147,59 @@ def test_listener_handshake_and_rpc_end_to_end():
         listener.close()
         for link in links:
             link.close()
+
+
+def test_a_burst_beyond_the_cap_cuts_one_old_handshake_per_new_one():
+    """Handshakes that never end (their callback waits for the client to close) arrive while the cut ones' threads
+    are slow to leave: each new connection beyond MAX_PENDING_HANDSHAKES still cuts one more of the oldest (cutting
+    the same oldest one again and again until its thread has left would leave many more waiting), and once the
+    burst is in, exactly MAX_PENDING_HANDSHAKES wait, the newest ones."""
+    extra = 40
+    burst = MAX_PENDING_HANDSHAKES + extra
+    waiting, cut = [0], [0]
+    lock = threading.Lock()
+    leave = threading.Event()  # holds the threads of cut handshakes until the whole burst is in
+
+    def on_accept(sock, addr):
+        with lock:
+            waiting[0] += 1
+        try:
+            sock.recv(1)  # returns only when the listener cuts this socket or the client closes it
+            with lock:
+                cut[0] += 1
+            leave.wait(NEVER_HANGS_S)
+        finally:
+            with lock:
+                waiting[0] -= 1
+            sock.close()
+
+    listener = Listener("127.0.0.1", 0, on_accept, name="t-burst")
+    clients = []
+    try:
+        for _ in range(burst):
+            clients.append(socket.create_connection(("127.0.0.1", listener.port), timeout=NEVER_HANGS_S))
+        assert wait_until(lambda: cut[0] == extra), cut[0]
+        leave.set()
+        assert wait_until(lambda: waiting[0] == MAX_PENDING_HANDSHAKES), waiting[0]
+        assert _closed_by_peer(clients[:extra]) == extra, "the oldest were not the ones cut"
+        assert not any(_is_closed(c) for c in clients[extra:]), "a newer handshake was cut"
+    finally:
+        leave.set()
+        for client in clients:
+            client.close()
+        listener.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("t-burst")]
+
+
+def _is_closed(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _closed_by_peer(socks) -> int:
+    return sum(_is_closed(s) for s in socks)

@@ -87,14 +87,17 @@ def test_idle_sockets_on_both_ports_do_not_block_a_new_link_and_its_pulls(owner,
     # The listener's sockets first: it gives a handshake 10 s, the data port gives a HELLO only 2 s, so the data
     # port's idle sockets are opened last, right before the link, and are still there while it is made.
     before = peer.usage()
-    control = _open(port, IDLE_CONTROL)
-    assert wait_for(lambda: peer.usage().fds >= before.fds + 32, 5.0)  # the listener took them in
-    # it holds at most MAX_PENDING_HANDSHAKES and cuts the oldest beyond: count the data port's sockets only once
-    # the cut ones are closed, so that the listener's fds no longer fall while the data port's rise
+    # as many as the listener holds, none cut yet: their cost is read while every one of them is open
+    control = _open(port, MAX_PENDING_HANDSHAKES)
+    assert wait_for(lambda: peer.usage().fds >= before.fds + MAX_PENDING_HANDSHAKES, 5.0)
+    with_control = peer.usage()
+    # beyond the cap the listener cuts the oldest: count the data port's sockets only once the cut ones are
+    # closed, so that the listener's fds no longer fall while the data port's rise
+    control += _open(port, IDLE_CONTROL - MAX_PENDING_HANDSHAKES)
     assert wait_for(lambda: _held(control) <= MAX_PENDING_HANDSHAKES, 10.0)
-    with_control = _steady(peer)
+    settled = _steady(peer)
     data = _open(data_port, IDLE_DATA)
-    assert wait_for(lambda: peer.usage().fds >= with_control.fds + IDLE_DATA // 2, 5.0)  # accepted, before HELLO
+    assert wait_for(lambda: peer.usage().fds >= settled.fds + IDLE_DATA // 2, 5.0)  # accepted, before HELLO
     with_data = peer.usage()
     held = (_held(control), _held(data))
     try:
@@ -108,7 +111,7 @@ def test_idle_sockets_on_both_ports_do_not_block_a_new_link_and_its_pulls(owner,
         _close(control + data)
     local.unlink(dd, P, port)
     per_control = (with_control.rss_kib - before.rss_kib) / max(with_control.fds - before.fds, 1)
-    per_data = (with_data.rss_kib - with_control.rss_kib) / max(with_data.fds - with_control.fds, 1)
+    per_data = (with_data.rss_kib - settled.rss_kib) / max(with_data.fds - settled.fds, 1)
     figures.add(f"idle sockets: {IDLE_CONTROL} on the listener, still open while linking", f"{held[0]} -> {still[0]}")
     figures.add(f"idle sockets: {IDLE_DATA} on the data port, still open while linking", f"{held[1]} -> {still[1]}")
     figures.add("idle sockets: server threads before -> with them", f"{before.threads} -> {with_data.threads}")

@@ -172,7 +172,9 @@ class LinkManager:
             sock, _hello, ack = rpc.accept_handshake(sock, deadline, engine.opts.link_secret, decide, engine.tls,
                                                      secured=lambda s: made.update(sock=s))
         except Exception as exc:  # noqa: BLE001 - a bad client never hurts the server
-            _log.warning("handshake from %s failed: %s", addr, exc)
+            # INFO, not WARNING: port scanners and TCP health probes connect and close, and a stranger must not
+            # be able to fill the log; the client that wanted the link gets the error itself
+            _log.info("handshake from %s failed: %s", addr, exc)
             ack = None
         link = made.get("link")
         if link is None or ack is None or ack.code != 0:

@@ -6,7 +6,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Set
 
 from llm_datadist._engine import errors
 
@@ -50,6 +50,7 @@ class Listener:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._pending: collections.OrderedDict[threading.Thread, socket.socket] = collections.OrderedDict()
+        self._cut: Set[threading.Thread] = set()  # threads of cut handshakes still ending: close() joins them too
         self._closed = False
         self._sock = _bind(host, port, backlog)
         self._sock.settimeout(ACCEPT_TIMEOUT_S)
@@ -82,7 +83,7 @@ class Listener:
         self._sock.close()
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         with self._lock:
-            pending = list(self._pending)
+            pending = list(self._pending) + list(self._cut)
         for thread in pending:
             if thread is not threading.current_thread():
                 thread.join(max(deadline - time.monotonic(), 0.0))
@@ -107,7 +108,10 @@ class Listener:
         with self._lock:
             victim = None
             if len(self._pending) >= MAX_PENDING_HANDSHAKES:
-                victim = next(iter(self._pending.values()))  # the oldest handshake: most likely idle
+                # the oldest handshake, most likely idle; it leaves the count at once (its thread ends when the
+                # shut-down socket wakes it), so a burst of connections cuts one old handshake per new one
+                cut_thread, victim = self._pending.popitem(last=False)
+                self._cut.add(cut_thread)
             thread = threading.Thread(target=self._serve, args=(conn, addr), daemon=True,
                                       name=f"{self._name}-conn")
             self._pending[thread] = conn
@@ -132,6 +136,7 @@ class Listener:
         finally:
             with self._lock:
                 self._pending.pop(threading.current_thread(), None)
+                self._cut.discard(threading.current_thread())
 
 
 def _bind(host: str, port: int, backlog: int) -> socket.socket:

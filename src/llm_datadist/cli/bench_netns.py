@@ -128,7 +128,7 @@ def conditions(args: argparse.Namespace, opts: Dict[str, Any]) -> List[Condition
     return out
 
 
-def netns_transports(text: Optional[str]) -> List[str]:
+def netns_suites(text: Optional[str]) -> List[str]:
     """The library suites of the run: every cross-host transport this machine has, or the ``--transports`` subset.
 
     Raises:
@@ -305,7 +305,7 @@ def run_netns(args: argparse.Namespace, opts: Dict[str, Any]) -> int:
 
         return run_scale(args)
     try:
-        transports = netns_transports(args.transports)
+        transports = netns_suites(args.transports)
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
