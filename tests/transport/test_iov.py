@@ -234,7 +234,39 @@ def test_chunk_bounds_respect_count_and_bytes():
     assert bounds == list(range(11))
 
 
-def test_scatter_io_handles_partial_moves_stalls_and_eof():
+def _scatter_small(op, addrs, sizes, stall, max_bytes=1 << 20):
+    """``iov.scatter_io_small`` called like ``iov.scatter_io`` (its ranges as Python ints)."""
+    iov.scatter_io_small(op, list(zip(np.asarray(addrs, dtype=U64).tolist(), np.asarray(sizes, dtype=U64).tolist())),
+                         stall, max_bytes)
+
+
+SCATTERS = pytest.mark.parametrize("scatter", [iov.scatter_io, _scatter_small], ids=["arrays", "ints"])
+
+
+def test_the_ints_scatter_makes_the_same_calls_as_the_array_one():
+    """For random plans (many ranges, ranges larger than a window, empty ones), both entry points issue the same
+    chunks: the bounds of chunk_bounds."""
+    rng = np.random.default_rng(11)
+    buf = np.zeros(1 << 22, dtype=np.uint8)
+    for _ in range(300):
+        n = int(rng.integers(0, 2500))
+        sizes = rng.integers(0, int(rng.choice([64, 4096, 1 << 18])), n).astype(U64)
+        addrs = U64(_addr(buf)) + (rng.integers(0, 1 << 20, n).astype(U64) if n else np.zeros(0, dtype=U64))
+        max_bytes = int(rng.choice([1 << 12, 1 << 16, 1 << 20]))
+        calls = {"arrays": [], "ints": []}
+        for name, scatter in (("arrays", iov.scatter_io), ("ints", _scatter_small)):
+            def op(chunk, log=calls[name]):
+                log.append(len(chunk))
+                return sum(len(view) for view in chunk)
+            scatter(op, addrs, sizes, lambda: None, max_bytes)
+        bounds = iov.chunk_bounds(sizes, max_bytes)
+        expected = [b - a for a, b in zip(bounds[:-1], bounds[1:])
+                    if int(sizes[a:b].sum())]  # a chunk of empty ranges only is skipped
+        assert calls["arrays"] == calls["ints"] == expected
+
+
+@SCATTERS
+def test_scatter_io_handles_partial_moves_stalls_and_eof(scatter):
     rng = np.random.default_rng(3)
     sizes = rng.integers(0, 3000, 3000).astype(U64)
     data = rng.integers(0, 256, int(sizes.sum()), dtype=np.uint8)
@@ -260,12 +292,12 @@ def test_scatter_io_handles_partial_moves_stalls_and_eof():
         return moved
 
     stalls = []
-    iov.scatter_io(op, addrs, sizes, lambda: stalls.append(1), max_bytes=1 << 16)
+    scatter(op, addrs, sizes, lambda: stalls.append(1), max_bytes=1 << 16)
     assert stream["pos"] == data.size and stalls
     flat = np.concatenate([dst[o:o + n] for o, n in zip(offs.tolist(), sizes.astype(np.int64).tolist())])
     assert np.array_equal(flat, data)
     with pytest.raises(TransportClosed):
-        iov.scatter_io(lambda chunk: 0, addrs, sizes, lambda: None)
+        scatter(lambda chunk: 0, addrs, sizes, lambda: None)
     with pytest.raises(TransferTimeout):
         def stall():
             raise TransferTimeout("stalled")
@@ -273,10 +305,11 @@ def test_scatter_io_handles_partial_moves_stalls_and_eof():
         def blocked(chunk):
             raise BlockingIOError()
 
-        iov.scatter_io(blocked, addrs, sizes, stall)
+        scatter(blocked, addrs, sizes, stall)
 
 
-def test_scatter_io_checks_the_deadline_between_complete_chunks():
+@SCATTERS
+def test_scatter_io_checks_the_deadline_between_complete_chunks(scatter):
     """A peer that completes every chunk in time, but too slowly overall, still hits the deadline."""
     buf = np.zeros(8 << 20, dtype=np.uint8)
     sizes = np.full(8, 1 << 20, dtype=U64)
@@ -292,7 +325,7 @@ def test_scatter_io_checks_the_deadline_between_complete_chunks():
             raise TransferTimeout("deadline passed")
 
     with pytest.raises(TransferTimeout):
-        iov.scatter_io(steady, addrs, sizes, stall, max_bytes=1 << 20)
+        scatter(steady, addrs, sizes, stall, max_bytes=1 << 20)
     assert len(calls) == 3
 
 

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from bisect import bisect_right
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -503,10 +503,36 @@ def scatter_io(op: Callable[[List[memoryview]], int], addrs: np.ndarray, sizes: 
     """
     starts = np.asarray(addrs, dtype=_U64)
     sizes = np.asarray(sizes, dtype=_U64)
-    n = int(sizes.shape[0])
-    bounds = chunk_bounds(sizes, max_bytes)
-    cum = [0] + np.cumsum(sizes, dtype=_U64).tolist()
-    first, last = starts.tolist(), (starts + sizes).tolist()
+    _scatter(op, starts.tolist(), (starts + sizes).tolist(), [0] + np.cumsum(sizes, dtype=_U64).tolist(),
+             chunk_bounds(sizes, max_bytes), on_stall)
+
+
+def scatter_io_small(op: Callable[[List[memoryview]], int], ranges: Sequence[Tuple[int, int]],
+                     on_stall: Callable[[], None], max_bytes: int = 1 << 20) -> None:
+    """:func:`scatter_io` for a few ``(addr, nbytes)`` ranges given as Python ints (no numpy on this path).
+
+    Chunks as :func:`scatter_io` does (the same bounds as :func:`chunk_bounds`): a new call where a range
+    starts in another ``max_bytes`` window than the one before it, and at every IOV_MAX-th range.
+    """
+    first = [addr for addr, _ in ranges]
+    last = [addr + nbytes for addr, nbytes in ranges]
+    window = max(max_bytes, 1)
+    cum = [0]
+    bounds = [0]
+    for k, (_, nbytes) in enumerate(ranges):
+        if k and (cum[k] // window != cum[k - 1] // window or k % IOV_MAX == 0):
+            bounds.append(k)
+        cum.append(cum[k] + nbytes)
+    if ranges:
+        bounds.append(len(ranges))
+    _scatter(op, first, last, cum, bounds, on_stall)
+
+
+def _scatter(op: Callable[[List[memoryview]], int], first: List[int], last: List[int], cum: List[int],
+             bounds: List[int], on_stall: Callable[[], None]) -> None:
+    """The loop of the scatter calls: ranges ``[first[k], last[k])``, running byte counts ``cum`` (one more
+    entry than ranges) and chunk starts ``bounds`` (ending with the number of ranges)."""
+    n = len(first)
     getitem = _AS_VIEW.__getitem__
     i, skip = 0, 0
     while i < n:
@@ -537,6 +563,9 @@ def scatter_io(op: Callable[[List[memoryview]], int], addrs: np.ndarray, sizes: 
         i, skip = k, pos - cum[k]
         on_stall()
 
+
+#: Addresses or sizes: a uint64 array, or Python ints.
+_Ints = Union[np.ndarray, Sequence[int]]
 
 #: Up to this many ranges, ``RangeTable.contains`` checks them one by one in Python (cheaper than numpy's
 #: fixed per-call cost); above it, vectorised.
@@ -604,7 +633,7 @@ class RangeTable:
         starts, ends, _, _ = self._snapshot
         return starts, ends
 
-    def check(self, addrs: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    def check(self, addrs: _Ints, sizes: _Ints) -> np.ndarray:
         """Boolean mask: whether each ``[addrs[i], addrs[i] + sizes[i])`` lies inside one interval."""
         starts, ends, _, _ = self._snapshot
         addrs = np.asarray(addrs, dtype=_U64)
@@ -618,7 +647,7 @@ class RangeTable:
         room = np.where(inside, end - np.where(inside, addrs, end), _U64(0))
         return inside & (sizes <= room)
 
-    def contains(self, addrs: np.ndarray, sizes: np.ndarray) -> bool:
+    def contains(self, addrs: _Ints, sizes: _Ints) -> bool:
         """Whether every range lies inside the registered intervals.
 
         A few ranges (a small request, the common case on a serving thread) are looked up with ``bisect``

@@ -177,6 +177,15 @@ def _client_stall(sock: socket.socket, deadline: float) -> Callable[[], None]:
 
 def _request(sock: socket.socket, op: int, plan: CopyPlan, stall: Callable[[], None]) -> None:
     g = len(plan.guards)
+    if plan.ops is not None:  # a small plan: the frame packed from Python ints, one send
+        words: List[int] = []
+        for guard in plan.guards:
+            words += (guard.slot, guard.value)
+        for _local, remote, nbytes in plan.ops:
+            words += (remote, nbytes)
+        frame = wire.header(op, wire.ST_OK, len(plan.ops), plan.total_bytes, g) + struct.pack(f"<{len(words)}Q", *words)
+        wire.send_bytes(sock, frame, stall)
+        return
     pairs = np.empty((g + len(plan), 2), dtype=np.uint64)
     if g:
         pairs[:g, 0] = [guard.slot for guard in plan.guards]
@@ -220,7 +229,14 @@ class _Op:
 
     def finish(self, sock: socket.socket, plan: CopyPlan, deadline: float) -> None:
         stall = _client_stall(sock, deadline)
-        if self.write:
+        if plan.ops is not None:  # a small plan: its ranges as Python ints, no arrays
+            ranges = [(local, nbytes) for local, _remote, nbytes in plan.ops]
+            if self.write:
+                wire.send_small(sock, ranges, stall)
+                _expect_ok(sock, stall)
+            else:
+                wire.recv_small(sock, ranges, stall)
+        elif self.write:
             wire.send(sock, plan.local, plan.sizes, stall)
             _expect_ok(sock, stall)
         else:

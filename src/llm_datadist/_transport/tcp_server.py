@@ -9,6 +9,7 @@ connections at once.
 from __future__ import annotations
 
 import collections
+import ctypes
 import hmac
 import logging
 import selectors
@@ -16,7 +17,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Dict, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple, Union
 
 import numpy as np
 
@@ -30,6 +31,7 @@ POLL_S = 0.25
 HELLO_TIMEOUT_S = 2.0  # an unauthenticated connection must send its HELLO within this
 MAX_PENDING = 512  # unauthenticated connections waiting for their HELLO (the oldest is dropped beyond)
 MAX_SERVING = 256  # authenticated connections at once
+SMALL_FRAME = 64  # guards + ranges up to which a request is read and served with Python ints (no numpy)
 SERVE_POLL_S = 0.5
 
 
@@ -239,40 +241,57 @@ class DataServer:
         if op not in (wire.OP_READ, wire.OP_WRITE) or count > wire.MAX_OPS or nguards > wire.MAX_GUARDS:
             self._reply(sock, wire.ST_BAD_FRAME)
             return False
-        pairs = np.empty((nguards + count, 2), dtype=np.uint64)
-        if nguards + count:
+        small = nguards + count <= SMALL_FRAME
+        if small:  # a small request: its words as Python ints, no arrays on this path
+            words = struct.unpack(f"<{2 * (nguards + count)}Q",
+                                  wire.recv_bytes(sock, 16 * (nguards + count), self._stall))
+            guards: Union[np.ndarray, List[Tuple[int, int]]] = list(zip(words[0:2 * nguards:2],
+                                                                         words[1:2 * nguards:2]))
+            addrs: Union[np.ndarray, List[int]] = list(words[2 * nguards::2])
+            sizes: Union[np.ndarray, List[int]] = list(words[2 * nguards + 1::2])
+        else:
+            pairs = np.empty((nguards + count, 2), dtype=np.uint64)
             wire.recv(sock, *wire.one(pairs), self._stall)
-        guards, ranges = pairs[:nguards], pairs[nguards:]
-        addrs, sizes = ranges[:, 0].copy(), ranges[:, 1].copy()
+            guards, ranges = pairs[:nguards], pairs[nguards:]
+            addrs, sizes = ranges[:, 0].copy(), ranges[:, 1].copy()
         version = self._begin()
         try:
             status = self._check(link_id, op, guards, addrs, sizes)
             if status != wire.ST_OK:
                 self._reply(sock, status)
                 return status != wire.ST_BAD_FRAME
-            if int(sizes.sum()) != nbytes:
+            if int(sum(sizes) if small else sizes.sum()) != nbytes:  # type: ignore[union-attr]
                 self._reply(sock, wire.ST_BAD_FRAME)
                 return False
-            if op == wire.OP_READ:  # the verdict and the data in one gather send (the bytes on the wire as two)
-                head = np.frombuffer(wire.header(wire.OP_REPLY, wire.ST_OK, count, nbytes), dtype=np.uint8)
-                wire.send(sock, np.concatenate((np.array([head.ctypes.data], dtype=np.uint64), addrs)),
-                          np.concatenate((np.array([head.nbytes], dtype=np.uint64), sizes)), self._stall)
+            head = wire.header(wire.OP_REPLY, wire.ST_OK, count, nbytes)
+            if op == wire.OP_READ and small:  # the verdict and the data in one gather send
+                buf = bytearray(head)
+                ranges_ = [(ctypes.addressof(ctypes.c_char.from_buffer(buf)), len(buf))]
+                wire.send_small(sock, ranges_ + list(zip(addrs, sizes)), self._stall)  # type: ignore[arg-type]
+            elif op == wire.OP_READ:
+                head_arr = np.frombuffer(head, dtype=np.uint8)
+                wire.send(sock, np.concatenate((np.array([head_arr.ctypes.data], dtype=np.uint64), addrs)),
+                          np.concatenate((np.array([head_arr.nbytes], dtype=np.uint64), sizes)), self._stall)
             else:
                 self._reply(sock, wire.ST_OK)
-                wire.recv(sock, addrs, sizes, self._stall)
+                if small:
+                    wire.recv_small(sock, list(zip(addrs, sizes)), self._stall)  # type: ignore[arg-type]
+                else:
+                    wire.recv(sock, addrs, sizes, self._stall)  # type: ignore[arg-type]
                 self._reply(sock, wire.ST_OK)
             return True
         finally:
             self._end(version)
 
-    def _check(self, link_id: int, op: int, guards: np.ndarray, addrs: np.ndarray, sizes: np.ndarray) -> int:
+    def _check(self, link_id: int, op: int, guards: Union[np.ndarray, List[Tuple[int, int]]],
+               addrs: Union[np.ndarray, List[int]], sizes: Union[np.ndarray, List[int]]) -> int:
         """After admission: the link still holds a token, the guards hold, the ranges are registered."""
         with self._lock:
             if link_id not in self._tokens.values():
                 raise _Stop()  # revoked while the frame was on its way
         if self._guards is None and len(guards):
             return wire.ST_STALE
-        for slot, value in guards.tolist():
+        for slot, value in (guards.tolist() if isinstance(guards, np.ndarray) else guards):
             if not self._guards.valid(int(slot), int(value)):  # type: ignore[union-attr]
                 return wire.ST_STALE
         table = self._writable if op == wire.OP_WRITE else self._readable

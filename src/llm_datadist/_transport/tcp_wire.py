@@ -4,12 +4,12 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
-from typing import Callable, List, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 
-from llm_datadist._transport import iov
-from llm_datadist._transport.base import RemoteRejected
+from llm_datadist._transport import iov, tls
+from llm_datadist._transport.base import RemoteRejected, TransportClosed
 
 PROTOCOL_VERSION = 2
 # Changelog: 1 - HELLO/READ/WRITE/REPLY frames, (addr, len) uint64 pairs, two-phase writes.
@@ -124,16 +124,62 @@ def one(buf: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def send_bytes(sock: socket.socket, data: bytes, stall: Callable[[], None]) -> None:
-    """Send a small bytes object."""
-    buf = np.frombuffer(data, dtype=np.uint8)
-    send(sock, *one(buf), stall)
+    """Send a small bytes object (no numpy: the request frames of small transfers go this way)."""
+    view = memoryview(data)
+    sent = 0
+    while sent < len(view):
+        try:
+            n = sock.send(view[sent:])
+        except tls.WOULD_BLOCK:
+            stall()
+            continue
+        except OSError as exc:
+            raise TransportClosed(f"connection lost: {exc}") from exc
+        if n <= 0:
+            raise TransportClosed("connection closed by peer")
+        sent += n
+        if sent < len(view):
+            stall()
 
 
 def recv_bytes(sock: socket.socket, nbytes: int, stall: Callable[[], None]) -> bytes:
-    """Receive exactly ``nbytes``."""
-    buf = np.empty(nbytes, dtype=np.uint8)
-    recv(sock, *one(buf), stall)
-    return buf.tobytes()
+    """Receive exactly ``nbytes`` (no numpy)."""
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    plain = not isinstance(sock, ssl.SSLSocket)
+    got = 0
+    while got < nbytes:
+        try:
+            n = sock.recv_into(view[got:], nbytes - got, socket.MSG_WAITALL) if plain else sock.recv_into(view[got:])
+        except tls.WOULD_BLOCK:
+            stall()
+            continue
+        except OSError as exc:
+            raise TransportClosed(f"connection lost: {exc}") from exc
+        if n <= 0:
+            raise TransportClosed("connection closed by peer")
+        got += n
+        if got < nbytes:
+            stall()
+    return bytes(buf)
+
+
+def send_small(sock: socket.socket, ranges: Sequence[Tuple[int, int]], stall: Callable[[], None]) -> None:
+    """:func:`send` for a few ``(addr, nbytes)`` ranges as Python ints."""
+    op = _tls_send(sock) if isinstance(sock, ssl.SSLSocket) else sock.sendmsg
+    iov.scatter_io_small(op, ranges, stall, IO_CHUNK_BYTES)
+
+
+def recv_small(sock: socket.socket, ranges: Sequence[Tuple[int, int]], stall: Callable[[], None]) -> None:
+    """:func:`recv` for a few ``(addr, nbytes)`` ranges as Python ints."""
+    if isinstance(sock, ssl.SSLSocket):
+        iov.scatter_io_small(_tls_recv(sock), ranges, stall, IO_CHUNK_BYTES)
+        return
+
+    def op(chunk: List[memoryview]) -> int:
+        return sock.recvmsg_into(chunk, 0, socket.MSG_WAITALL)[0]
+
+    iov.scatter_io_small(op, ranges, stall, IO_CHUNK_BYTES)
 
 
 def parse_header(data: bytes) -> tuple:
