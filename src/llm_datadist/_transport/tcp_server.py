@@ -9,7 +9,6 @@ connections at once.
 from __future__ import annotations
 
 import collections
-import ctypes
 import hmac
 import logging
 import selectors
@@ -249,25 +248,27 @@ class DataServer:
                                                                          words[1:2 * nguards:2]))
             addrs: Union[np.ndarray, List[int]] = list(words[2 * nguards::2])
             sizes: Union[np.ndarray, List[int]] = list(words[2 * nguards + 1::2])
+            total = sum(sizes)
         else:
             pairs = np.empty((nguards + count, 2), dtype=np.uint64)
             wire.recv(sock, *wire.one(pairs), self._stall)
             guards, ranges = pairs[:nguards], pairs[nguards:]
             addrs, sizes = ranges[:, 0].copy(), ranges[:, 1].copy()
+            total = int(ranges[:, 1].sum())
         version = self._begin()
         try:
             status = self._check(link_id, op, guards, addrs, sizes)
             if status != wire.ST_OK:
                 self._reply(sock, status)
                 return status != wire.ST_BAD_FRAME
-            if int(sum(sizes) if small else sizes.sum()) != nbytes:  # type: ignore[union-attr]
+            if total != nbytes:
                 self._reply(sock, wire.ST_BAD_FRAME)
                 return False
             head = wire.header(wire.OP_REPLY, wire.ST_OK, count, nbytes)
             if op == wire.OP_READ and small:  # the verdict and the data in one gather send
                 buf = bytearray(head)
-                ranges_ = [(ctypes.addressof(ctypes.c_char.from_buffer(buf)), len(buf))]
-                wire.send_small(sock, ranges_ + list(zip(addrs, sizes)), self._stall)  # type: ignore[arg-type]
+                wire.send_small(sock, [(wire.address_of(buf), len(buf))] + list(zip(addrs, sizes)),
+                                self._stall)
             elif op == wire.OP_READ:
                 head_arr = np.frombuffer(head, dtype=np.uint8)
                 wire.send(sock, np.concatenate((np.array([head_arr.ctypes.data], dtype=np.uint64), addrs)),
