@@ -46,6 +46,34 @@ def rss_kib(pid: int) -> int:
     return _status(pid, "VmRSS")
 
 
+def accepted_on(pid: int, port: int) -> int:
+    """How many connected sockets the process holds whose local port is ``port`` (what it accepted there).
+
+    The truth about the server's side, from /proc: fd counts alone move with every socket the server opens or
+    is still closing (a probe link torn down a moment ago), which is not what a test of one port asks."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed while we read
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            local_port = int(cols[1].rsplit(":", 1)[1], 16)
+            connected = cols[3] == "01"  # TCP_ESTABLISHED
+            count += connected and local_port == port and cols[9] in inodes
+    return count
+
+
 def is_stopped(pid: int) -> bool:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0] == "T"

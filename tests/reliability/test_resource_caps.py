@@ -12,7 +12,7 @@ from llm_datadist import BlocksCacheKey, LLMRole, LLMStatusCode
 from llm_datadist._engine import protocol as proto
 from llm_datadist._engine.listener import MAX_PENDING_HANDSHAKES
 from tests.reliability import fuzz, kv, local, wire
-from tests.reliability.procs import server, wait_for
+from tests.reliability.procs import accepted_on, server, wait_for
 
 P = 71
 NT, NB, BB = 2, 16, 4096
@@ -76,6 +76,8 @@ def owner(spawn):
     probe = wire.RawLink(port, 799)  # learns the data port; also starts the link poller (a lazy thread)
     data_port = probe.data_port
     probe.close()
+    # the tests count what the server holds on its ports: the probe's link must be gone there first
+    assert wait_for(lambda: accepted_on(peer.pid, port) + accepted_on(peer.pid, data_port) == 0, 10.0)
     return peer, port, data_port
 
 
@@ -89,16 +91,16 @@ def test_idle_sockets_on_both_ports_do_not_block_a_new_link_and_its_pulls(owner,
     before = peer.usage()
     # as many as the listener holds, none cut yet: their cost is read while every one of them is open
     control = _open(port, MAX_PENDING_HANDSHAKES)
-    assert wait_for(lambda: peer.usage().fds >= before.fds + MAX_PENDING_HANDSHAKES, 5.0)
-    with_control = peer.usage()
+    assert wait_for(lambda: accepted_on(peer.pid, port) == MAX_PENDING_HANDSHAKES, 10.0)
+    with_control, n_control = peer.usage(), accepted_on(peer.pid, port)
     # beyond the cap the listener cuts the oldest: count the data port's sockets only once the cut ones are
     # closed, so that the listener's fds no longer fall while the data port's rise
     control += _open(port, IDLE_CONTROL - MAX_PENDING_HANDSHAKES)
     assert wait_for(lambda: _held(control) <= MAX_PENDING_HANDSHAKES, 10.0)
     settled = _steady(peer)
     data = _open(data_port, IDLE_DATA)
-    assert wait_for(lambda: peer.usage().fds >= settled.fds + IDLE_DATA // 2, 5.0)  # accepted, before HELLO
-    with_data = peer.usage()
+    assert wait_for(lambda: accepted_on(peer.pid, data_port) >= IDLE_DATA // 2, 10.0)  # accepted, before HELLO
+    with_data, n_data = peer.usage(), accepted_on(peer.pid, data_port)
     held = (_held(control), _held(data))
     try:
         dd = make_dd(LLMRole.DECODER, 702)
@@ -110,8 +112,8 @@ def test_idle_sockets_on_both_ports_do_not_block_a_new_link_and_its_pulls(owner,
     finally:
         _close(control + data)
     local.unlink(dd, P, port)
-    per_control = (with_control.rss_kib - before.rss_kib) / max(with_control.fds - before.fds, 1)
-    per_data = (with_data.rss_kib - settled.rss_kib) / max(with_data.fds - settled.fds, 1)
+    per_control = (with_control.rss_kib - before.rss_kib) / max(n_control, 1)
+    per_data = (with_data.rss_kib - settled.rss_kib) / max(n_data, 1)
     figures.add(f"idle sockets: {IDLE_CONTROL} on the listener, still open while linking", f"{held[0]} -> {still[0]}")
     figures.add(f"idle sockets: {IDLE_DATA} on the data port, still open while linking", f"{held[1]} -> {still[1]}")
     figures.add("idle sockets: server threads before -> with them", f"{before.threads} -> {with_data.threads}")
@@ -169,17 +171,18 @@ def test_oversized_frames_before_authentication_are_dropped_at_their_header(owne
     assert all(wire.one_shot(port, control))
     data = [(wire.data_header(1, nbytes=2**63) + b"t" * 32, False) for _ in range(OVERSIZED)]
     assert all(wire.one_shot(data_port, data))
+    assert wait_for(lambda: accepted_on(peer.pid, port) + accepted_on(peer.pid, data_port) == 0, 10.0)
     after = peer.usage()
     # the largest frame a stranger may announce (64 KiB), its body withheld: what one held connection costs
     withheld = _open(port, 32, fuzz.control_header(1, proto.HANDSHAKE_FRAME_BYTES))
-    assert wait_for(lambda: peer.usage().fds >= after.fds + 32, 5.0)
+    assert wait_for(lambda: accepted_on(peer.pid, port) == len(withheld), 10.0)
     with_withheld = peer.usage()
     _close(withheld)
     assert peer.alive()
     figures.add("oversized headers before authentication, dropped", f"{len(control)} control, {len(data)} data")
     figures.add("oversized headers: server RSS change", after.rss_kib - before.rss_kib, "KiB")
     figures.add("64 KiB frame announced, body withheld: RSS per connection",
-                (with_withheld.rss_kib - after.rss_kib) / (with_withheld.fds - after.fds), "KiB")
+                (with_withheld.rss_kib - after.rss_kib) / len(withheld), "KiB")
 
 
 def test_the_link_cap_refuses_the_link_beyond_it(spawn, make_dd, figures):
