@@ -48,6 +48,8 @@ def test_quick_run_jsonl(quick_run):
     for size in (16384, 65536):
         assert (ceiling, "copy", size) in bw
         assert ("raw_tcp", "pull", size) in bw
+        if ceiling == "memcpy.c_1t":  # the C loops were built: the kernel's process_vm ceiling too
+            assert ("pvm.c_2t", "pull", size) in bw and ("pvm.c_2t", "push", size) in bw
         for mech in ("process_vm", "tcp", "auto"):
             for direction in ("pull", "push"):
                 assert (mech, direction, size) in bw, (mech, direction, size)
@@ -235,6 +237,16 @@ def test_report_ratios_and_targets():
     assert ("auto / nixl", "512K") not in status  # from 512 KiB the memcpy target is the bar
     matrix = "\n".join(target_table(results, "pull"))
     assert "| 512K | ×0.93 met (≥ 0.92) | ×1.50 (no target) |" in matrix
+    recs += [_bw("pvm.c_2t", "pull", k512, 8.0), _bw("pvm.c_2t", "push", k512, 7.0)]
+    results = Results(recs)  # the kernel's own cross-process copy: a column after memcpy 2t, a ratio to it
+    cols = results.columns("host/host", "pull")
+    assert cols.index("pvm.c_2t") == cols.index("memcpy.c_2t") + 1 < cols.index("auto")
+    assert results.ratio("pvm.c_2t", "pull", "host/host", k512) == pytest.approx(0.8)
+    assert results.ratio("pvm.c_2t", "push", "host/host", k512) == pytest.approx(0.7)
+    assert results.ratio("auto", "pull", "host/host", k512, against="pvm.c_2t") == pytest.approx(9.0 / 8.0)
+    assert "| raw process_vm 2t |" in "\n".join(transfer_table(results, "host/host", "pull"))
+    matrix = "\n".join(target_table(results, "pull"))
+    assert "| 512K | ×0.93 met (≥ 0.92) | ×1.12 (no target) | ×0.80 (no target) | ×1.50 (no target) |" in matrix
 
 
 def _lat(kind, suite, us, **extra):

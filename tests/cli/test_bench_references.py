@@ -61,3 +61,55 @@ def test_floor_reports_a_failed_read_instead_of_timing_it():
         assert "process_vm_readv read -1 of 16384 bytes" in floor.problem and "no floor measured" in floor.problem
     finally:
         dst.close()
+
+
+def _copier_with_pvm():
+    from llm_datadist.cli.bench_ceiling import load_copier
+
+    copier = load_copier()
+    if not copier.cross_process:
+        pytest.skip(f"the raw process_vm loop needs a C compiler: {copier.note}")
+    return copier
+
+
+def test_raw_process_vm_moves_the_same_blocks_both_ways_with_a_child():
+    from llm_datadist.cli.bench_ceiling import measure_raw_pvm
+
+    records = measure_raw_pvm(_copier_with_pvm(), (16 << 10, 64 << 10), 2 * MIB, passes=2, warmup=1, seed=3)
+    assert [(r["direction"], r["block_bytes"]) for r in records] == [
+        ("pull", 16 << 10), ("pull", 64 << 10), ("push", 16 << 10), ("push", 64 << 10)]
+    for rec in records:
+        assert rec["kind"] == "bandwidth" and rec["mechanism"] == "pvm.c_2t" and rec["threads"] == 2
+        assert rec["verified"] and "problem" not in rec, rec
+        assert len(rec["samples_gbps"]) == 2 and rec["median_gbps"] > 0
+
+
+def test_raw_process_vm_reports_a_fault_as_oserror():
+    copier = _copier_with_pvm()
+    dst = Buffer(16 << 10)
+    try:
+        one = np.array([16 << 10], dtype=np.uint64)
+        with pytest.raises(OSError, match="process_vm_readv"):
+            copier.pvm(os.getpid(), False, np.array([dst.addr], dtype=np.uint64), np.array([8], dtype=np.uint64), one)
+    finally:
+        dst.close()
+
+
+def test_two_threads_hand_back_the_helpers_error_and_keep_working():
+    from llm_datadist.cli.bench_ceiling import TwoThreads
+
+    seen = []
+
+    def work(tag):
+        if tag == "bad":
+            raise OSError("helper failed")
+        seen.append(tag)
+
+    two = TwoThreads(work)
+    try:
+        with pytest.raises(OSError, match="helper failed"):
+            two.run([("a",), ("bad",)])
+        two.run([("b",), ("c",)])
+        assert sorted(seen) == ["a", "b", "c"]
+    finally:
+        two.close()

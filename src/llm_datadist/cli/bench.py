@@ -219,12 +219,15 @@ def _meta(args: argparse.Namespace, opts: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _ceiling(opts: Dict[str, Any], args: argparse.Namespace, progress: Progress, copier) -> List[Dict[str, Any]]:
-    from llm_datadist.cli.bench_ceiling import measure_memcpy
+    from llm_datadist.cli.bench_ceiling import measure_memcpy, measure_raw_pvm
 
     def step() -> None:
         progress.update(1, note="memcpy ceiling")
 
-    return measure_memcpy(copier, opts["sizes"], opts["total"], opts["passes"], opts["warmup"], args.seed, step)
+    out = measure_memcpy(copier, opts["sizes"], opts["total"], opts["passes"], opts["warmup"], args.seed, step)
+    if set(opts["transports"]) & {"auto", "process_vm", "shm"}:  # a same-host suite: its kernel ceiling too
+        out += measure_raw_pvm(copier, opts["sizes"], opts["total"], opts["passes"], opts["warmup"], args.seed)
+    return out
 
 
 def _run_all(opts: Dict[str, Any], args: argparse.Namespace, suites: List[SuiteSpec], progress: Progress,

@@ -32,7 +32,7 @@ class _Paired:
 
     def __init__(self, copier: Copier, nbytes: int) -> None:
         self.copier = copier
-        self.two = TwoThreads(copier)
+        self.two = TwoThreads(copier.copy)
         self.src, self.dst = Buffer(nbytes), Buffer(nbytes)
 
     def ensure(self, nbytes: int) -> None:

@@ -9,6 +9,7 @@ from llm_datadist.cli.bench_results import SAME_HOST, Results
 __all__ = ["plot"]
 
 _REFERENCE_STYLE = {"memcpy.c_1t": ("black", "--"), "memcpy.np_1t": ("black", "--"), "memcpy.c_2t": ("grey", ":"),
+                    "pvm.c_2t": ("darkgrey", (0, (1, 3))),
                     "raw_tcp": ("dimgrey", "-."), "raw_tcp_n": ("silver", "-.")}
 
 

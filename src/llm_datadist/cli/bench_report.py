@@ -6,8 +6,8 @@ import statistics
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from llm_datadist.cli.bench_common import format_size
-from llm_datadist.cli.bench_results import (COLUMN_ORDER, MEMCPY_2T, RAW_TCP_N, SAME_HOST, TLS, Results,
-                                            label)
+from llm_datadist.cli.bench_results import (COLUMN_ORDER, MEMCPY_2T, RAW_PVM, RAW_TCP_N, SAME_HOST, TLS,
+                                            Results, label)
 from llm_datadist.cli.bench_targets import (TARGET_STATEMENTS, call_target_table, target_rows,
                                             target_table)
 
@@ -125,6 +125,11 @@ def _legend(results: Results) -> List[str]:
                         "same blocks (1 thread, then 2 threads) right before each transfer pass; their ratios are "
                         "the medians of the per-pass quotients (a machine that drifts slows both sides alike); the "
                         "memcpy columns are the separate in-process measurement")
+    if results.has(RAW_PVM):
+        lines.insert(2, "- **raw process_vm 2t**: the kernel's cross-process copy with no library code: a C loop of "
+                        "`process_vm_readv` (pull) or `process_vm_writev` (push), 1024 pieces per call, over the same "
+                        "scattered blocks between this process and a child holding them, on two threads; the most a "
+                        "same-host transport reaches for caches in private memory (its ratio is to memcpy 2t)")
     if results.has(RAW_TCP_N):
         lines.append(f"- **{results.column_label(RAW_TCP_N)}**: the same blocks split over as many loopback "
                      f"connections at once (one thread per stream on each side), as many as the library's tcp "

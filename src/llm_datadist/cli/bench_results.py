@@ -3,14 +3,17 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["COLUMN_ORDER", "MEMCPY_1T", "MEMCPY_2T", "RAW_TCP", "RAW_TCP_N", "SAME_HOST", "TLS", "Results", "label"]
+__all__ = ["COLUMN_ORDER", "MEMCPY_1T", "MEMCPY_2T", "RAW_PVM", "RAW_TCP", "RAW_TCP_N", "SAME_HOST", "TLS", "Results",
+           "label"]
 
 SAME_HOST = ("process_vm", "shm", "auto")
 MEMCPY_1T, MEMCPY_2T, RAW_TCP, RAW_TCP_N, TLS = "memcpy.c_1t", "memcpy.c_2t", "raw_tcp", "raw_tcp_n", "tcp+tls"
-REFERENCES = (MEMCPY_1T, "memcpy.np_1t", MEMCPY_2T, RAW_TCP, RAW_TCP_N)
-COLUMN_ORDER = (MEMCPY_1T, "memcpy.np_1t", MEMCPY_2T, "process_vm", "shm", "auto", "nixl", RAW_TCP, RAW_TCP_N, "tcp",
-                TLS, "mooncake")
+RAW_PVM = "pvm.c_2t"  # the kernel's process_vm copy alone: a C loop on two threads, with a child process
+REFERENCES = (MEMCPY_1T, "memcpy.np_1t", MEMCPY_2T, RAW_PVM, RAW_TCP, RAW_TCP_N)
+COLUMN_ORDER = (MEMCPY_1T, "memcpy.np_1t", MEMCPY_2T, RAW_PVM, "process_vm", "shm", "auto", "nixl", RAW_TCP, RAW_TCP_N,
+                "tcp", TLS, "mooncake")
 _LABELS = {MEMCPY_1T: "memcpy 1t", "memcpy.np_1t": "memcpy 1t (numpy)", MEMCPY_2T: "memcpy 2t",
+           RAW_PVM: "raw process_vm 2t",
            RAW_TCP: "raw tcp socket", RAW_TCP_N: "raw tcp, N streams"}
 
 
@@ -78,6 +81,8 @@ class Results:
         if mechanism in SAME_HOST or mechanism == "nixl":
             ceilings = [MEMCPY_2T] if self.has(MEMCPY_2T) else []
             return ceilings + [self.ceiling_name()]
+        if mechanism == RAW_PVM:
+            return [MEMCPY_2T] if self.has(MEMCPY_2T) else [self.ceiling_name()]
         if mechanism in ("tcp", "mooncake"):
             return [RAW_TCP]
         if mechanism == TLS:

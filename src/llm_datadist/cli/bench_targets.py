@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, List, Optional, Tuple
 
 from llm_datadist.cli.bench_common import format_size
-from llm_datadist.cli.bench_results import MEMCPY_2T, RAW_TCP, RAW_TCP_N, TLS, Results
+from llm_datadist.cli.bench_results import MEMCPY_2T, RAW_PVM, RAW_TCP, RAW_TCP_N, TLS, Results
 
 __all__ = ["TARGET_STATEMENTS", "call_target_rows", "call_target_table", "status", "target_checks", "target_rows",
            "target_table"]
@@ -58,6 +58,9 @@ def target_checks(results: Results) -> List[Tuple[str, str, str, Any]]:
     checks = [("auto / memcpy 2t", "auto", MEMCPY_2T, CEILING_TARGETS), ("auto / nixl", "auto", "nixl", NIXL_TARGETS),
               ("tcp / raw socket, 1 stream", "tcp", RAW_TCP, TCP_RAW_TARGET),
               ("tcp / mooncake", "tcp", "mooncake", TCP_MOONCAKE_TARGET)]
+    if results.has(RAW_PVM):
+        checks[1:1] = [("auto / raw process_vm 2t", "auto", RAW_PVM, None),
+                       ("raw process_vm 2t / memcpy 2t", RAW_PVM, MEMCPY_2T, None)]
     if results.has(RAW_TCP_N):
         checks.append((f"tcp / {results.column_label(RAW_TCP_N)}", "tcp", RAW_TCP_N, None))
     if results.has(TLS):
