@@ -463,3 +463,36 @@ def test_in_process_peer_closed_is_transport_closed(name):
             client.connect(peer, time.monotonic() + 5)
     server.close()
     client.close()
+
+
+def test_same_machine_compares_boot_ids_and_sizes_tcp_streams():
+    from llm_datadist._transport import tcp
+    from llm_datadist._transport.base import same_machine
+
+    assert same_machine("prefill/1b2c", "decode-container/1b2c")  # containers of one machine: one boot id
+    assert not same_machine("host/1b2c", "host/9f8e")  # same hostname, another kernel
+    assert not same_machine("a/no-boot-id", "b/no-boot-id") and not same_machine("", "")
+    assert 1 <= tcp.streams_per_transfer(True) <= tcp.streams_per_transfer(False)
+
+
+@pytest.mark.parametrize("setup", TCP, indirect=True)
+def test_tcp_spreads_a_large_transfer_over_the_channels_streams(setup: Setup):
+    rng = np.random.default_rng(3)
+    local, remote, sizes = CASES["16k_x4096"](rng)  # 64 MiB: room for three streams of at least 2 MiB
+    channel = setup.channel
+    before = channel.streams
+    channel.streams = 3
+    try:
+        setup.local[:] = SENTINEL
+        setup.transport.read(channel, setup.plan(local, remote, sizes), setup.deadline())
+        _check_copied(setup.local, local, setup.expected(), remote, sizes)
+        assert len(channel._all) >= 3, "the transfer did not open its extra streams"
+        payload = rng.integers(0, 256, LOCAL_BYTES, dtype=np.uint8)
+        setup.local[:] = payload
+        setup.transport.write(channel, setup.plan(local, remote, sizes), setup.deadline())
+        setup.local[:] = 0
+        setup.transport.read(channel, setup.plan([0], [0], [PEER_BYTES]), setup.deadline())
+        _check_copied(setup.local[:PEER_BYTES].copy(), remote, payload, local, sizes)
+    finally:
+        channel.streams = before
+        setup.peer.command("reset")

@@ -46,11 +46,12 @@ def transport_report() -> List[Tuple[str, str]]:
     return report()
 
 
-def tcp_streams_per_transfer() -> int:
-    """How many data connections the tcp transport opens for one large transfer."""
+def tcp_streams_per_transfer(same_machine: bool = False) -> int:
+    """How many data connections the tcp transport opens for one large transfer (to a peer on this machine,
+    or on another host)."""
     from llm_datadist._transport import tcp
 
-    return tcp.STREAMS_PER_TRANSFER
+    return tcp.streams_per_transfer(same_machine)
 
 
 def cross_host_choice() -> str:

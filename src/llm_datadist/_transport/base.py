@@ -151,6 +151,14 @@ class PeerInfo:
     nonce: bytes = b""  # the peer instance's random identity, proven by its guard table
 
 
+def same_machine(host_a: str, host_b: str) -> bool:
+    """Whether two host ids (``hostname/boot id``) name one running kernel: containers and network namespaces
+    of one machine have their own hostnames but share its boot id, and its cores. A hint for sizing work, never
+    for trust: a route between the two still proves the peer itself."""
+    boot_a, boot_b = host_a.rpartition("/")[2], host_b.rpartition("/")[2]
+    return bool(boot_a) and boot_a == boot_b and boot_a != "no-boot-id"
+
+
 @dataclasses.dataclass(frozen=True)
 class TransportContext:
     """What a transport knows about its own instance."""

@@ -29,6 +29,7 @@ from llm_datadist._transport.base import (
     TransportClosed,
     TransportContext,
     TransportError,
+    same_machine,
 )
 from llm_datadist._transport.tcp_server import DataServer
 
@@ -43,8 +44,9 @@ class TcpChannel(Channel):
     """A pool of authenticated connections to one peer's data server; safe for concurrent use."""
 
     def __init__(self, peer: PeerInfo, port: int, token: bytes, max_conns: int = MAX_CONNS_PER_CHANNEL,
-                 tls_config=None) -> None:
+                 tls_config=None, streams: int = 1) -> None:
         super().__init__(peer)
+        self.streams = streams  # data connections one large transfer spreads over
         self._tls = tls_config
         self.address = (peer.address or "127.0.0.1", port)
         self._token = token
@@ -246,19 +248,29 @@ class _Op:
 READ, WRITE = _Op(write=False), _Op(write=True)
 
 
-# One large transfer is spread over this many data connections at once (byte-balanced parts of at least
-# STREAM_MIN_BYTES), so the sending and receiving sides' kernel work overlaps on the cores the machine has;
-# LLM_DATADIST_TCP_STREAMS overrides it (1: one stream).
+# One large transfer is spread over several data connections at once (byte-balanced parts of at least
+# STREAM_MIN_BYTES), so the sending and receiving sides' kernel work overlaps on the cores the machine has. How
+# many follows from the cores: a stream keeps one thread busy at each end, so between two hosts each host gives
+# it one core (one stream per core), while with both ends on this machine (loopback, containers or namespaces of
+# one host: the same boot id) every stream costs two of this machine's cores, and more streams than half the
+# cores only make the four threads of two streams take turns on two cores (measured on 2-core hosts, alternating
+# runs: one stream moved 1.2-1.35 x the bytes of two at 16 KiB-1 MiB). LLM_DATADIST_TCP_STREAMS overrides both.
 _ENV_STREAMS = os.environ.get("LLM_DATADIST_TCP_STREAMS", "")
-STREAMS_PER_TRANSFER = int(_ENV_STREAMS) if _ENV_STREAMS.isdigit() and int(_ENV_STREAMS) > 0 else \
-    max(1, min(MAX_CONNS_PER_CHANNEL, iov.COPY_THREADS))
+_STREAMS_OVERRIDE = int(_ENV_STREAMS) if _ENV_STREAMS.isdigit() and int(_ENV_STREAMS) > 0 else 0
+STREAMS_PER_TRANSFER = _STREAMS_OVERRIDE or max(1, min(MAX_CONNS_PER_CHANNEL, iov.COPY_THREADS))
+STREAMS_SAME_MACHINE = _STREAMS_OVERRIDE or max(1, min(MAX_CONNS_PER_CHANNEL, iov.COPY_THREADS // 2))
 STREAM_MIN_BYTES = 2 << 20
 
 
-def _wanted_streams(plan: CopyPlan) -> int:
+def streams_per_transfer(same_machine: bool) -> int:
+    """Data connections one large transfer uses, with the peer on this machine or on another host."""
+    return STREAMS_SAME_MACHINE if same_machine else STREAMS_PER_TRANSFER
+
+
+def _wanted_streams(plan: CopyPlan, streams: int) -> int:
     if plan.ops is not None:
         return 1
-    return max(1, min(STREAMS_PER_TRANSFER, len(plan), plan.total_bytes // STREAM_MIN_BYTES))
+    return max(1, min(streams, len(plan), plan.total_bytes // STREAM_MIN_BYTES))
 
 
 def _streams(plan: CopyPlan, parts: int) -> List[List[CopyPlan]]:
@@ -290,7 +302,7 @@ def _transfer(channel: TcpChannel, plan: CopyPlan, deadline: float, op: _Op) -> 
     socks = [channel.acquire(deadline)]
     reusable = [False]
     try:
-        for _ in range(_wanted_streams(plan) - 1):
+        for _ in range(_wanted_streams(plan, channel.streams) - 1):
             extra = channel.try_acquire(deadline)
             if extra is None:
                 break
@@ -415,7 +427,8 @@ class TcpTransport(Transport):
         if len(peer.credential) != wire.TOKEN_BYTES:
             raise ConnectFailed("the peer granted no data-plane token for this link")
         _, port = _DESC.unpack(desc)
-        channel = TcpChannel(peer, port, peer.credential, tls_config=self.ctx.tls)
+        streams = streams_per_transfer(same_machine(self.ctx.host_id, peer.host_id))
+        channel = TcpChannel(peer, port, peer.credential, tls_config=self.ctx.tls, streams=streams)
         try:
             sock = channel.open_connection(deadline)
         except TransferTimeout as exc:

@@ -112,10 +112,11 @@ def _backends(text: Optional[str]) -> List[str]:
 
 
 def library_tcp_streams() -> int:
-    """How many data connections the library's tcp transport opens for one large transfer."""
+    """How many data connections the library's tcp transport opens for one large transfer between two processes
+    of this machine (the bench's suites, netns hosts included, all run on this machine's cores)."""
     from llm_datadist._engine.api import tcp_streams_per_transfer
 
-    return max(1, tcp_streams_per_transfer())
+    return max(1, tcp_streams_per_transfer(same_machine=True))
 
 
 def _cuda_note() -> Optional[str]:
