@@ -248,6 +248,12 @@ def test_report_ratios_and_targets():
     assert "| raw process_vm 2t |" in "\n".join(transfer_table(results, "host/host", "pull"))
     matrix = "\n".join(target_table(results, "pull"))
     assert "| 512K | ×0.93 met (≥ 0.92) | ×1.12 (no target) | ×0.80 (no target) | ×1.50 (no target) |" in matrix
+    from llm_datadist.cli.bench_report import _legend
+
+    legend = "\n".join(_legend(results))  # one library stream: the one-stream socket is that reference too
+    assert "**raw process_vm 2t**" in legend and "**raw tcp, N streams**: not a separate column" in legend
+    legend = "\n".join(_legend(Results(recs + [_bw("raw_tcp_n", "pull", k16, 3.5, streams=2)])))
+    assert "not a separate column" not in legend and "**raw tcp, 2 streams**" in legend
 
 
 def _lat(kind, suite, us, **extra):

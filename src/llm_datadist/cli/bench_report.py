@@ -6,7 +6,7 @@ import statistics
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from llm_datadist.cli.bench_common import format_size
-from llm_datadist.cli.bench_results import (COLUMN_ORDER, MEMCPY_2T, RAW_PVM, RAW_TCP_N, SAME_HOST, TLS,
+from llm_datadist.cli.bench_results import (COLUMN_ORDER, MEMCPY_2T, RAW_PVM, RAW_TCP, RAW_TCP_N, SAME_HOST, TLS,
                                             Results, label)
 from llm_datadist.cli.bench_targets import (TARGET_STATEMENTS, call_target_table, target_rows,
                                             target_table)
@@ -130,6 +130,10 @@ def _legend(results: Results) -> List[str]:
                         "`process_vm_readv` (pull) or `process_vm_writev` (push), 1024 pieces per call, over the same "
                         "scattered blocks between this process and a child holding them, on two threads; the most a "
                         "same-host transport reaches for caches in private memory (its ratio is to memcpy 2t)")
+    if results.has("tcp") and results.has(RAW_TCP) and not results.has(RAW_TCP_N):
+        lines.append("- **raw tcp, N streams**: not a separate column: to a peer on this machine the library's tcp "
+                     "uses one data connection per two cores (here one), so the one-stream socket is also the "
+                     "reference with the library's stream count")
     if results.has(RAW_TCP_N):
         lines.append(f"- **{results.column_label(RAW_TCP_N)}**: the same blocks split over as many loopback "
                      f"connections at once (one thread per stream on each side), as many as the library's tcp "
