@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -26,7 +25,7 @@ from llm_datadist._engine.registry import CacheEntry, KeyId, Registry
 from llm_datadist._engine.tasks import LayerTask, TaskJob, TaskSet
 from llm_datadist._engine.types import DEVICE, HOST, CacheSpec
 from llm_datadist._transport import available_transports, iov, transport_class, unavailable_reason
-from llm_datadist._transport.base import Region, Transport, TransportContext
+from llm_datadist._transport.base import Region, Transport, TransportContext, host_identity
 from llm_datadist._transport.tls import Tls
 
 _log = logging.getLogger(__name__)
@@ -36,19 +35,6 @@ TASK_WORKERS = 8  # layer-wise tasks running at once; more wait in the executor'
 HANDLER_WORKERS = 4  # threads serving peers' requests (resolve, table, grants) for every link together
 _ENGINES = itertools.count(1)
 RELEASE_GRACE_S = 2.0  # beyond sync_kv_timeout, how long an unregister waits for transfers using the cache
-
-
-def host_identity() -> str:
-    """Identity of this host (hostname + boot id): equal ids make same-host routes worth trying.
-
-    Only a hint: every same-host route proves the peer's identity itself before it is used.
-    """
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = "no-boot-id"
-    return f"{socket.gethostname()}/{boot}"
 
 
 class _Exposed:

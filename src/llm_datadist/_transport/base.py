@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import socket
 from typing import Callable, ClassVar, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -151,12 +152,28 @@ class PeerInfo:
     nonce: bytes = b""  # the peer instance's random identity, proven by its guard table
 
 
+_NO_BOOT_ID = "no-boot-id"
+
+
+def host_identity() -> str:
+    """Identity of this host (``hostname/boot id``): equal ids make same-host routes worth trying.
+
+    Only a hint: every same-host route proves the peer's identity itself before it is used.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = _NO_BOOT_ID
+    return f"{socket.gethostname()}/{boot}"
+
+
 def same_machine(host_a: str, host_b: str) -> bool:
-    """Whether two host ids (``hostname/boot id``) name one running kernel: containers and network namespaces
+    """Whether two host ids (:func:`host_identity`) name one running kernel: containers and network namespaces
     of one machine have their own hostnames but share its boot id, and its cores. A hint for sizing work, never
     for trust: a route between the two still proves the peer itself."""
     boot_a, boot_b = host_a.rpartition("/")[2], host_b.rpartition("/")[2]
-    return bool(boot_a) and boot_a == boot_b and boot_a != "no-boot-id"
+    return bool(boot_a) and boot_a == boot_b and boot_a != _NO_BOOT_ID
 
 
 @dataclasses.dataclass(frozen=True)

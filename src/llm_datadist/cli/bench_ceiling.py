@@ -89,7 +89,7 @@ class Copier:
         moved = self._pvm(pid, int(write), local.ctypes.data, remote.ctypes.data, sizes.ctypes.data, n)
         if moved < 0:
             raise OSError(-moved, f"process_vm_{'writev' if write else 'readv'}: {os.strerror(-moved)}")
-        want = int(sizes.sum()) if n else 0
+        want = int(sizes.sum())
         if moved != want:
             raise OSError(f"process_vm_{'writev' if write else 'readv'} moved {moved} of {want} bytes")
 
@@ -245,7 +245,7 @@ class _Holder:
     """A child process holding ``nbytes`` of pattern-filled memory for the raw process_vm loop (a descendant,
     so a Yama ``ptrace_scope=1`` host allows it as well)."""
 
-    def __init__(self, nbytes: int, timeout: float = 60.0) -> None:
+    def __init__(self, nbytes: int) -> None:
         code = "import sys; from llm_datadist.cli.bench_ceiling import hold; hold(int(sys.argv[1]))"
         self.proc = subprocess.Popen([sys.executable, "-c", code, str(nbytes)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)

@@ -78,11 +78,9 @@ class Results:
         """What a mechanism's cell is a ratio to, the main reference first."""
         if mechanism == "nixl" and not any(k[0].startswith("memcpy") for k in self.bw):
             return [RAW_TCP]  # across simulated hosts: the library's nixl transport, against the socket
-        if mechanism in SAME_HOST or mechanism == "nixl":
-            ceilings = [MEMCPY_2T] if self.has(MEMCPY_2T) else []
-            return ceilings + [self.ceiling_name()]
-        if mechanism == RAW_PVM:
-            return [MEMCPY_2T] if self.has(MEMCPY_2T) else [self.ceiling_name()]
+        if mechanism in SAME_HOST or mechanism in ("nixl", RAW_PVM):
+            ceilings = ([MEMCPY_2T] if self.has(MEMCPY_2T) else []) + [self.ceiling_name()]
+            return ceilings[:1] if mechanism == RAW_PVM else ceilings  # the raw loop: against the main ceiling
         if mechanism in ("tcp", "mooncake"):
             return [RAW_TCP]
         if mechanism == TLS:
