@@ -1,7 +1,7 @@
 """Seeded generators of hostile frames for both ports: the control protocol and the tcp data plane."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import msgspec
 import numpy as np
@@ -181,8 +181,25 @@ def fatal_data_frame(rng: np.random.Generator, valid: Tuple[int, int], guard: Tu
     return junk(rng, 24, 200), False
 
 
-def soft_data_request(rng: np.random.Generator, valid: Tuple[int, int], guard: Tuple[int, int]):
-    """(op, ranges, guards) of a request the server refuses but survives: outside ranges, stale guards."""
+def _covered(rng_: Tuple[int, int], spans: Sequence[Tuple[int, int]]) -> bool:
+    """Whether ``[addr, addr + n)`` lies inside the union of ``spans`` (the server coalesces adjacent ones)."""
+    addr, n = rng_
+    pos, end = addr, addr + n
+    for lo, size in sorted(spans):
+        if lo <= pos < lo + size:
+            pos = lo + size
+        if pos >= end:
+            return True
+    return False
+
+
+def soft_data_request(rng: np.random.Generator, valid: Tuple[int, int], guard: Tuple[int, int],
+                      registered: Sequence[Tuple[int, int]] = ()):
+    """(op, ranges, guards) of a request the server refuses but survives: outside ranges, stale guards.
+
+    ``registered`` lists every range the server serves besides ``valid`` (other tensors of the cache): a range
+    meant to miss ``valid`` may land in one of them, and then it counts as a valid range.
+    """
     start, size = valid
     op = dwire.OP_WRITE if rng.integers(0, 4) == 0 else dwire.OP_READ
     ranges = []
@@ -197,6 +214,7 @@ def soft_data_request(rng: np.random.Generator, valid: Tuple[int, int], guard: T
         else:
             ranges.append((start, size))
     guards = [guard] if rng.integers(0, 2) else [(guard[0], int(rng.integers(0, 2**63)))]
-    if op == dwire.OP_READ and all(r == (start, size) for r in ranges) and guards == [guard]:
+    spans = [valid, *registered]
+    if op == dwire.OP_READ and all(_covered(r, spans) for r in ranges) and guards == [guard]:
         guards = [(guard[0], guard[1] ^ 2)]  # keep it a refusal: a stale guard
     return op, ranges, guards

@@ -39,6 +39,7 @@ def _session(rng: np.random.Generator, link: wire.RawLink, view) -> tuple[int, i
     conn = wire.DataConn(link.data_port)
     assert conn.hello(link.token)
     valid = (view.tensor_addrs[1], view.tensor_nbytes)
+    others = [(addr, view.tensor_nbytes) for addr in view.tensor_addrs[:1]]  # served too: a miss may land there
     guard = wire.guard_of(view)[0]
     frames, checked = 1, 0
     try:
@@ -49,7 +50,7 @@ def _session(rng: np.random.Generator, link: wire.RawLink, view) -> tuple[int, i
                 assert status == dwire.ST_OK and data == kv.content(1, 1, NB, BB)[block].tobytes()
                 checked += len(data)
             else:
-                op, ranges, guards = fuzz.soft_data_request(rng, valid, guard)
+                op, ranges, guards = fuzz.soft_data_request(rng, valid, guard, others)
                 if op == dwire.OP_WRITE:  # the cache is pull-only: refused before any payload is taken
                     status = conn.write(ranges, b"", guards)
                 else:
