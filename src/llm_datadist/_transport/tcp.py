@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import struct
 import threading
 import time
-from typing import Callable, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
 import numpy as np
 
@@ -37,7 +38,11 @@ logger = logging.getLogger(__name__)
 
 _DESC = struct.Struct("<4sH")  # magic, data server port (no secret: tokens are granted per link)
 _DESC_MAGIC = b"TCP2"
-MAX_CONNS_PER_CHANNEL = 8
+MAX_CONNS_PER_CHANNEL = 8  # the data server serves a link at most tcp_server.MAX_PER_LINK (twice this) at once
+# A pooled connection is reused while it has been idle for less than this share of the idle limit the server
+# announced in its HELLO reply (the server closes connections idle that long): the margin keeps a request from
+# meeting the server's close on its way.
+REUSE_SHARE = 0.5
 
 
 class TcpChannel(Channel):
@@ -53,6 +58,8 @@ class TcpChannel(Channel):
         self._max = max_conns
         self._cond = threading.Condition()
         self._idle: List[socket.socket] = []
+        self._idle_since: Dict[socket.socket, float] = {}
+        self._reuse_s = 0.0  # reuse an idle connection for at most this long (0: the server sets no limit)
         self._all: Set[socket.socket] = set()
         self._opening = 0
         self.closed = False
@@ -75,9 +82,11 @@ class TcpChannel(Channel):
             stall = _client_stall(sock, deadline)
             stall()
             wire.send_bytes(sock, wire.header(wire.OP_HELLO, nbytes=wire.TOKEN_BYTES) + self._token, stall)
-            op, status, _, _, _ = wire.recv_header(sock, stall)
+            op, status, idle_ms, _, _ = wire.recv_header(sock, stall)
             if op != wire.OP_REPLY or status != wire.ST_OK:
-                raise ConnectFailed("peer refused the connection")
+                raise ConnectFailed("peer refused the connection (token revoked, or the link's connections "
+                                    "at the server's cap)")
+            self._reuse_s = idle_ms / 1000.0 * REUSE_SHARE
         except TransferTimeout:
             sock.close()
             raise
@@ -92,8 +101,9 @@ class TcpChannel(Channel):
             while True:
                 if self.closed:
                     raise TransportClosed("tcp channel is closed")
-                if self._idle:
-                    return self._idle.pop()
+                idle = self._take_idle()
+                if idle is not None:
+                    return idle
                 if len(self._all) + self._opening < self._max:
                     self._opening += 1
                     break
@@ -123,8 +133,9 @@ class TcpChannel(Channel):
         with self._cond:
             if self.closed:
                 return None
-            if self._idle:
-                return self._idle.pop()
+            idle = self._take_idle()
+            if idle is not None:
+                return idle
             if len(self._all) + self._opening >= self._max:
                 return None
             self._opening += 1
@@ -141,11 +152,40 @@ class TcpChannel(Channel):
                 self._cond.notify_all()
         return sock
 
+    def _take_idle(self) -> Optional[socket.socket]:
+        """(Holding the lock) the most recently used idle connection still good for a request, or None.
+
+        Idle connections held longer than the reuse limit are closed (the server may close them any moment),
+        and so is one with something to read: between frames the server sends nothing, so that is its close
+        (idle limit reached, or the server went away) and the request would fail on it.
+        """
+        if not self._idle:
+            return None
+        if self._reuse_s:
+            oldest = time.monotonic() - self._reuse_s
+            for sock in [s for s in self._idle if self._idle_since.get(s, 0.0) <= oldest]:
+                self._drop_idle(sock)
+        while self._idle:
+            sock = self._idle.pop()
+            self._idle_since.pop(sock, None)
+            if not _has_input(sock):
+                return sock
+            self._all.discard(sock)
+            sock.close()
+        return None
+
+    def _drop_idle(self, sock: socket.socket) -> None:
+        self._idle.remove(sock)
+        self._idle_since.pop(sock, None)
+        self._all.discard(sock)
+        sock.close()
+
     def release(self, sock: socket.socket, reusable: bool) -> None:
         """Return a connection to the pool, or close it when its stream state is unknown."""
         with self._cond:
             if reusable and not self.closed and sock in self._all:
                 self._idle.append(sock)
+                self._idle_since[sock] = time.monotonic()
             else:
                 self._all.discard(sock)
                 sock.close()
@@ -157,6 +197,7 @@ class TcpChannel(Channel):
             self.closed = True
             idle, busy = self._idle, self._all.difference(self._idle)
             self._idle, self._all = [], set()
+            self._idle_since.clear()
             self._cond.notify_all()
         for sock in idle:
             sock.close()
@@ -165,6 +206,16 @@ class TcpChannel(Channel):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _has_input(sock: socket.socket) -> bool:
+    """Whether the socket is readable, hung up or in error now (no waiting)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    try:
+        return bool(poller.poll(0))
+    except OSError:
+        return True
 
 
 def _client_stall(sock: socket.socket, deadline: float) -> Callable[[], None]:

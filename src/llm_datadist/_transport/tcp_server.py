@@ -5,18 +5,26 @@ and the oldest is dropped when too many wait), and hands an authenticated connec
 Every request is admitted (counted), then its token, generation guards and ranges are checked against the
 owner's truth, then served; ``fence`` waits for requests admitted before it. Revoking a link's token closes its
 connections at once.
+
+Serving threads are bounded three ways: MAX_SERVING in all, MAX_PER_LINK for the connections of one link (one
+link cannot take the slots every other link needs), and IDLE_TIMEOUT_S for each request frame to arrive (a
+connection idle between frames, or stalled in the middle of a request's header or ranges, is closed). The HELLO
+reply's ``count`` field tells the client the idle limit in milliseconds, so it stops reusing a pooled connection
+well before the server may close it (0 would mean no limit; clients that ignore the field lose nothing but
+that).
 """
 from __future__ import annotations
 
 import collections
 import hmac
 import logging
+import os
 import selectors
 import socket
 import struct
 import threading
 import time
-from typing import Dict, List, Optional, Set, Tuple, Union
+from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
 import numpy as np
 
@@ -30,12 +38,34 @@ POLL_S = 0.25
 HELLO_TIMEOUT_S = 2.0  # an unauthenticated connection must send its HELLO within this
 MAX_PENDING = 512  # unauthenticated connections waiting for their HELLO (the oldest is dropped beyond)
 MAX_SERVING = 256  # authenticated connections at once
+# Authenticated connections of one link at once. A well-behaved link holds one tcp channel, whose pool opens at
+# most tcp.MAX_CONNS_PER_CHANNEL (8) connections (a large transfer's streams, STREAMS_PER_TRANSFER <= 8, come from
+# that pool too); twice that leaves room for a channel opened anew while the old one's connections still close.
+MAX_PER_LINK = 16
+
+
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name, "") or default)
+    except ValueError:
+        return default
+    return value if 0 < value < 86400 else default
+
+
+# A request frame (its header, then its guards and ranges) must arrive within this many seconds of the connection
+# becoming ready for it; an authenticated connection idle between frames for longer is closed (the client
+# reconnects on its next transfer). LLM_DATADIST_TCP_IDLE_S overrides it.
+IDLE_TIMEOUT_S = _env_seconds("LLM_DATADIST_TCP_IDLE_S", 30.0)
 SMALL_FRAME = 64  # guards + ranges up to which a request is read and served with Python ints (no numpy)
 SERVE_POLL_S = 0.5
 
 
 class _Stop(Exception):
     """Internal: the server is stopping or the connection's link was revoked."""
+
+
+class _Idle(_Stop):
+    """Internal: no whole request frame arrived within IDLE_TIMEOUT_S."""
 
 
 class _Pending:
@@ -69,6 +99,9 @@ class DataServer:
         self._lock = threading.Condition()
         self._tokens: Dict[bytes, int] = {}  # token -> link id
         self._serving: Dict[socket.socket, int] = {}  # authenticated connection -> link id
+        self._per_link: collections.Counter = collections.Counter()  # link id -> its connections in _serving
+        self.refused_over_cap = 0  # authenticated connections closed at once: MAX_SERVING or MAX_PER_LINK reached
+        self.closed_idle = 0  # authenticated connections closed after IDLE_TIMEOUT_S without a whole frame
         self._threads: Set[threading.Thread] = set()
         self._version = 0
         self._active: collections.Counter = collections.Counter()
@@ -196,39 +229,70 @@ class DataServer:
     # -- authenticated connections ------------------------------------------------------------------
     def _start_serving(self, sock: socket.socket, link_id: int) -> None:
         with self._lock:
-            if self._stop.is_set() or len(self._serving) >= MAX_SERVING:
-                sock.close()
-                return
-            thread = threading.Thread(target=self._serve, args=(sock, link_id), name="tcp-data-conn", daemon=True)
-            self._serving[sock] = link_id
-            self._threads.add(thread)
+            full = len(self._serving) >= MAX_SERVING or self._per_link[link_id] >= MAX_PER_LINK
+            if self._stop.is_set() or full:
+                self.refused_over_cap += full
+                thread = None
+            else:
+                thread = threading.Thread(target=self._serve, args=(sock, link_id), name="tcp-data-conn",
+                                          daemon=True)
+                self._serving[sock] = link_id
+                self._per_link[link_id] += 1
+                self._threads.add(thread)
+        if thread is None:  # no thread for it: a refusal the (non-blocking) socket takes at once, then the close
+            try:
+                sock.send(wire.header(wire.OP_REPLY, wire.ST_REJECTED))
+            except (OSError, ValueError):
+                pass
+            sock.close()
+            return
         try:
             thread.start()
         except RuntimeError:  # cannot start a thread: drop this connection only
-            with self._lock:
-                self._serving.pop(sock, None)
-                self._threads.discard(thread)
+            self._forget(sock, thread)
             sock.close()
+
+    def _forget(self, sock: socket.socket, thread: threading.Thread) -> None:
+        with self._lock:
+            link_id = self._serving.pop(sock, None)
+            if link_id is not None:
+                self._per_link[link_id] -= 1
+                if self._per_link[link_id] <= 0:
+                    del self._per_link[link_id]
+            self._threads.discard(thread)
 
     def _stall(self) -> None:
         if self._stop.is_set():
             raise _Stop()
 
+    def _until(self, deadline: float) -> Callable[[], None]:
+        """A stall that also ends the connection once ``deadline`` passed (a request frame still incomplete)."""
+        def stall() -> None:
+            if self._stop.is_set():
+                raise _Stop()
+            if time.monotonic() >= deadline:
+                raise _Idle()
+
+        return stall
+
     def _serve(self, sock: socket.socket, link_id: int) -> None:
         try:
             wire.tune(sock)
             wire.set_timeouts(sock, SERVE_POLL_S)
-            wire.send_bytes(sock, wire.header(wire.OP_REPLY), self._stall)
+            idle_ms = min(int(IDLE_TIMEOUT_S * 1000), 0xFFFFFFFF)
+            wire.send_bytes(sock, wire.header(wire.OP_REPLY, wire.ST_OK, idle_ms), self._stall)
             while self._serve_one(sock, link_id):
                 pass
+        except _Idle:
+            with self._lock:
+                self.closed_idle += 1
+            logger.debug("tcp data connection of link %d closed: idle for %.1f s", link_id, IDLE_TIMEOUT_S)
         except (_Stop, TransportError, OSError, ValueError, struct.error):
             pass
         except Exception:  # noqa: BLE001 - a bad connection must never kill the server
             logger.debug("tcp data connection failed", exc_info=True)
         finally:
-            with self._lock:
-                self._serving.pop(sock, None)
-                self._threads.discard(threading.current_thread())
+            self._forget(sock, threading.current_thread())
             sock.close()
 
     def _reply(self, sock: socket.socket, status: int, count: int = 0, nbytes: int = 0) -> None:
@@ -236,14 +300,15 @@ class DataServer:
 
     def _serve_one(self, sock: socket.socket, link_id: int) -> bool:
         """Serve one request frame; False closes the connection."""
-        op, _, count, nguards, nbytes = wire.recv_header(sock, self._stall)
+        op, _, count, nguards, nbytes = wire.recv_header(sock, self._until(time.monotonic() + IDLE_TIMEOUT_S))
         if op not in (wire.OP_READ, wire.OP_WRITE) or count > wire.MAX_OPS or nguards > wire.MAX_GUARDS:
             self._reply(sock, wire.ST_BAD_FRAME)
             return False
         small = nguards + count <= SMALL_FRAME
+        frame_stall = self._until(time.monotonic() + IDLE_TIMEOUT_S)  # the guards and ranges follow the header
         if small:  # a small request: its words as Python ints, no arrays on this path
             words = struct.unpack(f"<{2 * (nguards + count)}Q",
-                                  wire.recv_bytes(sock, 16 * (nguards + count), self._stall))
+                                  wire.recv_bytes(sock, 16 * (nguards + count), frame_stall))
             guards: Union[np.ndarray, List[Tuple[int, int]]] = list(zip(words[0:2 * nguards:2],
                                                                          words[1:2 * nguards:2]))
             addrs: Union[np.ndarray, List[int]] = list(words[2 * nguards::2])
@@ -251,7 +316,7 @@ class DataServer:
             total = sum(sizes)
         else:
             pairs = np.empty((nguards + count, 2), dtype=np.uint64)
-            wire.recv(sock, *wire.one(pairs), self._stall)
+            wire.recv(sock, *wire.one(pairs), frame_stall)
             guards, ranges = pairs[:nguards], pairs[nguards:]
             addrs, sizes = ranges[:, 0].copy(), ranges[:, 1].copy()
             total = int(ranges[:, 1].sum())
