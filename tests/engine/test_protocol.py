@@ -37,13 +37,13 @@ def _view(**over):
 SAMPLES = [
     p.Hello(protocol_version=p.PROTOCOL_VERSION, cluster_id=2**64 - 1, role=1, host_id="host-a", pid=4242,
             remote_cache_accessible=True, transports={"tcp": b"\x00\x01", "shm": b""}, comm_name="comm0",
-            comm_members=[1, 2, 2**64 - 1], client_nonce=b"n" * 32, listen_port=26000),
+            comm_members=[1, 2, 2**64 - 1], client_nonce=b"n" * 32, listen_port=26000, dial_nonce=b"d" * 32),
     p.Hello(protocol_version=p.PROTOCOL_VERSION, cluster_id=0, role=0, host_id="", pid=0,
             remote_cache_accessible=False, transports={}),
     p.HelloAck(cluster_id=9, role=2, host_id="h", pid=1, remote_cache_accessible=True, transports={"tcp": b"x"},
-               nonce=b"n" * 16, credentials={"tcp": b"k" * 32}),
+               nonce=b"n" * 16, credentials={"tcp": b"k" * 32}, server_proof=b"p" * 32),
     p.HelloAck(code=int(LLMStatusCode.LLM_LINK_FAILED), message="refused"),
-    p.AuthChallenge(server_nonce=b"s" * 32, server_proof=b"p" * 32),
+    p.AuthChallenge(server_nonce=b"s" * 32),
     p.AuthProof(client_proof=b"c" * 32),
     p.AuthResult(code=int(LLMStatusCode.LLM_LINK_FAILED), message="no"),
     _view(),
@@ -67,6 +67,9 @@ SAMPLES = [
     p.WriteGrant(guards=[(3, 2**64 - 1), (0, 1)]),
     p.Granted(grant_id=9),
     p.WriteRelease(grant_id=9),
+    p.ConfirmDial(dial_nonce=b"d" * 32),
+    p.DialConfirmed(dialing=True),
+    p.DialConfirmed(dialing=False),
 ]
 
 

@@ -7,6 +7,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import msgspec
 import pytest
 
 from llm_datadist._engine import errors
@@ -374,14 +375,62 @@ def test_wrong_client_proof_gets_auth_result(caplog):
     raw.sendall(p.encode(hello, 0))
     raw.setblocking(False)
     challenge = p.read_frame(raw, _soon())[1]
-    assert isinstance(challenge, p.AuthChallenge)
-    assert challenge.server_proof == p.server_proof(b"k", hello.client_nonce, challenge.server_nonce)
+    # a stranger gets a nonce and nothing computed from the secret: the client proves first
+    assert isinstance(challenge, p.AuthChallenge) and msgspec.structs.asdict(challenge) == {
+        "server_nonce": challenge.server_nonce}
     p.send_all(raw, p.encode(p.AuthProof(client_proof=b"\x00" * 32), 0), _soon())
     result = p.read_frame(raw, _soon())[1]
     assert result == p.AuthResult(code=int(LLMStatusCode.LLM_LINK_FAILED), message="link authentication failed")
     server.join()
     raw.close()
     assert isinstance(server.error, errors.LinkFailed)
+
+
+def test_server_proves_the_secret_only_after_the_client_did():
+    server = _Server(secret=b"k")
+    raw = socket.create_connection(("127.0.0.1", server.port))
+    hello = _hello()
+    hello.client_nonce = p.make_nonce()
+    raw.sendall(p.encode(hello, 0))
+    raw.setblocking(False)
+    challenge = p.read_frame(raw, _soon())[1]
+    assert isinstance(challenge, p.AuthChallenge)
+    proof = p.client_proof(b"k", challenge.server_nonce, hello.client_nonce)
+    p.send_all(raw, p.encode(p.AuthProof(client_proof=proof), 0), _soon())
+    ack = p.read_frame(raw, _soon())[1]
+    assert isinstance(ack, p.HelloAck) and ack.code == 0
+    assert ack.server_proof == p.server_proof(b"k", hello.client_nonce, challenge.server_nonce)
+    assert ack.server_proof != p.server_proof(b"other", hello.client_nonce, challenge.server_nonce)
+    server.join()
+    raw.close()
+    assert server.error is None
+
+
+def test_client_refuses_a_server_whose_proof_is_wrong():
+    """A listener that knows no secret but answers the client's proof with a made-up one is refused."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def fake_server():
+        conn, _ = listener.accept()
+        conn.setblocking(False)
+        p.read_frame(conn, _soon())  # Hello
+        p.send_all(conn, p.encode(p.AuthChallenge(server_nonce=p.make_nonce()), 0, is_reply=True), _soon())
+        p.read_frame(conn, _soon())  # the client's proof
+        p.send_all(conn, p.encode(p.HelloAck(cluster_id=1, server_proof=b"\x01" * 32), 0, is_reply=True), _soon())
+        time.sleep(0.2)
+        conn.close()
+
+    thread = threading.Thread(target=fake_server, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(errors.LinkFailed, match="did not prove"):
+            rpc.open_connection("127.0.0.1", port, _hello(), _soon(), secret=b"k")
+    finally:
+        thread.join(5)
+        listener.close()
 
 
 def test_version_mismatch_answered_with_link_failed():

@@ -1,6 +1,7 @@
 """Seeded generators of hostile frames for both ports: the control protocol and the tcp data plane."""
 from __future__ import annotations
 
+import typing
 from typing import Sequence, Tuple
 
 import msgspec
@@ -11,7 +12,7 @@ from llm_datadist._transport import tcp_wire as dwire
 from tests.reliability import wire
 
 Case = Tuple[bytes, bool]  # (bytes to send on a fresh connection, half-close after sending)
-KNOWN_TYPES = (1, 2, 3, 4, 5) + tuple(range(16, 30))
+KNOWN_TYPES = tuple(proto.message_type_id(cls) for cls in typing.get_args(proto.Message))
 
 
 def junk(rng: np.random.Generator, lo: int = 1, hi: int = 300) -> bytes:
@@ -38,7 +39,7 @@ def _u(rng: np.random.Generator, bits: int) -> int:
 
 def random_message(rng: np.random.Generator):
     """A well-formed message of any type with random field values (what a confused or hostile peer sends)."""
-    pick = int(rng.integers(0, 15))
+    pick = int(rng.integers(0, 17))
     if pick == 0:
         return proto.Resolve(kind=["req", "prefix", "id", "blocks"][int(rng.integers(0, 4))],
                              cluster_id=_u(rng, 64), ident=int(rng.integers(-2**63, 2**63 - 1)),
@@ -71,6 +72,10 @@ def random_message(rng: np.random.Generator):
         return proto.Granted(grant_id=_u(rng, 64))
     if pick == 13:
         return proto.Table(version=_u(rng, 64), caches=[])
+    if pick == 14:
+        return proto.ConfirmDial(dial_nonce=junk(rng, 0, 64))
+    if pick == 15:
+        return proto.DialConfirmed(dialing=bool(rng.integers(0, 2)))
     return proto.Ack(code=int(rng.integers(-5, 5)))
 
 
@@ -91,7 +96,7 @@ def pre_handshake_case(rng: np.random.Generator, cluster_id: int) -> Tuple[Case,
         length = int(rng.integers(proto.HANDSHAKE_FRAME_BYTES + 1, 2**32))
         return (control_header(1, length) + junk(rng, 1, 64), False), True
     if pick == 4:
-        version = int(rng.choice([0, 1, 3, 255, 65535]))
+        version = int(rng.choice([0, proto.PROTOCOL_VERSION - 1, proto.PROTOCOL_VERSION + 1, 255, 65535]))
         return (control_header(1, len(hello) - proto.HEADER_SIZE, version=version) + hello[proto.HEADER_SIZE:],
                 False), True
     if pick == 5:
@@ -108,7 +113,8 @@ def pre_handshake_case(rng: np.random.Generator, cluster_id: int) -> Tuple[Case,
         return (wire.frame(msg, int(rng.integers(0, 1000))), False), True
     if pick == 8:  # a Hello whose fields break their limits (encoders do not check limits; receivers do)
         bad = [{"host_id": "h" * 300}, {"transports": {f"t{i}": b"" for i in range(40)}}, {"nonce": b"n" * 65},
-               {"client_nonce": b"c" * 65}, {"protocol_version": 3}]
+               {"client_nonce": b"c" * 65}, {"protocol_version": proto.PROTOCOL_VERSION + 1},
+               {"dial_nonce": b"d" * 65}]
         fields = bad[int(rng.integers(0, len(bad)))]
         body = msgspec.msgpack.encode(msgspec.structs.replace(wire.hello(cluster_id), **fields))
         return (control_header(1, len(body)) + body, False), True
@@ -122,9 +128,10 @@ def fatal_control_frame(rng: np.random.Generator) -> bytes:
     if pick == 0:
         return control_header(22, len(body), magic=b"XDD\x01") + body
     if pick == 1:
-        return control_header(22, len(body), version=int(rng.choice([1, 3, 999]))) + body
+        version = int(rng.choice([proto.PROTOCOL_VERSION - 1, proto.PROTOCOL_VERSION + 1, 999]))
+        return control_header(22, len(body), version=version) + body
     if pick == 2:
-        return control_header(int(rng.integers(30, 65536)), len(body)) + body
+        return control_header(int(rng.integers(max(KNOWN_TYPES) + 1, 65536)), len(body)) + body
     if pick == 3:
         return control_header(22, len(body), flags=int(rng.integers(2, 65536))) + body
     if pick == 4:

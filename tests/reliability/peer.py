@@ -14,7 +14,8 @@ from typing import Dict
 
 import numpy as np
 
-from llm_datadist import BlocksCacheKey, CacheDesc, DataType, LLMConfig, LLMDataDist, LLMException, LLMRole, Placement
+from llm_datadist import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig, LLMDataDist, LLMException,
+                          LLMRole, Placement)
 from tests.reliability import kv
 
 
@@ -91,6 +92,27 @@ class Peer:
         blocks = list(range(owned.arrays[0].shape[0]))
         return {"gen": kv.one_generation(owned.arrays, blocks, blocks), "expected": gen}
 
+    def op_link_clusters(self, cluster_id, port, timeout_ms=5000, inst="main"):
+        """link_clusters to one listener on 127.0.0.1; returns the overall and per-cluster codes."""
+        code, codes = self.dds[inst].link_clusters([_cluster(cluster_id, port)], timeout_ms)
+        return {"code": int(code), "codes": [int(c) for c in codes]}
+
+    def op_unlink_clusters(self, cluster_id, port, force=False, inst="main"):
+        code, _codes = self.dds[inst].unlink_clusters([_cluster(cluster_id, port)], 3000, force=force)
+        return {"code": int(code)}
+
+    def op_comm_link(self, comm_name, ranks, rank_table, inst="main"):
+        """Rank-table link(); ``ranks`` is [[cluster_id, rank], ...]."""
+        return {"comm_id": self.dds[inst].link(comm_name, {int(c): int(r) for c, r in ranks}, rank_table)}
+
+    def op_comm_status(self, comm_id, inst="main"):
+        return {"status": int(self.dds[inst].query_register_mem_status(comm_id).value)}
+
+    def op_release(self, name):
+        """unregister_cache (or deallocate) of a blocks cache; the caller sees LLM_TIMEOUT while peers hold it."""
+        self.blocks[name].release()
+        return {}
+
     def op_route(self, cluster_id, inst="main"):
         """The transports that carried this instance's transfers to a cluster (a test-only probe)."""
         return {"route": self.dds[inst]._engine.route(cluster_id, every=True)}
@@ -107,6 +129,14 @@ class Peer:
         REPLIES.write(json.dumps({"ok": True}) + "\n")
         REPLIES.flush()
         os._exit(0)
+
+
+def _cluster(cluster_id: int, port: int) -> LLMClusterInfo:
+    info = LLMClusterInfo()
+    info.remote_cluster_id = cluster_id
+    info.append_local_ip_info("127.0.0.1", 0)
+    info.append_remote_ip_info("127.0.0.1", port)
+    return info
 
 
 REPLIES = sys.stdout  # the reply channel; library log lines go to stderr

@@ -82,7 +82,8 @@ def _feed_link(rng: np.random.Generator, link: wire.RawLink) -> int:
             link.send(wire.frame(msg, int(rng.integers(1, 2**40)), reply=True))  # a reply nobody asked for
         else:
             reply = link.call(msg)
-            assert isinstance(reply, (proto.Error, proto.Ack, proto.CacheView, proto.Table, proto.Granted)), reply
+            assert isinstance(reply, (proto.Error, proto.Ack, proto.CacheView, proto.Table, proto.Granted,
+                                  proto.DialConfirmed)), reply
         sent += 1
     assert isinstance(link.call(proto.Ping()), proto.Ack)
     return sent + 1

@@ -165,15 +165,16 @@ class FakeServer:
             sock.settimeout(5.0)
             with sock:
                 _h, hello = self._next(sock)
-                if self.secret is not None:
+                proof = b""
+                if self.secret is not None:  # the client proves first, the server's proof rides in HelloAck
                     nonce = os.urandom(32)
-                    proof = proto.server_proof(self.secret, hello.client_nonce, nonce)
-                    sock.sendall(wire.frame(proto.AuthChallenge(server_nonce=nonce, server_proof=proof), reply=True))
+                    sock.sendall(wire.frame(proto.AuthChallenge(server_nonce=nonce), reply=True))
                     _h, msg = self._next(sock)
                     assert isinstance(msg, proto.AuthProof), msg
                     assert msg.client_proof == proto.client_proof(self.secret, nonce, hello.client_nonce)
+                    proof = proto.server_proof(self.secret, hello.client_nonce, nonce)
                 ack = proto.HelloAck(cluster_id=77, role=1, host_id="fake-host", pid=1, transports={},
-                                     nonce=os.urandom(16), credentials={"tcp": b"F" * 32})
+                                     nonce=os.urandom(16), credentials={"tcp": b"F" * 32}, server_proof=proof)
                 sock.sendall(wire.frame(ack, reply=True))
                 self.sent_ack.set()
                 header, _msg = self._next(sock)  # the client's Credentials request

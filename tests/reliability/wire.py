@@ -82,13 +82,16 @@ class Refused(Exception):
 class RawLink:
     """A control link made by hand: Hello [-> auth] -> HelloAck, then the Credentials request.
 
-    A reader thread completes calls and answers the server's requests (Ping, notices) with Ack, unless
-    ``answer=False`` (then the link looks dead to a ping). ``received`` keeps every raw handshake byte.
+    A reader thread completes calls and answers the server's requests (Ping, notices) with Ack and
+    ``ConfirmDial`` with whether the nonce is in ``vouch_for``, unless ``answer=False`` (then the link looks
+    dead to a ping). ``received`` keeps every raw handshake byte.
     """
 
     def __init__(self, port: int, cluster_id: int, *, ra: bool = False, secret: Optional[bytes] = None,
                  target: Optional[int] = None, answer: bool = True, host: str = "127.0.0.1",
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, dial_nonce: Optional[bytes] = None) -> None:
+        self.dial_nonce = proto.make_nonce() if dial_nonce is None else dial_nonce
+        self.vouch_for: set = set()  # dial nonces this client says it is making when the server asks
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.cluster_id = cluster_id
@@ -116,16 +119,20 @@ class RawLink:
 
     def _handshake(self, ra: bool, secret: Optional[bytes], target: Optional[int]) -> proto.HelloAck:
         nonce = proto.make_nonce() if secret else b""
-        self.sock.sendall(frame(hello(self.cluster_id, ra, target, nonce)))
+        self.sock.sendall(frame(hello(self.cluster_id, ra, target, nonce, dial_nonce=self.dial_nonce)))
         _h, msg, raw = read_frame(self.sock)
         self.received += raw
-        if isinstance(msg, proto.AuthChallenge):
-            proof = proto.client_proof(secret, msg.server_nonce, nonce)
+        server_nonce = b""
+        if isinstance(msg, proto.AuthChallenge):  # we prove first; the server's proof comes in its HelloAck
+            server_nonce = msg.server_nonce
+            proof = proto.client_proof(secret, server_nonce, nonce)
             self.sock.sendall(frame(proto.AuthProof(client_proof=proof)))
             _h, msg, raw = read_frame(self.sock)
             self.received += raw
         if not isinstance(msg, proto.HelloAck) or msg.code != 0:
             raise Refused(msg, self.received)
+        if secret:
+            assert msg.server_proof == proto.server_proof(secret, nonce, server_nonce), "server proof"
         return msg
 
     def _read(self) -> None:
@@ -140,7 +147,9 @@ class RawLink:
                         waiter.append(msg)
                         waiter[0].set()
                 elif header.request_id and self.answer:
-                    self.send(frame(proto.Ack(), header.request_id, reply=True))
+                    reply = (proto.DialConfirmed(dialing=msg.dial_nonce in self.vouch_for)
+                             if isinstance(msg, proto.ConfirmDial) else proto.Ack())
+                    self.send(frame(reply, header.request_id, reply=True))
         except (OSError, ConnectionError, proto.ProtocolError):
             pass
         finally:

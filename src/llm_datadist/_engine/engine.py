@@ -456,6 +456,8 @@ class Engine:
             return proto.Ack()
         if isinstance(msg, proto.Ping):
             return proto.Ack()
+        if isinstance(msg, proto.ConfirmDial):
+            return proto.DialConfirmed(dialing=self.links.is_dialing(msg.dial_nonce))
         raise ParamInvalid(f"unexpected request {type(msg).__name__}")
 
     def writable_entry(self, slot: int, value: int) -> CacheEntry:

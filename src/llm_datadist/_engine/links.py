@@ -10,9 +10,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import msgspec
+
 from llm_datadist._engine import protocol as proto
 from llm_datadist._engine import rpc
-from llm_datadist._engine.errors import AlreadyLinked, EngineError, ExistLink, LinkFailed, NotLinked
+from llm_datadist._engine.errors import (AlreadyLinked, EngineError, ExistLink, LinkFailed, NotLinked, ParamInvalid,
+                                         Timeout)
 from llm_datadist._engine.link import Link
 from llm_datadist._engine.listener import Listener
 from llm_datadist._transport.base import PeerInfo
@@ -23,6 +26,7 @@ _log = logging.getLogger(__name__)
 MAX_PARALLEL_LINKS = 16
 MAX_LINKS = int(os.environ.get("LLM_DATADIST_MAX_LINKS", "") or 1024)  # links one instance holds at most
 EVICT_PING_S = 1.0  # how long an existing link has to answer before a new one with its identity replaces it
+MAX_GRANTS_PER_LINK = 256  # outstanding write grants one peer may hold (a push holds one while it writes)
 NOTICE_SEND_S = 0.2  # a table-change notice that cannot be queued this fast is dropped (guards still hold)
 
 
@@ -50,15 +54,20 @@ class LinkManager:
         self._listener: Optional[Listener] = None
         self._listen: Optional[Tuple[str, int]] = None
         self._serials = itertools.count(1)
+        self._dialing: set = set()  # dial nonces of our handshakes in flight (a peer may ask us to vouch)
         self._closed = False
 
     # -- table ----------------------------------------------------------------------------------
     def get(self, cluster_id: int, usable: Optional[Callable[[Link], bool]] = None) -> Link:
-        """The newest live link to ``cluster_id`` (that ``usable`` accepts); NotLinked if there is none."""
+        """The live link to ``cluster_id`` that carries transfers (that ``usable`` accepts); NotLinked if none.
+
+        Deterministic, and never decided by a peer: links this side's caller made (``link_clusters`` dials and
+        rank-table domains, newest first) come before links peers made to us (``link_clusters`` accepted).
+        """
         with self._lock:
             candidates = [link for (cid, _), link in self._links.items()
                           if cid == cluster_id and not link.gone]
-        for link in sorted(candidates, key=lambda link: -link.serial):
+        for link in sorted(candidates, key=lambda link: (link.key[1] == ACCEPTED, -link.serial)):
             if usable is None or usable(link):
                 return link
         raise NotLinked(f"cluster {cluster_id} is not linked")
@@ -187,28 +196,51 @@ class LinkManager:
         return link
 
     def _admit(self, hello: proto.Hello, comm) -> Optional[proto.HelloAck]:
-        """Refuse a handshake beyond the link cap, or one that would evict a live link without proof.
+        """Refuse a handshake beyond the link cap, or one whose claimed cluster id a live link disputes.
 
-        A peer that restarted replaces its stale link. Without a shared secret anyone can claim a cluster
-        id, so the existing link is replaced only once it failed a ping (its connection is dead); with a
-        secret the new peer proved it belongs, and replaces it at once.
+        Without a shared secret anyone can claim a cluster id, so every live link we hold to that cluster
+        (dialed or accepted, any comm domain) is asked over its own connection whether its peer is making
+        this dial (``ConfirmDial`` with the handshake's ``dial_nonce``): a peer that denies it keeps the
+        newcomer out (LLM_ALREADY_LINK); one that vouches for it (mutual links, another comm domain, a
+        re-dial) or that does not answer (dead) lets it in. A newcomer under the key of a live link
+        replaces that link only when the peer vouched, or its link is dead; with a secret the newcomer
+        proved it belongs and replaces the link of its own key at once, but links under other keys are
+        still asked.
         """
+        key = (hello.cluster_id, comm.comm_id if comm else ACCEPTED)
         with self._lock:
             live = [link for link in self._links.values() if not link.closed]
-            key = (hello.cluster_id, comm.comm_id if comm else ACCEPTED)
             old = self._links.get(key)
+            others = [link for k, link in self._links.items()
+                      if k[0] == hello.cluster_id and k != key and not link.gone]
         if len(live) >= MAX_LINKS and old is None:
             return _refusal(LLMStatusCode.LLM_LINK_FAILED, f"this instance already holds {MAX_LINKS} links "
                                                            f"(LLM_DATADIST_MAX_LINKS)")
-        if old is None or old.closed or self._engine.opts.link_secret:
-            return None
+        if old is not None and not old.closed and not self._engine.opts.link_secret:
+            others.insert(0, old)
+        for link in others:
+            if self._vouches(link, hello.dial_nonce) is False:
+                return _refusal(LLMStatusCode.LLM_ALREADY_LINK,
+                                f"cluster {hello.cluster_id} is already linked here, its link is alive and its "
+                                f"peer did not make this handshake")
+        return None
+
+    def _vouches(self, link: Link, dial_nonce: bytes) -> Optional[bool]:
+        """Whether ``link``'s peer is making the dial ``dial_nonce``; None when the link is dead."""
         try:
-            old.conn.call(proto.Ping(), time.monotonic() + EVICT_PING_S)
-        except EngineError:
-            _log.info("link from cluster %d did not answer a ping: replaced", hello.cluster_id)
+            reply = link.conn.call(proto.ConfirmDial(dial_nonce=dial_nonce), time.monotonic() + EVICT_PING_S)
+        except (Timeout, LinkFailed):
+            _log.info("link to cluster %d did not answer: a new link with its identity may replace it",
+                      link.cluster_id)
             return None
-        return _refusal(LLMStatusCode.LLM_ALREADY_LINK, f"cluster {hello.cluster_id} is already linked here and "
-                                                        f"its link is alive")
+        except EngineError:  # any refusal to answer is a denial
+            return False
+        return isinstance(reply, proto.DialConfirmed) and reply.dialing
+
+    def is_dialing(self, dial_nonce: bytes) -> bool:
+        """Whether one of our handshakes in flight carries ``dial_nonce`` (a peer asks before admitting it)."""
+        with self._lock:
+            return len(dial_nonce) >= proto.MIN_DIAL_NONCE_BYTES and dial_nonce in self._dialing
 
     def _make_link(self, sock, hello, address: str, comm, start: bool = False) -> Link:
         """A link over a handshaken socket; ``hello`` is the peer's Hello or HelloAck."""
@@ -243,6 +275,14 @@ class LinkManager:
         link = self.link_of(conn)
         if link is None:
             raise NotLinked("write grant over a connection that is no link")
+        if not msg.guards:
+            raise ParamInvalid("a write grant names no cache")
+        if len({slot for slot, _value in msg.guards}) != len(msg.guards):
+            raise ParamInvalid("a write grant names a cache more than once")
+        with self._lock:
+            if len(link.grants) >= MAX_GRANTS_PER_LINK:
+                raise ParamInvalid(f"cluster {link.cluster_id} already holds {MAX_GRANTS_PER_LINK} write grants; "
+                                   f"release some first")
         registry = self._engine.registry
         held = []
         try:
@@ -258,7 +298,7 @@ class LinkManager:
                 for entry in held:
                     registry.unpin(entry)
                 raise NotLinked(f"cluster {link.cluster_id} is unlinking")
-            link.grants[grant_id] = held
+            link.grants[grant_id] = held  # the cap was checked above: concurrent handlers exceed it by a few
         return proto.Granted(grant_id=grant_id)
 
     def release_write(self, conn, grant_id: int) -> None:
@@ -322,7 +362,7 @@ class LinkManager:
         delay = 0.01
         while True:
             try:
-                sock, ack = rpc.open_connection(ip, port, hello, deadline, engine.opts.link_secret, engine.tls)
+                sock, ack = self._dial(ip, port, hello, deadline)
                 break
             except rpc.ConnectionRefused as exc:
                 remaining = deadline - time.monotonic()
@@ -346,6 +386,18 @@ class LinkManager:
             raise
         _log.info("linked to cluster %d at %s:%d", ack.cluster_id, ip, port)
         return link
+
+    def _dial(self, ip: str, port: int, hello: proto.Hello, deadline: float):
+        """One handshake under a fresh dial nonce that we vouch for while it runs (see ``_admit``)."""
+        dial_nonce = proto.make_nonce()
+        with self._lock:
+            self._dialing.add(dial_nonce)
+        try:
+            return rpc.open_connection(ip, port, msgspec.structs.replace(hello, dial_nonce=dial_nonce), deadline,
+                                       self._engine.opts.link_secret, self._engine.tls)
+        finally:
+            with self._lock:
+                self._dialing.discard(dial_nonce)
 
     def link_clusters(self, clusters: List[dict], timeout_s: float):
         """Link every cluster in parallel; returns (overall, [code per cluster]) and never raises."""

@@ -1,6 +1,7 @@
 """Versioned binary wire protocol of the control plane: a fixed struct header plus a msgpack body."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -28,12 +29,18 @@ from llm_datadist._transport import tls
 #      client's Credentials request) instead of secrets in the transport descriptors; CacheView carries the
 #      memory kind, the generation guard and the region descriptors of the cache; WriteGrant/Granted and
 #      WriteRelease for one-sided writes; request id 0 marks a notification (no reply).
-PROTOCOL_VERSION = 2
+#   3: the client proves the secret first: AuthChallenge carries only the server's nonce, the server's proof
+#      rides in HelloAck.server_proof (so a stranger who connects learns no HMAC of the secret); proofs are
+#      keyed by a scrypt-stretched secret; Hello.dial_nonce names one dial, and ConfirmDial -> DialConfirmed
+#      asks a linked peer over its link whether it is making that dial (an incoming handshake that claims a
+#      linked cluster's id is admitted only when that cluster vouches for it or its link is dead).
+PROTOCOL_VERSION = 3
 
 # Frame: a 22-byte big-endian header, magic(4s) version(u16) type(u16) flags(u16) request_id(u64)
 # length(u32), then ``length`` bytes of msgpack holding one tagged Struct of the type the header names.
 # FLAG_REPLY marks replies; the requester picks request ids, a reply repeats its request's id.
-# Handshake, client first: Hello -> [AuthChallenge -> AuthProof ->] HelloAck. Refusals: HelloAck with
+# Handshake, client first: Hello -> [AuthChallenge -> AuthProof ->] HelloAck (with a secret, the client
+# proves it first and HelloAck.server_proof answers). Refusals: HelloAck with
 # code != 0 (version mismatch, decide()), or AuthResult (authentication). Never pickle.
 
 MAGIC = b"LDD\x01"
@@ -53,7 +60,9 @@ MAX_TENSORS = 65536
 MAX_KEYS = 65536
 MAX_CACHES = 65536
 NONCE_BYTES = 32
+MIN_DIAL_NONCE_BYTES = 16  # a shorter dial nonce is never vouched for
 _MAX_AUTH_BYTES = 64
+SCRYPT_N = 2**14  # cost of the secret's key stretching (see stretch_secret)
 POLL_INTERVAL_S = 0.2
 
 # Field types with the limits enforced at decode time -------------------------------------------
@@ -103,6 +112,7 @@ class Hello(_Msg):
     listen_port: U16 = 0
     target_cluster_id: Optional[U64] = None  # the cluster the client means to reach, when it knows it
     nonce: Nonce = b""  # the client instance's identity (its guard table proves it on one host)
+    dial_nonce: Nonce = b""  # random per dial: the client vouches for this dial when asked over another link
 
 
 class HelloAck(_Msg):
@@ -118,17 +128,17 @@ class HelloAck(_Msg):
     message: Text = ""
     nonce: Nonce = b""
     credentials: Transports = msgspec.field(default_factory=dict)  # granted to the client for this link
+    server_proof: AuthBytes = b""  # with a secret: the server's proof, sent only after the client proved it
 
 
 class AuthChallenge(_Msg):
-    """Server to client when a secret is configured: its nonce and its proof of the secret."""
+    """Server to client when a secret is configured: its nonce (the server proves nothing before the client)."""
 
     server_nonce: AuthBytes
-    server_proof: AuthBytes
 
 
 class AuthProof(_Msg):
-    """Client to server: proof of the secret over both nonces."""
+    """Client to server: proof of the secret over both nonces (the first proof of the handshake)."""
 
     client_proof: AuthBytes
 
@@ -233,6 +243,18 @@ class WriteRelease(_Msg):
     grant_id: U64
 
 
+class ConfirmDial(_Msg):
+    """Over an existing link: are you making the dial with this ``dial_nonce`` right now? Reply DialConfirmed."""
+
+    dial_nonce: Nonce
+
+
+class DialConfirmed(_Msg):
+    """Whether the asked peer is making that dial (it vouches for the new link's claimed identity)."""
+
+    dialing: bool
+
+
 class Ack(_Msg):
     """Generic success reply."""
 
@@ -248,12 +270,13 @@ class Error(_Msg):
 
 Message = Union[Hello, HelloAck, AuthChallenge, AuthProof, AuthResult, CacheView, Resolve, Consume,
                 TableRequest, Table, TableChanged, Unlink, Ping, Ack, Error, Credentials, WriteGrant, Granted,
-                WriteRelease]
+                WriteRelease, ConfirmDial, DialConfirmed]
 
 _TYPE_IDS: Dict[type, int] = {
     Hello: 1, HelloAck: 2, AuthChallenge: 3, AuthProof: 4, AuthResult: 5,
     Resolve: 16, CacheView: 17, Consume: 18, TableRequest: 19, Table: 20, Unlink: 21, Ping: 22,
     Ack: 23, Error: 24, TableChanged: 25, Credentials: 26, WriteGrant: 27, Granted: 28, WriteRelease: 29,
+    ConfirmDial: 30, DialConfirmed: 31,
 }
 _BY_TYPE_ID: Dict[int, type] = {v: k for k, v in _TYPE_IDS.items()}
 _ENCODER = msgspec.msgpack.Encoder()
@@ -500,14 +523,24 @@ def make_nonce() -> bytes:
     return os.urandom(NONCE_BYTES)
 
 
+@functools.lru_cache(maxsize=8)
+def stretch_secret(secret: bytes) -> bytes:
+    """The HMAC key of a link secret: scrypt (N=2**14, r=8, p=1; about 16 MiB and tens of ms, once per process).
+
+    Whoever holds one proof (a fake listener a client dialed) must pay this for every guess of the secret.
+    """
+    return hashlib.scrypt(secret, salt=b"llm_datadist link secret v3", n=SCRYPT_N, r=8, p=1, maxmem=64 << 20,
+                          dklen=32)
+
+
 def server_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
-    """HMAC-SHA256(secret, b"server" + client_nonce + server_nonce)."""
-    return hmac.new(secret, b"server" + client_nonce + server_nonce, hashlib.sha256).digest()
+    """HMAC-SHA256(stretch_secret(secret), b"server" + client_nonce + server_nonce)."""
+    return hmac.new(stretch_secret(secret), b"server" + client_nonce + server_nonce, hashlib.sha256).digest()
 
 
 def client_proof(secret: bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
-    """HMAC-SHA256(secret, b"client" + server_nonce + client_nonce)."""
-    return hmac.new(secret, b"client" + server_nonce + client_nonce, hashlib.sha256).digest()
+    """HMAC-SHA256(stretch_secret(secret), b"client" + server_nonce + client_nonce)."""
+    return hmac.new(stretch_secret(secret), b"client" + server_nonce + client_nonce, hashlib.sha256).digest()
 
 
 def message_type_id(cls: Type[_Msg]) -> int:

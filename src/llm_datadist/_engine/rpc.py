@@ -430,8 +430,9 @@ def open_connection(host: str, port: int, hello: Hello, deadline: float,
         port: Server port.
         hello: Our identity; ``protocol_version`` and ``client_nonce`` are filled in here.
         deadline: time.monotonic() deadline for connect and handshake.
-        secret: Shared secret (str is UTF-8 encoded), None or empty for none. With a secret the
-            server's HMAC proof is checked before ours is sent; a server without one is refused.
+        secret: Shared secret (str is UTF-8 encoded), None or empty for none. With a secret we prove it
+            first and the server's HMAC proof in its HelloAck is checked before the link is used; a server
+            without one is refused.
         tls_config: Mutual TLS around the whole connection (handshake first), or None.
 
     Returns:
@@ -478,8 +479,9 @@ def _client_handshake(sock: socket.socket, hello: Hello, deadline: float, secret
     hello = msgspec.structs.replace(hello, protocol_version=protocol.PROTOCOL_VERSION, client_nonce=nonce)
     protocol.send_all(sock, protocol.encode(hello, 0), deadline)
     msg = protocol.read_frame(sock, deadline, max_length=protocol.HANDSHAKE_FRAME_BYTES)[1]
+    server_nonce = b""
     if secret is not None:
-        msg = _client_auth(sock, msg, secret, nonce, deadline, peer)
+        msg, server_nonce = _client_auth(sock, msg, secret, nonce, deadline, peer)
     if isinstance(msg, AuthResult):
         raise _auth_failed(f"link authentication failed with {peer}: {msg.message}")
     if isinstance(msg, Error):
@@ -488,24 +490,31 @@ def _client_handshake(sock: socket.socket, hello: Hello, deadline: float, secret
         raise protocol.ProtocolError(f"expected HelloAck from {peer}, got {type(msg).__name__}")
     if msg.code != 0:
         raise errors.error_for_code(msg.code, msg.message or f"link refused by {peer}")
+    if secret is not None:
+        expected = protocol.server_proof(secret, nonce, server_nonce)
+        if not hmac.compare_digest(expected, msg.server_proof):
+            raise _auth_failed(f"link authentication failed with {peer}: the server did not prove the "
+                               f"shared secret")
     return msg
 
 
 def _client_auth(sock: socket.socket, msg: Message, secret: bytes, nonce: bytes, deadline: float,
-                 peer: str) -> Message:
-    """Check the server's proof, send ours; return the server's next message (HelloAck or refusal)."""
+                 peer: str) -> Tuple[Message, bytes]:
+    """Prove the secret over both nonces; return the server's next message and its nonce.
+
+    The client proves first, so a stranger who connects to a listener learns no HMAC of the secret; the
+    server's proof comes in its HelloAck and is checked before the link is used.
+    """
     if not isinstance(msg, AuthChallenge):
         if isinstance(msg, HelloAck) and msg.code == 0:
             raise _auth_failed(f"link authentication failed with {peer}: the server does not "
                                f"authenticate links but a shared secret is configured here")
-        return msg
-    expected = protocol.server_proof(secret, nonce, msg.server_nonce)
-    if len(msg.server_nonce) < _MIN_NONCE_BYTES or not hmac.compare_digest(expected, msg.server_proof):
-        raise _auth_failed(f"link authentication failed with {peer}: the server did not prove the "
-                           f"shared secret")
+        return msg, b""
+    if len(msg.server_nonce) < _MIN_NONCE_BYTES:
+        raise _auth_failed(f"link authentication failed with {peer}: the server's nonce is too short")
     proof = protocol.client_proof(secret, msg.server_nonce, nonce)
     protocol.send_all(sock, protocol.encode(AuthProof(client_proof=proof), 0), deadline)
-    return protocol.read_frame(sock, deadline, max_length=protocol.HANDSHAKE_FRAME_BYTES)[1]
+    return protocol.read_frame(sock, deadline, max_length=protocol.HANDSHAKE_FRAME_BYTES)[1], msg.server_nonce
 
 
 def accept_handshake(sock: socket.socket, deadline: float, secret: Union[bytes, str, None],
@@ -536,9 +545,11 @@ def accept_handshake(sock: socket.socket, deadline: float, secret: Union[bytes, 
                 secured(sock)  # decide() must build its link on the TLS socket
         protocol.prepare_socket(sock)
         hello = _read_hello(sock, min(deadline, time.monotonic() + HELLO_WAIT_S), peer)
-        if secret is not None:
-            _server_auth(sock, hello, secret, deadline, peer)
+        server_nonce = _server_auth(sock, hello, secret, deadline, peer) if secret is not None else b""
         ack = _decide(decide, hello)
+        if secret is not None and ack.code == 0:  # the client proved the secret: now we prove it
+            ack = msgspec.structs.replace(ack, server_proof=protocol.server_proof(secret, hello.client_nonce,
+                                                                                   server_nonce))
         protocol.send_all(sock, protocol.encode(ack, 0, is_reply=True), deadline)
     except BaseException:
         sock.close()
@@ -563,23 +574,23 @@ def _read_hello(sock: socket.socket, deadline: float, peer: str) -> Hello:
     return msg
 
 
-def _server_auth(sock: socket.socket, hello: Hello, secret: bytes, deadline: float, peer: str) -> None:
+def _server_auth(sock: socket.socket, hello: Hello, secret: bytes, deadline: float, peer: str) -> bytes:
+    """Check the client's proof of the secret (it proves first); return our nonce for the proof we owe."""
     if len(hello.client_nonce) < _MIN_NONCE_BYTES:
         _send_best_effort(sock, AuthResult(code=_LINK_FAILED, message="this server requires link "
                                            "authentication: configure the same shared secret"), deadline)
         raise _auth_failed(f"link authentication failed from {peer}: no shared secret configured there")
     nonce = protocol.make_nonce()
-    proof = protocol.server_proof(secret, hello.client_nonce, nonce)
-    challenge = AuthChallenge(server_nonce=nonce, server_proof=proof)
-    protocol.send_all(sock, protocol.encode(challenge, 0, is_reply=True), deadline)
+    protocol.send_all(sock, protocol.encode(AuthChallenge(server_nonce=nonce), 0, is_reply=True), deadline)
     try:
         msg = protocol.read_frame(sock, deadline, max_length=protocol.HANDSHAKE_FRAME_BYTES)[1]
-    except errors.LinkFailed as exc:  # the client hung up: it refused our proof (other secret)
+    except errors.LinkFailed as exc:  # the client hung up before proving anything
         raise _auth_failed(f"link authentication failed from {peer}: no proof ({exc})") from exc
     expected = protocol.client_proof(secret, nonce, hello.client_nonce)
     if not isinstance(msg, AuthProof) or not hmac.compare_digest(expected, msg.client_proof):
         _send_best_effort(sock, AuthResult(code=_LINK_FAILED, message="link authentication failed"), deadline)
         raise _auth_failed(f"link authentication failed from {peer}")
+    return nonce
 
 
 def _decide(decide: Callable[[Hello], HelloAck], hello: Hello) -> HelloAck:
