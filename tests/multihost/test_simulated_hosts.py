@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from llm_datadist.cli.netns import NetnsError, SimulatedHosts, netem_unavailable_reason
+from subsystems import skip
 
 PROBE = """
 import json, os, socket, sys
@@ -92,7 +93,7 @@ def test_link_down_and_up_and_rate_limit():
 def test_netem_is_used_where_the_kernel_has_it():
     reason = netem_unavailable_reason()
     if reason is not None:
-        pytest.skip(reason)
+        skip("netem", reason)
     with SimulatedHosts(1) as hosts:
         hosts.netem(hosts[0], "delay", "5ms")
         assert "netem" in hosts.run_in(hosts[0], ["tc", "qdisc", "show", "dev", hosts[0].ifname]).stdout

@@ -20,6 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from peer_server import HOST_ID, Peer, pattern  # noqa: E402
+from subsystems import tag  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
 PEER_BYTES = 72 << 20
@@ -28,9 +29,10 @@ LOCAL_BYTES = 80 << 20
 # mark when it needs an optional package or a GPU).
 ALL = ["loopback", "process_vm", "shm", "tcp", "nixl"]
 TESTED = [n for n in ALL if n in available_transports()]
-# Transports this machine lacks are reported as skips with the reason (nixl without its package, say).
-PARAMS = [n if n in TESTED else pytest.param(n, marks=pytest.mark.skip(reason=f"{n}: {unavailable_reason(n)}"))
-          for n in ALL]
+# Transports this machine lacks are reported as skips with the reason (nixl without its package, say); nixl's
+# skips are tagged with its subsystem, so that LLM_DATADIST_REQUIRE=nixl turns them into failures.
+PARAMS = [n if n in TESTED else pytest.param(n, marks=pytest.mark.skip(
+    reason=tag(n, str(unavailable_reason(n))) if n == "nixl" else f"{n}: {unavailable_reason(n)}")) for n in ALL]
 ONE_SIDED = {"loopback", "process_vm", "shm"}  # the serving side does no work during a transfer
 
 

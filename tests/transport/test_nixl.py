@@ -12,15 +12,16 @@ from peer_server import pattern
 from llm_datadist._transport import unavailable_reason
 from llm_datadist._transport.base import CopyPlan, RemoteRegion, RemoteRejected, TransferTimeout
 from llm_datadist._transport.nixl_ops import Regions, rows
+from subsystems import skip, skip_if_missing
 
 REASON = unavailable_reason("nixl")
-needs_nixl = pytest.mark.skipif(bool(REASON), reason=f"nixl: {REASON}")
+needs_nixl = skip_if_missing("nixl", REASON)
 
 
 @pytest.fixture
 def pair():
     if REASON:
-        pytest.skip(f"nixl: {REASON}")
+        skip("nixl", str(REASON))
     setup = Setup("nixl")
     yield setup
     setup.close()
