@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pkgutil
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -252,13 +253,50 @@ def test_listening_on_all_interfaces_without_a_secret_warns_once_per_process():
 
 
 @pytest.mark.parametrize("ip, secret, env", [
-    ("0.0.0.0", "config.link_secret = 'shared words'", {}),
-    ("0.0.0.0", "", {"LLM_DATADIST_LINK_SECRET": "shared words"}),
+    ("0.0.0.0", "config.link_secret = 'shared words, long enough'", {}),
+    ("0.0.0.0", "", {"LLM_DATADIST_LINK_SECRET": "shared words, long enough"}),
     ("127.0.0.1", "", {}),
 ])
 def test_no_warning_with_a_secret_or_on_loopback(ip, secret, env):
     result = _run(_LISTEN_TWICE.format(ip=ip, secret=secret), **env)
     assert _NO_SECRET not in result.stderr and result.stderr == "", result.stderr
+
+
+def test_the_listener_warning_says_what_strangers_can_do_and_how_to_stop_them():
+    result = _run(_LISTEN_TWICE.format(ip="0.0.0.0", secret=""))
+    line = next(line for line in result.stderr.splitlines() if _NO_SECRET in line)
+    for words in ("or TLS", "any cluster id", "read every cache", "write every cache", "tls_cert_file"):
+        assert words in line, (words, line)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl command is not installed")
+def test_no_listener_warning_with_mutual_tls(tmp_path):
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=ca")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "me.key", "-out", "me.csr", "-subj", "/CN=me")
+    openssl("x509", "-req", "-in", "me.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "me.pem",
+            "-days", "2")
+    files = (f"config.tls_cert_file = {str(tmp_path / 'me.pem')!r}; config.tls_key_file = "
+             f"{str(tmp_path / 'me.key')!r}; config.tls_ca_file = {str(tmp_path / 'ca.pem')!r}")
+    result = _run(_LISTEN_TWICE.format(ip="0.0.0.0", secret=files))
+    assert result.stderr == "", result.stderr
+    control = _run(_LISTEN_TWICE.format(ip="0.0.0.0", secret=""))  # the same listeners without TLS do warn
+    assert _NO_SECRET in control.stderr
+
+
+@pytest.mark.parametrize("secret, warns", [("s3cr", True), ("fifteen chars!!", True),
+                                           ("sixteen chars!!!", False)])
+def test_a_short_link_secret_warns_once(secret, warns):
+    result = _run(_LISTEN_TWICE.format(ip="127.0.0.1", secret=f"config.link_secret = {secret!r}"))
+    lines = [line for line in result.stderr.splitlines() if "the link secret has only" in line]
+    if warns:
+        assert len(lines) == 1 and lines[0].startswith("[WARNING]"), result.stderr
+        assert f"only {len(secret)} bytes" in lines[0] and secret not in lines[0]
+    else:
+        assert result.stderr == "", result.stderr
 
 
 def test_rank_table_listener_on_all_interfaces_without_a_secret_warns_once():

@@ -104,7 +104,7 @@ class CommDomain:
             for host in (address, "0.0.0.0"):
                 try:
                     self._listener = Listener(host, port, self._on_accept, name=f"llm-dd-comm-{port}")
-                    warn_unauthenticated_listener(host, self._links.link_secret)
+                    warn_unauthenticated_listener(host, self._links.link_secret, self._links.tls_on)
                     return True
                 except EngineError:
                     continue

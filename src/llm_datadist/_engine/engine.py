@@ -27,6 +27,7 @@ from llm_datadist._engine.types import DEVICE, HOST, CacheSpec
 from llm_datadist._transport import available_transports, iov, transport_class, unavailable_reason
 from llm_datadist._transport.base import Region, Transport, TransportContext, host_identity
 from llm_datadist._transport.tls import Tls
+from llm_datadist.utils.log import warn_weak_secret
 
 _log = logging.getLogger(__name__)
 MAX_COMM_DOMAINS = 512
@@ -90,6 +91,9 @@ class Engine:
                     self.tls.check()
                 except (OSError, ValueError) as exc:
                     raise ParamInvalid(f"the TLS certificate, key or CA file can not be used: {exc}") from exc
+            if self.opts.link_secret:
+                warn_weak_secret(self.opts.link_secret)
+                proto.stretch_secret(self.opts.link_secret)  # once per process, before any handshake waits on it
             self._start_transports()
             self._start_pools()
             if self.opts.listen_ip is not None and self.opts.listen_port is not None:

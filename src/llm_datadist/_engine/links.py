@@ -132,12 +132,17 @@ class LinkManager:
         self._listener = Listener(ip, port, self._on_accept, name=f"llm-dd-listen-{port}")
         self._listen = (ip, self._listener.port)
         _log.info("cluster %d listening on %s:%d", self._engine.cluster_id, ip, self._listener.port)
-        warn_unauthenticated_listener(ip, self.link_secret)
+        warn_unauthenticated_listener(ip, self.link_secret, self.tls_on)
 
     @property
     def link_secret(self) -> Optional[bytes]:
         """The instance's link secret (None: links are not authenticated)."""
         return self._engine.opts.link_secret
+
+    @property
+    def tls_on(self) -> bool:
+        """Whether mutual TLS authenticates every link's peer."""
+        return self._engine.tls is not None
 
     def stop_listening(self) -> None:
         listener, self._listener, self._listen = self._listener, None, None

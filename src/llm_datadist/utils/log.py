@@ -133,23 +133,38 @@ def set_log_level(level: int) -> None:
     logging.getLogger(LOGGER_NAME).setLevel(logging.NOTSET)
 
 
-def warn_unauthenticated_listener(host: str, secret: Optional[bytes]) -> None:
-    """Warn once per process when links are accepted on a non-loopback address without a link secret.
+def warn_unauthenticated_listener(host: str, secret: Optional[bytes], tls: bool = False) -> None:
+    """Warn once per process when links are accepted on a non-loopback address with neither a secret nor TLS.
 
     Args:
         host: the address the listener is bound to.
         secret: the instance's link secret (empty or None: none).
+        tls: whether mutual TLS authenticates the listener's peers.
     """
-    if secret:
+    if secret or tls:
         return
     try:
         if ipaddress.ip_address(host).is_loopback:
             return
     except ValueError:
         pass
-    _warn_once(("listener",), "listening on %s without a link secret: any host that reaches this port can link and "
-               "read or write the caches registered remote_accessible; set LLMConfig.link_secret (or "
-               "LLM_DATADIST_LINK_SECRET) on every side", host)
+    _warn_once(("listener",), "listening on %s without a link secret or TLS: anyone who reaches this port can link "
+               "under any cluster id, read every cache registered remote_accessible and write every cache that "
+               "accepts pushes; set LLMConfig.link_secret (or LLM_DATADIST_LINK_SECRET) to the same strong secret "
+               "on every side, and on untrusted networks mutual TLS as well (tls_cert_file, tls_key_file, "
+               "tls_ca_file)", host)
+
+
+MIN_SECRET_BYTES = 16  # shorter link secrets are accepted, with a warning
+
+
+def warn_weak_secret(secret: Optional[bytes]) -> None:
+    """Warn once per process when the link secret is too short to resist guessing."""
+    if not secret or len(secret) >= MIN_SECRET_BYTES:
+        return
+    _warn_once(("weak-secret",), "the link secret has only %d bytes: a peer that can make this instance dial it "
+               "may guess a short secret offline; use at least %d random characters, e.g. "
+               "python -c 'import secrets; print(secrets.token_urlsafe(24))'", len(secret), MIN_SECRET_BYTES)
 
 
 logger = _configure()
