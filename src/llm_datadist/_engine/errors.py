@@ -59,10 +59,6 @@ class ExistLink(EngineError):
     code = LLMStatusCode.LLM_EXIST_LINK
 
 
-class LinkBusy(EngineError):
-    code = LLMStatusCode.LLM_LINK_BUSY
-
-
 class Timeout(EngineError):
     code = LLMStatusCode.LLM_TIMEOUT
 
@@ -72,7 +68,7 @@ class Finalized(EngineError):
 
 
 _BY_CODE = {cls.code: cls for cls in (ParamInvalid, FeatureNotEnabled, OutOfMemory, CacheNotExist, NotLinked,
-                                      AlreadyLinked, LinkFailed, UnlinkFailed, ExistLink, LinkBusy, Timeout)}
+                                      AlreadyLinked, LinkFailed, UnlinkFailed, ExistLink, Timeout)}
 
 
 def error_for_code(code: int, message: str) -> EngineError:
