@@ -661,13 +661,26 @@ def test_create_cpu_cache(new_cache):
     assert cache.tensor_addrs == addrs and cache.cache_desc is host
 
 
-def test_remap_registered_memory(cm, new_cache):
+def test_remap_registered_memory(cm, new_cache, tools):
+    cache, arrays = new_cache(cm, 2, (4, 8), placement=Placement.DEVICE)
+    before = [a.copy() for a in arrays]
+    # ranges that hold no registered memory are accepted and change nothing
     cm.remap_registered_memory(MemInfo(Memtype.MEM_TYPE_DEVICE, 1234, 1))
     cm.remap_registered_memory([MemInfo(Memtype.MEM_TYPE_DEVICE, 1234, 1)])
     cm.remap_registered_memory([])
-    cache, arrays = new_cache(cm, 1, (4, 8), placement=Placement.DEVICE)
-    cm.remap_registered_memory([MemInfo(Memtype.MEM_TYPE_DEVICE, arrays[0].ctypes.data + 8, 8)])
-    cm.copy_cache(cache, cache, 1, 0)  # still usable
+    cm.remap_registered_memory([MemInfo(Memtype.MEM_TYPE_DEVICE, arrays[0].ctypes.data + 8, 8),
+                                MemInfo(Memtype.MEM_TYPE_DEVICE, arrays[1].ctypes.data, arrays[1].nbytes)])
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, before))  # re-exposing never touches the bytes
+    arrays[0][0] = 77  # the application restores (here: rewrites) the memory after the remap
+    cm.copy_cache(cache, cache, 1, 0)  # the cache is still registered, at the same addresses
+    want = [b.copy() for b in before]
+    want[0][0] = want[0][1] = 77
+    want[1][1] = before[1][0]
+    assert all(np.array_equal(a, w) for a, w in zip(arrays, want))
+    other, other_arrays = new_cache(cm, 2, (4, 8), placement=Placement.DEVICE, fill="sentinel")
+    cm.copy_cache(other, cache, 3, 1)  # and still a source
+    for got, w in zip(other_arrays, want):
+        assert np.array_equal(got[3], w[1]) and (got[:3] == tools.SENTINEL).all()
 
 
 def test_remap_bad_arguments(cm):

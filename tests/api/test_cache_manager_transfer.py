@@ -340,11 +340,19 @@ def test_pull_consumes_allocated_key(pd, new_cache, tools):
     pd.p_cm.deallocate_cache(src)
 
 
-def test_registered_keys_are_not_consumed(pd, new_cache):
-    new_cache(pd.p_cm, 1, (2, 32), keys=[CacheKey(P, 7)])
-    dst, _ = new_cache(pd.d_cm, 1, (2, 32))
-    for _ in range(3):
-        pd.d_cm.pull_cache(CacheKey(P, 7), dst)
+def test_registered_keys_are_not_consumed(pd, new_cache, tools):
+    _, src_arrays = new_cache(pd.p_cm, 2, (2, 32), keys=[CacheKey(P, 7)])
+    dst, arrays = new_cache(pd.d_cm, 2, (2, 32), fill="sentinel")
+    for n, slot in enumerate((0, 1, 0)):
+        for i, src in enumerate(src_arrays):  # new content in the owner's memory before each pull
+            src[:] = (np.arange(src.size, dtype=np.int64).reshape(src.shape) * (n + 3) + i * 7 + n) % 229
+        for array in arrays:
+            array[:] = tools.SENTINEL
+        pd.d_cm.pull_cache(CacheKey(P, 7), dst, slot)
+        for i, array in enumerate(arrays):
+            want = np.full((2, 32), tools.SENTINEL, np.uint8)
+            want[slot] = (np.arange(32) * (n + 3) + i * 7 + n) % 229  # slot 0 of the source, computed afresh
+            assert np.array_equal(array, want), (n, i)
 
 
 def test_prefix_key_pulled_repeatedly(pd, new_cache, tools):

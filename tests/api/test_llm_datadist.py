@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 import uuid
 
@@ -189,9 +190,48 @@ def test_legacy_members_rejected_in_cache_manager_mode(pd):
     with pytest.raises(LLMException) as exc:
         pd.p.kv_cache_manager
     assert exc.value.status_code == PARAM_INVALID
-    with pytest.raises(LLMException) as exc:
-        pd.p.check_link_status(1)
-    assert exc.value.status_code == PARAM_INVALID
+    for dd, linked_to in ((pd.p, pd.d.cluster_id), (pd.d, pd.p.cluster_id), (pd.p, 4242)):
+        with pytest.raises(LLMException, match="check_link_status is not supported") as exc:
+            dd.check_link_status(linked_to)  # refused whether the cluster is linked or not
+        assert exc.value.status_code == PARAM_INVALID
+
+
+def test_check_link_status_in_legacy_mode(make_dd, tools):
+    p = make_dd(LLMRole.PROMPT, 1, listen=True, enable_cache_manager=False)
+    d = make_dd(LLMRole.DECODER, 2, enable_cache_manager=False)
+    info = tools.cluster_info(1, make_dd.port(p))
+    for dd, other in ((d, 1), (p, 2)):
+        with pytest.raises(LLMException) as exc:
+            dd.check_link_status(other)
+        assert exc.value.status_code == LLMStatusCode.LLM_NOT_YET_LINK
+    assert d.link_clusters([info], 3000) == (SUCCESS, [SUCCESS])
+    assert d.check_link_status(1) is None
+    assert wait_until(lambda: _link_status(p, 2) is None)  # the server's side of the same link
+    for stranger in (3, 2**64 - 1):
+        with pytest.raises(LLMException) as exc:
+            d.check_link_status(stranger)
+        assert exc.value.status_code == LLMStatusCode.LLM_NOT_YET_LINK
+    for bad in ("1", None, 1.0):
+        with pytest.raises(TypeError):
+            d.check_link_status(bad)
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError):
+            d.check_link_status(bad)
+    assert d.unlink_clusters([info], 3000) == (SUCCESS, [SUCCESS])
+    for dd, other in ((d, 1), (p, 2)):
+        assert wait_until(lambda: _link_status(dd, other) == LLMStatusCode.LLM_NOT_YET_LINK)
+    d.finalize()
+    with pytest.raises(RuntimeError, match=NOT_INITIALIZED):
+        d.check_link_status(1)
+
+
+def _link_status(dd, cluster_id):
+    """None when check_link_status passes, else the status it raised."""
+    try:
+        dd.check_link_status(cluster_id)
+    except LLMException as exc:
+        return exc.status_code
+    return None
 
 
 # -- rank-table links ------------------------------------------------------------------------------
@@ -417,21 +457,37 @@ def test_force_unlink_of_unlinked_cluster(pd, tools):
     assert pd.linked()
 
 
+def _listening(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:port (asked of the kernel, not the library)."""
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def test_switch_role_and_start_listening(make_dd, free_port, tools):
     dd = make_dd(LLMRole.PROMPT, 1)
+    assert dd.role == LLMRole.PROMPT
     dd.switch_role(LLMRole.DECODER)
+    assert dd.role == LLMRole.DECODER
     port = free_port()
+    assert not _listening(port)
     dd.switch_role(LLMRole.PROMPT, {"llm.listenIpInfo": f"127.0.0.1:{port}"})
+    assert dd.role == LLMRole.PROMPT and _listening(port)
     client = make_dd(LLMRole.DECODER, 2)
     assert client.link_clusters([tools.cluster_info(1, port)], 3000) == (SUCCESS, [SUCCESS])
+    assert client.unlink_clusters([tools.cluster_info(1, port)], 3000) == (SUCCESS, [SUCCESS])
+    assert wait_until(lambda: not dd._engine.links.has_links())
+    dd.switch_role(LLMRole.DECODER)  # no listen address: it stops listening
+    assert dd.role == LLMRole.DECODER and not _listening(port)
+    moved = free_port()
+    dd.switch_role(LLMRole.MIX, {"llm.listenIpInfo": f"127.0.0.1:{moved}"})
+    assert dd.role == LLMRole.MIX and _listening(moved) and not _listening(port)
 
 
 def test_switch_to_current_role(make_dd):
     dd = make_dd(LLMRole.DECODER, 1)
-    dd.switch_role(LLMRole.DECODER)
-    dd.switch_role(LLMRole.DECODER, {})
-    dd.switch_role(LLMRole.MIX)
-    dd.switch_role(LLMRole.MIX)
+    for role, options in ((LLMRole.DECODER, None), (LLMRole.DECODER, {}), (LLMRole.MIX, None), (LLMRole.MIX, None)):
+        dd.switch_role(role, options)
+        assert dd.role == role
 
 
 def test_switch_role_argument_types(pd):
@@ -441,7 +497,7 @@ def test_switch_role_argument_types(pd):
         pd.p.switch_role(LLMRole.DECODER, "not_dict")
     with pytest.raises(TypeError):
         pd.p.switch_role(None)
-    assert pd.linked()
+    assert pd.linked() and pd.p.role == LLMRole.PROMPT
 
 
 def test_switch_role_with_links_raises_exist_link(make_pair, free_port):
@@ -450,15 +506,18 @@ def test_switch_role_with_links_raises_exist_link(make_pair, free_port):
         with pytest.raises(LLMException) as exc:
             dd.switch_role(LLMRole.MIX)
         assert exc.value.status_code == LLMStatusCode.LLM_EXIST_LINK
+    port = free_port()
     with pytest.raises(LLMException) as exc:
-        pair.d.switch_role(LLMRole.PROMPT, {"llm.listenIpInfo": f"127.0.0.1:{free_port()}"})
+        pair.d.switch_role(LLMRole.PROMPT, {"llm.listenIpInfo": f"127.0.0.1:{port}"})
     assert exc.value.status_code == LLMStatusCode.LLM_EXIST_LINK
-    assert pair.linked()
+    assert pair.linked() and (pair.d.role, pair.p.role) == (LLMRole.DECODER, LLMRole.PROMPT)  # nothing changed
+    assert not _listening(port) and _listening(pair.port)
     # after unlinking, switching works
     assert pair.d.unlink_clusters([pair.info()], 3000) == (SUCCESS, [SUCCESS])
     pair.d.switch_role(LLMRole.MIX)
     assert wait_until(lambda: not pair.p._engine.links.has_links())
     pair.p.switch_role(LLMRole.MIX)
+    assert (pair.d.role, pair.p.role) == (LLMRole.MIX, LLMRole.MIX) and not _listening(pair.port)
 
 
 def test_switch_role_bad_listen_ip_info(make_dd):
@@ -469,7 +528,9 @@ def test_switch_role_bad_listen_ip_info(make_dd):
     with pytest.raises(LLMException, match=r"llm\.listenIpInfo .*'port'") as exc:  # not a bare ValueError
         dd.switch_role(LLMRole.PROMPT, {"llm.listenIpInfo": "127.0.0.1:port"})
     assert exc.value.status_code == PARAM_INVALID
+    assert dd.role == LLMRole.DECODER  # a refused switch changes nothing
     dd.switch_role(LLMRole.PROMPT)  # still usable
+    assert dd.role == LLMRole.PROMPT
 
 
 def test_legacy_mode_switch_role(make_dd):
@@ -480,6 +541,7 @@ def test_legacy_mode_switch_role(make_dd):
     with pytest.raises(LLMException) as exc:
         dd.switch_role(LLMRole.PROMPT)
     assert exc.value.status_code == PARAM_INVALID
+    assert dd.role == LLMRole.DECODER
     with pytest.raises(LLMException) as exc:
         dd.cache_manager
     assert exc.value.status_code == PARAM_INVALID

@@ -197,11 +197,17 @@ def test_hixl_backend_with_invalid_global_resource_config():
     dd = LlmDataDist(A_ID, LlmRole.kPrompt)
     options = {OPTION_DEVICE_ID: "0", OPTION_LISTEN_IP_INFO: listen, OPTION_TRANSFER_BACKEND: "hixl",
                OPTION_GLOBAL_RESOURCE_CONFIG: "{not json"}
-    assert dd.Initialize(options) != S.LLM_SUCCESS
+    assert dd.Initialize(options) == S.LLM_PARAM_INVALID  # an option value the caller got wrong
     options[OPTION_GLOBAL_RESOURCE_CONFIG] = "{}"
     assert dd.Initialize(options) == S.LLM_SUCCESS
     dd.Finalize()
-    assert LlmDataDist(A_ID, 1).Initialize({OPTION_DEVICE_ID: "0", OPTION_TRANSFER_BACKEND: "nope"}) != S.LLM_SUCCESS
+    # a transfer backend needs a listen address (a parameter error) and must name a backend this library has
+    assert LlmDataDist(A_ID, 1).Initialize({OPTION_DEVICE_ID: "0", OPTION_TRANSFER_BACKEND: "nope"}) \
+        == S.LLM_PARAM_INVALID
+    unknown = LlmDataDist(A_ID, 1)
+    assert unknown.Initialize({OPTION_DEVICE_ID: "0", OPTION_LISTEN_IP_INFO: f"127.0.0.1:{_port()}",
+                               OPTION_TRANSFER_BACKEND: "nope"}) == S.LLM_FEATURE_NOT_ENABLED
+    assert unknown.SetRole(LlmRole.kDecoder, {}) == S.LLM_FAILED  # it never started
 
 
 def _every_call(dd: LlmDataDist, cache: Cache):

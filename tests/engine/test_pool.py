@@ -5,12 +5,14 @@ import errno
 import json
 import os
 import random
+import struct
 import threading
 
 import pytest
 
 from llm_datadist._engine.errors import EngineError, OutOfMemory, ParamInvalid
-from llm_datadist._engine.memory import CpuDevice, HostMemory, is_mapped, map_shared, read_bytes, write_bytes
+from llm_datadist._engine.memory import (PAGE_SIZE, CpuDevice, HostMemory, is_mapped, map_shared, read_bytes,
+                                         write_bytes)
 from llm_datadist._engine.pool import MemPool, PoolConfig, parse_pool_config
 from llm_datadist.status import LLMStatusCode
 
@@ -297,9 +299,27 @@ def test_device_pool_on_cpu_device():
         p.close()
 
 
+def _present_pages(addr: int, nbytes: int) -> list:
+    """Bit 63 of /proc/self/pagemap for each page of the range: a page table entry exists (no privilege needed)."""
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(addr // PAGE_SIZE * 8)
+        data = f.read(8 * (nbytes // PAGE_SIZE))
+    return [(entry >> 63) & 1 for entry in struct.unpack(f"<{len(data) // 8}Q", data)]
+
+
 def test_prefault_pool():
+    npages = 64 * KIB // PAGE_SIZE
+    lazy = MemPool(PoolConfig(64 * KIB, 12), HostMemory())  # the control: nothing mapped until it is touched
+    try:
+        assert _present_pages(lazy.addr, 64 * KIB) == [0] * npages
+    finally:
+        lazy.close()
     p = MemPool(PoolConfig(64 * KIB, 12), HostMemory(), prefault=True)
-    p.close()
+    try:
+        assert _present_pages(p.addr, 64 * KIB) == [1] * npages
+        assert os.fstat(p._segment.fd).st_blocks * 512 >= 64 * KIB  # the backing pages are reserved too
+    finally:
+        p.close()
 
 
 def test_prefault_pool_out_of_memory_leaks_nothing(monkeypatch):

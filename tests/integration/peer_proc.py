@@ -1,7 +1,9 @@
 """A scriptable LLMDataDist peer process for integration tests: JSON-line commands on stdin, replies on stdout."""
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import sys
 import time
@@ -10,7 +12,13 @@ import traceback
 import numpy as np
 
 from llm_datadist import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex, DataType, LLMClusterInfo,
-                          LLMConfig, LLMDataDist, LLMException, LLMRole, Placement)
+                          LLMConfig, LLMDataDist, LLMException, LLMRole, MemInfo, Memtype, Placement)
+
+_PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_MAP_FIXED = 0x10
 
 
 def pattern(seed: int, tensor: int, nbytes: int) -> np.ndarray:
@@ -22,6 +30,13 @@ class Peer:
     def __init__(self) -> None:
         self.dd = None
         self.caches = {}  # name -> (Cache, [arrays])
+        self.mappings = []  # page-aligned mappings behind arrays: kept for the life of the process
+
+    def _aligned_zeros(self, num_blocks, block_bytes):
+        """A zeroed array in a mapping of its own (page aligned), so that its pages can be replaced."""
+        mm = mmap.mmap(-1, num_blocks * block_bytes)
+        self.mappings.append(mm)
+        return np.frombuffer(mm, dtype=np.uint8).reshape(num_blocks, block_bytes)
 
     def op_init(self, role, cluster_id, config):
         cfg = LLMConfig()
@@ -31,15 +46,21 @@ class Peer:
         self.dd.init(cfg.generate_options())
         return {"pid": os.getpid()}
 
-    def _arrays(self, num_tensors, num_blocks, block_bytes, seed):
+    def _arrays(self, num_tensors, num_blocks, block_bytes, seed, aligned=False):
+        if aligned:
+            arrays = [self._aligned_zeros(num_blocks, block_bytes) for _ in range(num_tensors)]
+            for t, array in enumerate(arrays):
+                if seed is not None:
+                    array.reshape(-1)[:] = pattern(seed, t, num_blocks * block_bytes)
+            return arrays
         if seed is None:
             return [np.zeros((num_blocks, block_bytes), np.uint8) for _ in range(num_tensors)]
         return [pattern(seed, t, num_blocks * block_bytes).reshape(num_blocks, block_bytes)
                 for t in range(num_tensors)]
 
     def op_register(self, name, num_tensors, num_blocks, block_bytes, seed=None, blocks=True, model_id=None,
-                    keys=(), placement=1, remote_accessible=None):
-        arrays = self._arrays(num_tensors, num_blocks, block_bytes, seed)
+                    keys=(), placement=1, remote_accessible=None, aligned=False):
+        arrays = self._arrays(num_tensors, num_blocks, block_bytes, seed, aligned)
         desc = CacheDesc(num_tensors, [num_blocks, block_bytes], DataType.DT_UINT8, Placement(placement))
         addrs = [a.ctypes.data for a in arrays]
         cm = self.dd.cache_manager
@@ -66,6 +87,26 @@ class Peer:
     def op_deallocate(self, name):
         self.dd.cache_manager.deallocate_cache(self.caches[name][0])
         return {}
+
+    def op_remap(self, name, seed):
+        """What an application does after a device memory error: new physical pages behind the same addresses
+        of every tensor of the cache (the bytes around the tensors in those pages are restored), the tensors
+        refilled, here with the pattern of ``seed``, then ``remap_registered_memory`` of the tensors."""
+        cache, arrays = self.caches[name]
+        nbytes = arrays[0].nbytes
+        spans = sorted({(addr // _PAGE * _PAGE, -(-(addr + nbytes) // _PAGE) * _PAGE) for addr in cache.tensor_addrs})
+        for start, end in spans:
+            keep = np.ctypeslib.as_array((ctypes.c_uint8 * (end - start)).from_address(start)).copy()
+            got = _libc.mmap(start, end - start, mmap.PROT_READ | mmap.PROT_WRITE,
+                             mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0)
+            if got != start:
+                raise OSError(ctypes.get_errno(), "mmap MAP_FIXED failed")
+            ctypes.memmove(start, keep.ctypes.data, end - start)
+        for t, array in enumerate(arrays):
+            array.reshape(-1)[:] = pattern(seed, t, nbytes)
+        self.dd.cache_manager.remap_registered_memory([MemInfo(Memtype.MEM_TYPE_DEVICE, addr, nbytes)
+                                                       for addr in cache.tensor_addrs])
+        return {"spans": len(spans)}
 
     def op_digest(self, name):
         """sha-like digest of every tensor, to verify pushes from the other side."""

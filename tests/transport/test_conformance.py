@@ -1,18 +1,25 @@
 """Conformance suite run against every available transport (loopback in-process; others two-process)."""
 from __future__ import annotations
 
+import ctypes
+import json
+import mmap
 import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
+from typing import List, Optional
 
 import numpy as np
 import pytest
 
-from conftest import LOCAL_BYTES, PARAMS, PEER_BYTES, TESTED, Setup, ctx
+from conftest import ALL, LOCAL_BYTES, PARAMS, PEER_BYTES, TESTED, Setup, ctx
 from waiting import NEVER_HANGS_S, wait_until
+from llm_datadist import LLMStatusCode
 from llm_datadist._transport import available_transports, transport_class
 from llm_datadist._transport.base import (
     ConnectFailed,
@@ -123,8 +130,15 @@ def test_write_scattered_then_read_back(setup: Setup, case):
 
 def test_empty_plan_is_a_no_op(setup: Setup):
     empty = setup.plan([], [], [])
+    setup.local[:] = SENTINEL
     setup.transport.read(setup.channel, empty, setup.deadline())
+    assert (setup.local == SENTINEL).all(), "an empty read changed local bytes"
+    setup.local[:] = 0x5A  # what a write that moves anything would put on the peer
     setup.transport.write(setup.channel, empty, setup.deadline())
+    assert (setup.local == 0x5A).all()
+    setup.transport.read(setup.channel, setup.plan([0], [0], [PEER_BYTES]), setup.deadline())
+    np.testing.assert_array_equal(setup.local[:PEER_BYTES], setup.expected())  # an empty write changed the peer
+    assert (setup.local[PEER_BYTES:] == 0x5A).all()
 
 
 def _outside_ranges(setup: Setup):
@@ -302,18 +316,175 @@ def test_nothing_leaks_after_close(name):
     assert _open_fds() <= fds
 
 
-def test_registry_and_capabilities():
-    from llm_datadist._transport import transport_report, unavailable_reason
+_PVM_SYSCALLS = {"x86_64": (310, 311, 0xC000003E), "aarch64": (270, 271, 0xC00000B7)}  # readv, writev, audit arch
 
-    assert set(TESTED) <= set(available_transports())
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def _pvm_reads(pid: int, addr: int, nbytes: int) -> Optional[bytes]:
+    """``nbytes`` at ``addr`` of process ``pid`` read with process_vm_readv called directly, None if refused."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.process_vm_readv.restype = ctypes.c_ssize_t
+    buf = ctypes.create_string_buffer(nbytes)
+    local, remote = _IoVec(ctypes.addressof(buf), nbytes), _IoVec(addr, nbytes)
+    got = libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    return buf.raw if got == nbytes else None
+
+
+def _pvm_works_on_self() -> bool:
+    marker = ctypes.create_string_buffer(b"pvm-probe-" + os.urandom(6))
+    return _pvm_reads(os.getpid(), ctypes.addressof(marker), 16) == marker.raw[:16]
+
+
+def _pvm_works_on_a_child() -> bool:
+    code = ("import ctypes, os, sys; b = ctypes.create_string_buffer(b'child-marker-16b');"
+            "print(ctypes.addressof(b), flush=True); sys.stdin.read()")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        addr = int(child.stdout.readline())
+        return _pvm_reads(child.pid, addr, 16) == b"child-marker-16b"
+    finally:
+        child.stdin.close()
+        child.wait(30)
+
+
+def _memfd_segment_works() -> bool:
+    """A memfd segment that another mapping of its /proc/self/fd path sees: what the shm transport shares."""
+    if not hasattr(os, "memfd_create"):
+        return False
+    try:
+        fd = os.memfd_create("conformance-probe")
+    except OSError:
+        return False
+    try:
+        os.ftruncate(fd, mmap.PAGESIZE)
+        first = mmap.mmap(fd, mmap.PAGESIZE)
+        first[:5] = b"probe"
+        with open(f"/proc/self/fd/{fd}", "r+b") as again:
+            second = mmap.mmap(again.fileno(), mmap.PAGESIZE)
+            seen = second[:5]
+            second.close()
+        first.close()
+        return seen == b"probe"
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _nixl_installed() -> bool:
+    """NIXL's package and a backend distribution that ships the UCX plugin (read from installed metadata)."""
+    import importlib.metadata
+    import importlib.util
+
+    if sys.version_info < (3, 10) or importlib.util.find_spec("nixl") is None:
+        return False
+    for dist in importlib.metadata.distributions():
+        if (dist.metadata["Name"] or "").lower().replace("_", "-") in ("nixl-cu12", "nixl-cu13", "nixl-rocm") and \
+                any(os.path.basename(str(f)).startswith("libplugin_UCX") for f in dist.files or ()):
+            return True
+    return False
+
+
+def _expected_transports() -> List[str]:
+    """The transports this machine permits, from probes of the machine itself."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # tcp needs a loopback socket
+    pvm = _pvm_works_on_self()
+    if _pvm_works_on_a_child():
+        assert pvm, "process_vm_readv works on a child and not on this process"
+    permitted = {"loopback": True, "process_vm": pvm, "shm": _memfd_segment_works(), "tcp": True,
+                 "nixl": _nixl_installed()}
+    return [name for name in ALL if permitted[name]]
+
+
+def test_available_transports_are_what_this_machine_permits():
+    from llm_datadist._transport import transport_names, transport_report, unavailable_reason
+
+    expected = _expected_transports()
+    assert available_transports() == expected
+    assert set(transport_names()) == set(ALL)
+    for name, reason in transport_report():
+        assert isinstance(reason, str) and (reason == "") == (name in expected), (name, reason)
+        cls = transport_class(name)
+        assert cls.name == name and cls.caps.memory_kinds and cls.available() == (name in expected)
     with pytest.raises(KeyError):
         transport_class("no-such-transport")
     with pytest.raises(KeyError):
         unavailable_reason("no-such-transport")
-    for name, reason in transport_report():
-        cls = transport_class(name)
-        assert cls.name == name and isinstance(reason, str) and cls.caps.memory_kinds
-        assert cls.available() == (not reason)
+
+
+def _init_status(backend: str) -> LLMStatusCode:
+    from llm_datadist import LLMConfig, LLMDataDist, LLMException, LLMRole
+
+    from ports import free_port
+
+    cfg = LLMConfig()
+    cfg.enable_cache_manager = True
+    cfg.enable_remote_cache_accessible = True
+    cfg.listen_ip_info = f"127.0.0.1:{free_port()}"
+    cfg.transfer_backend = backend
+    dd = LLMDataDist(LLMRole.PROMPT, 9)
+    try:
+        dd.init(cfg.generate_options())
+    except LLMException as exc:
+        return exc.status_code
+    dd.finalize()
+    return LLMStatusCode.LLM_SUCCESS
+
+
+def test_forcing_a_transport_this_process_lacks_fails_init(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nixl", None)  # the package can no longer be found
+    assert "nixl" not in available_transports()
+    assert _init_status("nixl") == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
+    assert _init_status("tcp,nixl") == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
+    assert _init_status("no-such-transport") == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
+    assert _init_status("tcp") == LLMStatusCode.LLM_SUCCESS
+
+
+_SECCOMP_CHILD = r"""
+import ctypes, json, os, struct, sys
+readv, writev, arch = (int(x) for x in sys.argv[1:4])
+def insn(code, jt, jf, k):
+    return struct.pack("<HBBI", code, jt, jf, k)
+LD, JEQ, RET = 0x20, 0x15, 0x06
+EPERM_RET, ALLOW = 0x00050000 | 1, 0x7FFF0000
+prog = b"".join([insn(LD, 0, 0, 4), insn(JEQ, 0, 4, arch), insn(LD, 0, 0, 0), insn(JEQ, 1, 0, readv),
+                 insn(JEQ, 0, 1, writev), insn(RET, 0, 0, EPERM_RET), insn(RET, 0, 0, ALLOW)])
+buf = ctypes.create_string_buffer(prog)
+class Fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+fprog = Fprog(len(prog) // 8, ctypes.addressof(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0, ctypes.get_errno()  # PR_SET_SECCOMP, FILTER
+sys.path.insert(0, sys.argv[4])
+import test_conformance as conformance
+from llm_datadist._transport import available_transports
+statuses = {b: int(conformance._init_status(b)) for b in ("process_vm", "tcp")}
+print(json.dumps({"probe": conformance._pvm_works_on_self(), "available": available_transports(),
+                  "init": statuses}))
+"""
+
+
+@pytest.mark.skipif(os.uname().machine not in _PVM_SYSCALLS, reason="seccomp filter written for x86_64 and aarch64")
+def test_a_process_denied_process_vm_readv_lacks_that_transport_and_cannot_force_it():
+    """A seccomp filter refuses process_vm_readv/writev in a child: the library there must agree."""
+    readv, writev, arch = _PVM_SYSCALLS[os.uname().machine]
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
+    env.pop("LLM_DATADIST_TRANSPORT", None)
+    out = subprocess.run([sys.executable, "-c", _SECCOMP_CHILD, str(readv), str(writev), str(arch),
+                          os.path.dirname(os.path.abspath(__file__))],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    child = json.loads(out.stdout.strip().splitlines()[-1])
+    assert child["probe"] is False  # the filter works: the direct call is refused
+    assert child["available"] == [n for n in _expected_transports() if n != "process_vm"]
+    assert child["init"] == {"process_vm": int(LLMStatusCode.LLM_FEATURE_NOT_ENABLED),
+                             "tcp": int(LLMStatusCode.LLM_SUCCESS)}
 
 
 def test_stale_guard_fails_reads_and_writes_and_a_live_one_still_works(fresh: Setup):
