@@ -7,7 +7,9 @@ the server closed while they sat idle.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import time
 from typing import List, Optional
 
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 from llm_datadist import BlocksCacheKey, LLMRole
-from llm_datadist._transport import tcp, tcp_server
+from llm_datadist._transport import tcp, tcp_server, tls
 from llm_datadist._transport import tcp_wire as dwire
 from llm_datadist._transport.base import CopyPlan, PeerInfo, Region, TransportContext
 from tests.reliability import kv, local, wire
@@ -179,8 +181,8 @@ def test_a_decode_pulls_again_after_the_server_closed_its_idle_connections(owner
 class _Pair:
     """A serving tcp transport with a patterned region and a client transport connected to it."""
 
-    def __init__(self, nbytes: int) -> None:
-        ctx = TransportContext(host_id="data-slots-host", pid=os.getpid(), bind_host="127.0.0.1")
+    def __init__(self, nbytes: int, tls_config=None) -> None:
+        ctx = TransportContext(host_id="data-slots-host", pid=os.getpid(), bind_host="127.0.0.1", tls=tls_config)
         self.server = tcp.TcpTransport(ctx)
         self.client = tcp.TcpTransport(ctx)
         self.source = np.random.default_rng(7).integers(0, 256, nbytes, dtype=np.uint8)
@@ -213,17 +215,52 @@ class _Pair:
         self.server.close()
 
 
-@pytest.fixture
-def pair():
+def _openssl(*args: str, cwd: str) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> tls.Tls:
+    """One CA and one certificate it signed (both ends present it)."""
+    cwd = str(tmp_path_factory.mktemp("pki"))
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=ca", cwd=cwd)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "end.key", "-out", "end.csr", "-subj", "/CN=end",
+             cwd=cwd)
+    _openssl("x509", "-req", "-in", "end.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "end.pem", "-days", "2", cwd=cwd)
+    return tls.Tls(tls.TlsFiles(os.path.join(cwd, "end.pem"), os.path.join(cwd, "end.key"),
+                                os.path.join(cwd, "ca.pem")))
+
+
+NO_OPENSSL = pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl command is not installed")
+
+
+@pytest.fixture(params=["plain", pytest.param("tls", marks=NO_OPENSSL)])
+def pair(request):
     made: List[_Pair] = []
+    tls_config = request.getfixturevalue("pki") if request.param == "tls" else None
 
     def make(nbytes: int) -> _Pair:
-        made.append(_Pair(nbytes))
+        made.append(_Pair(nbytes, tls_config))
         return made[-1]
 
     yield make
     for p in made:
         p.close()
+
+
+def _count_opened(monkeypatch) -> List[int]:
+    """[connections the client channels opened from now on]."""
+    opened = [0]
+    real = tcp.TcpChannel.open_connection
+
+    def counting(self, deadline):
+        opened[0] += 1
+        return real(self, deadline)
+
+    monkeypatch.setattr(tcp.TcpChannel, "open_connection", counting)
+    return opened
 
 
 def test_pooled_connections_the_server_closed_are_replaced_not_used(pair, monkeypatch):
@@ -234,6 +271,10 @@ def test_pooled_connections_the_server_closed_are_replaced_not_used(pair, monkey
     p.channel.streams = 2  # a transfer of two streams: two pooled connections to replace
     assert p.read_all()
     assert p.channel._reuse_s == 15.0  # half the announced limit
+    opened = _count_opened(monkeypatch)
+    for _ in range(3):  # healthy pooled connections are reused, not replaced
+        assert p.read_all()
+    assert opened[0] == 0, opened
     monkeypatch.setattr(tcp_server, "IDLE_TIMEOUT_S", 0.5)  # from the server's next wait for a frame on
     assert p.read_all()
     closed_before = p.server.server.closed_idle  # type: ignore[union-attr]
@@ -243,6 +284,7 @@ def test_pooled_connections_the_server_closed_are_replaced_not_used(pair, monkey
     for _ in range(3):
         assert p.read_all()
     assert p.serving() >= 1
+    assert opened[0] == 2, opened  # the two closed ones replaced once, the new ones reused since
 
 
 def test_pooled_connections_are_not_reused_past_the_announced_limit(pair, monkeypatch):

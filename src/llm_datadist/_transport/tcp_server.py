@@ -21,6 +21,7 @@ import logging
 import os
 import selectors
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -265,8 +266,17 @@ class DataServer:
         if self._stop.is_set():
             raise _Stop()
 
-    def _until(self, deadline: float) -> Callable[[], None]:
-        """A stall that also ends the connection once ``deadline`` passed (a request frame still incomplete)."""
+    def _until(self, sock: socket.socket, seconds: float) -> Callable[[], None]:
+        """A stall that also ends the connection once ``seconds`` passed (a request frame still incomplete).
+
+        A TLS socket gets that wait as its own timeout too: the ssl module retries a blocking read that
+        SO_RCVTIMEO cut short without ever returning, so only its timeout (an error: the connection closes)
+        ends a wait for bytes that never come. ``_serve_one`` clears it once the request is in.
+        """
+        deadline = time.monotonic() + seconds
+        if isinstance(sock, ssl.SSLSocket):
+            sock.settimeout(max(seconds, 0.001))
+
         def stall() -> None:
             if self._stop.is_set():
                 raise _Stop()
@@ -283,11 +293,13 @@ class DataServer:
             wire.send_bytes(sock, wire.header(wire.OP_REPLY, wire.ST_OK, idle_ms), self._stall)
             while self._serve_one(sock, link_id):
                 pass
-        except _Idle:
-            with self._lock:
-                self.closed_idle += 1
-            logger.debug("tcp data connection of link %d closed: idle for %.1f s", link_id, IDLE_TIMEOUT_S)
-        except (_Stop, TransportError, OSError, ValueError, struct.error):
+        except (_Idle, TransportError) as exc:
+            if isinstance(exc, _Idle) or isinstance(exc.__cause__, socket.timeout):  # TLS: its own timeout
+                with self._lock:
+                    self.closed_idle += 1
+                logger.debug("tcp data connection of link %d closed: no request within %.1f s", link_id,
+                             IDLE_TIMEOUT_S)
+        except (_Stop, OSError, ValueError, struct.error):
             pass
         except Exception:  # noqa: BLE001 - a bad connection must never kill the server
             logger.debug("tcp data connection failed", exc_info=True)
@@ -300,12 +312,12 @@ class DataServer:
 
     def _serve_one(self, sock: socket.socket, link_id: int) -> bool:
         """Serve one request frame; False closes the connection."""
-        op, _, count, nguards, nbytes = wire.recv_header(sock, self._until(time.monotonic() + IDLE_TIMEOUT_S))
+        op, _, count, nguards, nbytes = wire.recv_header(sock, self._until(sock, IDLE_TIMEOUT_S))
         if op not in (wire.OP_READ, wire.OP_WRITE) or count > wire.MAX_OPS or nguards > wire.MAX_GUARDS:
             self._reply(sock, wire.ST_BAD_FRAME)
             return False
         small = nguards + count <= SMALL_FRAME
-        frame_stall = self._until(time.monotonic() + IDLE_TIMEOUT_S)  # the guards and ranges follow the header
+        frame_stall = self._until(sock, IDLE_TIMEOUT_S)  # the guards and ranges follow the header
         if small:  # a small request: its words as Python ints, no arrays on this path
             words = struct.unpack(f"<{2 * (nguards + count)}Q",
                                   wire.recv_bytes(sock, 16 * (nguards + count), frame_stall))
@@ -320,6 +332,8 @@ class DataServer:
             guards, ranges = pairs[:nguards], pairs[nguards:]
             addrs, sizes = ranges[:, 0].copy(), ranges[:, 1].copy()
             total = int(ranges[:, 1].sum())
+        if isinstance(sock, ssl.SSLSocket):
+            sock.settimeout(None)  # the data moves under SO_RCVTIMEO/SO_SNDTIMEO and self._stall, as it did
         version = self._begin()
         try:
             status = self._check(link_id, op, guards, addrs, sizes)
