@@ -38,7 +38,7 @@ def package_version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per command."""
-    from llm_datadist.cli import demo
+    from llm_datadist.cli import chaos, demo
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Open LLM-DataDist: KV-cache transfer for prefill/decode disaggregated serving.",
@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "verify every byte and print a summary. Exit status 0 on success, 1 on any failure.")
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(handler=demo.run)
+    chaos_parser = sub.add_parser(
+        "chaos", help="a bounded chaos soak: prefills killed, decodes stopped, caches re-registered, links cut",
+        description="Prefill and decode processes pull and push verified blocks while a seeded schedule kills and "
+                    "restarts prefills, stops decodes, re-registers caches and unlinks; reports wrong-byte "
+                    "successes and hangs (both must be 0) and resource growth. Exit status 1 if any.")
+    chaos.add_arguments(chaos_parser)
+    chaos_parser.set_defaults(handler=chaos.run)
     sub.add_parser("bench", help="benchmarks (every argument after 'bench' goes to the bench tool)", add_help=False)
     sub.add_parser("doctor", help="show the environment: versions, transports, permissions, CUDA, huge pages"
                    ).set_defaults(handler=_doctor)
