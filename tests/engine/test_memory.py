@@ -272,8 +272,6 @@ def test_shared_segment_hugepage_advice_only_for_large_segments():
         assert "hg" not in _vm_flags(small.addr) and "hg" not in _vm_flags(declined.addr)
 
 
-@pytest.mark.xfail(strict=True, reason="the fallback's view[::PAGE_SIZE] = view[::PAGE_SIZE] is a no-op in numpy "
-                   "(same source and destination): no page is touched")
 def test_prefault_fallback_touches_pages(monkeypatch):
     monkeypatch.setattr(memory, "_madvise", lambda *args: False)  # no MADV_POPULATE_WRITE: pages are touched
     with SharedSegment(8 * PAGE_SIZE, prefault=True) as seg:

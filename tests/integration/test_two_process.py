@@ -377,8 +377,6 @@ def test_pull_after_the_owner_remaps_registered_memory_gets_the_new_bytes(prefil
         dd.finalize()
 
 
-@pytest.mark.xfail(strict=True, reason="remap re-registers a pool region with the same shared-segment descriptor: a "
-                   "same-host peer keeps reading the segment's old pages through its shm mapping")
 def test_pull_after_the_owner_remaps_pool_memory_gets_the_new_bytes(spawn_peer):
     """The same for a pool-allocated cache, which a same-host peer may read through the pool's shared segment."""
     port = free_port()

@@ -1,6 +1,7 @@
 """The per-instance engine: registry, guards, pools, transports, links, comm domains and tasks of one LLMDataDist."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -17,7 +18,7 @@ from llm_datadist._engine.errors import (CacheNotExist, EngineError, FeatureNotE
 from llm_datadist._engine.executor import Executor
 from llm_datadist._engine.guards import Guards
 from llm_datadist._engine.links import LinkManager
-from llm_datadist._engine.memory import backend_for
+from llm_datadist._engine.memory import backend_for, maps_segment
 from llm_datadist._engine.options import EngineOptions, link_timeout_s
 from llm_datadist._engine.poller import Poller
 from llm_datadist._engine.pool import MemPool, parse_pool_config
@@ -204,7 +205,8 @@ class Engine:
         return entry.owned or entry.remote_accessible or not self.opts.remote_cache_accessible
 
     def _region_views(self, entry: CacheEntry) -> List[proto.RegionView]:
-        """The descriptors peers need for the memory of a cache (only regions that have any)."""
+        """The descriptors peers need for the memory of a cache (only regions that have any, and always the pool's:
+        a pool region whose descriptors were withdrawn, after a remap, must replace what peers learned of it)."""
         if entry.owned:
             pool = self.pools.get(entry.placement)
             keys = [(pool.region.addr, pool.region.nbytes)] if pool is not None else []
@@ -214,7 +216,7 @@ class Engine:
         with self._lock:
             for key in keys:
                 held = self._regions.get(key)
-                if held is not None and held.descriptors:
+                if held is not None and (held.descriptors or entry.owned):
                     views.append((key[0], key[1], held.region.kind, dict(held.descriptors)))
         return views
 
@@ -378,18 +380,36 @@ class Engine:
             backend.check_range(int(addr), nbytes)
 
     def remap(self, ranges: Sequence[tuple]) -> None:
-        """Re-register exposed ranges that contain the given ones with every transport (after a memory error)."""
+        """Re-register exposed ranges that contain the given ones with every transport (after a memory error).
+
+        The pages behind a range may have been replaced: a region that a shared segment aliased for same-host
+        peers loses that alias unless this process still maps the segment there, and every cache on remapped
+        memory gets a new generation, so a peer's view or read from before the remap fails and is refreshed.
+        """
         with self._lock:
             exposed = [held for held in self._regions.values()]
+        touched = []
         for addr, size in ranges:
             for held in exposed:
                 region = held.region
                 if region.addr <= addr and addr + size <= region.end:
-                    for name, transport in self.transports.items():
+                    touched.append((addr, size))
+                    for transport in self.transports.values():
                         transport.deregister(region)
+                    segment = region.segment
+                    if segment is not None and not maps_segment(region.addr, region.nbytes, segment):
+                        _log.info("remapped memory at %#x is no longer its shared segment's: peers on this host "
+                                  "read it without the segment", region.addr)
+                        held.region = region = dataclasses.replace(region, segment=None)
+                    held.descriptors.clear()
+                    for name, transport in self.transports.items():
                         descriptor = transport.register(region)
                         if descriptor:
                             held.descriptors[name] = descriptor
+        for entry in self.registry.entries():
+            if any(a < addr + size and addr < a + entry.tensor_nbytes
+                   for a in entry.tensor_addrs for addr, size in touched):
+                self.registry.new_generation(entry)
         self._table_changed(True)
 
     # -- views of our caches for peers ------------------------------------------------------------

@@ -114,6 +114,36 @@ def _is_mapped_procmaps(start: int, size: int, maps_path: str = "/proc/self/maps
     return False
 
 
+def maps_segment(addr: int, nbytes: int, segment: Segment, maps_path: str = "/proc/self/maps") -> bool:
+    """Whether ``[addr, addr + nbytes)`` is still mapped from ``segment``'s file at ``segment.offset`` onwards.
+
+    The owner's truth after pages were replaced behind a registered range (``remap_registered_memory``): another
+    process that maps the segment sees the file's pages, so an alias is only right while this process does too.
+    """
+    end, pos = addr + nbytes, addr
+    try:
+        with open(maps_path) as f:
+            for line in f:
+                fields = line.split()
+                lo_s, _, hi_s = fields[0].partition("-")
+                lo, hi = int(lo_s, 16), int(hi_s, 16)
+                if hi <= pos:
+                    continue
+                if lo > pos or len(fields) < 5:
+                    return False
+                major, _, minor = fields[3].partition(":")
+                file_offset = int(fields[2], 16) + (pos - lo)
+                if (int(fields[4]) != segment.ino or os.makedev(int(major, 16), int(minor, 16)) != segment.dev
+                        or file_offset != segment.offset + (pos - addr)):
+                    return False
+                pos = hi
+                if pos >= end:
+                    return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
 def is_mapped(addr: int, nbytes: int) -> bool:
     """Whether every page of ``[addr, addr + nbytes)`` is mapped in this process.
 
@@ -259,7 +289,7 @@ class SharedSegment:
             pass
         if not _madvise(self._mm, _MADV_POPULATE_WRITE, start, end - start):
             view = np_view(self.addr + start, end - start)
-            view[::PAGE_SIZE] = view[::PAGE_SIZE]
+            view[::PAGE_SIZE] |= 0  # a write to every page (a plain self-assignment is skipped by numpy)
 
     def close(self) -> None:
         """Unmap and release the segment (idempotent). Views over it must no longer be used."""

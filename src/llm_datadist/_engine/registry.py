@@ -430,6 +430,13 @@ class Registry:
         self._new_generation(entry)
         return []
 
+    def new_generation(self, entry: CacheEntry) -> None:
+        """A live entry's memory changed under it (remapped pages): every view and read of it so far must fail."""
+        with self._lock:
+            if self._entries.get(entry.cache_id) is entry:
+                self._new_generation(entry)
+                self._bump()
+
     def _new_generation(self, entry: CacheEntry) -> None:
         """The entry stays but a key no longer leads to it: views that relied on the key must fail."""
         if self._reguard is None or entry.guard is None:
