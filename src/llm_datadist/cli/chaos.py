@@ -326,6 +326,8 @@ class Soak:
                 if not reply.get("ok"):
                     raise WorkerGone(f"init: {reply.get('status')} {reply.get('error', '')}")
                 member.pid = _worker_pid(chan.proc)
+                if member.host is not None and member.pid == chan.proc.pid:
+                    raise WorkerGone("the worker process on the simulated host was not found (signals would miss it)")
                 member.chan = chan
                 if member.role == PROMPT:
                     member.gen = 0
@@ -755,8 +757,8 @@ def _worker_pid(proc: subprocess.Popen) -> int:
         seen += 1
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"llm_datadist.cli.chaos_worker" in f.read():
-                    return pid
+                if f.read().split(b"\0")[1:3] == [b"-m", b"llm_datadist.cli.chaos_worker"]:
+                    return pid  # python -m ... itself (unshare's command line names the module too)
             for task in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{task}/children") as f:
                     todo.extend(int(c) for c in f.read().split())
