@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from llm_datadist import BlocksCacheKey, LLMRole
-from llm_datadist._transport import tcp, tcp_server, tls
+from llm_datadist._transport import iov, tcp, tcp_server, tls
 from llm_datadist._transport import tcp_wire as dwire
 from llm_datadist._transport.base import CopyPlan, PeerInfo, Region, TransportContext
 from tests.reliability import kv, local, wire
@@ -300,3 +300,73 @@ def test_pooled_connections_are_not_reused_past_the_announced_limit(pair, monkey
     assert p.read_all()
     assert p.channel._idle and p.channel._idle[0] is not first[0]
     assert first[0].fileno() == -1  # the client closed the old one
+
+
+# -- a data server in this process: peers that stop moving a request's data ------------------------------------
+@pytest.fixture(params=["plain", pytest.param("tls", marks=NO_OPENSSL)])
+def data_server(request, monkeypatch):
+    """(server, memory, connect): a data server whose memory is readable and writable, the idle limit IDLE_S;
+    ``connect()`` opens a raw (TLS where the server has it) connection with a small receive buffer."""
+    monkeypatch.setattr(tcp_server, "IDLE_TIMEOUT_S", IDLE_S)
+    tls_config = request.getfixturevalue("pki") if request.param == "tls" else None
+    memory = np.random.default_rng(11).integers(0, 256, 64 << 20, dtype=np.uint8)
+    readable, writable = iov.RangeTable(), iov.RangeTable()
+    readable.add(memory.ctypes.data, memory.nbytes)
+    writable.add(memory.ctypes.data, memory.nbytes)
+    srv = tcp_server.DataServer("127.0.0.1", readable, writable, None, tls_config)
+    token = os.urandom(dwire.TOKEN_BYTES)
+    srv.add_token(token, 5)
+    socks: List[socket.socket] = []
+
+    def connect() -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # the server's sends fill it soon
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", srv.port))
+        if tls_config is not None:
+            sock = tls_config.client_context().wrap_socket(sock)
+        socks.append(sock)
+        sock.sendall(wire.data_header(dwire.OP_HELLO, nbytes=len(token)) + token)
+        assert dwire.parse_header(wire.recv_exactly(sock, dwire.HDR.size))[:2] == (dwire.OP_REPLY, dwire.ST_OK)
+        return sock
+
+    yield srv, memory, connect
+    for sock in socks:
+        sock.close()
+    srv.close()
+
+
+def test_a_reader_that_stops_reading_its_data_is_closed_and_a_reader_that_reads_is_not(data_server):
+    srv, memory, connect = data_server
+    stuck, reader = connect(), connect()
+    stuck.sendall(wire.request_frame(dwire.OP_READ, [(memory.ctypes.data, memory.nbytes)]))  # never read
+    reader.sendall(wire.request_frame(dwire.OP_READ, [(memory.ctypes.data, memory.nbytes)]))
+    head = dwire.parse_header(wire.recv_exactly(reader, dwire.HDR.size))
+    assert head[:2] == (dwire.OP_REPLY, dwire.ST_OK) and head[4] == memory.nbytes
+    got = bytearray(memory.nbytes)
+    view, done = memoryview(got), 0
+    while done < len(got):
+        n = reader.recv_into(view[done:])
+        assert n, "the server closed a connection whose reader was reading"
+        done += n
+    assert got == memory.tobytes()
+    deadline = time.monotonic() + 10 * IDLE_S
+    k = 0
+    while srv.connections[1] > 1 and time.monotonic() < deadline:  # the reader keeps reading meanwhile
+        reader.sendall(wire.request_frame(dwire.OP_READ, [(memory.ctypes.data + k, 100)]))
+        assert dwire.parse_header(wire.recv_exactly(reader, dwire.HDR.size))[1] == dwire.ST_OK
+        assert wire.recv_exactly(reader, 100) == memory[k:k + 100].tobytes()
+        k += 1
+        time.sleep(0.05)
+    assert srv.connections[1] == 1 and srv.closed_idle == 1, (srv.connections, srv.closed_idle)  # the stuck one
+
+
+def test_a_writer_that_stops_sending_its_data_is_closed(data_server):
+    srv, memory, connect = data_server
+    writer = connect()
+    writer.sendall(wire.request_frame(dwire.OP_WRITE, [(memory.ctypes.data, 1 << 20)]))
+    assert dwire.parse_header(wire.recv_exactly(writer, dwire.HDR.size))[1] == dwire.ST_OK
+    writer.sendall(b"\0" * (1 << 19))  # half the data, then nothing
+    assert wire.closed_by_peer(writer, 20.0), "a connection whose writer stopped sending stayed open"
+    assert wait_for(lambda: srv.connections[1] == 0, 10.0), srv.connections
+    assert srv.closed_idle == 1

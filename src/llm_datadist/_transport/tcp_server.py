@@ -8,7 +8,9 @@ connections at once.
 
 Serving threads are bounded three ways: MAX_SERVING in all, MAX_PER_LINK for the connections of one link (one
 link cannot take the slots every other link needs), and IDLE_TIMEOUT_S for each request frame to arrive (a
-connection idle between frames, or stalled in the middle of a request's header or ranges, is closed). The HELLO
+connection idle between frames, or stalled in the middle of a request's header or ranges, is closed) and, while a
+request's data moves, for some byte to move (a peer that stops reading a READ's data, or sending a WRITE's, is
+closed too). The HELLO
 reply's ``count`` field tells the client the idle limit in milliseconds, so it stops reusing a pooled connection
 well before the server may close it (0 would mean no limit; clients that ignore the field lose nothing but
 that).
@@ -61,12 +63,78 @@ SMALL_FRAME = 64  # guards + ranges up to which a request is read and served wit
 SERVE_POLL_S = 0.5
 
 
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_TCP_INFO_BYTES = 136  # struct tcp_info through tcpi_bytes_acked (offset 120) and tcpi_bytes_received (128)
+
+
+def _bytes_moved(sock: socket.socket) -> Optional[int]:
+    """Bytes the peer acknowledged plus bytes received on the connection (None where the kernel does not say)."""
+    if _TCP_INFO is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_BYTES)
+    except OSError:
+        return None
+    if len(info) < _TCP_INFO_BYTES:
+        return None
+    acked, received = struct.unpack_from("<QQ", info, 120)
+    return int(acked + received)
+
+
 class _Stop(Exception):
     """Internal: the server is stopping or the connection's link was revoked."""
 
 
 class _Idle(_Stop):
-    """Internal: no whole request frame arrived within IDLE_TIMEOUT_S."""
+    """Internal: no whole request frame arrived, or no byte of a request's data moved, within IDLE_TIMEOUT_S."""
+
+
+class _Watch:
+    """The stall of one authenticated connection: the server stopping ends it, and so does the idle limit.
+
+    ``frame()`` starts the wait for (the rest of) a request frame: it must be whole within IDLE_TIMEOUT_S.
+    ``data()`` starts the request's data: some byte must move, one way or the other, every IDLE_TIMEOUT_S
+    (measured from the first stall on: a small transfer never stalls). A TLS socket gets the limit as its own
+    timeout too: the ssl module retries a blocking read or write that SO_RCVTIMEO/SO_SNDTIMEO cut short without
+    ever returning, so only its timeout (an error: the connection closes) ends a wait for bytes that never move.
+    """
+
+    __slots__ = ("_stop", "_sock", "_tls", "_timeout", "_deadline", "_data", "_moved", "_since")
+
+    def __init__(self, stop: threading.Event, sock: socket.socket) -> None:
+        self._stop = stop
+        self._sock = sock
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._timeout: Optional[float] = None  # the TLS socket's own timeout
+        self._deadline = 0.0
+        self._data = False
+        self._moved: Optional[int] = None
+        self._since: Optional[float] = None
+
+    def frame(self) -> None:
+        self._deadline = time.monotonic() + IDLE_TIMEOUT_S
+        self._data = False
+        if self._tls and self._timeout != IDLE_TIMEOUT_S:
+            self._timeout = IDLE_TIMEOUT_S
+            self._sock.settimeout(IDLE_TIMEOUT_S)
+
+    def data(self) -> None:
+        self._data = True
+        self._since = None
+
+    def __call__(self) -> None:
+        if self._stop.is_set():
+            raise _Stop()
+        now = time.monotonic()
+        if not self._data:
+            if now >= self._deadline:
+                raise _Idle()
+            return
+        moved = _bytes_moved(self._sock)
+        if self._since is None or moved is None or moved != self._moved:
+            self._moved, self._since = moved, now
+        elif now - self._since >= IDLE_TIMEOUT_S:
+            raise _Idle()
 
 
 class _Pending:
@@ -266,32 +334,14 @@ class DataServer:
         if self._stop.is_set():
             raise _Stop()
 
-    def _until(self, sock: socket.socket, seconds: float) -> Callable[[], None]:
-        """A stall that also ends the connection once ``seconds`` passed (a request frame still incomplete).
-
-        A TLS socket gets that wait as its own timeout too: the ssl module retries a blocking read that
-        SO_RCVTIMEO cut short without ever returning, so only its timeout (an error: the connection closes)
-        ends a wait for bytes that never come. ``_serve_one`` clears it once the request is in.
-        """
-        deadline = time.monotonic() + seconds
-        if isinstance(sock, ssl.SSLSocket):
-            sock.settimeout(max(seconds, 0.001))
-
-        def stall() -> None:
-            if self._stop.is_set():
-                raise _Stop()
-            if time.monotonic() >= deadline:
-                raise _Idle()
-
-        return stall
-
     def _serve(self, sock: socket.socket, link_id: int) -> None:
         try:
             wire.tune(sock)
             wire.set_timeouts(sock, SERVE_POLL_S)
             idle_ms = min(int(IDLE_TIMEOUT_S * 1000), 0xFFFFFFFF)
             wire.send_bytes(sock, wire.header(wire.OP_REPLY, wire.ST_OK, idle_ms), self._stall)
-            while self._serve_one(sock, link_id):
+            watch = _Watch(self._stop, sock)
+            while self._serve_one(sock, link_id, watch):
                 pass
         except (_Idle, TransportError) as exc:
             if isinstance(exc, _Idle) or isinstance(exc.__cause__, socket.timeout):  # TLS: its own timeout
@@ -307,20 +357,22 @@ class DataServer:
             self._forget(sock, threading.current_thread())
             sock.close()
 
-    def _reply(self, sock: socket.socket, status: int, count: int = 0, nbytes: int = 0) -> None:
-        wire.send_bytes(sock, wire.header(wire.OP_REPLY, status, count, nbytes), self._stall)
+    def _reply(self, sock: socket.socket, status: int, count: int = 0, nbytes: int = 0,
+               stall: Optional[Callable[[], None]] = None) -> None:
+        wire.send_bytes(sock, wire.header(wire.OP_REPLY, status, count, nbytes), stall or self._stall)
 
-    def _serve_one(self, sock: socket.socket, link_id: int) -> bool:
+    def _serve_one(self, sock: socket.socket, link_id: int, stall: _Watch) -> bool:
         """Serve one request frame; False closes the connection."""
-        op, _, count, nguards, nbytes = wire.recv_header(sock, self._until(sock, IDLE_TIMEOUT_S))
+        stall.frame()
+        op, _, count, nguards, nbytes = wire.recv_header(sock, stall)
         if op not in (wire.OP_READ, wire.OP_WRITE) or count > wire.MAX_OPS or nguards > wire.MAX_GUARDS:
             self._reply(sock, wire.ST_BAD_FRAME)
             return False
         small = nguards + count <= SMALL_FRAME
-        frame_stall = self._until(sock, IDLE_TIMEOUT_S)  # the guards and ranges follow the header
+        stall.frame()  # the guards and ranges follow the header
         if small:  # a small request: its words as Python ints, no arrays on this path
             words = struct.unpack(f"<{2 * (nguards + count)}Q",
-                                  wire.recv_bytes(sock, 16 * (nguards + count), frame_stall))
+                                  wire.recv_bytes(sock, 16 * (nguards + count), stall))
             guards: Union[np.ndarray, List[Tuple[int, int]]] = list(zip(words[0:2 * nguards:2],
                                                                          words[1:2 * nguards:2]))
             addrs: Union[np.ndarray, List[int]] = list(words[2 * nguards::2])
@@ -328,12 +380,11 @@ class DataServer:
             total = sum(sizes)
         else:
             pairs = np.empty((nguards + count, 2), dtype=np.uint64)
-            wire.recv(sock, *wire.one(pairs), frame_stall)
+            wire.recv(sock, *wire.one(pairs), stall)
             guards, ranges = pairs[:nguards], pairs[nguards:]
             addrs, sizes = ranges[:, 0].copy(), ranges[:, 1].copy()
             total = int(ranges[:, 1].sum())
-        if isinstance(sock, ssl.SSLSocket):
-            sock.settimeout(None)  # the data moves under SO_RCVTIMEO/SO_SNDTIMEO and self._stall, as it did
+        stall.data()
         version = self._begin()
         try:
             status = self._check(link_id, op, guards, addrs, sizes)
@@ -347,18 +398,18 @@ class DataServer:
             if op == wire.OP_READ and small:  # the verdict and the data in one gather send
                 buf = bytearray(head)
                 wire.send_small(sock, [(wire.address_of(buf), len(buf))] + list(zip(addrs, sizes)),
-                                self._stall)
+                                stall)
             elif op == wire.OP_READ:
                 head_arr = np.frombuffer(head, dtype=np.uint8)
                 wire.send(sock, np.concatenate((np.array([head_arr.ctypes.data], dtype=np.uint64), addrs)),
-                          np.concatenate((np.array([head_arr.nbytes], dtype=np.uint64), sizes)), self._stall)
+                          np.concatenate((np.array([head_arr.nbytes], dtype=np.uint64), sizes)), stall)
             else:
-                self._reply(sock, wire.ST_OK)
+                self._reply(sock, wire.ST_OK, stall=stall)
                 if small:
-                    wire.recv_small(sock, list(zip(addrs, sizes)), self._stall)  # type: ignore[arg-type]
+                    wire.recv_small(sock, list(zip(addrs, sizes)), stall)  # type: ignore[arg-type]
                 else:
-                    wire.recv(sock, addrs, sizes, self._stall)  # type: ignore[arg-type]
-                self._reply(sock, wire.ST_OK)
+                    wire.recv(sock, addrs, sizes, stall)  # type: ignore[arg-type]
+                self._reply(sock, wire.ST_OK, stall=stall)
             return True
         finally:
             self._end(version)
