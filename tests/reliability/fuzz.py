@@ -160,7 +160,7 @@ def data_pre_auth_case(rng: np.random.Generator, token: bytes) -> Tuple[Case, bo
     if pick == 4:
         return (wire.data_header(dwire.OP_HELLO, nbytes=32, magic=b"XDT1") + token, False), True
     if pick == 5:
-        version = int(rng.choice([0, 1, 3, 255]))
+        version = int(rng.choice([0, dwire.PROTOCOL_VERSION - 1, dwire.PROTOCOL_VERSION + 1, 255]))
         return (wire.data_header(dwire.OP_HELLO, nbytes=32, version=version) + token, False), True
     if pick == 6:
         op = int(rng.choice([0, dwire.OP_READ, dwire.OP_WRITE, dwire.OP_REPLY, 99]))

@@ -5,6 +5,7 @@ import logging
 import os
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -92,6 +93,8 @@ class TcpChannel(Channel):
             raise
         except (TransportError, OSError) as exc:
             sock.close()
+            if _timed_out(exc):
+                raise TransferTimeout(f"the data handshake with {self.address} timed out") from exc
             raise ConnectFailed(f"handshake with {self.address} failed: {exc}") from exc
         return sock
 
@@ -219,13 +222,31 @@ def _has_input(sock: socket.socket) -> bool:
 
 
 def _client_stall(sock: socket.socket, deadline: float) -> Callable[[], None]:
+    """The stall hook of a client connection: TransferTimeout once ``deadline`` passed, else re-arm the timeouts.
+
+    A TLS socket also gets its own timeout: the ssl module retries a read or write that SO_RCVTIMEO/SO_SNDTIMEO
+    cut short and never returns, so only that timeout (then TransferTimeout, see ``_timed_out``) bounds it.
+    """
+    tls_socket = isinstance(sock, ssl.SSLSocket)
+
     def stall() -> None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TransferTimeout("tcp transfer deadline passed")
         wire.set_timeouts(sock, remaining)
+        if tls_socket:
+            sock.settimeout(remaining)
 
     return stall
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a transport error came from a TLS socket's own timeout (the client's deadline)."""
+    while exc is not None:
+        if isinstance(exc, socket.timeout):
+            return True
+        exc = exc.__cause__  # type: ignore[assignment]
+    return False
 
 
 def _request(sock: socket.socket, op: int, plan: CopyPlan, stall: Callable[[], None]) -> None:
@@ -373,7 +394,13 @@ def _transfer(channel: TcpChannel, plan: CopyPlan, deadline: float, op: _Op) -> 
         if len(socks) == 1 and not any(reusable):
             reusable[0] = True  # refused before any data: the stream is still in step
         raise
+    except TransportClosed as exc:
+        if _timed_out(exc):
+            raise TransferTimeout("tcp transfer deadline passed (TLS)") from exc
+        raise
     except (OSError, ValueError, struct.error) as exc:
+        if _timed_out(exc):
+            raise TransferTimeout("tcp transfer deadline passed (TLS)") from exc
         raise TransportClosed(f"tcp transfer failed: {exc}") from exc
     finally:
         for sock, ok in zip(socks, reusable):

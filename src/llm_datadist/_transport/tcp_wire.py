@@ -12,10 +12,13 @@ import numpy as np
 from llm_datadist._transport import iov, tls
 from llm_datadist._transport.base import RemoteRejected, TransportClosed
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 # Changelog: 1 - HELLO/READ/WRITE/REPLY frames, (addr, len) uint64 pairs, two-phase writes.
 #            2 - per-link tokens in HELLO; READ/WRITE carry generation guards ((slot, value) uint64 pairs)
 #                before their ranges, checked by the server after it admitted the request.
+#            3 - the HELLO reply's count is the server's idle limit in ms (0: none): each request frame, and
+#                progress of its data, must come within it or the connection closes; a link's connections
+#                beyond the server's per-link cap get ST_REJECTED to their HELLO.
 _MAGIC = b"LDT1"
 HDR = struct.Struct("<4sBBHIIQ")  # magic, version, op, status, count, guard count, nbytes
 OP_HELLO, OP_READ, OP_WRITE, OP_REPLY = 1, 2, 3, 4
