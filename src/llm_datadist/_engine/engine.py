@@ -7,26 +7,29 @@ import logging
 import os
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from llm_datadist._engine import local_ops, transfers
 from llm_datadist._engine import protocol as proto
 from llm_datadist._engine import requests as rq
 from llm_datadist._engine.comm import CommDomain, parse_rank_addresses
-from llm_datadist._engine.errors import (CacheNotExist, EngineError, FeatureNotEnabled, NotLinked, ParamInvalid,
-                                         Timeout)
+from llm_datadist._engine.errors import EngineError, FeatureNotEnabled, NotLinked, ParamInvalid, Timeout
 from llm_datadist._engine.executor import Executor
 from llm_datadist._engine.guards import Guards
+from llm_datadist._engine.link import Link
 from llm_datadist._engine.links import LinkManager
 from llm_datadist._engine.memory import backend_for, maps_segment
 from llm_datadist._engine.options import EngineOptions, link_timeout_s
 from llm_datadist._engine.poller import Poller
 from llm_datadist._engine.pool import MemPool, parse_pool_config
 from llm_datadist._engine.registry import CacheEntry, KeyId, Registry
+from llm_datadist._engine.rpc import Handler
+from llm_datadist._engine.serving import PeerService
 from llm_datadist._engine.tasks import LayerTask, TaskJob, TaskSet
 from llm_datadist._engine.types import DEVICE, HOST, CacheSpec
+from llm_datadist.status import LLMStatusCode
 from llm_datadist._transport import available_transports, iov, transport_class, unavailable_reason
-from llm_datadist._transport.base import Region, Transport, TransportContext, host_identity
+from llm_datadist._transport.base import Guard, Region, Transport, TransportContext, host_identity
 from llm_datadist._transport.tls import Tls
 from llm_datadist.utils.log import warn_weak_secret
 
@@ -71,6 +74,9 @@ class Engine:
         self.poller = Poller(f"llm-dd-links-{opts.cluster_id}-{serial}")  # reads every link connection
         self.handlers = Executor(HANDLER_WORKERS, f"llm-dd-serve-{opts.cluster_id}-{serial}")
         self.tasks = TaskSet(self, self.executor)
+        self.service = PeerService(self)  # answers peers' requests; the links hand these two to their connections
+        self.handle_request: Handler = self.service.handle
+        self.writable_entry: Callable[[int, int], CacheEntry] = self.service.writable_entry
         self._comms: Dict[int, CommDomain] = {}
         self._next_comm_id = 1
         self._regions: Dict[Tuple[int, int], _Exposed] = {}
@@ -201,10 +207,11 @@ class Engine:
         return [Region(addr=a, nbytes=entry.tensor_nbytes, kind=entry.kind, device_id=entry.device_id,
                        writable=entry.writable) for a in entry.tensor_addrs]
 
-    def _exposed(self, entry: CacheEntry) -> bool:
+    def is_exposed(self, entry: CacheEntry) -> bool:
+        """Whether peers may see the cache's addresses (its memory is registered with the transports)."""
         return entry.owned or entry.remote_accessible or not self.opts.remote_cache_accessible
 
-    def _region_views(self, entry: CacheEntry) -> List[proto.RegionView]:
+    def region_views(self, entry: CacheEntry) -> List[proto.RegionView]:
         """The descriptors peers need for the memory of a cache (only regions that have any, and always the pool's:
         a pool region whose descriptors were withdrawn, after a remap, must replace what peers learned of it)."""
         if entry.owned:
@@ -224,7 +231,7 @@ class Engine:
         if entry.guard is not None:
             self.guards.invalidate(entry.guard)
 
-    def _reguard(self, guard):
+    def _reguard(self, guard: Guard) -> Guard:
         fresh = self.guards.acquire()
         self.guards.invalidate(guard)
         return fresh
@@ -239,7 +246,7 @@ class Engine:
             if pool is not None:
                 for addr in entry.tensor_addrs:
                     _quietly(pool.free, addr)
-        elif self._exposed(entry):
+        elif self.is_exposed(entry):
             for region in self._tensor_regions(entry):
                 self._unexpose(region)
 
@@ -283,7 +290,7 @@ class Engine:
         for addr in entry.tensor_addrs:
             backend.check_range(addr, entry.tensor_nbytes)
         entry.guard = self.guards.acquire()
-        exposed = self._exposed(entry)
+        exposed = self.is_exposed(entry)
         if exposed:
             for region in self._tensor_regions(entry):
                 self._expose(region)
@@ -412,19 +419,6 @@ class Engine:
                 self.registry.new_generation(entry)
         self._table_changed(True)
 
-    # -- views of our caches for peers ------------------------------------------------------------
-    def view_of(self, entry: CacheEntry, slot: int = 0) -> proto.CacheView:
-        keys = [(k.namespace, k.ident, k.model_id, s) for s, k in sorted(entry.slot_keys.items())]
-        guard = entry.guard
-        return proto.CacheView(cache_id=entry.cache_id, tensor_addrs=list(entry.tensor_addrs),
-                               tensor_nbytes=entry.tensor_nbytes, stride=entry.stride, dim0=entry.dim0,
-                               num_tensors=entry.num_tensors, placement=entry.placement, is_blocks=entry.is_blocks,
-                               remote_accessible=entry.remote_accessible or entry.owned, owned=entry.owned,
-                               slot=slot, keys=keys,
-                               blocks_model_id=-1 if entry.blocks_model_id is None else entry.blocks_model_id,
-                               kind=entry.kind, guard=(guard.slot, guard.value, guard.addr) if guard else (0, 0, 0),
-                               regions=self._region_views(entry))
-
     # -- handshake ------------------------------------------------------------------------------
     def hello(self, comm: Optional[CommDomain], target_cluster_id: Optional[int] = None) -> proto.Hello:
         return proto.Hello(protocol_version=proto.PROTOCOL_VERSION, cluster_id=self.cluster_id, role=self.role,
@@ -454,59 +448,6 @@ class Engine:
         for transport in self.transports.values():
             _quietly(transport.revoke, link_id)
 
-    # -- serving side (runs in link reader threads, no user thread involved) ----------------------
-    def handle_request(self, conn, msg):
-        if isinstance(msg, proto.Resolve):
-            return self._resolve_local(msg)
-        if isinstance(msg, proto.Consume):
-            self.registry.note_pulled(msg.cache_id, msg.slot, msg.tensor_lo, msg.tensor_hi)
-            return proto.Ack()
-        if isinstance(msg, proto.TableRequest):
-            caches = [self.view_of(e) if self._exposed(e) else _redacted(e) for e in self.registry.entries()]
-            return proto.Table(version=self.registry.version, caches=caches)
-        if isinstance(msg, proto.WriteGrant):
-            return self.links.grant_write(conn, msg)
-        if isinstance(msg, proto.WriteRelease):
-            self.links.release_write(conn, msg.grant_id)
-            return proto.Ack()
-        if isinstance(msg, proto.Credentials):
-            self.links.note_credentials(conn, msg.credentials)
-            return proto.Ack()
-        if isinstance(msg, proto.Unlink):
-            self.links.note_peer_unlink(conn)
-            return proto.Ack()
-        if isinstance(msg, proto.TableChanged):
-            self.links.invalidate_table_of(conn)
-            return proto.Ack()
-        if isinstance(msg, proto.Ping):
-            return proto.Ack()
-        if isinstance(msg, proto.ConfirmDial):
-            return proto.DialConfirmed(dialing=self.links.is_dialing(msg.dial_nonce))
-        raise ParamInvalid(f"unexpected request {type(msg).__name__}")
-
-    def writable_entry(self, slot: int, value: int) -> CacheEntry:
-        """The live cache of a generation that accepts writes from peers (CacheNotExist / ParamInvalid)."""
-        entry = self.registry.by_guard(slot, value)
-        if not (self._exposed(entry) and entry.writable):
-            raise ParamInvalid(f"cache {entry.cache_id} does not accept writes from peers (register it with "
-                               f"remote_accessible=True to receive pushes)")
-        return entry
-
-    def _resolve_local(self, msg: proto.Resolve) -> proto.CacheView:
-        if msg.kind == "id":
-            entry = self.registry.get(msg.cache_id)
-            if not self._exposed(entry):
-                raise CacheNotExist(f"cache {msg.cache_id} does not exist")
-            if msg.batch_index >= entry.dim0:
-                raise CacheNotExist(f"batch index {msg.batch_index} >= batch size {entry.dim0} of cache {msg.cache_id}")
-            return self.view_of(entry, msg.batch_index)
-        if msg.kind == "blocks":
-            return self.view_of(self.registry.lookup_blocks(msg.model_id))
-        if msg.kind in ("req", "prefix"):
-            entry, slot = self.registry.lookup_key(KeyId(msg.kind, msg.ident, msg.model_id))
-            return self.view_of(entry, slot)
-        raise ParamInvalid(f"unknown resolve kind {msg.kind!r}")
-
     # -- comm domains (rank-table link) ---------------------------------------------------------
     def comm_link(self, comm_name: str, members: Dict[int, int], rank_table: Optional[str]) -> int:
         if self.cluster_id not in members:
@@ -535,9 +476,9 @@ class Engine:
             self._comms.pop(comm_id, None)
         comm.close(unlink_timeout_s=self.opts.sync_kv_timeout_ms / 1000.0)
 
-    def link_for_transfer(self, cluster_id: int):
+    def link_for_transfer(self, cluster_id: int) -> Link:
         """The newest link to ``cluster_id`` that can carry transfers (a comm domain's only once it is OK)."""
-        def usable(link) -> bool:
+        def usable(link: Link) -> bool:
             if not link.comm_id:
                 return True
             comm = self._comms.get(link.comm_id)
@@ -565,46 +506,30 @@ class Engine:
         return any(pool is not None for pool in self.pools.values())
 
     def transfer(self, req: rq.Transfer) -> None:
-        """A pull or push between this instance and a linked one (synchronous)."""
-        if isinstance(req, rq.PullBlocks):
-            transfers.pull_blocks(self, req.source, req.cache_id, req.src_blocks, req.dst_blocks, req.layers)
-        elif isinstance(req, rq.PullCache):
-            transfers.pull_cache(self, req.source, req.cache_id, req.batch_index, req.size, req.layers)
-        elif isinstance(req, rq.PushBlocks):
-            transfers.push_blocks(self, req.dest, req.cache_id, req.src_blocks, req.dst_blocks, req.layers)
-        elif isinstance(req, rq.PushCache):
-            transfers.push_cache(self, req.dest, req.cache_id, req.src_batch_index, req.layers)
-        elif isinstance(req, rq.BlocksById):
-            transfers.blocks_by_id(self, req.cluster_id, req.remote_cache_id, req.cache_id, req.src_blocks,
-                                   req.dst_blocks, req.layers, req.pull)
-        else:
+        """A pull or push between this instance and a linked one (synchronous): the request's handler in
+        ``transfers.HANDLERS`` runs with the request whole."""
+        handler = transfers.HANDLERS.get(type(req))
+        if handler is None:
             raise ParamInvalid(f"not a transfer request: {type(req).__name__}")
+        handler(self, req)
 
     def copy(self, req: rq.LocalCopy) -> None:
-        """A copy between caches of this instance."""
-        if isinstance(req, rq.CopyCache):
-            local_ops.copy_cache(self, req.dst_id, req.src_id, req.dst_index, req.src_index, req.offset, req.size)
-        elif isinstance(req, rq.CopyBlocks):
-            if req.src_id == req.dst_id:
-                local_ops.copy_blocks(self, req.src_id, req.pairs)
-            else:
-                local_ops.copy_blocks_between(self, req.src_id, req.dst_id, req.pairs)
-        elif isinstance(req, rq.SwapBlocks):
-            local_ops.swap_blocks(self, req.src_id, req.src_addrs, req.dst_id, req.dst_addrs, req.block_size,
-                                  req.num_blocks, req.placements, req.pairs)
-        else:
+        """A copy between caches of this instance: the request's handler in ``local_ops.HANDLERS``."""
+        handler = local_ops.HANDLERS.get(type(req))
+        if handler is None:
             raise ParamInvalid(f"not a copy request: {type(req).__name__}")
+        handler(self, req)
 
     def start_layerwise(self, job: TaskJob) -> LayerTask:
         """transfer_cache_async: queue the layer-wise push task and return its waiter."""
         return self.tasks.start(job)
 
-    def link_clusters(self, req: rq.LinkClusters):
+    def link_clusters(self, req: rq.LinkClusters) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
         """Link every peer in parallel; (overall, [code per peer]), never raises."""
         return self.links.link_clusters([{"cluster_id": p.cluster_id, "remote": list(p.remote)} for p in req.peers],
                                         req.timeout_s)
 
-    def unlink_clusters(self, req: rq.UnlinkClusters):
+    def unlink_clusters(self, req: rq.UnlinkClusters) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
         return self.links.unlink_clusters([{"cluster_id": p.cluster_id, "remote": list(p.remote)}
                                            for p in req.peers], req.timeout_s, req.force)
 
@@ -634,16 +559,6 @@ class Engine:
             else:
                 self.links.stop_listening()
         self.role = int(role)
-
-
-def _redacted(entry: CacheEntry) -> proto.CacheView:
-    """A cache peers may not access: listed (so a pull of it is refused as not remote accessible) without its
-    addresses, memory descriptors or generation."""
-    return proto.CacheView(cache_id=entry.cache_id, tensor_addrs=[], tensor_nbytes=entry.tensor_nbytes,
-                           stride=entry.stride, dim0=entry.dim0, num_tensors=entry.num_tensors,
-                           placement=entry.placement, is_blocks=entry.is_blocks, remote_accessible=False, owned=False,
-                           blocks_model_id=-1 if entry.blocks_model_id is None else entry.blocks_model_id,
-                           kind=entry.kind)
 
 
 def _info(entry: CacheEntry) -> rq.CacheInfo:

@@ -8,9 +8,12 @@ from typing import List, Optional, Sequence, Set, Tuple
 
 from llm_datadist._engine import planner, transfers
 from llm_datadist._engine import protocol as proto
+from llm_datadist._engine.context import EngineCore
 from llm_datadist._engine.errors import CacheNotExist, EngineError, Finalized, ParamInvalid, status_of
 from llm_datadist._engine.link import Link, check_view_accessible
+from llm_datadist._engine.executor import Executor
 from llm_datadist._engine.planner import Side, side_of
+from llm_datadist._engine.registry import CacheEntry
 from llm_datadist._engine.requests import TENSORS_PER_LAYER, ConfigJob, TaskJob
 from llm_datadist._transport.base import CopyPlan, StaleMemory, TransportError
 from llm_datadist.status import LLMStatusCode
@@ -77,7 +80,7 @@ def plan_to(job: TaskJob, src: Side, cfg: ConfigJob, layer: int, dst: Side, dst_
 class LayerTask:
     """A running transfer_cache_async; the CacheTask's waiter (``join``/``results``)."""
 
-    def __init__(self, engine, job: TaskJob, tasks: TaskSet) -> None:
+    def __init__(self, engine: EngineCore, job: TaskJob, tasks: TaskSet) -> None:
         self._engine = engine
         self._job = job
         self._tasks = tasks
@@ -162,7 +165,7 @@ class LayerTask:
             self._set(index, LLMStatusCode.LLM_PARAM_INVALID)
         return False
 
-    def _send_logged(self, entry, src: Side, index: int, layer: int) -> LLMStatusCode:
+    def _send_logged(self, entry: CacheEntry, src: Side, index: int, layer: int) -> LLMStatusCode:
         cfg = self._job.configs[index]
         try:
             self._send(entry, src, cfg, layer)
@@ -176,7 +179,7 @@ class LayerTask:
             _log.exception("transfer_cache_async layer %d to cluster %d failed", layer, cfg.dst_cluster_id)
             return LLMStatusCode.LLM_FAILED
 
-    def _send(self, entry, src: Side, cfg: ConfigJob, layer: int) -> None:
+    def _send(self, entry: CacheEntry, src: Side, cfg: ConfigJob, layer: int) -> None:
         deadline = time.monotonic() + self._job.timeout_s
         engine = self._engine
         if entry.released:
@@ -210,7 +213,7 @@ class LayerTask:
 class TaskSet:
     """Running layer-wise tasks of one engine, on its executor."""
 
-    def __init__(self, engine, executor) -> None:
+    def __init__(self, engine: EngineCore, executor: Executor) -> None:
         self._engine = engine
         self._executor = executor
         self._lock = threading.Lock()

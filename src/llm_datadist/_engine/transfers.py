@@ -1,30 +1,50 @@
-"""Transfers between linked instances: the one resolve -> plan -> move -> retry path of pulls, pushes and tasks."""
+"""Transfers between linked instances: the one resolve -> plan -> move -> retry path of pulls, pushes and tasks.
+
+Each transfer request type of the Engine API has one handler here, ``handler(engine, request)``, listed in
+``HANDLERS`` by request type; ``Engine.transfer`` looks the handler up and calls it with the request whole.
+"""
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Type, TypeVar, cast
 
 import numpy as np
 
 from llm_datadist._engine import planner
 from llm_datadist._engine import protocol as proto
+from llm_datadist._engine import requests as rq
+from llm_datadist._engine.context import EngineCore
 from llm_datadist._engine.errors import CacheNotExist, EngineError, ParamInvalid, status_of
 from llm_datadist._engine.link import Link, check_view_accessible
 from llm_datadist._engine.planner import Side, side_of
+from llm_datadist._engine.registry import CacheEntry
 from llm_datadist._engine.types import LayerSel, SourceSpec
 from llm_datadist._transport.base import CopyPlan, RemoteRejected, StaleMemory, TransportError
 from llm_datadist.status import LLMStatusCode
 
 _log = logging.getLogger(__name__)
 MakePlan = Callable[[proto.CacheView], CopyPlan]
+Handler = Callable[[EngineCore, rq.Transfer], None]
+_R = TypeVar("_R", bound=rq.Transfer)
+
+HANDLERS: Dict[type, Handler] = {}  # request type -> its handler: the table Engine.transfer dispatches from
 
 
-def deadline_of(engine) -> float:
+def _handles(kind: Type[_R]) -> Callable[[Callable[[EngineCore, _R], None]], Callable[[EngineCore, _R], None]]:
+    """List the decorated function as the handler of requests of type ``kind`` (the function itself is kept)."""
+    def register(handler: Callable[[EngineCore, _R], None]) -> Callable[[EngineCore, _R], None]:
+        HANDLERS[kind] = cast(Handler, handler)  # called only with requests of type ``kind``
+        return handler
+
+    return register
+
+
+def deadline_of(engine: EngineCore) -> float:
     return time.monotonic() + engine.opts.sync_kv_timeout_ms / 1000.0
 
 
-def link_to(engine, cluster_id: int) -> Link:
+def link_to(engine: EngineCore, cluster_id: int) -> Link:
     """The link for a transfer; our own cluster only through a self link (link_clusters to our listener)."""
     if cluster_id == engine.cluster_id and not engine.links.has_link_to(cluster_id):
         raise ParamInvalid(f"cluster {cluster_id} is the local cluster; a cache can not be pulled from own cluster "
@@ -37,14 +57,14 @@ class local_cache:  # noqa: N801 - used like a function: ``with local_cache(engi
 
     __slots__ = ("_registry", "_entry")
 
-    def __init__(self, engine, cache_id: int) -> None:
+    def __init__(self, engine: EngineCore, cache_id: int) -> None:
         self._registry = engine.registry
         self._entry = entry = self._registry.pin(cache_id)
         if engine.opts.remote_cache_accessible and not (entry.remote_accessible or entry.owned):
             self._registry.unpin(entry)
             raise ParamInvalid(f"local cache {cache_id} is not remote accessible")
 
-    def __enter__(self):
+    def __enter__(self) -> CacheEntry:
         return self._entry
 
     def __exit__(self, *exc) -> None:
@@ -85,7 +105,7 @@ def send(link: Link, plan: CopyPlan, write: bool, deadline: float) -> None:
             link.drop_if_dead(deadline)  # the next call on this cluster answers NotLinked if the peer is gone
 
 
-def _view(engine, link: Link, source: SourceSpec, deadline: float) -> proto.CacheView:
+def _view(engine: EngineCore, link: Link, source: SourceSpec, deadline: float) -> proto.CacheView:
     if engine.opts.remote_cache_accessible:
         view = link.resolve_from_table(source, deadline)
         check_view_accessible(view, "remote")
@@ -93,7 +113,8 @@ def _view(engine, link: Link, source: SourceSpec, deadline: float) -> proto.Cach
     return link.resolve(source, deadline)
 
 
-def move(engine, link: Link, source: SourceSpec, make_plan: MakePlan, write: bool, deadline: float):
+def move(engine: EngineCore, link: Link, source: SourceSpec, make_plan: MakePlan, write: bool,
+         deadline: float) -> proto.CacheView:
     """Resolve the remote cache, plan, move; returns the view used.
 
     A view may be a snapshot (the peer's table in remote-cache-accessible mode, a blocks view in normal
@@ -120,7 +141,7 @@ def move(engine, link: Link, source: SourceSpec, make_plan: MakePlan, write: boo
     return fresh
 
 
-def _consume(engine, link: Link, view: proto.CacheView, layers: LayerSel, deadline: float) -> None:
+def _consume(engine: EngineCore, link: Link, view: proto.CacheView, layers: LayerSel, deadline: float) -> None:
     """After a successful pull in normal mode, tell the owner which tensors of the slot were pulled."""
     if engine.opts.remote_cache_accessible or view.is_blocks or not view.owned:
         return
@@ -137,70 +158,72 @@ def _need(view: proto.CacheView, blocks: bool, hint: str = "") -> None:
         raise ParamInvalid(f"remote cache {view.cache_id} is a blocks cache{hint}")
 
 
-def pull_cache(engine, source: SourceSpec, cache_id: int, batch_index: int, size: int, layers: LayerSel) -> None:
+@_handles(rq.PullCache)
+def pull_cache(engine: EngineCore, req: rq.PullCache) -> None:
     """Pull one remote slot into slot ``batch_index`` of a local continuous cache."""
     deadline = deadline_of(engine)
-    with local_cache(engine, cache_id) as entry:
+    with local_cache(engine, req.cache_id) as entry:
         if entry.is_blocks:
             raise ParamInvalid("pull_cache needs a continuous destination cache")
         local = side_of(entry)
-        if batch_index >= local.count:
-            raise ParamInvalid(f"batch_index {batch_index} >= batch size {local.count}")
-        if size != -1 and size > local.stride:
-            raise ParamInvalid(f"size {size} exceeds the local slot of {local.stride} bytes")
-        link = link_to(engine, source.cluster_id)
+        if req.batch_index >= local.count:
+            raise ParamInvalid(f"batch_index {req.batch_index} >= batch size {local.count}")
+        if req.size != -1 and req.size > local.stride:
+            raise ParamInvalid(f"size {req.size} exceeds the local slot of {local.stride} bytes")
+        link = link_to(engine, req.source.cluster_id)
 
         def make_plan(view: proto.CacheView) -> CopyPlan:
             _need(view, blocks=False)
             remote = side_of(view)
-            src_t, dst_t = planner.tensor_pairs(remote.num_tensors, local.num_tensors, layers, local.num_tensors)
-            nbytes = local.stride if size == -1 else size
-            return planner.oriented(planner.slot_ops(remote, src_t, view.slot, local, dst_t, batch_index, nbytes),
-                                    remote, local, local_is_dst=True)
+            src_t, dst_t = planner.tensor_pairs(remote.num_tensors, local.num_tensors, req.layers, local.num_tensors)
+            nbytes = local.stride if req.size == -1 else req.size
+            ops = planner.slot_ops(remote, src_t, view.slot, local, dst_t, req.batch_index, nbytes)
+            return planner.oriented(ops, remote, local, local_is_dst=True)
 
-        view = move(engine, link, source, make_plan, False, deadline)
-        _consume(engine, link, view, layers, deadline)
+        view = move(engine, link, req.source, make_plan, False, deadline)
+        _consume(engine, link, view, req.layers, deadline)
 
 
-def pull_blocks(engine, source: SourceSpec, cache_id: int, src_blocks: Sequence[int], dst_blocks: Sequence[int],
-                layers: LayerSel) -> None:
+@_handles(rq.PullBlocks)
+def pull_blocks(engine: EngineCore, req: rq.PullBlocks) -> None:
     """Pull remote blocks (or one remote slot cut into blocks) into local blocks."""
     deadline = deadline_of(engine)
-    with local_cache(engine, cache_id) as entry:
+    with local_cache(engine, req.cache_id) as entry:
         if not entry.is_blocks:
             raise ParamInvalid("pull_blocks needs a blocks destination cache")
         local = side_of(entry)
-        link = link_to(engine, source.cluster_id)
+        link = link_to(engine, req.source.cluster_id)
 
         def make_plan(view: proto.CacheView) -> CopyPlan:
             remote = link.side_of(view)
-            src_t, dst_t = planner.tensor_pairs(remote.num_tensors, local.num_tensors, layers, local.num_tensors)
-            if source.kind == "blocks":
+            src_t, dst_t = planner.tensor_pairs(remote.num_tensors, local.num_tensors, req.layers, local.num_tensors)
+            if req.source.kind == "blocks":
                 _need(view, blocks=True)
-                ops = planner.blocks_ops(remote, src_t, src_blocks, local, dst_t, dst_blocks)
+                ops = planner.blocks_ops(remote, src_t, req.src_blocks, local, dst_t, req.dst_blocks)
             else:
                 _need(view, blocks=False, hint="; use a BlocksCacheKey")
-                if len(dst_blocks) * local.stride > remote.stride:
-                    raise ParamInvalid(f"{len(dst_blocks)} blocks of {local.stride} bytes exceed the source slot of "
-                                       f"{remote.stride} bytes")
-                ops = planner.chunk_ops(remote, src_t, view.slot, local, dst_t, dst_blocks, local.stride)
+                if len(req.dst_blocks) * local.stride > remote.stride:
+                    raise ParamInvalid(f"{len(req.dst_blocks)} blocks of {local.stride} bytes exceed the source slot "
+                                       f"of {remote.stride} bytes")
+                ops = planner.chunk_ops(remote, src_t, view.slot, local, dst_t, req.dst_blocks, local.stride)
             return planner.oriented(ops, remote, local, local_is_dst=True)
 
-        view = move(engine, link, source, make_plan, False, deadline)
-        if source.kind != "blocks":
-            _consume(engine, link, view, layers, deadline)
+        view = move(engine, link, req.source, make_plan, False, deadline)
+        if req.source.kind != "blocks":
+            _consume(engine, link, view, req.layers, deadline)
 
 
-def push_cache(engine, dest: SourceSpec, cache_id: int, src_batch_index: int, layers: LayerSel) -> None:
+@_handles(rq.PushCache)
+def push_cache(engine: EngineCore, req: rq.PushCache) -> None:
     """Write one local slot into a remote slot addressed by cache id and batch index."""
     deadline = deadline_of(engine)
-    with local_cache(engine, cache_id) as entry:
+    with local_cache(engine, req.cache_id) as entry:
         if entry.is_blocks:
             raise ParamInvalid("push_cache needs a continuous source cache")
         local = side_of(entry)
-        if src_batch_index >= local.count:
-            raise ParamInvalid(f"src_batch_index {src_batch_index} >= batch size {local.count}")
-        link = link_to(engine, dest.cluster_id)
+        if req.src_batch_index >= local.count:
+            raise ParamInvalid(f"src_batch_index {req.src_batch_index} >= batch size {local.count}")
+        link = link_to(engine, req.dest.cluster_id)
 
         def make_plan(view: proto.CacheView) -> CopyPlan:
             _need(view, blocks=False)
@@ -208,51 +231,51 @@ def push_cache(engine, dest: SourceSpec, cache_id: int, src_batch_index: int, la
             if local.stride > remote.stride:
                 raise ParamInvalid(f"local slot of {local.stride} bytes exceeds the remote slot of "
                                    f"{remote.stride} bytes")
-            src_t, dst_t = planner.tensor_pairs(local.num_tensors, remote.num_tensors, layers, local.num_tensors)
-            ops = planner.slot_ops(local, src_t, src_batch_index, remote, dst_t, view.slot, local.stride)
+            src_t, dst_t = planner.tensor_pairs(local.num_tensors, remote.num_tensors, req.layers, local.num_tensors)
+            ops = planner.slot_ops(local, src_t, req.src_batch_index, remote, dst_t, view.slot, local.stride)
             return planner.oriented(ops, local, remote, local_is_dst=False)
 
-        move(engine, link, dest, make_plan, True, deadline)
+        move(engine, link, req.dest, make_plan, True, deadline)
 
 
-def push_blocks(engine, dest: SourceSpec, cache_id: int, src_blocks: Sequence[int], dst_blocks: Sequence[int],
-                layers: LayerSel) -> None:
+@_handles(rq.PushBlocks)
+def push_blocks(engine: EngineCore, req: rq.PushBlocks) -> None:
     """Write local blocks into a remote blocks cache addressed by BlocksCacheKey."""
     deadline = deadline_of(engine)
-    with local_cache(engine, cache_id) as entry:
+    with local_cache(engine, req.cache_id) as entry:
         if not entry.is_blocks:
             raise ParamInvalid("push_blocks needs a blocks source cache")
         local = side_of(entry)
-        link = link_to(engine, dest.cluster_id)
+        link = link_to(engine, req.dest.cluster_id)
 
         def make_plan(view: proto.CacheView) -> CopyPlan:
             _need(view, blocks=True)
             remote = side_of(view)
-            src_t, dst_t = planner.tensor_pairs(local.num_tensors, remote.num_tensors, layers, local.num_tensors)
-            ops = planner.blocks_ops(local, src_t, src_blocks, remote, dst_t, dst_blocks)
+            src_t, dst_t = planner.tensor_pairs(local.num_tensors, remote.num_tensors, req.layers, local.num_tensors)
+            ops = planner.blocks_ops(local, src_t, req.src_blocks, remote, dst_t, req.dst_blocks)
             return planner.oriented(ops, local, remote, local_is_dst=False)
 
-        move(engine, link, dest, make_plan, True, deadline)
+        move(engine, link, req.dest, make_plan, True, deadline)
 
 
-def blocks_by_id(engine, cluster_id: int, remote_cache_id: int, cache_id: int, src_blocks: Sequence[int],
-                 dst_blocks: Sequence[int], layers: LayerSel, pull: bool) -> None:
+@_handles(rq.BlocksById)
+def blocks_by_id(engine: EngineCore, req: rq.BlocksById) -> None:
     """V1 PullKvBlocks/PushKvBlocks: blocks between a local cache and a remote cache addressed by id,
     both seen as blocks whatever they were registered as (num_blocks = shape[0])."""
     deadline = deadline_of(engine)
-    with local_cache(engine, cache_id) as entry:
+    with local_cache(engine, req.cache_id) as entry:
         local = side_of(entry, as_blocks=True)
-        link = link_to(engine, cluster_id)
-        source = SourceSpec("id", cluster_id, cache_id=remote_cache_id)
+        link = link_to(engine, req.cluster_id)
+        source = SourceSpec("id", req.cluster_id, cache_id=req.remote_cache_id)
 
         def make_plan(view: proto.CacheView) -> CopyPlan:
             remote = side_of(view, as_blocks=True)
-            src, dst = (remote, local) if pull else (local, remote)
-            src_t, dst_t = planner.tensor_pairs(src.num_tensors, dst.num_tensors, layers, local.num_tensors)
-            return planner.oriented(planner.blocks_ops(src, src_t, src_blocks, dst, dst_t, dst_blocks), src, dst,
-                                    local_is_dst=pull)
+            src, dst = (remote, local) if req.pull else (local, remote)
+            src_t, dst_t = planner.tensor_pairs(src.num_tensors, dst.num_tensors, req.layers, local.num_tensors)
+            ops = planner.blocks_ops(src, src_t, req.src_blocks, dst, dst_t, req.dst_blocks)
+            return planner.oriented(ops, src, dst, local_is_dst=req.pull)
 
-        move(engine, link, source, make_plan, not pull, deadline)
+        move(engine, link, source, make_plan, not req.pull, deadline)
 
 
 def raw_destination(link: Link, bases: Sequence[int], stride: int, deadline: float, fresh: bool = False) -> Side:
