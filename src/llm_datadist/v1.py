@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 import numpy as np
 
-from llm_datadist._engine.api import CacheSpec, EngineError, LayerSel, SourceSpec, status_of
+from llm_datadist._engine.api import CacheSpec, EngineApi, EngineError, LayerSel, SourceSpec, status_of
 from llm_datadist._engine.api import requests as rq
 from llm_datadist.configs import LLMRole
 from llm_datadist.data_type import DataType, dtype_size
@@ -309,8 +309,11 @@ class LlmDataDist:
             raise _Fail(S.LLM_FAILED, "not initialized")
         return dd
 
-    def _engine(self):
-        return self._v2()._engine
+    def _engine(self) -> EngineApi:
+        engine = self._v2()._engine
+        if engine is None:
+            raise _Fail(S.LLM_FAILED, "not initialized")
+        return engine
 
     @staticmethod
     def _post_code(func: str, code: LLMStatusCode) -> LLMStatusCode:
@@ -431,7 +434,7 @@ class LlmDataDist:
         return S.LLM_SUCCESS
 
     @staticmethod
-    def _push_layers(engine, src_cache: Cache, ext_param: Optional[KvCacheExtParam]) -> LayerSel:
+    def _push_layers(engine: EngineApi, src_cache: Cache, ext_param: Optional[KvCacheExtParam]) -> LayerSel:
         src, dst, n = _ranges(KvCacheExtParam() if ext_param is None else ext_param, push=True)
         if src.start < 0:
             _require(_is_int(src_cache.cache_desc.num_tensors, 1, 2**32 - 1), "src_cache.cache_desc.num_tensors "
@@ -445,7 +448,7 @@ class LlmDataDist:
             dst = src
         return LayerSel(src, dst, n)
 
-    def _check_push_src(self, src_cache: Any, dst_cache_index: Any):
+    def _check_push_src(self, src_cache: Any, dst_cache_index: Any) -> EngineApi:
         engine = self._engine()
         _check_type("src_cache", src_cache, Cache)
         _check_type("dst_cache_index", dst_cache_index, CacheIndex)

@@ -1,13 +1,13 @@
 """The Engine API: the one way into the engine for the v2 facade, the V1 API and the CLI.
 
-Facades build frozen requests (``requests``), call methods of ``Engine``, and turn failures into status codes
-or exceptions at one boundary (``status_of`` / ``map_errors``). Nothing above the engine imports the engine's
-other modules or the transports.
+Facades build frozen requests (``requests``), call the methods of ``EngineApi`` (what ``open_engine`` returns),
+and turn failures into status codes or exceptions at one boundary (``status_of`` / ``map_errors``). Nothing
+above the engine imports the engine's other modules or the transports.
 """
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, List, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from llm_datadist._engine import options, requests
 from llm_datadist._engine.errors import (EngineError, FeatureNotEnabled, LinkFailed, NotLinked, ParamInvalid,
@@ -16,12 +16,14 @@ from llm_datadist._engine.options import EngineOptions, link_timeout_s
 from llm_datadist._engine.registry import UINT64_MAX, KeyId
 from llm_datadist._engine.requests import TENSORS_PER_LAYER, ConfigJob, TaskJob
 from llm_datadist._engine.types import DEVICE, HOST, CacheSpec, LayerSel, SourceSpec
+from llm_datadist.status import LLMStatusCode
 
 if TYPE_CHECKING:  # the engine itself (numpy, transports) loads on the first open_engine
     from llm_datadist._engine.engine import Engine
 
 __all__ = [
-    "EngineOptions", "open_engine", "options", "requests", "map_errors", "status_of", "to_llm_exception",
+    "EngineApi", "TaskWaiter", "EngineOptions", "open_engine", "options", "requests", "map_errors", "status_of",
+    "to_llm_exception",
     "EngineError", "FeatureNotEnabled", "LinkFailed", "NotLinked", "ParamInvalid", "KeyId", "UINT64_MAX",
     "CacheSpec", "LayerSel", "SourceSpec", "ConfigJob", "TaskJob", "TENSORS_PER_LAYER", "HOST",
     "DEVICE", "link_timeout_s", "transport_report", "process_vm_status", "plan_blocks_timing", "read_process_memory",
@@ -30,11 +32,111 @@ __all__ = [
 ]
 
 
-def open_engine(opts: EngineOptions) -> Engine:
+class TaskWaiter(Protocol):
+    """A running transfer_cache_async, as ``EngineApi.start_layerwise`` returns it."""
+
+    def join(self, timeout_s: Optional[float]) -> bool:
+        """Wait until the task finished (``None``: no limit); True once it has."""
+        ...
+
+    def results(self) -> List[Optional[LLMStatusCode]]:
+        """One status per config, in order; None for a config none of whose layers ran to its end."""
+        ...
+
+
+class EngineApi(Protocol):
+    """What the facades (v2, V1, CLI) may call on an engine. Every method raises EngineError subclasses;
+    ``map_errors`` / ``status_of`` turn them into the facade's exceptions or codes."""
+
+    @property
+    def opts(self) -> EngineOptions:
+        """The options the engine was opened with."""
+        ...
+
+    @property
+    def cluster_id(self) -> int:
+        ...
+
+    # -- lifecycle and role -----------------------------------------------------------------------
+    def close(self) -> None:
+        """Finalize (idempotent): stop tasks and links, release every cache, stop the transports."""
+        ...
+
+    def set_role(self, role: int, listen: Optional[Tuple[str, int]]) -> None:
+        """switch_role: move, start or stop listening (no link may exist), then take the new role label."""
+        ...
+
+    # -- caches -------------------------------------------------------------------------------------
+    def register(self, req: requests.Register) -> requests.CacheInfo:
+        ...
+
+    def allocate(self, req: requests.Allocate) -> requests.CacheInfo:
+        ...
+
+    def cache_info(self, cache_id: int) -> requests.CacheInfo:
+        ...
+
+    def has_pool(self) -> bool:
+        ...
+
+    def deallocate(self, cache_id: int) -> None:
+        ...
+
+    def unregister(self, cache_id: int) -> None:
+        ...
+
+    def remove_key(self, key: KeyId) -> None:
+        ...
+
+    def remap(self, ranges: Sequence[Tuple[int, int]]) -> None:
+        """Re-register exposed (addr, size) ranges with every transport after a memory error."""
+        ...
+
+    # -- moving bytes -------------------------------------------------------------------------------
+    def transfer(self, req: requests.Transfer) -> None:
+        """A pull or push between this instance and a linked one (synchronous)."""
+        ...
+
+    def copy(self, req: requests.LocalCopy) -> None:
+        """A copy between caches of this instance."""
+        ...
+
+    def start_layerwise(self, job: TaskJob) -> TaskWaiter:
+        """transfer_cache_async: queue the layer-wise push task and return its waiter."""
+        ...
+
+    # -- links --------------------------------------------------------------------------------------
+    def link_clusters(self, req: requests.LinkClusters) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
+        """Link every peer in parallel; (overall, [code per peer]), never raises."""
+        ...
+
+    def unlink_clusters(self, req: requests.UnlinkClusters) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
+        ...
+
+    def check_linked(self, cluster_id: int) -> None:
+        """NotLinked unless a link to the cluster exists."""
+        ...
+
+    def route(self, cluster_id: int, every: bool = False) -> str:
+        """The data route of the link to a cluster (every route joined by ">" with ``every``)."""
+        ...
+
+    def comm_link(self, comm_name: str, members: Dict[int, int], rank_table: Optional[str]) -> int:
+        """Join a rank-table comm domain; returns its comm id at once (it links in the background)."""
+        ...
+
+    def comm_status(self, comm_id: int) -> int:
+        ...
+
+    def comm_unlink(self, comm_id: int) -> None:
+        ...
+
+
+def open_engine(opts: EngineOptions) -> EngineApi:
     """A started engine for ``opts`` (EngineError if it cannot start; nothing is left running then)."""
     from llm_datadist._engine.engine import Engine
 
-    engine = Engine(opts)
+    engine: Engine = Engine(opts)
     engine.start()
     return engine
 

@@ -386,7 +386,7 @@ class Engine:
         for addr in addrs:
             backend.check_range(int(addr), nbytes)
 
-    def remap(self, ranges: Sequence[tuple]) -> None:
+    def remap(self, ranges: Sequence[Tuple[int, int]]) -> None:
         """Re-register exposed ranges that contain the given ones with every transport (after a memory error).
 
         The pages behind a range may have been replaced: a region that a shared segment aliased for same-host

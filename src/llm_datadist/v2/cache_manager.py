@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Union
 
-from llm_datadist._engine.api import UINT64_MAX, KeyId, LayerSel, map_errors
+from llm_datadist._engine.api import UINT64_MAX, EngineApi, KeyId, LayerSel, map_errors
 from llm_datadist._engine.api import requests as rq
 from llm_datadist.status import LLMException, LLMStatusCode
 from llm_datadist.utils.utils import (check_int64, check_isinstance, check_uint32, check_uint64, raise_if_false,
@@ -20,7 +20,7 @@ __all__ = ["CacheManager"]
 class CacheManager:
     """Manages the caches of one LLMDataDist instance (obtained through ``LLMDataDist.cache_manager``)."""
 
-    def __init__(self, datadist, engine) -> None:
+    def __init__(self, datadist, engine: EngineApi) -> None:
         self._datadist = datadist
         self._engine = engine
         opts = engine.opts
@@ -46,7 +46,7 @@ class CacheManager:
             raise_if_true(owner is not None and owner is not self,
                           "cache {} belongs to another LLMDataDist instance", cache.cache_id)
 
-    def _live_engine(self):
+    def _live_engine(self) -> EngineApi:
         if not self._initialized:
             raise LLMException("cache manager is not initialized (the LLMDataDist was finalized)",
                                status_code=LLMStatusCode.LLM_FAILED)

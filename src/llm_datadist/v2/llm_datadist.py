@@ -17,7 +17,6 @@ from llm_datadist.v2 import config as cfg
 from llm_datadist.v2.llm_types import RegisterMemStatus
 
 if TYPE_CHECKING:
-    from llm_datadist._engine.engine import Engine
     from llm_datadist.v2.cache_manager import CacheManager
 
 __all__ = ["LLMDataDist"]
@@ -36,7 +35,7 @@ class LLMDataDist:
         check_uint64("cluster_id", cluster_id)
         self._role = role
         self._cluster_id = cluster_id
-        self._engine: Optional[Engine] = None
+        self._engine: Optional[api.EngineApi] = None
         self._cache_manager: Optional[CacheManager] = None
         self._cm_mode = False
         self._options: Dict[str, str] = {}
@@ -50,7 +49,7 @@ class LLMDataDist:
     def role(self) -> LLMRole:
         return self._role
 
-    def _require_engine(self):
+    def _require_engine(self) -> api.EngineApi:
         engine = self._engine
         if engine is None:
             raise RuntimeError(_NOT_INITIALIZED)
@@ -195,7 +194,7 @@ class LLMDataDist:
             self._cache_manager._set_is_call_linked()
         return comm_id
 
-    def _check_comm_id(self, comm_id: int):
+    def _check_comm_id(self, comm_id: int) -> api.EngineApi:
         engine = self._require_engine()
         raise_if_false(self._cm_mode, "comm links are not supported when llm.EnableCacheManager is not configured: "
                        "{}.", cfg.ENABLE_CACHE_MANAGER_HINT)
