@@ -43,6 +43,7 @@ def test_chaos_soak_moves_only_right_bytes_never_hangs_and_leaks_nothing(tmp_pat
     assert report["wrong_byte_successes"] == 0, text
     assert report["hangs"] == 0, text
     assert not report["errors"], text
+    assert report["unexpected_exceptions"] == 0, f"{report['failure_examples']}\n{text}"
     for kind in KINDS:
         assert ops.get(kind, {}).get("LLM_SUCCESS", 0) > 0, f"no {kind} succeeded:\n{text}"
     assert report["verified_pushes"] > 0, text

@@ -227,6 +227,8 @@ class Soak:
         self.slowest: Dict[str, float] = {}
         self.errors: List[str] = []
         self.examples: Dict[str, str] = {}  # "kind status" -> the first error message seen
+        self.by_pair: Dict[str, Dict[str, int]] = {}  # "kind caller-peer" -> {status: count}
+        self.exceptions = 0  # library calls that raised something other than LLMException
         self.actions: Dict[str, int] = {}
         self.gens: Dict[Tuple[int, int], List[Optional[float]]] = {}  # (prefill id, gen) -> [from, until]
         self.next_gen: Dict[int, int] = {}
@@ -358,6 +360,10 @@ class Soak:
                 row = self.ops.setdefault(kind, {"total": 0})
                 row["total"] += 1
                 row[status] = row.get(status, 0) + 1
+                pair = self.by_pair.setdefault(f"{kind} {caller.name}-{peer.name if peer else '?'}", {})
+                pair[status] = pair.get(status, 0) + 1
+                if status.startswith("EXCEPTION"):
+                    self.exceptions += 1
                 if rec.get("error") and f"{kind} {status}" not in self.examples:
                     self.examples[f"{kind} {status}"] = f"{caller.name} -> {peer.name if peer else '?'}: {rec['error']}"
                 took = rec["t1"] - rec["t0"]
@@ -732,7 +738,7 @@ class Soak:
             "hangs": self.hang_count, "hang_details": self.hangs, "stalled_by_own_stop": self.stalled,
             "slowest_s": {k: round(v, 3) for k, v in self.slowest.items()},
             "errors": self.errors, "failure_examples": self.examples, "routes": self.routes, "usage": self.usage,
-            "growth_after_warmup": growth,
+            "growth_after_warmup": growth, "unexpected_exceptions": self.exceptions, "by_pair": self.by_pair,
             "log_dir": self.log_dir,
         }
 
@@ -835,6 +841,7 @@ def format_report(rep: Dict[str, Any]) -> str:
     lines.append(f"  HANGS (beyond bound + margin): {rep['hangs']}")
     for text in rep["hang_details"][:10]:
         lines.append(f"    {text}")
+    lines.append(f"  library calls that raised something other than LLMException: {rep['unexpected_exceptions']}")
     lines.append(f"  errors (worker failures, processes that did not start): {len(rep['errors'])}")
     for text in rep["errors"][:10]:
         lines.append(f"    {text.splitlines()[0] if text else text}")
@@ -857,6 +864,8 @@ def verdict(rep: Dict[str, Any]) -> List[str]:
         bad.append(f"{rep['hangs']} hangs")
     if rep["errors"]:
         bad.append(f"{len(rep['errors'])} errors")
+    if rep["unexpected_exceptions"]:
+        bad.append(f"{rep['unexpected_exceptions']} library calls raised something other than LLMException")
     for who, grow in rep.get("growth_after_warmup", {}).items():
         if grow["fds"] > 0 or grow["os_threads"] - grow["pool_threads"] > 0:
             bad.append(f"{who}: {grow['fds']:+d} fds, {grow['os_threads'] - grow['pool_threads']:+d} threads "
