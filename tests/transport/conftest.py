@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from llm_datadist._transport import available_transports, transport_class, unavailable_reason
-from llm_datadist._transport.base import CopyPlan, Guard, PeerInfo, Region, RemoteRegion, TransportContext
+from llm_datadist._transport.base import SMALL_OPS, CopyPlan, Guard, PeerInfo, Region, RemoteRegion, TransportContext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -166,11 +166,22 @@ class Setup:
             self._expected.flags.writeable = False
         return self._expected
 
-    def plan(self, local_off, remote_off, sizes, guard: Optional[Guard] = None, base: Optional[int] = None) -> CopyPlan:
-        """A plan from offsets into our local buffer and the peer's region, guarded by that region's guard."""
-        return CopyPlan(np.asarray(local_off, dtype=np.uint64) + np.uint64(self.local.ctypes.data),
-                        np.asarray(remote_off, dtype=np.uint64) + np.uint64(self.addr if base is None else base),
-                        np.asarray(sizes, dtype=np.uint64), guards=(guard or self.guard,))
+    def plan(self, local_off, remote_off, sizes, guard: Optional[Guard] = None, base: Optional[int] = None,
+             ints: bool = False) -> CopyPlan:
+        """A plan from offsets into our local buffer and the peer's region, guarded by that region's guard.
+
+        ``ints``: built from Python int lists, as the planner builds a plan of at most SMALL_OPS ops (the plan
+        then keeps them as ints); else from uint64 arrays.
+        """
+        local = np.asarray(local_off, dtype=np.uint64) + np.uint64(self.local.ctypes.data)
+        remote = np.asarray(remote_off, dtype=np.uint64) + np.uint64(self.addr if base is None else base)
+        sizes = np.asarray(sizes, dtype=np.uint64)
+        if ints:
+            assert len(sizes) <= SMALL_OPS
+            plan = CopyPlan(local.tolist(), remote.tolist(), sizes.tolist(), guards=(guard or self.guard,))
+            assert plan.ops is not None
+            return plan
+        return CopyPlan(local, remote, sizes, guards=(guard or self.guard,))
 
     def raw_plan(self, local, remote, sizes) -> CopyPlan:
         """A plan over absolute addresses (for refusals), guarded by the peer's guard."""

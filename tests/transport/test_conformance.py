@@ -128,6 +128,54 @@ def test_write_scattered_then_read_back(setup: Setup, case):
         setup.peer.command("reset")
 
 
+def _case_few_scattered(rng):
+    """40 ranges of 0-20000 bytes, apart on both sides (nothing merges): a small request of many pieces."""
+    n = 40
+    sizes = rng.integers(1, 20000, n)
+    sizes[5] = 0
+    local = np.cumsum(sizes + rng.integers(1, 999, n)) - sizes
+    remote = rng.permutation(PEER_BYTES // 32768)[:n] * 32768 + rng.integers(0, 8192, n)
+    return local, remote, sizes
+
+
+def _case_few_large(rng):
+    """Three 1.5 MiB ranges: few ops, but enough bytes that a same-host copy splits them across threads."""
+    bs = 3 << 19
+    local = rng.permutation(LOCAL_BYTES // bs)[:3] * bs
+    remote = rng.permutation(PEER_BYTES // bs)[:3] * bs
+    return local, remote, np.full(3, bs)
+
+
+FEW = {"scattered": _case_few_scattered, "large": _case_few_large, "one_byte": _case_one_byte}
+
+
+@pytest.mark.parametrize("case", list(FEW))
+def test_a_plan_of_ints_and_the_same_plan_of_arrays_move_the_same_bytes(setup: Setup, case):
+    """The plan alone knows how it holds its ops: every transport reads and writes the same bytes for both."""
+    rng = np.random.default_rng(23)
+    local, remote, sizes = FEW[case](rng)
+    images = {}
+    for ints in (True, False):
+        setup.local[:] = SENTINEL
+        setup.transport.read(setup.channel, setup.plan(local, remote, sizes, ints=ints), setup.deadline())
+        images[ints] = setup.local.copy()
+    _check_copied(images[True], local, setup.expected(), remote, sizes)
+    assert np.array_equal(images[True], images[False]), "a plan of ints read other bytes than one of arrays"
+    payload = rng.integers(0, 256, LOCAL_BYTES, dtype=np.uint8)
+    peers = {}
+    try:
+        for ints in (True, False):
+            setup.peer.command("reset")
+            setup.local[:] = payload
+            setup.transport.write(setup.channel, setup.plan(local, remote, sizes, ints=ints), setup.deadline())
+            setup.transport.read(setup.channel, setup.plan([0], [0], [PEER_BYTES]), setup.deadline())
+            peers[ints] = setup.local[:PEER_BYTES].copy()
+    finally:
+        setup.peer.command("reset")
+    _check_copied(peers[True], remote, payload, local, sizes)
+    assert np.array_equal(peers[True], peers[False]), "a plan of ints wrote other bytes than one of arrays"
+
+
 def test_empty_plan_is_a_no_op(setup: Setup):
     empty = setup.plan([], [], [])
     setup.local[:] = SENTINEL

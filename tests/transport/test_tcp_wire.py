@@ -83,11 +83,12 @@ def test_ranges_as_ints_move_both_ways(pair):
     src = rng.integers(0, 256, 3 << 20, dtype=np.uint8)
     dst = np.zeros_like(src)
     pieces = [(0, 100), (4096, 1 << 20), (2 << 20, 5), (3 << 20 - 7, 7)]  # one larger than a 1 MiB window
-    out = [(src.ctypes.data + off, n) for off, n in pieces]
-    into = [(dst.ctypes.data + off, n) for off, n in pieces]
-    reader = threading.Thread(target=wire.recv_small, args=(b, into, lambda: None))
+    sizes = [n for _, n in pieces]
+    out = [src.ctypes.data + off for off, _ in pieces]
+    into = [dst.ctypes.data + off for off, _ in pieces]
+    reader = threading.Thread(target=wire.recv, args=(b, into, sizes, lambda: None))
     reader.start()
-    wire.send_small(a, out, lambda: None)
+    wire.send(a, out, sizes, lambda: None)
     reader.join(10)
     for off, n in pieces:
         assert dst[off:off + n].tobytes() == src[off:off + n].tobytes()

@@ -35,11 +35,19 @@ Transports raise only ``TransportError`` subclasses; the engine maps them to sta
 from __future__ import annotations
 
 import abc
+import bisect
+import ctypes
 import dataclasses
+import itertools
 import socket
+import struct
 from typing import Callable, ClassVar, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+_C_U64 = ctypes.c_uint64
+#: ``(local, remote, sizes)`` of a plan held as Python ints.
+_IntOps = Tuple[List[int], List[int], List[int]]
 
 HOST = "host"
 CUDA = "cuda"
@@ -188,20 +196,27 @@ class TransportContext:
     tls: Optional[object] = None  # a tls.Tls when mutual TLS is configured (tcp wraps its connections)
 
 
-SMALL_OPS = 64  # plans of at most this many ops live as Python ints (no numpy on the small-request path)
+SMALL_OPS = 64  # plans built from at most this many Python ints keep them (no numpy on the small-request path)
+
+_U64 = np.uint64
+_WRAP = 1 << 64
 
 
 class CopyPlan:
     """A batch of copies: ``sizes[i]`` bytes between ``local[i]`` and ``remote[i]``.
 
     ``local_kind``/``remote_kind`` are the memory kinds of each side; ``guards`` the remote generation words
-    the plan relies on. A small plan (at most SMALL_OPS ops, built from Python lists) keeps its ops as a list
-    of ``(local, remote, nbytes)`` int tuples (``ops``) and makes uint64 arrays only when ``local``, ``remote``
-    or ``sizes`` is read; a large plan holds the arrays (``ops`` is None). Plans are built by the engine's
-    planner; transports consume them whole.
+    the plan relies on. Plans are built by the engine's planner; transports consume them whole, through the
+    methods below, which give every transport what it needs (the ops as Python ints, iovec arrays for one
+    system call, request frame words, byte-balanced parts, the region each remote range lies in) in one form
+    whatever the plan's size. How the plan holds its ops is its own business: a plan built from at most
+    SMALL_OPS Python ints keeps them as three int lists (a small request never touches numpy), any other as
+    uint64 arrays; ``local``, ``remote`` and ``sizes`` are arrays either way (made on first use). Every choice
+    between the two lives in this class.
     """
 
-    __slots__ = ("_local", "_remote", "_sizes", "ops", "local_kind", "remote_kind", "guards", "_merged")
+    __slots__ = ("_ints", "_local", "_remote", "_sizes", "_total", "local_kind", "remote_kind", "guards",
+                 "_merged")
 
     def __init__(self, local, remote, sizes, local_kind: str = HOST, remote_kind: str = HOST,
                  guards: Tuple[Guard, ...] = (), merged: bool = False) -> None:
@@ -209,32 +224,57 @@ class CopyPlan:
         self.remote_kind = remote_kind
         self.guards = tuple(guards)
         self._merged = merged
+        self._total: Optional[int] = None
         if isinstance(local, list) and len(local) <= SMALL_OPS:
             if not (len(local) == len(remote) == len(sizes)):
                 raise ValueError("CopyPlan lists must be of equal length")
-            self.ops: Optional[List[Tuple[int, int, int]]] = list(zip(local, remote, sizes))
+            self._ints: Optional[_IntOps] = (local, list(remote), list(sizes))
             self._local = self._remote = self._sizes = None
             return
-        self.ops = None
-        self._local = np.ascontiguousarray(local, dtype=np.uint64)
-        self._remote = np.ascontiguousarray(remote, dtype=np.uint64)
-        self._sizes = np.ascontiguousarray(sizes, dtype=np.uint64)
+        self._ints = None
+        self._local = np.ascontiguousarray(local, dtype=_U64)
+        self._remote = np.ascontiguousarray(remote, dtype=_U64)
+        self._sizes = np.ascontiguousarray(sizes, dtype=_U64)
         if not (self._local.shape == self._remote.shape == self._sizes.shape) or self._local.ndim != 1:
             raise ValueError("CopyPlan arrays must be 1-D and of equal length")
 
-    @classmethod
-    def from_ops(cls, ops: List[Tuple[int, int, int]], local_kind: str = HOST, remote_kind: str = HOST,
-                 guards: Tuple[Guard, ...] = (), merged: bool = False) -> CopyPlan:
-        plan = cls.__new__(cls)
-        plan.ops, plan._local, plan._remote, plan._sizes = ops, None, None, None
-        plan.local_kind, plan.remote_kind, plan.guards, plan._merged = local_kind, remote_kind, guards, merged
+    def _like(self, local, remote, sizes, merged: bool, swap: bool = False) -> CopyPlan:
+        """A plan of these kinds and guards (kinds exchanged and no guards with ``swap``) over other ops, in the
+        form they come in (int lists stay ints)."""
+        plan = CopyPlan.__new__(CopyPlan)
+        if isinstance(local, list):
+            plan._ints, plan._local, plan._remote, plan._sizes = (local, remote, sizes), None, None, None
+        else:
+            plan._ints, plan._local, plan._remote, plan._sizes = None, local, remote, sizes
+        plan._total = None
+        plan.local_kind, plan.remote_kind = (self.remote_kind, self.local_kind) if swap else (self.local_kind,
+                                                                                             self.remote_kind)
+        plan.guards, plan._merged = ((), merged) if swap else (self.guards, merged)
         return plan
 
+    @classmethod
+    def from_pairs(cls, buf, offset: int, count: int) -> CopyPlan:
+        """The plan of ``count`` little-endian uint64 ``(addr, nbytes)`` pairs at ``offset`` of ``buf`` (a tcp
+        request frame's ranges), as ranges of this process: ``local`` and ``remote`` both name them."""
+        if count <= SMALL_OPS:
+            words = struct.unpack_from(f"<{2 * count}Q", buf, offset)
+            addrs = list(words[0::2])
+            return cls(addrs, addrs, list(words[1::2]))
+        pairs = np.frombuffer(buf, dtype="<u8", count=2 * count, offset=offset).reshape(count, 2)
+        column = pairs[:, 0].astype(_U64)
+        return cls(column, column, pairs[:, 1].astype(_U64))
+
+    @property
+    def ops(self) -> Optional[List[Tuple[int, int, int]]]:
+        """The ``(local, remote, nbytes)`` int tuples of a plan held as ints, else None (introspection only:
+        transports use the methods below, which never ask)."""
+        return list(zip(*self._ints)) if self._ints is not None else None
+
     def _arrays(self) -> None:
-        ops = self.ops or []
-        self._local = np.array([op[0] for op in ops], dtype=np.uint64)
-        self._remote = np.array([op[1] for op in ops], dtype=np.uint64)
-        self._sizes = np.array([op[2] for op in ops], dtype=np.uint64)
+        lo, re, sz = self._ints or ([], [], [])
+        self._local = np.array(lo, dtype=_U64)
+        self._remote = np.array(re, dtype=_U64)
+        self._sizes = np.array(sz, dtype=_U64)
 
     @property
     def local(self) -> np.ndarray:
@@ -255,27 +295,170 @@ class CopyPlan:
         return self._sizes  # type: ignore[return-value]
 
     def __len__(self) -> int:
-        return len(self.ops) if self.ops is not None else int(self._sizes.shape[0])  # type: ignore[union-attr]
+        return len(self._ints[2]) if self._ints is not None else int(self._sizes.shape[0])  # type: ignore[union-attr]
 
     @property
     def total_bytes(self) -> int:
-        if self.ops is not None:
-            return sum(op[2] for op in self.ops)
-        return int(self._sizes.sum()) if len(self) else 0  # type: ignore[union-attr]
+        if self._total is None:
+            if self._ints is not None:
+                self._total = sum(self._ints[2])
+            else:
+                self._total = int(self._sizes.sum()) if len(self) else 0  # type: ignore[union-attr]
+        return self._total
 
+    # ---- the ops in the forms transports consume --------------------------------------------------------
+    def lists(self) -> _IntOps:
+        """``(local, remote, sizes)`` as Python int lists (do not modify them)."""
+        if self._ints is not None:
+            return self._ints
+        return self.local.tolist(), self.remote.tolist(), self.sizes.tolist()
+
+    def ranges(self, remote: bool = False) -> Tuple[List[int], List[int]]:
+        """``(addresses, sizes)`` of one side as Python int lists (scatter/gather calls build views of them)."""
+        if self._ints is not None:
+            return self._ints[1 if remote else 0], self._ints[2]
+        return (self.remote if remote else self.local).tolist(), self.sizes.tolist()
+
+    def pairs(self) -> bytes:
+        """The remote ranges as little-endian uint64 ``(addr, nbytes)`` pairs (a tcp request frame's body)."""
+        n = len(self)
+        if self._ints is not None:
+            words = [0] * (2 * n)
+            words[0::2], words[1::2] = self._ints[1], self._ints[2]
+            return struct.pack(f"<{2 * n}Q", *words)
+        out = np.empty((n, 2), dtype="<u8")
+        out[:, 0], out[:, 1] = self.remote, self.sizes
+        return out.tobytes()
+
+    def _cum(self):
+        """Running byte counts before each op and after the last (``n + 1`` entries; a list or an array)."""
+        if self._ints is not None:
+            return list(itertools.accumulate(self._ints[2], initial=0))
+        cum = np.zeros(len(self) + 1, dtype=_U64)
+        np.cumsum(self.sizes, out=cum[1:])
+        return cum
+
+    def chunks(self, max_count: int, max_bytes: int) -> List[Tuple[int, int, int]]:
+        """``(start, stop, nbytes)`` of consecutive runs of at most ``max_count`` ops and, unless one op is larger,
+        ``max_bytes`` bytes (one system call each); an empty plan is one empty run."""
+        n, total = len(self), self.total_bytes
+        if n <= max_count and total <= max_bytes:
+            return [(0, n, total)]
+        cum = self._cum()
+        out = []
+        i = 0
+        while i < n:
+            j = min(i + max_count, n)
+            first = int(cum[i])
+            if int(cum[j]) - first > max_bytes:
+                j = max(i + 1, min(j, bisect.bisect_right(cum, first + max_bytes, i, n + 1) - 1))
+            out.append((i, j, int(cum[j]) - first))
+            i = j
+        return out
+
+    def cuts(self, parts: int) -> List[int]:
+        """Op indices cutting the plan into up to ``parts`` byte-balanced runs: ``[0, ..., len(self)]``."""
+        n = len(self)
+        if parts <= 1 or n <= 1:
+            return [0, n]
+        cum, step = self._cum(), self.total_bytes / parts
+        inner = [min(bisect.bisect_left(cum, k * step, 1, n + 1), n) for k in range(1, parts)]
+        return sorted(set([0] + inner + [n]))
+
+    def iovecs(self, start: int, stop: int, head: Sequence[Tuple[int, int, int]] = (),
+               tail: Sequence[Tuple[int, int, int]] = ()) -> Tuple[int, int, int, object]:
+        """Ops ``[start, stop)`` as two ``struct iovec`` arrays, local and remote, with the ``(local, remote,
+        nbytes)`` entries of ``head`` before them and of ``tail`` after: ``(local array address, remote array
+        address, entries, an object that keeps both arrays alive)``."""
+        m, h = stop - start, len(head)
+        count = h + m + len(tail)
+        if self._ints is not None:
+            lo, re, sz = self._ints
+            loc, rem = [0] * (2 * count), [0] * (2 * count)
+            a, b = 2 * h, 2 * (h + m)
+            loc[a:b:2], loc[a + 1:b:2] = lo[start:stop], sz[start:stop]
+            rem[a:b:2], rem[a + 1:b:2] = re[start:stop], sz[start:stop]
+            for k, (x, y, nbytes) in itertools.chain(enumerate(head), enumerate(tail, h + m)):
+                loc[2 * k], loc[2 * k + 1], rem[2 * k], rem[2 * k + 1] = x, nbytes, y, nbytes
+            larr, rarr = (_C_U64 * (2 * count))(*loc), (_C_U64 * (2 * count))(*rem)
+            return ctypes.addressof(larr), ctypes.addressof(rarr), count, (larr, rarr)
+        liov = np.empty((count, 2), dtype=_U64)
+        riov = np.empty((count, 2), dtype=_U64)
+        for k, (a, b, nbytes) in itertools.chain(enumerate(head), enumerate(tail, h + m)):
+            liov[k], riov[k] = (a, nbytes), (b, nbytes)
+        liov[h:h + m, 0], liov[h:h + m, 1] = self.local[start:stop], self.sizes[start:stop]
+        riov[h:h + m, 0], riov[h:h + m, 1] = self.remote[start:stop], self.sizes[start:stop]
+        return liov.ctypes.data, riov.ctypes.data, count, (liov, riov)
+
+    def first_invalid(self, top: int) -> int:
+        """Index of the first op with a zero address, an address at or above ``top`` or a size at or above it;
+        -1 when there is none."""
+        if self._ints is not None:
+            for k, (lo, re, n) in enumerate(zip(*self._ints)):
+                if not (0 < lo < top and 0 < re < top and n < top):
+                    return k
+            return -1
+        if not len(self):
+            return -1
+        limit = _U64(top)
+        bad = (self.remote == 0) | (self.local == 0) | (self.sizes >= limit)
+        bad |= (self.remote >= limit) | (self.local >= limit)
+        return int(np.flatnonzero(bad)[0]) if bad.any() else -1
+
+    def remote_regions(self, starts: List[int], ends: List[int]) -> Optional[List[int]]:
+        """The indices (sorted, distinct) of the regions ``[starts[k], ends[k])`` (sorted, disjoint) that hold the
+        remote ranges; None when some range lies in none of them."""
+        if not starts:
+            return None if len(self) else []
+        if self._ints is not None:
+            used = set()
+            for re, n in zip(self._ints[1], self._ints[2]):
+                k = bisect.bisect_right(starts, re) - 1
+                if k < 0 or re + n > ends[k]:
+                    return None
+                used.add(k)
+            return sorted(used)
+        s_arr, e_arr = np.array(starts, dtype=_U64), np.array(ends, dtype=_U64)
+        idx = np.searchsorted(s_arr, self.remote, side="right").astype(np.int64) - 1
+        if (idx < 0).any():
+            return None
+        end = e_arr[idx]
+        if ((self.remote > end) | (self.sizes > end - np.minimum(self.remote, end))).any():
+            return None
+        return np.unique(idx).tolist()
+
+    def remote_moved(self, starts: List[int], deltas: List[int]) -> CopyPlan:
+        """The plan with every remote address moved by the delta of the region it lies in (``starts`` sorted;
+        :meth:`remote_regions` said every range lies in one)."""
+        if self._ints is not None:
+            lo, re, sz = self._ints
+            moved = [a + deltas[bisect.bisect_right(starts, a) - 1] for a in re]
+            return self._like(lo, moved, sz, self._merged)
+        idx = np.searchsorted(np.array(starts, dtype=_U64), self.remote, side="right").astype(np.int64) - 1
+        shift = np.array([d % _WRAP for d in deltas], dtype=_U64)
+        return self._like(self.local, self.remote + shift[idx], self.sizes, self._merged)
+
+    # ---- derived plans ----------------------------------------------------------------------------------
     def merged(self) -> CopyPlan:
         """Neighbouring ops that are contiguous on both sides merged (order kept); computed once."""
         if self._merged:
             return self
-        if self.ops is not None:
-            out: List[Tuple[int, int, int]] = []
-            for op in self.ops:
-                if out and out[-1][0] + out[-1][2] == op[0] and out[-1][1] + out[-1][2] == op[1]:
-                    last = out[-1]
-                    out[-1] = (last[0], last[1], last[2] + op[2])
+        if self._ints is not None:
+            lo_in, re_in, sz_in = self._ints
+            lo: List[int] = []
+            re: List[int] = []
+            sz: List[int] = []
+            for a, b, n in zip(lo_in, re_in, sz_in):
+                if sz and lo[-1] + sz[-1] == a and re[-1] + sz[-1] == b:
+                    sz[-1] += n
                 else:
-                    out.append(op)
-            return CopyPlan.from_ops(out, self.local_kind, self.remote_kind, self.guards, merged=True)
+                    lo.append(a)
+                    re.append(b)
+                    sz.append(n)
+            if len(sz) == len(sz_in):
+                self._merged = True
+                return self
+            return self._like(lo, re, sz, merged=True)
         n = len(self)
         if n >= 2:
             end_l = self.local[:-1] + self.sizes[:-1]
@@ -283,25 +466,25 @@ class CopyPlan:
             joins = (end_l == self.local[1:]) & (end_r == self.remote[1:])
             if joins.any():
                 starts = np.flatnonzero(np.concatenate(([True], ~joins)))
-                return CopyPlan(self.local[starts], self.remote[starts], np.add.reduceat(self.sizes, starts),
-                                self.local_kind, self.remote_kind, self.guards, merged=True)
+                return self._like(self.local[starts], self.remote[starts], np.add.reduceat(self.sizes, starts),
+                                  merged=True)
         self._merged = True
         return self
 
     def swapped(self) -> CopyPlan:
         """The same copies seen from the other side (local and remote exchanged, no guards)."""
-        if self.ops is not None:
-            return CopyPlan.from_ops([(r, lo, n) for lo, r, n in self.ops], self.remote_kind, self.local_kind, (),
-                                     self._merged)
-        return CopyPlan(self.remote, self.local, self.sizes, self.remote_kind, self.local_kind, (), self._merged)
+        if self._ints is not None:
+            lo, re, sz = self._ints
+            return self._like(re, lo, sz, self._merged, swap=True)
+        return self._like(self.remote, self.local, self.sizes, self._merged, swap=True)
 
     def part(self, start: int, stop: int) -> CopyPlan:
         """Ops ``[start, stop)`` with the same kinds and guards."""
-        if self.ops is not None:
-            return CopyPlan.from_ops(self.ops[start:stop], self.local_kind, self.remote_kind, self.guards,
-                                     self._merged)
-        return CopyPlan(self.local[start:stop], self.remote[start:stop], self.sizes[start:stop], self.local_kind,
-                        self.remote_kind, self.guards, self._merged)
+        if self._ints is not None:
+            lo, re, sz = self._ints
+            return self._like(lo[start:stop], re[start:stop], sz[start:stop], self._merged)
+        return self._like(self.local[start:stop], self.remote[start:stop],
+                          self.sizes[start:stop], self._merged)
 
     def __repr__(self) -> str:
         return f"CopyPlan(ops={len(self)}, bytes={self.total_bytes}, guards={len(self.guards)})"

@@ -8,7 +8,7 @@ import threading
 import weakref
 from typing import Optional, Sequence
 
-from llm_datadist._transport import iov
+from llm_datadist._transport import copies, parallel, ranges
 from llm_datadist._transport.base import (
     HOST,
     PROCESS,
@@ -75,10 +75,10 @@ class LoopbackTransport(Transport):
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
-        iov.acquire_helpers()  # split copies' helper threads live while this transport does
+        parallel.acquire_helpers()  # split copies' helper threads live while this transport does
         self._token = os.urandom(16)
-        self._readable = iov.RangeTable()
-        self._writable = iov.RangeTable()
+        self._readable = ranges.RangeTable()
+        self._writable = ranges.RangeTable()
         self.closed = False
         with _DIR_LOCK:
             _DIRECTORY[self._token] = self
@@ -129,7 +129,7 @@ class LoopbackTransport(Transport):
             raise ConnectFailed("not a loopback channel")
         target = channel.target()
         table = target._writable if write else target._readable
-        if not table.contains(plan.remote, plan.sizes):
+        if not table.holds(plan):
             if not _guards_hold(plan.guards):  # released (guard first, then its ranges): not a caller error
                 raise StaleMemory("the peer released that cache")
             raise RemoteRejected("range outside the peer's registered memory")
@@ -147,7 +147,7 @@ class LoopbackTransport(Transport):
         self._checked_target(channel, plan, write=False)
         if not _guards_hold(plan.guards):
             raise StaleMemory("the peer released that cache")
-        iov.local_copy(plan.local, plan.remote, plan.sizes, deadline, threads=iov.COPY_THREADS)
+        copies.copy(plan, deadline, threads=parallel.COPY_THREADS)
         if not _guards_hold(plan.guards):
             raise StaleMemory("the peer released that cache during the copy")
 
@@ -159,7 +159,7 @@ class LoopbackTransport(Transport):
         self._checked_target(channel, plan, write=True)
         if not _guards_hold(plan.guards):
             raise StaleMemory("the peer released that cache")
-        iov.local_copy(plan.remote, plan.local, plan.sizes, deadline, threads=iov.COPY_THREADS)
+        copies.copy(plan.swapped(), deadline, threads=parallel.COPY_THREADS)
 
     def close(self) -> None:
         """Leave the directory; channels to this instance fail with TransportClosed (idempotent)."""
@@ -170,5 +170,5 @@ class LoopbackTransport(Transport):
         self._writable.clear()
         with _DIR_LOCK:
             _DIRECTORY.pop(self._token, None)
-        iov.release_helpers()
+        parallel.release_helpers()
 

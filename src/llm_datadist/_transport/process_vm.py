@@ -4,11 +4,9 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
-import numpy as np
-
-from llm_datadist._transport import iov, ptrace
+from llm_datadist._transport import parallel, ptrace, pvm
 from llm_datadist._transport.base import (
     HOST,
     SAME_HOST,
@@ -30,8 +28,7 @@ _MAGIC = b"PVM2"
 _DESC = struct.Struct("<4sQQ")  # magic, pid, address of the instance's guard table (its header holds the nonce)
 _NONCE_OFFSET = 8  # the guard table header: 8 bytes of magic, then the 16-byte instance nonce
 _NONCE_BYTES = 16
-_TOP_INT = 1 << 62
-_TOP = np.uint64(_TOP_INT)
+_TOP = 1 << 62
 
 
 def _parse(descriptor: bytes) -> Optional[Tuple[int, int]]:
@@ -43,32 +40,18 @@ def _parse(descriptor: bytes) -> Optional[Tuple[int, int]]:
 
 def check_plan(plan: CopyPlan) -> None:
     """Reject plans that can never be valid (NULL addresses, address overflow)."""
-    if plan.ops is not None:
-        for k, (lo, re, n) in enumerate(plan.ops):
-            if not (0 < lo < _TOP_INT and 0 < re < _TOP_INT and n < _TOP_INT):
-                raise RemoteRejected(f"invalid op at index {k}")
-        return
-    if len(plan) == 0:
-        return
-    bad = (plan.remote == 0) | (plan.local == 0) | (plan.sizes >= _TOP)
-    bad |= (plan.remote >= _TOP) | (plan.local >= _TOP)
-    if bad.any():
-        raise RemoteRejected(f"invalid op at index {int(np.flatnonzero(bad)[0])}")
-
-
-def _one_call(plan: CopyPlan) -> bool:
-    """Whether a plan runs as one call on this thread: few ops and few bytes (64 ops of 2 MiB still split)."""
-    return plan.ops is not None and (iov.COPY_THREADS == 1 or plan.total_bytes < iov.PARALLEL_MIN_BYTES)
+    bad = plan.first_invalid(_TOP)
+    if bad >= 0:
+        raise RemoteRejected(f"invalid op at index {bad}")
 
 
 class ProcessVmChannel(Channel):
     """A channel to a process on this host: its pid, and the identity guards read in every batch."""
 
-    def __init__(self, peer: PeerInfo, pid: int, identity: iov.Guards) -> None:
+    def __init__(self, peer: PeerInfo, pid: int, identity: List[Tuple[int, int]]) -> None:
         super().__init__(peer)
         self.pid = pid
-        self.identity = identity  # the peer's nonce words: read when a plan brings no guard of its own
-        self.identity_pairs = list(zip(identity.addrs.tolist(), identity.values.tolist()))
+        self.identity = identity  # (address, value) of the peer's nonce words: read when a plan brings no guard
         self.closed = False
 
     def close(self) -> None:
@@ -91,7 +74,7 @@ class ProcessVmTransport(Transport):
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
-        iov.acquire_helpers()  # split copies' helper threads live while this transport does
+        parallel.acquire_helpers()  # split copies' helper threads live while this transport does
         ptrace.grant_same_user_peers()  # under Yama ptrace_scope 1, let same-user peers read us
         self._closed = False
 
@@ -99,7 +82,7 @@ class ProcessVmTransport(Transport):
     def unavailable_reason(cls) -> str:
         """Why process_vm_readv cannot be used here ("" when it works on our own process). Never raises."""
         try:
-            return "" if iov.self_pvm_permitted() else "process_vm_readv is not permitted in this process"
+            return "" if pvm.self_permitted() else "process_vm_readv is not permitted in this process"
         except Exception as exc:  # noqa: BLE001 - never raises
             return f"process_vm_readv failed: {exc}"
 
@@ -126,14 +109,14 @@ class ProcessVmTransport(Transport):
             raise ConnectFailed("not a process_vm descriptor")
         pid, table = parsed
         try:
-            seen = iov.pvm_peek(pid, table + _NONCE_OFFSET, _NONCE_BYTES)
+            seen = pvm.peek(pid, table + _NONCE_OFFSET, _NONCE_BYTES)
         except TransportError as exc:
             raise ConnectFailed(f"process_vm_readv of pid {pid} is not permitted ({exc}); fix: "
                                 f"{ptrace.refusal_hint()}") from exc
         if seen != peer.nonce:
             raise ConnectFailed(f"pid {pid} here is not the peer (another pid namespace or a reused pid)")
-        words = np.frombuffer(peer.nonce, dtype=np.uint64)
-        identity = iov.Guards(np.array([table + _NONCE_OFFSET, table + _NONCE_OFFSET + 8], dtype=np.uint64), words)
+        words = struct.unpack("=QQ", peer.nonce)
+        identity = [(table + _NONCE_OFFSET, words[0]), (table + _NONCE_OFFSET + 8, words[1])]
         logger.debug("process_vm channel to pid %d", pid)
         return ProcessVmChannel(peer, pid, identity)
 
@@ -148,23 +131,17 @@ class ProcessVmTransport(Transport):
         return channel
 
     @staticmethod
-    def _guard_pairs(ch: ProcessVmChannel, plan: CopyPlan):
-        if not plan.guards:
-            return ch.identity_pairs
-        return [(g.addr, g.value) for g in plan.guards]
-
-    @staticmethod
-    def _guards(ch: ProcessVmChannel, plan: CopyPlan) -> iov.Guards:
+    def _guard_words(ch: ProcessVmChannel, plan: CopyPlan) -> List[Tuple[int, int]]:
+        """(address, value) of the words every call reads: the plan's guards, else the peer's nonce."""
         if not plan.guards:
             return ch.identity
-        return iov.Guards(np.array([g.addr for g in plan.guards], dtype=np.uint64),
-                          np.array([g.value for g in plan.guards], dtype=np.uint64))
+        return [(g.addr, g.value) for g in plan.guards]
 
     def read(self, channel: Channel, plan: CopyPlan, deadline: float) -> None:
         """Copy peer ``plan.remote[i]`` to local ``plan.local[i]`` with process_vm_readv.
 
-        Every call reads the plan's guards first and last; batches of 16 MiB or more are split across
-        ``iov.COPY_THREADS`` threads.
+        Every call reads the plan's guards first and last; plans of parallel.PARALLEL_MIN_BYTES or more are
+        split across ``parallel.COPY_THREADS`` threads.
 
         Raises:
             RemoteRejected: invalid or unmapped address.
@@ -173,13 +150,9 @@ class ProcessVmTransport(Transport):
             TransferTimeout: the deadline passed.
         """
         ch = self._channel(channel, plan)
-        merged = plan.merged()
+        pid, guards = ch.pid, self._guard_words(ch, plan)
         try:
-            if _one_call(merged):  # a small request: one call, straight from the ints
-                iov.pvm_read_small(ch.pid, merged.ops, self._guard_pairs(ch, plan))
-            else:
-                iov.pvm_read(ch.pid, merged.local, merged.remote, merged.sizes, deadline, iov.COPY_THREADS,
-                             self._guards(ch, plan))
+            parallel.run_split(plan.merged(), parallel.COPY_THREADS, lambda part: pvm.read(pid, part, deadline, guards))
         except ConnectFailed as exc:  # permission lost after connect: treat as a dead link
             raise TransportClosed(str(exc)) from exc
 
@@ -190,13 +163,10 @@ class ProcessVmTransport(Transport):
         once before writing, to be sure the pid is still the peer. Errors as :meth:`read`.
         """
         ch = self._channel(channel, plan)
-        merged = plan.merged()
+        pid = ch.pid
         try:
-            iov.pvm_read_small(ch.pid, [], self._guard_pairs(ch, plan))
-            if _one_call(merged):
-                iov.pvm_write_small(ch.pid, merged.ops)
-            else:
-                iov.pvm_write(ch.pid, merged.local, merged.remote, merged.sizes, deadline, iov.COPY_THREADS)
+            pvm.check_guards(pid, self._guard_words(ch, plan), deadline)
+            parallel.run_split(plan.merged(), parallel.COPY_THREADS, lambda part: pvm.write(pid, part, deadline))
         except ConnectFailed as exc:
             raise TransportClosed(str(exc)) from exc
 
@@ -204,4 +174,4 @@ class ProcessVmTransport(Transport):
         """Stop serving channels (idempotent)."""
         if not self._closed:
             self._closed = True
-            iov.release_helpers()
+            parallel.release_helpers()

@@ -10,7 +10,6 @@ after the copy; writes run under the engine's write grant.
 """
 from __future__ import annotations
 
-import bisect
 import ctypes
 import logging
 import mmap
@@ -21,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from llm_datadist._transport import iov
+from llm_datadist._transport import copies, parallel
 from llm_datadist._transport.base import (
     HOST,
     SAME_HOST,
@@ -88,13 +87,11 @@ class ShmChannel(Channel):
         self._maps: Dict[Tuple[int, int], Tuple[mmap.mmap, int]] = {}  # (dev, ino) -> (map, addr)
         self._lock = threading.Condition()
         self._busy = 0
-        self._starts = np.zeros(0, dtype=_U64)
-        self._ends = np.zeros(0, dtype=_U64)
-        self._entries: List[Tuple[int, int, int, int, int, str]] = []  # addr, nbytes, dev, ino, offset/size...
-        self._start_list: List[int] = []
-        self._end_list: List[int] = []
-        self._delta = np.zeros(0, dtype=_U64)  # local = remote + delta (mod 2**64)
-        self._mapped = np.zeros(0, dtype=bool)
+        self._entries: List[Tuple[int, int, int, int, int, int, str]] = []  # addr, nbytes, dev, ino, offset, size, path
+        self._starts: List[int] = []  # the regions' [start, end), sorted
+        self._ends: List[int] = []
+        self._deltas: List[int] = []  # once mapped: local = remote + delta
+        self._mapped: List[bool] = []
 
     def learn(self, regions: Sequence[RemoteRegion]) -> None:
         entries = []
@@ -112,52 +109,42 @@ class ShmChannel(Channel):
             entries.append((region.addr, region.nbytes, dev, ino, offset, size, path))
         entries.sort()
         with self._lock:
-            self._entries = entries  # type: ignore[assignment]
-            self._start_list = [e[0] for e in entries]
-            self._end_list = [e[0] + e[1] for e in entries]
-            self._starts = np.array([e[0] for e in entries], dtype=_U64)
-            self._ends = self._starts + np.array([e[1] for e in entries], dtype=_U64)
-            self._delta = np.zeros(len(entries), dtype=_U64)
-            self._mapped = np.zeros(len(entries), dtype=bool)
+            self._entries = entries
+            self._starts = [e[0] for e in entries]
+            self._ends = [e[0] + e[1] for e in entries]
+            self._deltas = [0] * len(entries)
+            self._mapped = [False] * len(entries)
 
     def _map_entry(self, k: int) -> None:
-        addr, _nbytes, dev, ino, offset, size, path = self._entries[k]  # type: ignore[misc]
+        addr, _nbytes, dev, ino, offset, size, path = self._entries[k]
         key = (dev, ino)
         if key not in self._maps:
             mm = _open_map(path, dev, ino, size, writable=True)
             self._maps[key] = (mm, _mapping_address(mm))
         base = self._maps[key][1]
-        self._delta[k] = _U64((base + offset - addr) % (1 << 64))
+        self._deltas[k] = base + offset - addr
         self._mapped[k] = True
 
-    def covers_small(self, ops) -> bool:
-        """Whether every remote range of a small plan's ops lies in one shared region (no numpy)."""
-        starts, ends = self._start_list, self._end_list
-        if not starts:
-            return False
-        for _lo, re, n in ops:
-            k = bisect.bisect_right(starts, re) - 1
-            if k < 0 or re + n > ends[k]:
-                return False
-        return True
-
-    def translate(self, remote: np.ndarray, sizes: np.ndarray) -> Optional[np.ndarray]:
-        """Local addresses of remote ranges, mapping segments on first use; None if not all are shared."""
+    def mapped(self, plan: CopyPlan) -> bool:
+        """Whether every remote range of the plan lies in one shared region; maps those regions on first use."""
         with self._lock:
             if self._guards is None:
                 raise TransportClosed("shm channel is closed")
-            if self._starts.shape[0] == 0:
+            used = plan.remote_regions(self._starts, self._ends)
+            if used is None:
+                return False
+            for k in used:
+                if not self._mapped[k]:
+                    self._map_entry(k)
+            return True
+
+    def translate(self, plan: CopyPlan) -> Optional[CopyPlan]:
+        """The plan with its remote addresses in our mappings of the peer's segments; None if not all are
+        shared."""
+        with self._lock:
+            if not self.mapped(plan):
                 return None
-            idx = np.searchsorted(self._starts, remote, side="right").astype(np.int64) - 1
-            if (idx < 0).any():
-                return None
-            ends = self._ends[idx]
-            if ((remote > ends) | (sizes > ends - np.minimum(remote, ends))).any():
-                return None
-            used = np.unique(idx)
-            for k in used[~self._mapped[used]].tolist():
-                self._map_entry(k)
-            return remote + self._delta[idx]
+            return plan.remote_moved(self._starts, self._deltas)
 
     def guards_hold(self, plan: CopyPlan) -> bool:
         """Each guard of the plan holds its value in our mapping of the peer's guard table."""
@@ -194,7 +181,7 @@ class ShmChannel(Channel):
             self._words = np.zeros(0, dtype=_U64)
             self._guards.close()
             self._guards = None
-            self._starts = np.zeros(0, dtype=_U64)
+            self._starts, self._ends = [], []
 
 
 class ShmTransport(Transport):
@@ -206,7 +193,7 @@ class ShmTransport(Transport):
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
-        iov.acquire_helpers()  # split copies' helper threads live while this transport does
+        parallel.acquire_helpers()  # split copies' helper threads live while this transport does
         self._lock = threading.Lock()
         self._channels: List[ShmChannel] = []
         self._info = b""
@@ -270,10 +257,8 @@ class ShmTransport(Transport):
         """True only if every remote range lies inside one of the peer's shared regions."""
         if not isinstance(channel, ShmChannel):
             return False
-        if plan.ops is not None and not channel.covers_small(plan.ops):
-            return False  # the common refusal (registered, not pooled, memory) costs no array
         try:
-            return channel.translate(plan.remote, plan.sizes) is not None
+            return channel.mapped(plan)
         except Exception:  # noqa: BLE001 - covers() answers, it does not fail
             return False
 
@@ -284,17 +269,17 @@ class ShmTransport(Transport):
             raise TransportClosed("shm transport is closed")
         channel.enter()
         try:
-            mapped = channel.translate(plan.remote, plan.sizes)
+            mapped = channel.translate(plan)
             if mapped is None:
                 raise RemoteRejected("range outside the peer's shared regions")
             if not channel.guards_hold(plan):
                 raise StaleMemory("the peer released that cache")
-            dst, src = (mapped, plan.local) if push else (plan.local, mapped)
             # Small pieces: process_vm_readv on our own pid (1024 per call, GIL released, so two threads
             # scale); large pieces: memmove, faster on the 4 KiB pages of shared segments. Every range
             # was translated into a mapped segment above, so memmove can not fault.
             small = plan.total_bytes < SMALL_PIECE_BYTES * len(plan)
-            iov.local_copy(dst, src, plan.sizes, deadline, checked=small, threads=iov.COPY_THREADS)
+            copies.copy(mapped.swapped() if push else mapped, deadline, checked=small,
+                        threads=parallel.COPY_THREADS)
             if not push and not channel.guards_hold(plan):
                 raise StaleMemory("the peer released that cache during the copy")
         finally:
@@ -329,6 +314,6 @@ class ShmTransport(Transport):
             first = not self._closed
             self._closed = True
         if first:
-            iov.release_helpers()
+            parallel.release_helpers()
         for channel in channels:
             channel.close()

@@ -11,9 +11,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Set
 
-import numpy as np
-
-from llm_datadist._transport import iov
+from llm_datadist._transport import parallel, ranges
 from llm_datadist._transport import tcp_wire as wire
 from llm_datadist._transport.base import (
     HOST,
@@ -250,25 +248,14 @@ def _timed_out(exc: BaseException) -> bool:
 
 
 def _request(sock: socket.socket, op: int, plan: CopyPlan, stall: Callable[[], None]) -> None:
+    """The request frame of a plan in one send: the header, the guards' (slot, value) pairs, the remote ranges."""
     g = len(plan.guards)
-    if plan.ops is not None:  # a small plan: the frame packed from Python ints, one send
-        words: List[int] = []
-        for guard in plan.guards:
-            words += (guard.slot, guard.value)
-        for _local, remote, nbytes in plan.ops:
-            words += (remote, nbytes)
-        frame = wire.header(op, wire.ST_OK, len(plan.ops), plan.total_bytes, g) + struct.pack(f"<{len(words)}Q", *words)
-        wire.send_bytes(sock, frame, stall)
-        return
-    pairs = np.empty((g + len(plan), 2), dtype=np.uint64)
-    if g:
-        pairs[:g, 0] = [guard.slot for guard in plan.guards]
-        pairs[:g, 1] = [guard.value for guard in plan.guards]
-    pairs[g:, 0] = plan.remote
-    pairs[g:, 1] = plan.sizes
-    head = np.frombuffer(wire.header(op, wire.ST_OK, len(plan), plan.total_bytes, g), dtype=np.uint8)
-    addrs = np.array([head.ctypes.data, pairs.ctypes.data], dtype=np.uint64)
-    wire.send(sock, addrs, np.array([wire.HDR.size, pairs.nbytes], dtype=np.uint64), stall)
+    words: List[int] = []
+    for guard in plan.guards:
+        words += (guard.slot, guard.value)
+    frame = (wire.header(op, wire.ST_OK, len(plan), plan.total_bytes, g) + struct.pack(f"<{2 * g}Q", *words)
+             + plan.pairs())
+    wire.send_bytes(sock, frame, stall)
 
 
 def _expect_ok(sock: socket.socket, stall: Callable[[], None]) -> None:
@@ -303,18 +290,12 @@ class _Op:
 
     def finish(self, sock: socket.socket, plan: CopyPlan, deadline: float) -> None:
         stall = _client_stall(sock, deadline)
-        if plan.ops is not None:  # a small plan: its ranges as Python ints, no arrays
-            ranges = [(local, nbytes) for local, _remote, nbytes in plan.ops]
-            if self.write:
-                wire.send_small(sock, ranges, stall)
-                _expect_ok(sock, stall)
-            else:
-                wire.recv_small(sock, ranges, stall)
-        elif self.write:
-            wire.send(sock, plan.local, plan.sizes, stall)
+        addrs, sizes = plan.ranges()
+        if self.write:
+            wire.send(sock, addrs, sizes, stall)
             _expect_ok(sock, stall)
         else:
-            wire.recv(sock, plan.local, plan.sizes, stall)
+            wire.recv(sock, addrs, sizes, stall)
 
 
 READ, WRITE = _Op(write=False), _Op(write=True)
@@ -329,8 +310,8 @@ READ, WRITE = _Op(write=False), _Op(write=True)
 # runs: one stream moved 1.2-1.35 x the bytes of two at 16 KiB-1 MiB). LLM_DATADIST_TCP_STREAMS overrides both.
 _ENV_STREAMS = os.environ.get("LLM_DATADIST_TCP_STREAMS", "")
 _STREAMS_OVERRIDE = int(_ENV_STREAMS) if _ENV_STREAMS.isdigit() and int(_ENV_STREAMS) > 0 else 0
-STREAMS_PER_TRANSFER = _STREAMS_OVERRIDE or max(1, min(MAX_CONNS_PER_CHANNEL, iov.COPY_THREADS))
-STREAMS_SAME_MACHINE = _STREAMS_OVERRIDE or max(1, min(MAX_CONNS_PER_CHANNEL, iov.COPY_THREADS // 2))
+STREAMS_PER_TRANSFER = _STREAMS_OVERRIDE or max(1, min(MAX_CONNS_PER_CHANNEL, parallel.COPY_THREADS))
+STREAMS_SAME_MACHINE = _STREAMS_OVERRIDE or max(1, min(MAX_CONNS_PER_CHANNEL, parallel.COPY_THREADS // 2))
 STREAM_MIN_BYTES = 2 << 20
 
 
@@ -340,21 +321,13 @@ def streams_per_transfer(same_machine: bool) -> int:
 
 
 def _wanted_streams(plan: CopyPlan, streams: int) -> int:
-    if plan.ops is not None:
-        return 1
     return max(1, min(streams, len(plan), plan.total_bytes // STREAM_MIN_BYTES))
 
 
 def _streams(plan: CopyPlan, parts: int) -> List[List[CopyPlan]]:
     """The plan in ``parts`` byte-balanced parts, each cut into frames of at most MAX_OPS ops."""
     n = len(plan)
-    total = plan.total_bytes
-    if parts <= 1:
-        edges = [0, n]
-    else:
-        cum = np.cumsum(plan.sizes)
-        cuts = np.searchsorted(cum, np.arange(1, parts, dtype=np.float64) * (total / parts)).tolist()
-        edges = sorted(set([0] + [min(int(c) + 1, n) for c in cuts] + [n]))
+    edges = plan.cuts(parts)
     out: List[List[CopyPlan]] = []
     for a, b in zip(edges[:-1], edges[1:]):
         if b - a <= wire.MAX_OPS and (a, b) == (0, n):
@@ -387,7 +360,7 @@ def _transfer(channel: TcpChannel, plan: CopyPlan, deadline: float, op: _Op) -> 
         if len(jobs) == 1:
             jobs[0]()
         else:
-            iov.run_parallel(jobs)
+            parallel.run_parallel(jobs)
     except _BadFrame:
         raise
     except RemoteRejected:
@@ -433,9 +406,9 @@ class TcpTransport(Transport):
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
-        iov.acquire_helpers()  # the streams of one large transfer run on the helper threads
-        self._readable = iov.RangeTable()
-        self._writable = iov.RangeTable()
+        parallel.acquire_helpers()  # the streams of one large transfer run on the helper threads
+        self._readable = ranges.RangeTable()
+        self._writable = ranges.RangeTable()
         self._lock = threading.Lock()
         self._channels: Set[TcpChannel] = set()
         self._server: Optional[DataServer] = DataServer(ctx.bind_host, self._readable, self._writable, ctx.guards,
@@ -566,4 +539,4 @@ class TcpTransport(Transport):
             server.close()
             self._readable.clear()
             self._writable.clear()
-            iov.release_helpers()
+            parallel.release_helpers()

@@ -27,13 +27,11 @@ import ssl
 import struct
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
-import numpy as np
-
-from llm_datadist._transport import iov, tls
+from llm_datadist._transport import ranges, tls
 from llm_datadist._transport import tcp_wire as wire
-from llm_datadist._transport.base import GuardTable, TransportError
+from llm_datadist._transport.base import CopyPlan, GuardTable, TransportError
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +57,6 @@ def _env_seconds(name: str, default: float) -> float:
 # becoming ready for it; an authenticated connection idle between frames for longer is closed (the client
 # reconnects on its next transfer). LLM_DATADIST_TCP_IDLE_S overrides it.
 IDLE_TIMEOUT_S = _env_seconds("LLM_DATADIST_TCP_IDLE_S", 30.0)
-SMALL_FRAME = 64  # guards + ranges up to which a request is read and served with Python ints (no numpy)
 SERVE_POLL_S = 0.5
 
 
@@ -150,7 +147,7 @@ class _Pending:
 class DataServer:
     """Serves READ/WRITE requests of linked peers against registered memory."""
 
-    def __init__(self, host: str, readable: iov.RangeTable, writable: iov.RangeTable,
+    def __init__(self, host: str, readable: ranges.RangeTable, writable: ranges.RangeTable,
                  guards: Optional[GuardTable], tls_config=None) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
@@ -368,65 +365,45 @@ class DataServer:
         if op not in (wire.OP_READ, wire.OP_WRITE) or count > wire.MAX_OPS or nguards > wire.MAX_GUARDS:
             self._reply(sock, wire.ST_BAD_FRAME)
             return False
-        small = nguards + count <= SMALL_FRAME
         stall.frame()  # the guards and ranges follow the header
-        if small:  # a small request: its words as Python ints, no arrays on this path
-            words = struct.unpack(f"<{2 * (nguards + count)}Q",
-                                  wire.recv_bytes(sock, 16 * (nguards + count), stall))
-            guards: Union[np.ndarray, List[Tuple[int, int]]] = list(zip(words[0:2 * nguards:2],
-                                                                         words[1:2 * nguards:2]))
-            addrs: Union[np.ndarray, List[int]] = list(words[2 * nguards::2])
-            sizes: Union[np.ndarray, List[int]] = list(words[2 * nguards + 1::2])
-            total = sum(sizes)
-        else:
-            pairs = np.empty((nguards + count, 2), dtype=np.uint64)
-            wire.recv(sock, *wire.one(pairs), stall)
-            guards, ranges = pairs[:nguards], pairs[nguards:]
-            addrs, sizes = ranges[:, 0].copy(), ranges[:, 1].copy()
-            total = int(ranges[:, 1].sum())
+        body = wire.recv_buffer(sock, 16 * (nguards + count), stall)
+        words = struct.unpack_from(f"<{2 * nguards}Q", body)
+        guards = list(zip(words[0::2], words[1::2]))
+        plan = CopyPlan.from_pairs(body, 16 * nguards, count)  # the ranges, in this process
         stall.data()
         version = self._begin()
         try:
-            status = self._check(link_id, op, guards, addrs, sizes)
+            status = self._check(link_id, op, guards, plan)
             if status != wire.ST_OK:
                 self._reply(sock, status)
                 return status != wire.ST_BAD_FRAME
-            if total != nbytes:
+            if plan.total_bytes != nbytes:
                 self._reply(sock, wire.ST_BAD_FRAME)
                 return False
-            head = wire.header(wire.OP_REPLY, wire.ST_OK, count, nbytes)
-            if op == wire.OP_READ and small:  # the verdict and the data in one gather send
-                buf = bytearray(head)
-                wire.send_small(sock, [(wire.address_of(buf), len(buf))] + list(zip(addrs, sizes)),
-                                stall)
-            elif op == wire.OP_READ:
-                head_arr = np.frombuffer(head, dtype=np.uint8)
-                wire.send(sock, np.concatenate((np.array([head_arr.ctypes.data], dtype=np.uint64), addrs)),
-                          np.concatenate((np.array([head_arr.nbytes], dtype=np.uint64), sizes)), stall)
+            addrs, sizes = plan.ranges()
+            if op == wire.OP_READ:  # the verdict and the data in one gather send
+                head = bytearray(wire.header(wire.OP_REPLY, wire.ST_OK, count, nbytes))
+                wire.send(sock, [wire.address_of(head)] + addrs, [len(head)] + sizes, stall)
             else:
                 self._reply(sock, wire.ST_OK, stall=stall)
-                if small:
-                    wire.recv_small(sock, list(zip(addrs, sizes)), stall)  # type: ignore[arg-type]
-                else:
-                    wire.recv(sock, addrs, sizes, stall)  # type: ignore[arg-type]
+                wire.recv(sock, addrs, sizes, stall)
                 self._reply(sock, wire.ST_OK, stall=stall)
             return True
         finally:
             self._end(version)
 
-    def _check(self, link_id: int, op: int, guards: Union[np.ndarray, List[Tuple[int, int]]],
-               addrs: Union[np.ndarray, List[int]], sizes: Union[np.ndarray, List[int]]) -> int:
+    def _check(self, link_id: int, op: int, guards: List[Tuple[int, int]], plan: CopyPlan) -> int:
         """After admission: the link still holds a token, the guards hold, the ranges are registered."""
         with self._lock:
             if link_id not in self._tokens.values():
                 raise _Stop()  # revoked while the frame was on its way
-        if self._guards is None and len(guards):
+        if self._guards is None and guards:
             return wire.ST_STALE
-        for slot, value in (guards.tolist() if isinstance(guards, np.ndarray) else guards):
-            if not self._guards.valid(int(slot), int(value)):  # type: ignore[union-attr]
+        for slot, value in guards:
+            if not self._guards.valid(slot, value):  # type: ignore[union-attr]
                 return wire.ST_STALE
         table = self._writable if op == wire.OP_WRITE else self._readable
-        return wire.ST_OK if table.contains(addrs, sizes) else wire.ST_REJECTED
+        return wire.ST_OK if table.holds(plan, remote=False) else wire.ST_REJECTED
 
     def _begin(self) -> int:
         with self._lock:

@@ -5,11 +5,9 @@ import ctypes
 import socket
 import ssl
 import struct
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Tuple
 
-import numpy as np
-
-from llm_datadist._transport import iov, tls
+from llm_datadist._transport import scatter, tls
 from llm_datadist._transport.base import RemoteRejected, TransportClosed
 
 PROTOCOL_VERSION = 3
@@ -77,22 +75,23 @@ def header(op: int, status: int = ST_OK, count: int = 0, nbytes: int = 0, guards
     return HDR.pack(_MAGIC, PROTOCOL_VERSION, op, status, count, guards, nbytes)
 
 
-def send(sock: socket.socket, addrs: np.ndarray, sizes: np.ndarray, stall: Callable[[], None]) -> None:
-    """Send raw ranges with sendmsg batches (a TLS socket: one record write per range)."""
+def send(sock: socket.socket, addrs: List[int], sizes: List[int], stall: Callable[[], None]) -> None:
+    """Send raw ranges (Python ints) with sendmsg batches (a TLS socket: one record write per range)."""
     op = _tls_send(sock) if isinstance(sock, ssl.SSLSocket) else sock.sendmsg
-    iov.scatter_io(op, addrs, sizes, stall, IO_CHUNK_BYTES)
+    scatter.scatter_io(op, addrs, sizes, stall, IO_CHUNK_BYTES)
 
 
-def recv(sock: socket.socket, addrs: np.ndarray, sizes: np.ndarray, stall: Callable[[], None]) -> None:
-    """Receive straight into raw ranges with recvmsg_into(MSG_WAITALL) batches (TLS: recv_into per range)."""
+def recv(sock: socket.socket, addrs: List[int], sizes: List[int], stall: Callable[[], None]) -> None:
+    """Receive straight into raw ranges (Python ints) with recvmsg_into(MSG_WAITALL) batches (TLS: recv_into
+    per range)."""
     if isinstance(sock, ssl.SSLSocket):
-        iov.scatter_io(_tls_recv(sock), addrs, sizes, stall, IO_CHUNK_BYTES)
+        scatter.scatter_io(_tls_recv(sock), addrs, sizes, stall, IO_CHUNK_BYTES)
         return
 
     def op(chunk: List[memoryview]) -> int:
         return sock.recvmsg_into(chunk, 0, socket.MSG_WAITALL)[0]
 
-    iov.scatter_io(op, addrs, sizes, stall, IO_CHUNK_BYTES)
+    scatter.scatter_io(op, addrs, sizes, stall, IO_CHUNK_BYTES)
 
 
 def _tls_send(sock: ssl.SSLSocket) -> Callable[[List[memoryview]], int]:
@@ -122,11 +121,6 @@ def _tls_recv(sock: ssl.SSLSocket) -> Callable[[List[memoryview]], int]:
     return op
 
 
-def one(buf: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(addrs, sizes) of one numpy buffer."""
-    return np.array([buf.ctypes.data], dtype=np.uint64), np.array([buf.nbytes], dtype=np.uint64)
-
-
 def address_of(buf: bytearray) -> int:
     """The address of a non-empty bytearray's bytes, for the scatter calls (valid while ``buf`` lives)."""
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
@@ -139,17 +133,22 @@ def send_bytes(sock: socket.socket, data: bytes, stall: Callable[[], None]) -> N
 
 def recv_bytes(sock: socket.socket, nbytes: int, stall: Callable[[], None]) -> bytes:
     """Receive exactly ``nbytes`` (no numpy)."""
+    return bytes(recv_buffer(sock, nbytes, stall))
+
+
+def recv_buffer(sock: socket.socket, nbytes: int, stall: Callable[[], None]) -> bytearray:
+    """Receive exactly ``nbytes`` into a new bytearray (returned as it is, no copy)."""
     buf = bytearray(nbytes)
     if isinstance(sock, ssl.SSLSocket):
         _move_exact(sock.recv_into, memoryview(buf), stall)
     else:
         _move_exact(lambda view: sock.recv_into(view, len(view), socket.MSG_WAITALL), memoryview(buf), stall)
-    return bytes(buf)
+    return buf
 
 
 def _move_exact(move: Callable[[memoryview], int], view: memoryview, stall: Callable[[], None]) -> None:
     """Call ``move`` on what is left of ``view`` until all of it moved: the loop of the one-buffer helpers,
-    with :func:`iov.scatter_io`'s rules (a timeout or a partial move calls ``stall``, 0 bytes is a closed
+    with :func:`scatter.scatter_io`'s rules (a timeout or a partial move calls ``stall``, 0 bytes is a closed
     peer); a plain loop, several µs cheaper per call than a one-range scatter."""
     done = 0
     while done < len(view):
@@ -165,24 +164,6 @@ def _move_exact(move: Callable[[memoryview], int], view: memoryview, stall: Call
         done += n
         if done < len(view):
             stall()
-
-
-def send_small(sock: socket.socket, ranges: Sequence[Tuple[int, int]], stall: Callable[[], None]) -> None:
-    """:func:`send` for a few ``(addr, nbytes)`` ranges as Python ints."""
-    op = _tls_send(sock) if isinstance(sock, ssl.SSLSocket) else sock.sendmsg
-    iov.scatter_io_small(op, ranges, stall, IO_CHUNK_BYTES)
-
-
-def recv_small(sock: socket.socket, ranges: Sequence[Tuple[int, int]], stall: Callable[[], None]) -> None:
-    """:func:`recv` for a few ``(addr, nbytes)`` ranges as Python ints."""
-    if isinstance(sock, ssl.SSLSocket):
-        iov.scatter_io_small(_tls_recv(sock), ranges, stall, IO_CHUNK_BYTES)
-        return
-
-    def op(chunk: List[memoryview]) -> int:
-        return sock.recvmsg_into(chunk, 0, socket.MSG_WAITALL)[0]
-
-    iov.scatter_io_small(op, ranges, stall, IO_CHUNK_BYTES)
 
 
 def parse_header(data: bytes) -> tuple:

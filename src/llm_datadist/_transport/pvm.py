@@ -1,0 +1,169 @@
+"""process_vm_readv/writev: the system calls of a plan, guard words first and last in every call."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+import time
+from typing import Optional, Sequence, Tuple
+
+from llm_datadist._transport.base import (
+    ConnectFailed,
+    CopyPlan,
+    RemoteRejected,
+    StaleMemory,
+    TransferTimeout,
+    TransportClosed,
+    TransportError,
+)
+
+IOV_MAX = 1024  # iovecs per process_vm_* call (UIO_MAXIOV)
+CHUNK_BYTES = 1 << 30  # bytes per call; the kernel truncates one call at MAX_RW_COUNT (~2 GiB)
+
+#: ``(address in the peer, expected value)`` of the generation words a read checks.
+GuardWords = Sequence[Tuple[int, int]]
+
+
+def _load_libc() -> Tuple[Optional[object], Optional[object]]:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        funcs = []
+        for name in ("process_vm_readv", "process_vm_writev"):
+            fn = getattr(libc, name)
+            fn.restype = ctypes.c_ssize_t
+            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong,
+                           ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+            funcs.append(fn)
+        return funcs[0], funcs[1]
+    except (OSError, AttributeError):
+        return None, None
+
+
+_READV, _WRITEV = _load_libc()
+_SELF_PVM: Optional[bool] = None
+_SELF_LOCK = threading.Lock()
+_EMPTY = CopyPlan([], [], [])
+
+
+def _errno_error(err: int, what: str) -> TransportError:
+    """Map an errno from process_vm_* to a TransportError subclass."""
+    msg = f"{what}: {os.strerror(err)} (errno {err})"
+    if err == errno.ESRCH:
+        return TransportClosed(msg)
+    if err in (errno.EPERM, errno.EACCES, errno.ENOSYS):
+        return ConnectFailed(msg)
+    if err == errno.EFAULT:
+        return RemoteRejected(msg)
+    return TransportError(msg)
+
+
+def _call(func, what: str, pid: int, liov: int, riov: int, count: int, expected: int) -> None:
+    """One process_vm call over complete iovec arrays; a short transfer is an error, never resumed."""
+    while True:
+        got = func(pid, liov, count, riov, count, 0)
+        if got == expected:
+            return
+        if got < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            raise _errno_error(err, what)
+        # the kernel stops at the first iovec it cannot copy: unmapped memory on one side
+        raise RemoteRejected(f"{what}: copied {got} of {expected} bytes (memory not mapped)")
+
+
+def rw(func, what: str, pid: int, plan: CopyPlan, deadline: Optional[float], guards: GuardWords = ()) -> int:
+    """Move ``plan.sizes[i]`` bytes between local ``plan.local[i]`` and ``plan.remote[i]`` in ``pid``, one call
+    per run of at most IOV_MAX iovecs (guards included) and CHUNK_BYTES bytes.
+
+    With ``guards`` (reads only) every call also reads each guard word first and last, into a scratch
+    buffer, and the words must equal their expected values both times (StaleMemory otherwise): the data
+    of that call was copied while the owner still held it. A plan of no ops with guards is one call that
+    reads only them. The deadline is checked before every call.
+    """
+    if func is None:
+        raise ConnectFailed(f"{what} is not available on this system")
+    g = len(guards)
+    if not len(plan) and not g:
+        return 0
+    per_call = IOV_MAX - 2 * g
+    if per_call < 1:
+        raise RemoteRejected(f"{what}: too many guards ({g})")
+    scratch = (ctypes.c_uint64 * (2 * g))()
+    base = ctypes.addressof(scratch)
+    head = [(base + 8 * k, addr, 8) for k, (addr, _value) in enumerate(guards)]
+    tail = [(base + 8 * (g + k), addr, 8) for k, (addr, _value) in enumerate(guards)]
+    expected = [value for _addr, value in guards] * 2
+    moved = 0
+    for start, stop, nbytes in plan.chunks(per_call, CHUNK_BYTES):
+        if deadline is not None and time.monotonic() > deadline:
+            raise TransferTimeout(f"{what}: deadline passed after {moved} bytes")
+        liov, riov, count, _keep = plan.iovecs(start, stop, head, tail)
+        _call(func, what, pid, liov, riov, count, nbytes + 16 * g)
+        if scratch[:] != expected:
+            raise StaleMemory(f"{what}: the peer released or replaced that memory during the transfer")
+        moved += nbytes
+    return moved
+
+
+def read(pid: int, plan: CopyPlan, deadline: Optional[float] = None, guards: GuardWords = ()) -> int:
+    """Copy ``plan.sizes[i]`` bytes from ``plan.remote[i]`` in process ``pid`` to ``plan.local[i]`` here.
+
+    Args:
+        pid: Process to read from (may be our own pid).
+        plan: The copies (merge it first where that pays).
+        deadline: ``time.monotonic()`` value checked before every call.
+        guards: Generation words read first and last in every call (see :func:`rw`).
+
+    Returns:
+        Total bytes copied.
+
+    Raises:
+        TransportClosed: the process is gone (ESRCH).
+        ConnectFailed: no permission (EPERM) or syscall missing.
+        RemoteRejected: an address is not mapped (EFAULT).
+        StaleMemory: a guard word did not hold its expected value.
+        TransferTimeout: the deadline passed between calls.
+    """
+    return rw(_READV, "process_vm_readv", pid, plan, deadline, guards)
+
+
+def write(pid: int, plan: CopyPlan, deadline: Optional[float] = None) -> int:
+    """Copy ``plan.sizes[i]`` bytes from ``plan.local[i]`` here to ``plan.remote[i]`` in process ``pid``.
+
+    Errors as :func:`read` (no guards: a write cannot read them).
+    """
+    return rw(_WRITEV, "process_vm_writev", pid, plan, deadline)
+
+
+def check_guards(pid: int, guards: GuardWords, deadline: Optional[float] = None) -> None:
+    """Read only the guard words in ``pid`` (StaleMemory if one does not hold its value)."""
+    rw(_READV, "process_vm_readv", pid, _EMPTY, deadline, guards)
+
+
+def peek(pid: int, addr: int, nbytes: int) -> bytes:
+    """Read ``nbytes`` at ``addr`` in process ``pid``; raises TransportError subclasses."""
+    buf = ctypes.create_string_buffer(max(nbytes, 1))
+    read(pid, CopyPlan([ctypes.addressof(buf)], [addr], [nbytes]))
+    return buf.raw[:nbytes]
+
+
+def permitted(pid: int, probe_addr: int, nbytes: int = 1) -> bool:
+    """Whether process_vm_readv of ``nbytes`` at ``probe_addr`` in ``pid`` works. Never raises."""
+    try:
+        peek(pid, probe_addr, nbytes)
+        return True
+    except TransportError:
+        return False
+
+
+def self_permitted() -> bool:
+    """Whether process_vm_readv on our own pid works (detected once)."""
+    global _SELF_PVM
+    if _SELF_PVM is None:
+        with _SELF_LOCK:
+            if _SELF_PVM is None:
+                probe = ctypes.create_string_buffer(b"probe", 8)
+                _SELF_PVM = permitted(os.getpid(), ctypes.addressof(probe), 8)
+    return _SELF_PVM
