@@ -35,8 +35,8 @@ Transports raise only ``TransportError`` subclasses; the engine maps them to sta
 from __future__ import annotations
 
 import abc
+import array
 import bisect
-import ctypes
 import dataclasses
 import itertools
 import socket
@@ -45,7 +45,6 @@ from typing import Callable, ClassVar, FrozenSet, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-_C_U64 = ctypes.c_uint64
 #: ``(local, remote, sizes)`` of a plan held as Python ints.
 _IntOps = Tuple[List[int], List[int], List[int]]
 
@@ -372,7 +371,7 @@ class CopyPlan:
         address, entries, an object that keeps both arrays alive)``."""
         m, h = stop - start, len(head)
         count = h + m + len(tail)
-        if self._ints is not None:
+        if self._ints is not None:  # both arrays in one array.array (cheaper to make than ctypes arrays)
             lo, re, sz = self._ints
             loc, rem = [0] * (2 * count), [0] * (2 * count)
             a, b = 2 * h, 2 * (h + m)
@@ -380,8 +379,9 @@ class CopyPlan:
             rem[a:b:2], rem[a + 1:b:2] = re[start:stop], sz[start:stop]
             for k, (x, y, nbytes) in itertools.chain(enumerate(head), enumerate(tail, h + m)):
                 loc[2 * k], loc[2 * k + 1], rem[2 * k], rem[2 * k + 1] = x, nbytes, y, nbytes
-            larr, rarr = (_C_U64 * (2 * count))(*loc), (_C_U64 * (2 * count))(*rem)
-            return ctypes.addressof(larr), ctypes.addressof(rarr), count, (larr, rarr)
+            both = array.array("Q", loc + rem)
+            base = both.buffer_info()[0]
+            return base, base + 16 * count, count, both
         liov = np.empty((count, 2), dtype=_U64)
         riov = np.empty((count, 2), dtype=_U64)
         for k, (a, b, nbytes) in itertools.chain(enumerate(head), enumerate(tail, h + m)):

@@ -1,6 +1,7 @@
 """process_vm_readv/writev: the system calls of a plan, guard words first and last in every call."""
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import os
@@ -90,18 +91,18 @@ def rw(func, what: str, pid: int, plan: CopyPlan, deadline: Optional[float], gua
     per_call = IOV_MAX - 2 * g
     if per_call < 1:
         raise RemoteRejected(f"{what}: too many guards ({g})")
-    scratch = (ctypes.c_uint64 * (2 * g))()
-    base = ctypes.addressof(scratch)
+    scratch = array.array("Q", bytes(16 * g))  # where each call reads the guard words, first and last
+    base = scratch.buffer_info()[0]
     head = [(base + 8 * k, addr, 8) for k, (addr, _value) in enumerate(guards)]
     tail = [(base + 8 * (g + k), addr, 8) for k, (addr, _value) in enumerate(guards)]
-    expected = [value for _addr, value in guards] * 2
+    expected = array.array("Q", [value for _addr, value in guards] * 2)
     moved = 0
     for start, stop, nbytes in plan.chunks(per_call, CHUNK_BYTES):
         if deadline is not None and time.monotonic() > deadline:
             raise TransferTimeout(f"{what}: deadline passed after {moved} bytes")
         liov, riov, count, _keep = plan.iovecs(start, stop, head, tail)
         _call(func, what, pid, liov, riov, count, nbytes + 16 * g)
-        if scratch[:] != expected:
+        if scratch != expected:
             raise StaleMemory(f"{what}: the peer released or replaced that memory during the transfer")
         moved += nbytes
     return moved
