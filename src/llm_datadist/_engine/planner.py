@@ -8,15 +8,15 @@ side is local) and merged once.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Tuple, Union
+import operator
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from llm_datadist._engine.errors import ParamInvalid
 from llm_datadist._engine.types import LayerSel
-from llm_datadist._transport.base import HOST, SMALL_OPS, CopyPlan, Guard
+from llm_datadist._transport.base import HOST, CopyPlan, Guard, grid
 
-_U64 = np.uint64
 UNBOUNDED = 1 << 62  # block count of a raw destination (addresses the caller vouches for)
 
 
@@ -112,31 +112,21 @@ def covered_tensors(layers: LayerSel, src_nt: int) -> Tuple[int, int]:
 
 
 # ---- index checks ----------------------------------------------------------------------------------------
-# source addresses, destination addresses, sizes: int lists for a few ops, uint64 arrays for many
+# source addresses, destination addresses, sizes: int lists for a few ops, uint64 arrays for many (base.grid)
 Addrs = Union[Sequence[int], np.ndarray]
 Ops = Tuple[Addrs, Addrs, Addrs]
 
 
-def block_indices(blocks: Sequence[int], limit: int, what: str) -> np.ndarray:
-    """Block indices as uint64, each in ``[0, limit)`` (ParamInvalid otherwise)."""
+def block_indices(blocks: Sequence[int], limit: int, what: str) -> List[int]:
+    """Block indices as Python ints, each in ``[0, limit)`` (ParamInvalid otherwise)."""
     try:
-        arr = np.asarray(blocks, dtype=np.int64)
-    except (OverflowError, ValueError, TypeError):
+        out = [operator.index(b) for b in blocks]
+    except TypeError:
         raise ParamInvalid(f"{what} indices must be integers in [0, {limit})") from None
-    if arr.ndim != 1:
-        raise ParamInvalid(f"{what} indices must be a flat list")
-    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= limit):
-        bad = int(arr.min()) if int(arr.min()) < 0 else int(arr.max())
+    if out and (min(out) < 0 or max(out) >= limit):
+        bad = min(out) if min(out) < 0 else max(out)
         raise ParamInvalid(f"{what} index {bad} out of range, the cache has {limit}")
-    return arr.astype(_U64)
-
-
-def _small_indices(blocks: Sequence[int], limit: int, what: str) -> Sequence[int]:
-    """The same check for a handful of indices, in plain Python."""
-    for b in blocks:
-        if not 0 <= b < limit:
-            raise ParamInvalid(f"{what} index {b} out of range, the cache has {limit}")
-    return blocks
+    return out
 
 
 def _check_slot(side: Side, slot: int, what: str) -> None:
@@ -144,15 +134,7 @@ def _check_slot(side: Side, slot: int, what: str) -> None:
         raise ParamInvalid(f"{what} batch index {slot} out of range {side.count}")
 
 
-def _bases(side: Side, tensors: Sequence[int]) -> np.ndarray:
-    return np.asarray(side.bases, dtype=_U64)[np.asarray(tensors, dtype=np.intp)]
-
-
-def _small(tensors: Sequence[int], items: int) -> bool:
-    return len(tensors) * items <= SMALL_OPS
-
-
-# ---- the three shapes (source -> destination; Python lists for small plans, arrays for large) ------------
+# ---- the three shapes (source -> destination) ------------------------------------------------------------
 def blocks_ops(src: Side, src_t: Sequence[int], src_blocks: Sequence[int], dst: Side, dst_t: Sequence[int],
                dst_blocks: Sequence[int]) -> Ops:
     """Block ``src_blocks[i]`` of every selected source tensor to block ``dst_blocks[i]`` of its destination."""
@@ -163,17 +145,10 @@ def blocks_ops(src: Side, src_t: Sequence[int], src_blocks: Sequence[int], dst: 
     if src.stride != dst.stride:
         raise ParamInvalid(f"block size differs: source {src.stride} bytes, destination {dst.stride} bytes")
     bs = src.stride
-    if _small(src_t, len(src_blocks)):
-        s_blk = _small_indices(src_blocks, src.count, "source block")
-        d_blk = _small_indices(dst_blocks, dst.count, "destination block")
-        sb, db = src.bases, dst.bases
-        s = [sb[t] + b * bs for t in src_t for b in s_blk]
-        return s, [db[t] + b * bs for t in dst_t for b in d_blk], [bs] * len(s)
-    s_arr = block_indices(src_blocks, src.count, "source block") * _U64(bs)
-    d_arr = block_indices(dst_blocks, dst.count, "destination block") * _U64(bs)
-    s_ops = np.add.outer(_bases(src, src_t), s_arr).ravel()
-    d_ops = np.add.outer(_bases(dst, dst_t), d_arr).ravel()
-    return s_ops, d_ops, np.full(s_ops.shape, bs, dtype=_U64)
+    s_blk = block_indices(src_blocks, src.count, "source block")
+    d_blk = block_indices(dst_blocks, dst.count, "destination block")
+    return grid([src.bases[t] for t in src_t], [b * bs for b in s_blk], [dst.bases[t] for t in dst_t],
+                [b * bs for b in d_blk], [bs] * len(s_blk))
 
 
 def slot_ops(src: Side, src_t: Sequence[int], src_slot: int, dst: Side, dst_t: Sequence[int], dst_slot: int,
@@ -184,13 +159,8 @@ def slot_ops(src: Side, src_t: Sequence[int], src_slot: int, dst: Side, dst_t: S
     if nbytes <= 0 or offset + nbytes > src.stride or offset + nbytes > dst.stride:
         raise ParamInvalid(f"{nbytes} bytes at offset {offset} exceed a slot (source {src.stride}, destination "
                            f"{dst.stride} bytes)")
-    s_off, d_off = src_slot * src.stride + offset, dst_slot * dst.stride + offset
-    if _small(src_t, 1):
-        s = [src.bases[t] + s_off for t in src_t]
-        return s, [dst.bases[t] + d_off for t in dst_t], [nbytes] * len(s)
-    s_ops = _bases(src, src_t) + _U64(s_off)
-    d_ops = _bases(dst, dst_t) + _U64(d_off)
-    return s_ops, d_ops, np.full(s_ops.shape, nbytes, dtype=_U64)
+    return grid([src.bases[t] for t in src_t], [src_slot * src.stride + offset], [dst.bases[t] for t in dst_t],
+                [dst_slot * dst.stride + offset], [nbytes])
 
 
 def chunk_ops(src: Side, src_t: Sequence[int], src_slot: int, dst: Side, dst_t: Sequence[int],
@@ -207,17 +177,10 @@ def chunk_ops(src: Side, src_t: Sequence[int], src_slot: int, dst: Side, dst_t: 
         raise ParamInvalid(f"{len(dst_blocks)} destination blocks of {chunk} bytes exceed the source slot of "
                            f"{src.stride} bytes ({pieces} pieces)")
     base = src_slot * src.stride
-    if _small(src_t, len(dst_blocks)):
-        d_blk = _small_indices(dst_blocks, dst.count, "destination block")
-        sizes = [min(chunk, src.stride - j * chunk) for j in range(len(d_blk))]
-        s = [src.bases[t] + base + j * chunk for t in src_t for j in range(len(d_blk))]
-        return s, [dst.bases[t] + b * chunk for t in dst_t for b in d_blk], sizes * len(src_t)
-    d_arr = block_indices(dst_blocks, dst.count, "destination block")
-    offsets = np.arange(d_arr.size, dtype=_U64) * _U64(chunk)
-    sizes_arr = np.minimum(_U64(chunk), _U64(src.stride) - offsets)
-    s_ops = np.add.outer(_bases(src, src_t) + _U64(base), offsets).ravel()
-    d_ops = np.add.outer(_bases(dst, dst_t), d_arr * _U64(chunk)).ravel()
-    return s_ops, d_ops, np.tile(sizes_arr, len(dst_t))
+    d_blk = block_indices(dst_blocks, dst.count, "destination block")
+    offsets = [j * chunk for j in range(len(d_blk))]
+    return grid([src.bases[t] for t in src_t], [base + o for o in offsets], [dst.bases[t] for t in dst_t],
+                [b * chunk for b in d_blk], [min(chunk, src.stride - o) for o in offsets])
 
 
 # ---- orientation -----------------------------------------------------------------------------------------

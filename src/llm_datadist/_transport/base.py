@@ -41,10 +41,12 @@ import dataclasses
 import itertools
 import socket
 import struct
-from typing import Callable, ClassVar, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Callable, ClassVar, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+#: Addresses or sizes: Python ints (a small plan) or a uint64 array.
+Ints = Union[List[int], np.ndarray]
 #: ``(local, remote, sizes)`` of a plan held as Python ints.
 _IntOps = Tuple[List[int], List[int], List[int]]
 
@@ -199,6 +201,19 @@ SMALL_OPS = 64  # plans built from at most this many Python ints keep them (no n
 
 _U64 = np.uint64
 _WRAP = 1 << 64
+
+
+def grid(src_bases: Sequence[int], src_offsets: Sequence[int], dst_bases: Sequence[int],
+         dst_offsets: Sequence[int], sizes: Sequence[int]) -> Tuple[Ints, Ints, Ints]:
+    """The ops of a regular transfer, source-major: item ``j`` of tensor ``t``, ``sizes[j]`` bytes from
+    ``src_bases[t] + src_offsets[j]`` to ``dst_bases[t] + dst_offsets[j]``, as ``(sources, destinations, sizes)``
+    in the form a CopyPlan keeps: Python int lists for at most SMALL_OPS ops, uint64 arrays beyond."""
+    if len(src_bases) * len(src_offsets) <= SMALL_OPS:
+        return ([b + o for b in src_bases for o in src_offsets], [b + o for b in dst_bases for o in dst_offsets],
+                list(sizes) * len(src_bases))
+    src = np.add.outer(np.asarray(src_bases, dtype=_U64), np.asarray(src_offsets, dtype=_U64)).ravel()
+    dst = np.add.outer(np.asarray(dst_bases, dtype=_U64), np.asarray(dst_offsets, dtype=_U64)).ravel()
+    return src, dst, np.tile(np.asarray(sizes, dtype=_U64), len(src_bases))
 
 
 class CopyPlan:
