@@ -80,7 +80,7 @@ def _iovecs(plan, start, stop, head, tail):
 def test_iovecs_agree_with_guards_around_them(seed, n):
     rng = np.random.default_rng(200 + seed)
     ints, arrays = _twins(*_random_ops(rng, n))
-    head, tail = [(11, 12, 8), (13, 14, 8)], [(15, 16, 8)]
+    head, tail = ([11, 8, 13, 8], [12, 8, 14, 8]), ([15, 8], [16, 8])
     for start, stop in ((0, n), (n // 2, n), (0, 0)):
         got = _iovecs(ints, start, stop, head, tail)
         assert got == _iovecs(arrays, start, stop, head, tail)

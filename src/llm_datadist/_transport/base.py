@@ -379,28 +379,27 @@ class CopyPlan:
         inner = [min(bisect.bisect_left(cum, k * step, 1, n + 1), n) for k in range(1, parts)]
         return sorted(set([0] + inner + [n]))
 
-    def iovecs(self, start: int, stop: int, head: Sequence[Tuple[int, int, int]] = (),
-               tail: Sequence[Tuple[int, int, int]] = ()) -> Tuple[int, int, int, object]:
-        """Ops ``[start, stop)`` as two ``struct iovec`` arrays, local and remote, with the ``(local, remote,
-        nbytes)`` entries of ``head`` before them and of ``tail`` after: ``(local array address, remote array
-        address, entries, an object that keeps both arrays alive)``."""
-        m, h = stop - start, len(head)
-        count = h + m + len(tail)
+    def iovecs(self, start: int, stop: int, head: Tuple[List[int], List[int]] = ([], []),
+               tail: Tuple[List[int], List[int]] = ([], [])) -> Tuple[int, int, int, object]:
+        """Ops ``[start, stop)`` as two ``struct iovec`` arrays, local and remote, between the iovecs of ``head``
+        and of ``tail`` (each ``(local words, remote words)``: flat ``[addr, nbytes, addr, nbytes, ...]`` lists):
+        ``(local array address, remote array address, entries, an object that keeps both arrays alive)``."""
+        m = stop - start
+        count = m + (len(head[0]) + len(tail[0])) // 2
         if self._ints is not None:  # both arrays in one array.array (cheaper to make than ctypes arrays)
             lo, re, sz = self._ints
-            loc, rem = [0] * (2 * count), [0] * (2 * count)
-            a, b = 2 * h, 2 * (h + m)
-            loc[a:b:2], loc[a + 1:b:2] = lo[start:stop], sz[start:stop]
-            rem[a:b:2], rem[a + 1:b:2] = re[start:stop], sz[start:stop]
-            for k, (x, y, nbytes) in itertools.chain(enumerate(head), enumerate(tail, h + m)):
-                loc[2 * k], loc[2 * k + 1], rem[2 * k], rem[2 * k + 1] = x, nbytes, y, nbytes
-            both = array.array("Q", loc + rem)
+            body_l, body_r = [0] * (2 * m), [0] * (2 * m)
+            body_l[0::2], body_r[0::2] = lo[start:stop], re[start:stop]
+            body_l[1::2] = body_r[1::2] = sz[start:stop]
+            both = array.array("Q", head[0] + body_l + tail[0] + head[1] + body_r + tail[1])
             base = both.buffer_info()[0]
             return base, base + 16 * count, count, both
+        h = len(head[0]) // 2
         liov = np.empty((count, 2), dtype=_U64)
         riov = np.empty((count, 2), dtype=_U64)
-        for k, (a, b, nbytes) in itertools.chain(enumerate(head), enumerate(tail, h + m)):
-            liov[k], riov[k] = (a, nbytes), (b, nbytes)
+        t = count - h - m
+        liov[:h], riov[:h] = np.reshape(head[0], (h, 2)), np.reshape(head[1], (h, 2))
+        liov[h + m:], riov[h + m:] = np.reshape(tail[0], (t, 2)), np.reshape(tail[1], (t, 2))
         liov[h:h + m, 0], liov[h:h + m, 1] = self.local[start:stop], self.sizes[start:stop]
         riov[h:h + m, 0], riov[h:h + m, 1] = self.remote[start:stop], self.sizes[start:stop]
         return liov.ctypes.data, riov.ctypes.data, count, (liov, riov)

@@ -93,8 +93,9 @@ def rw(func, what: str, pid: int, plan: CopyPlan, deadline: Optional[float], gua
         raise RemoteRejected(f"{what}: too many guards ({g})")
     scratch = array.array("Q", bytes(16 * g))  # where each call reads the guard words, first and last
     base = scratch.buffer_info()[0]
-    head = [(base + 8 * k, addr, 8) for k, (addr, _value) in enumerate(guards)]
-    tail = [(base + 8 * (g + k), addr, 8) for k, (addr, _value) in enumerate(guards)]
+    addrs = [w for addr, _value in guards for w in (addr, 8)]
+    head = ([w for k in range(g) for w in (base + 8 * k, 8)], addrs)
+    tail = ([w for k in range(g, 2 * g) for w in (base + 8 * k, 8)], addrs)
     expected = array.array("Q", [value for _addr, value in guards] * 2)
     moved = 0
     for start, stop, nbytes in plan.chunks(per_call, CHUNK_BYTES):
