@@ -70,6 +70,8 @@ SAMPLES = [
     p.ConfirmDial(dial_nonce=b"d" * 32),
     p.DialConfirmed(dialing=True),
     p.DialConfirmed(dialing=False),
+    p.Notify(payload=b""),
+    p.Notify(payload=b"n" * p.MAX_NOTIFY_BYTES, after=p.NOTIFY_AFTER_PUSH),
 ]
 
 
@@ -235,6 +237,7 @@ def test_length_must_match_in_memory():
     (p.Resolve, dict(kind="req", cluster_id="1")),
     (p.Ping, dict(unexpected=1)),
     (p.Table, dict(version=1)),
+    (p.Notify, dict(payload=b"", after=3)),
 ])
 def test_out_of_range_and_malformed_fields_rejected(cls, fields):
     with pytest.raises(p.ProtocolError, match="invalid frame body"):
@@ -256,6 +259,7 @@ def _hello_fields(**over):
     (p.CacheView, dict(cache_id=1, tensor_addrs=[0] * (p.MAX_TENSORS + 1), tensor_nbytes=1, stride=1, dim0=1,
                        num_tensors=1, placement=0, is_blocks=False, remote_accessible=True, owned=True)),
     (p.Error, dict(code=1, message="m" * (p.MAX_MESSAGE_CHARS + 1))),
+    (p.Notify, dict(payload=b"n" * (p.MAX_NOTIFY_BYTES + 1))),
 ])
 def test_too_long_fields_rejected(cls, fields):
     with pytest.raises(p.ProtocolError, match="invalid frame body"):

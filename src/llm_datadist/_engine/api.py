@@ -7,7 +7,7 @@ above the engine imports the engine's other modules or the transports.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from llm_datadist._engine import options, requests
 from llm_datadist._engine.errors import (EngineError, FeatureNotEnabled, LinkFailed, NotLinked, ParamInvalid,
@@ -20,10 +20,11 @@ from llm_datadist.status import LLMStatusCode
 
 if TYPE_CHECKING:  # the engine itself (numpy, transports) loads on the first open_engine
     from llm_datadist._engine.engine import Engine
+    from llm_datadist._engine.notices import LinkDown, Notice
 
 __all__ = [
     "EngineApi", "TaskWaiter", "EngineOptions", "open_engine", "options", "requests", "map_errors", "status_of",
-    "to_llm_exception",
+    "to_llm_exception", "NoticesApi",
     "EngineError", "FeatureNotEnabled", "LinkFailed", "NotLinked", "ParamInvalid", "KeyId", "UINT64_MAX",
     "CacheSpec", "LayerSel", "SourceSpec", "ConfigJob", "TaskJob", "TENSORS_PER_LAYER", "HOST",
     "DEVICE", "link_timeout_s", "transport_report", "process_vm_status", "plan_blocks_timing", "read_process_memory",
@@ -41,6 +42,34 @@ class TaskWaiter(Protocol):
 
     def results(self) -> List[Optional[LLMStatusCode]]:
         """One status per config, in order; None for a config none of whose layers ran to its end."""
+        ...
+
+
+class NoticesApi(Protocol):
+    """The notification queue and link-down events of one engine (``EngineApi.notices``; see notices.py)."""
+
+    def poll(self, max_count: int, timeout_s: float) -> List[Notice]:
+        """Take up to ``max_count`` queued notifications, waiting up to ``timeout_s`` for the first one."""
+        ...
+
+    def poll_link_down(self, max_count: int, timeout_s: float) -> List[LinkDown]:
+        """Take up to ``max_count`` link-down events, waiting up to ``timeout_s`` for the first one."""
+        ...
+
+    def set_callback(self, fn: Optional[Callable[[Notice], None]]) -> None:
+        """Deliver notifications to ``fn`` on the dispatcher thread (None: back to polling)."""
+        ...
+
+    def set_link_down_callback(self, fn: Optional[Callable[[LinkDown], None]]) -> None:
+        """Deliver link-down events to ``fn`` on the dispatcher thread (None: back to polling)."""
+        ...
+
+    def set_limits(self, max_count: Optional[int], max_bytes: Optional[int]) -> None:
+        """Bound the receive queue (notifications and payload bytes)."""
+        ...
+
+    def queued(self) -> Tuple[int, int]:
+        """(notifications, payload bytes) waiting in the queue."""
         ...
 
 
@@ -129,6 +158,21 @@ class EngineApi(Protocol):
         ...
 
     def comm_unlink(self, comm_id: int) -> None:
+        ...
+
+    # -- notifications (the llm_datadist.notifications extension) -----------------------------------
+    @property
+    def notices(self) -> NoticesApi:
+        """This instance's notification queue and link-down events."""
+        ...
+
+    def notify(self, cluster_id: int, payload: bytes, timeout_s: float, after: int = 0) -> None:
+        """Send a notification to a linked cluster and wait until it queued it (``after``: 0 plain, 1 after a
+        push, 2 after a pull, over the transfer's link)."""
+        ...
+
+    def listen_address(self) -> Optional[Tuple[str, int]]:
+        """(ip, port) this instance listens on (the bound port when port 0 was asked for), or None."""
         ...
 
 

@@ -19,6 +19,7 @@ from llm_datadist._engine.guards import Guards
 from llm_datadist._engine.link import Link
 from llm_datadist._engine.links import LinkManager
 from llm_datadist._engine.memory import backend_for, maps_segment
+from llm_datadist._engine.notices import Notices, send as send_notice
 from llm_datadist._engine.options import EngineOptions, link_timeout_s
 from llm_datadist._engine.poller import Poller
 from llm_datadist._engine.pool import MemPool, parse_pool_config
@@ -545,6 +546,20 @@ class Engine:
 
     def comm_status(self, comm_id: int) -> int:
         return self.comm(comm_id).status
+
+    def listen_address(self) -> Optional[Tuple[str, int]]:
+        """(ip, port) this instance listens on (the bound port when port 0 was asked for), or None."""
+        return self.links.listen_address
+
+    @property
+    def notices(self) -> Notices:
+        """The notification queue and link-down events of this instance (see notices.py)."""
+        return self.links.notices
+
+    def notify(self, cluster_id: int, payload: bytes, timeout_s: float, after: int = proto.NOTIFY_PLAIN) -> None:
+        """Send a notification to a linked cluster; one that follows a transfer takes the transfer's link."""
+        link = self.link_for_transfer(cluster_id) if after != proto.NOTIFY_PLAIN else self.links.get(cluster_id)
+        send_notice(link, payload, time.monotonic() + timeout_s, after)
 
     def set_role(self, role: int, listen: Optional[Tuple[str, int]]) -> None:
         """switch_role: move, start or stop listening (no link may exist), then take the new role label."""

@@ -72,6 +72,8 @@ class Link:
         self.closed = False
         self.retired = False
         self.peer_unlinked = False
+        self.listed = False  # it was in the link table (its end is reported to the application)
+        self.cause = ""  # why the link went away, when this side knows it (a link-down event's cause)
 
     @property
     def cluster_id(self) -> int:

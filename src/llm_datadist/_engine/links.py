@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import msgspec
 
+from llm_datadist._engine import notices as nt
 from llm_datadist._engine import protocol as proto
 from llm_datadist._engine import rpc
 from llm_datadist._engine.errors import (AlreadyLinked, EngineError, ExistLink, LinkFailed, NotLinked, ParamInvalid,
@@ -56,6 +57,7 @@ class LinkManager:
         self._serials = itertools.count(1)
         self._dialing: set = set()  # dial nonces of our handshakes in flight (a peer may ask us to vouch)
         self._closed = False
+        self.notices = nt.Notices(f"llm-dd-{engine.cluster_id}")  # notifications and link-down events
 
     # -- table ----------------------------------------------------------------------------------
     def get(self, cluster_id: int, usable: Optional[Callable[[Link], bool]] = None) -> Link:
@@ -92,8 +94,10 @@ class LinkManager:
             if old is not None and not old.closed and not replace:
                 raise AlreadyLinked(f"cluster {link.cluster_id} is already linked")
             self._links[link.key] = link
+            link.listed = True
         if old is not None and old is not link:
             _log.info("replacing stale link to cluster %d", link.cluster_id)
+            old.cause = old.cause or nt.REPLACED
             old.close()
 
     def drop(self, key: LinkKey, link: Optional[Link] = None) -> None:
@@ -103,6 +107,7 @@ class LinkManager:
             if current is None or (link is not None and current is not link):
                 return
             del self._links[key]
+        current.cause = current.cause or nt.UNLINKED
         current.close()
 
     def _forget(self, link: Link) -> bool:
@@ -178,6 +183,7 @@ class LinkManager:
             if hello.cluster_id == engine.cluster_id and comm is None:
                 with self._lock:  # the serving end of a self link: the client end goes into the table
                     self._served[id(link)] = link
+                    link.listed = True
             else:
                 self.add(link, replace=True)  # a client that restarted replaces its stale link ("force link")
             return engine.hello_ack(engine.grant_credentials(link.serial))
@@ -264,6 +270,7 @@ class LinkManager:
         holder["link"] = link
         with self._lock:
             self._by_conn[id(conn)] = link
+        self.notices.link_up(link.serial)  # before its connection reads: the peer may notify as soon as it is up
         if start:
             conn.start()
         return link
@@ -316,7 +323,8 @@ class LinkManager:
             self._engine.registry.unpin(entry)
 
     def _link_closed(self, link: Link) -> None:
-        """A link went away: its peer's grants end and the credentials given to it are revoked."""
+        """A link went away: its peer's grants end, the credentials given to it are revoked, and the application
+        learns of it (a link-down event, unless this instance is finalizing)."""
         with self._lock:
             grants, link.grants = link.grants, {}
             self._by_conn.pop(id(link.conn), None)
@@ -324,6 +332,17 @@ class LinkManager:
             for entry in held:
                 self._engine.registry.unpin(entry)
         self._engine.revoke_credentials(link.serial)
+        cause = nt.PEER_UNLINKED if link.peer_unlinked else link.cause or nt.LOST
+        self.notices.link_down(link.cluster_id, link.serial, cause, self.has_link_to(link.cluster_id),
+                               report=link.listed and not self._closed)
+
+    # -- notifications ----------------------------------------------------------------------------
+    def receive_notice(self, conn, msg: proto.Notify) -> None:
+        """A peer's notification over ``conn``: queued for the application (refused when it cannot be)."""
+        link = self.link_of(conn)
+        if link is None or link.retired:
+            raise NotLinked("notification over a connection that is no link (or is unlinking)")
+        self.notices.receive(link.cluster_id, link.serial, lambda: link.closed or link.conn.closed, msg)
 
     def note_peer_unlink(self, conn) -> None:
         """The peer is unlinking over ``conn``: our end leaves the table before the reply goes out.
@@ -495,6 +514,7 @@ class LinkManager:
             self._links, self._served = {}, {}
         for link in links:
             link.close()
+        self.notices.close()
 
 
 def _overall(codes: List[LLMStatusCode]) -> LLMStatusCode:

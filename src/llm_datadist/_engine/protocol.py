@@ -33,7 +33,10 @@ from llm_datadist._transport import tls
 #      rides in HelloAck.server_proof (so a stranger who connects learns no HMAC of the secret); proofs are
 #      keyed by a scrypt-stretched secret; Hello.dial_nonce names one dial, and ConfirmDial -> DialConfirmed
 #      asks a linked peer over its link whether it is making that dial (an incoming handshake that claims a
-#      linked cluster's id is admitted only when that cluster vouches for it or its link is dead).
+#      linked cluster's id is admitted only when that cluster vouches for it or its link is dead);
+#      Notify carries an application notification over a link (at most MAX_NOTIFY_BYTES of payload; ``after``
+#      says it follows a push or a pull of the sender); the receiver answers Ack once it queued it, or Error
+#      (LLM_LINK_BUSY when its notification queue is full).
 PROTOCOL_VERSION = 3
 
 # Frame: a 22-byte big-endian header, magic(4s) version(u16) type(u16) flags(u16) request_id(u64)
@@ -64,6 +67,8 @@ MIN_DIAL_NONCE_BYTES = 16  # a shorter dial nonce is never vouched for
 _MAX_AUTH_BYTES = 64
 SCRYPT_N = 2**14  # cost of the secret's key stretching (see stretch_secret)
 POLL_INTERVAL_S = 0.2
+MAX_NOTIFY_BYTES = 64 * 1024  # payload of one notification (Notify)
+NOTIFY_PLAIN, NOTIFY_AFTER_PUSH, NOTIFY_AFTER_PULL = 0, 1, 2  # Notify.after
 
 # Field types with the limits enforced at decode time -------------------------------------------
 U16 = Annotated[int, Meta(ge=0, le=2**16 - 1)]
@@ -255,6 +260,18 @@ class DialConfirmed(_Msg):
     dialing: bool
 
 
+class Notify(_Msg):
+    """An application notification for the receiver's queue; reply Ack once queued, Error if refused.
+
+    ``after`` is NOTIFY_AFTER_PUSH when the sender sends it after a push into the receiver's caches returned (the
+    bytes are in place), NOTIFY_AFTER_PULL after a pull from them returned (the sender has the bytes),
+    NOTIFY_PLAIN otherwise.
+    """
+
+    payload: Annotated[bytes, Meta(max_length=MAX_NOTIFY_BYTES)]
+    after: Annotated[int, Meta(ge=0, le=2)] = NOTIFY_PLAIN
+
+
 class Ack(_Msg):
     """Generic success reply."""
 
@@ -270,13 +287,13 @@ class Error(_Msg):
 
 Message = Union[Hello, HelloAck, AuthChallenge, AuthProof, AuthResult, CacheView, Resolve, Consume,
                 TableRequest, Table, TableChanged, Unlink, Ping, Ack, Error, Credentials, WriteGrant, Granted,
-                WriteRelease, ConfirmDial, DialConfirmed]
+                WriteRelease, ConfirmDial, DialConfirmed, Notify]
 
 _TYPE_IDS: Dict[type, int] = {
     Hello: 1, HelloAck: 2, AuthChallenge: 3, AuthProof: 4, AuthResult: 5,
     Resolve: 16, CacheView: 17, Consume: 18, TableRequest: 19, Table: 20, Unlink: 21, Ping: 22,
     Ack: 23, Error: 24, TableChanged: 25, Credentials: 26, WriteGrant: 27, Granted: 28, WriteRelease: 29,
-    ConfirmDial: 30, DialConfirmed: 31,
+    ConfirmDial: 30, DialConfirmed: 31, Notify: 32,
 }
 _BY_TYPE_ID: Dict[int, type] = {v: k for k, v in _TYPE_IDS.items()}
 _ENCODER = msgspec.msgpack.Encoder()

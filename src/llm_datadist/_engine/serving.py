@@ -129,6 +129,11 @@ class PeerService:
     def _ping(self, conn: Connection, msg: proto.Ping) -> proto.Ack:
         return proto.Ack()
 
+    @_serves(proto.Notify)
+    def _notify(self, conn: Connection, msg: proto.Notify) -> proto.Ack:
+        self._engine.links.receive_notice(conn, msg)
+        return proto.Ack()
+
     @_serves(proto.ConfirmDial)
     def _confirm_dial(self, conn: Connection, msg: proto.ConfirmDial) -> proto.DialConfirmed:
         return proto.DialConfirmed(dialing=self._engine.links.is_dialing(msg.dial_nonce))

@@ -87,6 +87,7 @@ SAMPLES: Dict[str, Dict[str, Any]] = {
     "WriteRelease": dict(grant_id=2**33 + 1),
     "ConfirmDial": dict(dial_nonce=bytes(range(40, 72))),
     "DialConfirmed": dict(dialing=True),
+    "Notify": dict(payload=bytes(range(256)) * 3 + b"\x00", after=2),
     "Ack": dict(code=4294967295),
     "Error": dict(code=1343270914, message="cache 3 does not exist"),
 }
