@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 
 import llm_datadist
-from llm_datadist.cli import bench
-from llm_datadist.cli.bench_common import (Buffer, block_order, fill_pattern, format_size, merge_samples, parse_size,
-                                           parse_sizes, record, verify_blocks)
-from llm_datadist.cli.bench_report import Results, target_rows, target_table, transfer_table
+import llm_datadist_bench
+from llm_datadist_bench import cli as bench
+from llm_datadist_bench.common import (Buffer, block_order, fill_pattern, format_size, merge_samples, parse_size,
+                                       parse_sizes, record, verify_blocks)
+from llm_datadist_bench.report import Results, target_rows, target_table, transfer_table
 
-SRC = os.path.dirname(os.path.dirname(os.path.abspath(llm_datadist.__file__)))
+# the folders of the core and of the bench distribution, first on the path of the bench processes
+SRC = os.pathsep.join(os.path.dirname(os.path.dirname(os.path.abspath(str(package.__file__))))
+                      for package in (llm_datadist, llm_datadist_bench))
 
 
 def c_compiler():
@@ -155,7 +158,7 @@ def test_bad_options_return_2(capsys):
 
 
 def test_tls_suite_moves_the_same_bytes_per_pass_in_fewer_passes():
-    from llm_datadist.cli.bench_common import TlsFiles
+    from llm_datadist_bench.common import TlsFiles
 
     args = bench.build_parser().parse_args([])
     opts = dict(sizes=(16384, 2 << 20), total=128 << 20, passes=10, warmup=2, directions=("pull", "push"),
@@ -255,7 +258,7 @@ def test_report_ratios_and_targets():
     assert "| raw process_vm 2t |" in "\n".join(transfer_table(results, "host/host", "pull"))
     matrix = "\n".join(target_table(results, "pull"))
     assert "| 512K | ×0.93 met (≥ 0.92) | ×1.12 (no target) | ×0.80 (no target) | ×1.50 (no target) |" in matrix
-    from llm_datadist.cli.bench_report import _legend
+    from llm_datadist_bench.report import _legend
 
     legend = "\n".join(_legend(results))  # one library stream: the one-stream socket is that reference too
     assert "**raw process_vm 2t**" in legend and "**raw tcp, N streams**: not a separate column" in legend
@@ -268,7 +271,7 @@ def _lat(kind, suite, us, **extra):
 
 
 def test_per_call_targets_next_to_the_floor():
-    from llm_datadist.cli.bench_targets import call_target_rows
+    from llm_datadist_bench.targets import call_target_rows
 
     recs = [_lat("latency_16k", "auto", [10.0] * 98 + [30.0, 50.0]), _lat("floor_16k", "auto", [3.0] * 100),
             _lat("latency_layers", "auto", [200.0] * 100), _lat("floor_layers", "auto", [150.0] * 100),

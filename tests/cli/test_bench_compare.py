@@ -9,12 +9,15 @@ import sys
 import pytest
 
 import llm_datadist
-from llm_datadist.cli import bench
-from llm_datadist.cli.bench_common import record
-from llm_datadist.cli.bench_compare import cells, compare_lines, load_run
-from llm_datadist.cli.bench_report import write_jsonl
+import llm_datadist_bench
+from llm_datadist_bench import cli as bench
+from llm_datadist_bench.common import record
+from llm_datadist_bench.compare import cells, compare_lines, load_run
+from llm_datadist_bench.report import write_jsonl
 
-SRC = os.path.dirname(os.path.dirname(os.path.abspath(llm_datadist.__file__)))
+# the folders of the core and of the bench distribution, first on the path of the bench processes
+SRC = os.pathsep.join(os.path.dirname(os.path.dirname(os.path.abspath(str(package.__file__))))
+                      for package in (llm_datadist, llm_datadist_bench))
 K64 = 64 << 10
 
 

@@ -11,11 +11,14 @@ import sys
 import pytest
 
 import llm_datadist
-from llm_datadist.cli.bench_netns import conditions, netns_suites
+import llm_datadist_bench
+from llm_datadist_bench.netns_run import conditions, netns_suites
 from llm_datadist.cli.netns import CROSS_HOST_TRANSPORTS, unavailable_reason
 from subsystems import skip
 
-SRC = os.path.dirname(os.path.dirname(os.path.abspath(llm_datadist.__file__)))
+# the folders of the core and of the bench distribution, first on the path of the bench processes
+SRC = os.pathsep.join(os.path.dirname(os.path.dirname(os.path.abspath(str(package.__file__))))
+                      for package in (llm_datadist, llm_datadist_bench))
 
 
 def _run(out, *extra):

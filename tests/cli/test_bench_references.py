@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from llm_datadist.cli.bench_common import Buffer, expected_words, fill_pattern
-from llm_datadist.cli.bench_floor import ReadvFloor
-from llm_datadist.cli.bench_socket import best_raw_tcp, measure_raw_tcp
+from llm_datadist_bench.common import Buffer, expected_words, fill_pattern
+from llm_datadist_bench.floor import ReadvFloor
+from llm_datadist_bench.raw_socket import best_raw_tcp, measure_raw_tcp
 
 MIB = 1 << 20
 
@@ -71,7 +71,7 @@ def test_floor_reports_a_failed_read_instead_of_timing_it():
 
 
 def _copier_with_pvm():
-    from llm_datadist.cli.bench_ceiling import load_copier
+    from llm_datadist_bench.ceiling import load_copier
 
     if not c_compiler():
         pytest.skip("the raw process_vm loop needs a C compiler, and there is none")
@@ -81,7 +81,7 @@ def _copier_with_pvm():
 
 
 def test_raw_process_vm_moves_the_same_blocks_both_ways_with_a_child():
-    from llm_datadist.cli.bench_ceiling import measure_raw_pvm
+    from llm_datadist_bench.ceiling import measure_raw_pvm
 
     records = measure_raw_pvm(_copier_with_pvm(), (16 << 10, 64 << 10), 2 * MIB, passes=2, warmup=1, seed=3)
     assert [(r["direction"], r["block_bytes"]) for r in records] == [
@@ -104,7 +104,7 @@ def test_raw_process_vm_reports_a_fault_as_oserror():
 
 
 def test_two_threads_hand_back_the_helpers_error_and_keep_working():
-    from llm_datadist.cli.bench_ceiling import TwoThreads
+    from llm_datadist_bench.ceiling import TwoThreads
 
     seen = []
 

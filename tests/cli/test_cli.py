@@ -67,10 +67,30 @@ def test_module_help():
     assert "demo" in out.stdout and "doctor" in out.stdout and "bench" in out.stdout
 
 
-def test_bench_not_available(monkeypatch, capsys):
+def test_bench_not_installed_says_how_to_install_it(monkeypatch, capsys):
+    # the benchmark is the separate llm-datadist-bench distribution: as if it were not installed
+    monkeypatch.setitem(sys.modules, "llm_datadist_bench", None)
+    monkeypatch.setitem(sys.modules, "llm_datadist_bench.cli", None)
+    assert main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the benchmark is not installed" in err
+    assert "pip install -e ./benchmarks" in err and "pip install -e '.[bench]'" in err
+
+
+def test_bench_module_missing(monkeypatch, capsys):
     monkeypatch.setattr(cli_main, "BENCH_MODULE", "llm_datadist.cli._no_such_bench_module")
     assert main(["bench", "--anything"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert "not installed" in capsys.readouterr().err
+
+
+def test_bench_dispatches_to_the_bench_distribution(capsys):
+    # the test extra installs the bench distribution (setup.py); ./benchmarks is its source
+    import llm_datadist_bench.cli
+
+    assert llm_datadist_bench.cli.PROG == "llm-datadist bench"
+    assert cli_main.BENCH_MODULE == "llm_datadist_bench.cli"
+    assert main(["bench", "--directions", "sideways"]) == 2  # its own usage error, from its own parser
+    assert "--directions takes pull and/or push" in capsys.readouterr().err
 
 
 def test_bench_delegates_remaining_arguments(monkeypatch, tmp_path):

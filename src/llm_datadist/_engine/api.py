@@ -6,10 +6,9 @@ above the engine imports the engine's other modules or the transports.
 """
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
-from llm_datadist._engine import options, requests
+from llm_datadist._engine import diagnostics, options, requests
 from llm_datadist._engine.errors import (EngineError, FeatureNotEnabled, LinkFailed, NotLinked, ParamInvalid,
                                          map_errors, status_of, to_llm_exception)
 from llm_datadist._engine.options import EngineOptions, link_timeout_s
@@ -27,9 +26,8 @@ __all__ = [
     "to_llm_exception", "NoticesApi",
     "EngineError", "FeatureNotEnabled", "LinkFailed", "NotLinked", "ParamInvalid", "KeyId", "UINT64_MAX",
     "CacheSpec", "LayerSel", "SourceSpec", "ConfigJob", "TaskJob", "TENSORS_PER_LAYER", "HOST",
-    "DEVICE", "link_timeout_s", "transport_report", "process_vm_status", "plan_blocks_timing", "read_process_memory",
-    "memory_kinds", "memory_kind",
-    "cross_host_choice", "tcp_streams_per_transfer",
+    "DEVICE", "link_timeout_s", "memory_kind",
+    "diagnostics",  # doctor's and the bench's probes of this machine (_engine/diagnostics.py)
 ]
 
 
@@ -185,88 +183,8 @@ def open_engine(opts: EngineOptions) -> EngineApi:
     return engine
 
 
-def transport_report() -> List[Tuple[str, str]]:
-    """(transport name, why it is unavailable here or "") for every transport this build has."""
-    from llm_datadist._transport import transport_report as report
-
-    return report()
-
-
-def tcp_streams_per_transfer(same_machine: bool = False) -> int:
-    """How many data connections the tcp transport opens for one large transfer (to a peer on this machine,
-    or on another host)."""
-    from llm_datadist._transport import tcp
-
-    return tcp.streams_per_transfer(same_machine)
-
-
-def cross_host_choice() -> str:
-    """How auto mode moves bytes between hosts here (nixl or tcp) and why, UCX settings included."""
-    from llm_datadist._transport import nixl_env, unavailable_reason
-
-    reason = unavailable_reason("nixl")
-    if reason:
-        return f"tcp (nixl: {reason})"
-    ucx = {k: v for k, v in nixl_env.ucx_defaults().items() if k != "UCX_LOG_LEVEL"}
-    ucx.update({k: v for k, v in os.environ.items() if k in ("UCX_TLS", "UCX_MODULES", "UCX_NET_DEVICES")})
-    settings = ", ".join(f"{k}={v}" for k, v in sorted(ucx.items())) or "UCX picks its transports"
-    preferred = nixl_env.preferred_reason()
-    why = preferred or nixl_env.NOT_PREFERRED
-    return f"{'nixl' if preferred else 'tcp'} ({why}; nixl runs with {settings})"
-
-
-def process_vm_status() -> Tuple[bool, int]:
-    """(process_vm_readv works on our own process, threads large copies are split across)."""
-    from llm_datadist._transport import iov
-
-    return iov.self_pvm_permitted(), iov.COPY_THREADS
-
-
-def read_process_memory(pid: int, addr: int, nbytes: int) -> bytes:
-    """``nbytes`` at ``addr`` of process ``pid`` with process_vm_readv (doctor's probe of a sibling process)."""
-    from llm_datadist._transport import iov
-
-    return iov.pvm_peek(pid, addr, nbytes)
-
-
 def memory_kind(placement: int, device_id: int = 0) -> str:
     """The memory kind ("host", "cuda") of caches of a placement in this process."""
     from llm_datadist._engine.memory import backend_for
 
     return backend_for(placement, device_id).kind
-
-
-def memory_kinds() -> List[str]:
-    """The memory kinds this build has a backend for (``host`` always; ``cuda`` once registered)."""
-    from llm_datadist._engine import memory
-
-    return [memory.HOST] + sorted(memory.device_backends())
-
-
-def plan_blocks_timing(num_tensors: int, pool_blocks: int, picked: int, block_bytes: int, iters: int,
-                       seed: int = 0) -> Tuple[int, List[float]]:
-    """Plan a ``picked``-block pull over ``num_tensors`` tensors ``iters`` times (scattered block ids, two fake
-    caches); returns (ops in the plan, seconds per planning). The bench's planning row."""
-    import time
-
-    import numpy as np
-
-    from llm_datadist._engine import planner
-
-    src = planner.Side(tuple((1 << 32) + t * pool_blocks * block_bytes for t in range(num_tensors)), block_bytes,
-                       pool_blocks, True)
-    dst = planner.Side(tuple((1 << 40) + t * pool_blocks * block_bytes for t in range(num_tensors)), block_bytes,
-                       pool_blocks, True)
-    rng = np.random.default_rng(seed)
-    s_blk = rng.choice(pool_blocks, picked, replace=False).tolist()
-    d_blk = rng.choice(pool_blocks, picked, replace=False).tolist()
-    layers = LayerSel()
-    ops = 0
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        src_t, dst_t = planner.tensor_pairs(num_tensors, num_tensors, layers, num_tensors)
-        plan = planner.oriented(planner.blocks_ops(src, src_t, s_blk, dst, dst_t, d_blk), src, dst, True)
-        times.append(time.perf_counter() - start)
-        ops = len(plan)
-    return ops, times

@@ -14,7 +14,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 __all__ = ["build_parser", "main", "package_version"]
 
 PROG = "llm-datadist"
-BENCH_MODULE = "llm_datadist.cli.bench"
+BENCH_MODULE = "llm_datadist_bench.cli"  # the benchmark: a distribution of its own (./benchmarks)
+BENCH_INSTALL = "pip install -e ./benchmarks (in a checkout, after the core) or pip install -e '.[bench]'"
 _EPILOG = """examples:
   llm-datadist demo                          prefill + decode on 127.0.0.1, 50 requests, every byte verified
   llm-datadist demo --quick --link-style ranktable
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "successes and hangs (both must be 0) and resource growth. Exit status 1 if any.")
     chaos.add_arguments(chaos_parser)
     chaos_parser.set_defaults(handler=chaos.run)
-    sub.add_parser("bench", help="benchmarks (every argument after 'bench' goes to the bench tool)", add_help=False)
+    sub.add_parser("bench", help="the benchmark (llm-datadist-bench, installed separately; every argument after "
+                                 "'bench' goes to it)", add_help=False)
     sub.add_parser("doctor", help="show the environment: versions, transports, permissions, CUDA, huge pages"
                    ).set_defaults(handler=_doctor)
     sub.add_parser("version", help="print the version").set_defaults(handler=_version)
@@ -103,14 +105,15 @@ def _version(args: argparse.Namespace) -> int:
 
 
 def _bench(rest: List[str]) -> int:
-    """Hand the remaining arguments to ``llm_datadist.cli.bench:main`` when that module exists."""
+    """Hand the remaining arguments to ``llm_datadist_bench.cli:main``, the separate benchmark distribution,
+    when it is installed; else one line saying how to install it, and status 2."""
     try:
         found = importlib.util.find_spec(BENCH_MODULE) is not None
     except (ImportError, ValueError):
         found = False
     if not found:
-        print(f"{PROG} bench: not available yet (the benchmark module {BENCH_MODULE} is not part of this "
-              f"installation). For a quick throughput figure run '{PROG} demo'.", file=sys.stderr)
+        print(f"{PROG} bench: the benchmark is not installed (it is the separate llm-datadist-bench "
+              f"distribution): {BENCH_INSTALL}", file=sys.stderr)
         return 2
     module = importlib.import_module(BENCH_MODULE)
     try:
@@ -165,9 +168,9 @@ def _doctor_versions() -> Tuple[List[Row], bool]:
 
 
 def _doctor_backends() -> Tuple[List[Row], bool]:
-    from llm_datadist._engine.api import transport_report
+    from llm_datadist._engine.api import diagnostics
 
-    report = transport_report()
+    report = diagnostics.transport_report()
     available = [name for name, reason in report if not reason]
     rows = [("transports", f"{', '.join(available) or 'none'} available")]
     for name, reason in report:
@@ -177,16 +180,14 @@ def _doctor_backends() -> Tuple[List[Row], bool]:
     if forced:
         rows.append(("", f"LLM_DATADIST_TRANSPORT={forced} forces that backend"))
     rows.append(("process_vm", _pvm_status()))
-    from llm_datadist._engine.api import cross_host_choice
-
-    rows.append(("cross-host", cross_host_choice()))
+    rows.append(("cross-host", diagnostics.cross_host_choice()))
     return rows, True
 
 
 def _pvm_status() -> str:
-    from llm_datadist._engine.api import process_vm_status
+    from llm_datadist._engine.api import diagnostics
 
-    own = "permitted" if process_vm_status()[0] else "NOT permitted"
+    own = "permitted" if diagnostics.process_vm_status()[0] else "NOT permitted"
     scope = _read_text("/proc/sys/kernel/yama/ptrace_scope")
     scope_text = f"ptrace_scope {scope}" if scope is not None else "no Yama ptrace_scope"
     grant = " (an instance grants same-user peers: PR_SET_PTRACER_ANY)" if (scope or "").strip() == "1" and \
@@ -197,8 +198,9 @@ def _pvm_status() -> str:
 
 _TARGET = ("import ctypes, sys\nb = ctypes.create_string_buffer(%r, 32)\nprint(ctypes.addressof(b), flush=True)\n"
            "sys.stdin.read()\n")
-_READER = ("import sys\nfrom llm_datadist._engine.api import read_process_memory\n"
-           "try:\n    print('ok' if read_process_memory(int(sys.argv[1]), int(sys.argv[2]), %d) == %r else 'wrong')\n"
+_READER = ("import sys\nfrom llm_datadist._engine.api import diagnostics\n"
+           "try:\n    print('ok' if diagnostics.read_process_memory(int(sys.argv[1]), int(sys.argv[2]), %d) == %r "
+           "else 'wrong')\n"
            "except Exception as exc:\n    print('refused', exc)\n")
 
 
@@ -245,13 +247,13 @@ def _pvm_sibling_check() -> str:
 
 def _pvm_child_check() -> str:
     """Read a marker from a short-lived child with process_vm_readv: what a same-host link needs."""
-    from llm_datadist._engine.api import read_process_memory
+    from llm_datadist._engine.api import diagnostics
 
     marker = b"llm-datadist-doctor"
 
     def read(pid: int, addr: int) -> str:
         try:
-            seen = read_process_memory(pid, addr, len(marker))
+            seen = diagnostics.read_process_memory(pid, addr, len(marker))
         except Exception as exc:  # noqa: BLE001 - a refusal is the answer, not an error
             return f"NOT permitted ({exc}); same-host links fall back to shm or tcp"
         return "permitted" if seen == marker else "NOT permitted (read the wrong memory)"
@@ -274,9 +276,9 @@ def _doctor_cuda() -> Tuple[List[Row], bool]:
     smi = shutil.which("nvidia-smi")
     parts.append(f"nvidia-smi {'at ' + smi if smi else 'not found'}")
     parts.append("/dev/nvidiactl " + ("present" if os.path.exists("/dev/nvidiactl") else "absent"))
-    from llm_datadist._engine.api import memory_kinds
+    from llm_datadist._engine.api import diagnostics
 
-    kinds = ", ".join(memory_kinds())
+    kinds = ", ".join(diagnostics.memory_kinds())
     return [("cuda", "; ".join(parts)), ("", f"memory kinds with a backend: {kinds}; without a CUDA backend "
                                              f"Placement.DEVICE caches are host memory")], True
 

@@ -13,8 +13,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from llm_datadist.cli.bench_common import Buffer, block_order, fill_pattern, gbps, record, verify_blocks
-from llm_datadist.cli.bench_results import RAW_PVM
+from llm_datadist_bench.common import Buffer, block_order, fill_pattern, gbps, record, verify_blocks
+from llm_datadist_bench.results import RAW_PVM
 
 __all__ = ["Copier", "TwoThreads", "load_copier", "measure_memcpy", "measure_plan", "measure_raw_pvm", "split_ops"]
 
@@ -246,7 +246,7 @@ class _Holder:
     so a Yama ``ptrace_scope=1`` host allows it as well)."""
 
     def __init__(self, nbytes: int) -> None:
-        code = "import sys; from llm_datadist.cli.bench_ceiling import hold; hold(int(sys.argv[1]))"
+        code = "import sys; from llm_datadist_bench.ceiling import hold; hold(int(sys.argv[1]))"
         self.proc = subprocess.Popen([sys.executable, "-c", code, str(nbytes)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
@@ -346,7 +346,7 @@ def _verify_raw(copier: Copier, holder: _Holder, dest: Buffer, block: int, order
 def measure_plan(tensors: int = 188, blocks: int = 64, block: int = 16 * 1024, iters: int = 200,
                  seed: int = 0) -> Dict[str, Any]:
     """Time the engine's planner for one model-shaped pull (two fake caches, scattered block ids)."""
-    from llm_datadist._engine.api import plan_blocks_timing
+    from llm_datadist._engine.diagnostics import plan_blocks_timing
 
     ops, times = plan_blocks_timing(tensors, blocks * 4, blocks, block, iters, seed)
     times.sort()

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from llm_datadist.cli.bench_common import MIB, Buffer, SuiteSpec, fill_pattern, placement_kinds, verify_blocks
+from llm_datadist_bench.common import MIB, Buffer, SuiteSpec, fill_pattern, placement_kinds, verify_blocks
 from llm_datadist.cli.instance import init_datadist
 from llm_datadist.cli.ipc import recv_message
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from llm_datadist.cli.bench_common import format_size
-from llm_datadist.cli.bench_results import SAME_HOST, Results
+from llm_datadist_bench.common import format_size
+from llm_datadist_bench.results import SAME_HOST, Results
 
 __all__ = ["plot"]
 
@@ -21,7 +21,7 @@ def plot(results: Results, path: str, title: str) -> Optional[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed (pip install 'llm-datadist[bench]'): no PNG plot"
+        return "matplotlib is not installed (pip install 'llm-datadist-bench[plot]'): no PNG plot"
     pairs = results.pairs()
     if not pairs:
         return "no transfer measurements to plot"

@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from llm_datadist.cli.bench_ceiling import Copier, TwoThreads, load_copier, split_ops
-from llm_datadist.cli.bench_common import (Buffer, SuiteSpec, block_order, gbps, placement_kinds, record,
-                                           verify_blocks)
-from llm_datadist.cli.bench_floor import ReadvFloor
-from llm_datadist.cli.bench_worker import (LAT_BLOCK, LAT_BLOCKS, LAYER_BLOCKS, LAYER_TENSORS, MODEL_BLOCK,
-                                           MODEL_BLOCKS, MODEL_TENSORS, BenchError, CacheSide, make_instance,
-                                           recv_reply, report_failure)
+from llm_datadist_bench.ceiling import Copier, TwoThreads, load_copier, split_ops
+from llm_datadist_bench.common import (Buffer, SuiteSpec, block_order, gbps, placement_kinds, record,
+                                       verify_blocks)
+from llm_datadist_bench.floor import ReadvFloor
+from llm_datadist_bench.worker import (LAT_BLOCK, LAT_BLOCKS, LAYER_BLOCKS, LAYER_TENSORS, MODEL_BLOCK,
+                                       MODEL_BLOCKS, MODEL_TENSORS, BenchError, CacheSide, make_instance,
+                                       recv_reply, report_failure)
 
 if TYPE_CHECKING:
     from llm_datadist import LLMClusterInfo, LLMDataDist

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
 
-from llm_datadist.cli.bench_common import format_size
-from llm_datadist.cli.bench_results import MEMCPY_2T, RAW_PVM, RAW_TCP, RAW_TCP_N, TLS, Results
+from llm_datadist_bench.common import format_size
+from llm_datadist_bench.results import MEMCPY_2T, RAW_PVM, RAW_TCP, RAW_TCP_N, TLS, Results
 
 __all__ = ["TARGET_STATEMENTS", "call_target_rows", "call_target_table", "status", "target_checks", "target_rows",
            "target_table"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from llm_datadist.cli.bench_common import MIB, Buffer, block_order, fill_pattern, gbps, record, verify_blocks
+from llm_datadist_bench.common import MIB, Buffer, block_order, fill_pattern, gbps, record, verify_blocks
 
 if TYPE_CHECKING:
     from llm_datadist import LLMDataDist
@@ -185,7 +185,7 @@ class _Peers:
     """The workers of one phase: host 0 is the hub, hosts 1..N the leaves."""
 
     def __init__(self, hosts, count: int) -> None:
-        from llm_datadist.cli.bench_netns import start_child
+        from llm_datadist_bench.netns_procs import start_child
 
         self.hosts = hosts
         self.procs, self.conns = [], []
@@ -346,8 +346,8 @@ def _markdown(results: Sequence[Dict[str, Any]], meta: Dict[str, Any]) -> str:
 
 def run_scale(args: argparse.Namespace) -> int:
     """Both phases with ``args.scale`` peers; writes scale.md and scale.jsonl to ``args.out``."""
-    from llm_datadist.cli.bench import _meta as local_meta
-    from llm_datadist.cli.bench_report import write_jsonl
+    from llm_datadist_bench.run_meta import run_meta
+    from llm_datadist_bench.report import write_jsonl
     from llm_datadist.cli.netns import SimulatedHosts
 
     n = int(args.scale)
@@ -366,7 +366,7 @@ def run_scale(args: argparse.Namespace) -> int:
                 out.append(phase(hosts, n, blocks, args))
             except (RuntimeError, OSError, EOFError) as exc:
                 out.append({"phase": phase.__name__[1:], "error": str(exc)})
-    meta = dict(local_meta(args, {"sizes": [BLOCK_BYTES], "total": per_peer, "passes": PASSES, "warmup": args.warmup,
+    meta = dict(run_meta(args, {"sizes": [BLOCK_BYTES], "total": per_peer, "passes": PASSES, "warmup": args.warmup,
                                   "directions": ["pull"], "transports": ["auto"]}),
                 links=n, per_peer_mib=per_peer // MIB, block="256K", passes=PASSES, mtu=args.mtu or 1500,
                 wall_s=round(time.monotonic() - start, 1))

@@ -1,4 +1,4 @@
-"""A process of ``bench --hosts netns`` on one simulated host (``python -m llm_datadist.cli.bench_netns_child``).
+"""A process of ``bench --hosts netns`` on one simulated host (``python -m llm_datadist_bench.netns_child``).
 
 The first descriptor is a socket to the orchestrator, which sends the role's job as the first message; the
 others (if any) are sockets to processes on other hosts. Messages are those of the local bench processes.
@@ -14,7 +14,7 @@ ROLES = ("owner", "initiator", "raw-server", "raw-client", "scale")
 
 
 def _raw_client(parent: Connection, job: tuple) -> None:
-    from llm_datadist.cli.bench_socket import raw_tcp_client
+    from llm_datadist_bench.raw_socket import raw_tcp_client
 
     address, sizes, total_bytes, passes, warmup, seed = job
     records = raw_tcp_client(address, sizes, total_bytes, passes, warmup, seed,
@@ -31,21 +31,21 @@ def main(argv: List[str]) -> int:
     job = parent.recv()
     try:
         if role == "owner":
-            from llm_datadist.cli.bench_worker import owner_main
+            from llm_datadist_bench.worker import owner_main
 
             owner_main(job, conns[1], parent)
         elif role == "initiator":
-            from llm_datadist.cli.bench_initiator import initiator_main
+            from llm_datadist_bench.initiator import initiator_main
 
             initiator_main(job, conns[1], parent)
         elif role == "raw-server":
-            from llm_datadist.cli.bench_socket import server_main
+            from llm_datadist_bench.raw_socket import server_main
 
             server_main(parent, *job)
         elif role == "raw-client":
             _raw_client(parent, job)
         elif role == "scale":
-            from llm_datadist.cli.bench_netns_scale import scale_worker
+            from llm_datadist_bench.netns_scale import scale_worker
 
             scale_worker(parent, job)
         else:

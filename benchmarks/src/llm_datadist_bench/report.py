@@ -5,11 +5,11 @@ import json
 import statistics
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from llm_datadist.cli.bench_common import format_size
-from llm_datadist.cli.bench_results import (COLUMN_ORDER, MEMCPY_2T, RAW_PVM, RAW_TCP, RAW_TCP_N, SAME_HOST, TLS,
-                                            Results, label)
-from llm_datadist.cli.bench_targets import (TARGET_STATEMENTS, call_target_table, target_rows,
-                                            target_table)
+from llm_datadist_bench.common import format_size
+from llm_datadist_bench.results import (COLUMN_ORDER, MEMCPY_2T, RAW_PVM, RAW_TCP, RAW_TCP_N, SAME_HOST, TLS,
+                                        Results, label)
+from llm_datadist_bench.targets import (TARGET_STATEMENTS, call_target_table, target_rows,
+                                        target_table)
 
 __all__ = ["COLUMN_ORDER", "Results", "cpu_table", "label", "latency_table", "markdown", "peer_table",
            "target_rows", "target_table", "transfer_table", "write_jsonl"]

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 from typing import Optional, Tuple
 
-from llm_datadist.cli.bench_common import TlsFiles
+from llm_datadist_bench.common import TlsFiles
 
 __all__ = ["TLS_SUITE", "make_certificates"]
 

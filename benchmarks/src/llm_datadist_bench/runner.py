@@ -5,9 +5,9 @@ import multiprocessing
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from llm_datadist.cli.bench_common import CpuWatch, SuiteSpec, record
-from llm_datadist.cli.bench_initiator import initiator_main
-from llm_datadist.cli.bench_worker import BenchError, owner_main
+from llm_datadist_bench.common import CpuWatch, SuiteSpec, record
+from llm_datadist_bench.initiator import initiator_main
+from llm_datadist_bench.worker import BenchError, owner_main
 from llm_datadist.cli.ipc import child_messages
 
 __all__ = ["collect_children", "run_suite", "stop_children"]

@@ -5,9 +5,9 @@ import json
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from llm_datadist.cli.bench_common import format_size
-from llm_datadist.cli.bench_results import SAME_HOST, Results
-from llm_datadist.cli.bench_targets import call_target_rows, target_rows
+from llm_datadist_bench.common import format_size
+from llm_datadist_bench.results import SAME_HOST, Results
+from llm_datadist_bench.targets import call_target_rows, target_rows
 
 __all__ = ["cells", "compare_lines", "compare_main", "load_run"]
 

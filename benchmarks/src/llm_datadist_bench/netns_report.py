@@ -4,10 +4,10 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-from llm_datadist.cli.bench_common import merge_samples
-from llm_datadist.cli.bench_report import (Results, cpu_table, latency_table, peer_table, transfer_table,
-                                           write_jsonl)
-from llm_datadist.cli.bench_socket import best_raw_tcp
+from llm_datadist_bench.common import merge_samples
+from llm_datadist_bench.report import (Results, cpu_table, latency_table, peer_table, transfer_table,
+                                       write_jsonl)
+from llm_datadist_bench.raw_socket import best_raw_tcp
 
 __all__ = ["condition_results", "ratio_range", "summary_lines", "write_netns"]
 

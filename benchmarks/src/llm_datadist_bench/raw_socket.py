@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from llm_datadist.cli.bench_common import Buffer, block_order, fill_pattern, gbps, record, verify_blocks
+from llm_datadist_bench.common import Buffer, block_order, fill_pattern, gbps, record, verify_blocks
 
 __all__ = ["best_raw_tcp", "measure_raw_tcp", "raw_tcp_client", "server_main", "VARIANTS"]
 

@@ -18,86 +18,19 @@ import sys
 import tempfile
 import threading
 import time
-from multiprocessing.connection import Connection
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from llm_datadist.cli.bench_common import MIB, SuiteSpec, format_size, parse_sizes, record
 from llm_datadist.cli.netns import CROSS_HOST_TRANSPORTS, SimulatedHosts, unavailable_reason
+from llm_datadist_bench.common import MIB, SuiteSpec, format_size, parse_sizes, record
+from llm_datadist_bench.netns_procs import start_child, start_process
+from llm_datadist_bench.run_meta import loadavg, run_meta, watched
 
-__all__ = ["Condition", "HostProcess", "conditions", "run_netns", "start_child", "start_process"]
+__all__ = ["Condition", "conditions", "netns_suites", "run_netns"]
 
 PROG = "llm-datadist bench --hosts netns"
-CHILD_MODULE = "llm_datadist.cli.bench_netns_child"
 LIMITED_SIZES = "64K,1M"
 LIMITED_TOTAL_MIB = 32
 LIMITED_PASSES = 3
-_SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class HostProcess:
-    """A process on a simulated host, with the parts of ``multiprocessing.Process`` the suite runner uses."""
-
-    def __init__(self, popen: subprocess.Popen) -> None:
-        self.popen = popen
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def exitcode(self) -> Optional[int]:
-        return self.popen.poll()
-
-    def is_alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def join(self, timeout: Optional[float] = None) -> None:
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def terminate(self) -> None:
-        if self.is_alive():
-            self.popen.terminate()
-
-    def kill(self) -> None:
-        if self.is_alive():
-            self.popen.kill()
-
-
-def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """The environment of the bench's processes on the hosts: this checkout first on the path."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = _SRC + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(extra or {})
-    return env
-
-
-def start_process(hosts: SimulatedHosts, index: int, argv: List[str], inherit: Sequence[socket.socket] = (),
-                  env: Optional[Dict[str, str]] = None, **popen_args: Any) -> HostProcess:
-    """Start ``argv`` on host ``index``; it inherits the descriptors of the ``inherit`` sockets."""
-    fds = [s.fileno() for s in inherit]
-    return HostProcess(hosts.popen(hosts[index], argv, pass_fds=fds, env=env or child_env(), **popen_args))
-
-
-def start_child(hosts: SimulatedHosts, index: int, role: str, job: Any,
-                extra: Sequence[socket.socket] = ()) -> Tuple[HostProcess, Connection]:
-    """Start the bench's child entry with ``role`` on host ``index``; returns it and a connection to it.
-
-    ``job`` is the first message on the connection. The child gets the descriptors of its end of the
-    connection and of ``extra`` (sockets to other children) as arguments.
-    """
-    mine, theirs = socket.socketpair()
-    inherit = [theirs, *extra]
-    argv = [sys.executable, "-m", CHILD_MODULE, role, *(str(s.fileno()) for s in inherit)]
-    try:
-        proc = start_process(hosts, index, argv, inherit)
-    finally:
-        theirs.close()
-    conn = Connection(mine.detach())
-    conn.send(job)
-    return proc, conn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +67,7 @@ def netns_suites(text: Optional[str]) -> List[str]:
     Raises:
         ValueError: an unknown name, or a chosen transport that is not available here (with the reason).
     """
-    from llm_datadist._engine.api import transport_report
+    from llm_datadist._engine.diagnostics import transport_report
 
     reasons = dict(transport_report())
     if not text:
@@ -182,7 +115,7 @@ def _suite_spec(name: str, cond: Condition, args: argparse.Namespace, hosts: Sim
 
 def _raw(hosts: SimulatedHosts, cond: Condition, args: argparse.Namespace, progress) -> List[Dict[str, Any]]:
     """The raw socket across the same link: server on host 0, measuring client on host 1."""
-    from llm_datadist.cli.bench_runner import collect_children, stop_children
+    from llm_datadist_bench.runner import collect_children, stop_children
 
     server, server_conn = start_child(hosts, 0, "raw-server", (cond.total_bytes, args.seed, hosts[0].ip))
     procs, conns = {"raw-server": server}, [server_conn]
@@ -214,9 +147,9 @@ def _raw(hosts: SimulatedHosts, cond: Condition, args: argparse.Namespace, progr
 def _mooncake(hosts: SimulatedHosts, cond: Condition, args: argparse.Namespace, directions: Sequence[str],
               workdir: str, progress) -> List[Dict[str, Any]]:
     """Mooncake TE over tcp: its target on host 0, its initiator on host 1, from the peers' interpreter."""
-    from llm_datadist.cli.bench_peers import (PEERS, _importable, _read_lines, default_peer_python,
-                                              find_peer_scripts, write_orders)
-    from llm_datadist.cli.bench_runner import stop_children
+    from llm_datadist_bench.peers import (PEERS, _importable, _read_lines, default_peer_python,
+                                          find_peer_scripts, write_orders)
+    from llm_datadist_bench.runner import stop_children
 
     python = args.peer_python or default_peer_python()
     scripts = find_peer_scripts(args.peer_scripts)
@@ -266,20 +199,19 @@ def _mooncake(hosts: SimulatedHosts, cond: Condition, args: argparse.Namespace, 
 
 def _run_condition(hosts: SimulatedHosts, cond: Condition, args: argparse.Namespace, opts: Dict[str, Any],
                    transports: Sequence[str], progress, workdir: str, round_no: int) -> List[Dict[str, Any]]:
-    from llm_datadist.cli.bench import _watched
-    from llm_datadist.cli.bench_runner import run_suite
+    from llm_datadist_bench.runner import run_suite
 
     for host in hosts.hosts:
         hosts.clear_traffic_control(host)
         if cond.rate:
             hosts.rate_limit(host, cond.rate)
-    records = _watched(f"raw tcp socket [{cond.name}]", round_no, lambda: _raw(hosts, cond, args, progress))
+    records = watched(f"raw tcp socket [{cond.name}]", round_no, lambda: _raw(hosts, cond, args, progress))
     for index, name in enumerate(transports):
         spec = _suite_spec(name, cond, args, hosts, opts["directions"], index)
         records += [dict(r, round=round_no, mechanism=f"{name} [{cond.name}]") if r.get("kind") == "cpu" else r
                     for r in run_suite(spec, progress, start=_suite_start(hosts))]
     if "mooncake" in opts["peers"]:
-        records += _watched(f"mooncake [{cond.name}]", round_no,
+        records += watched(f"mooncake [{cond.name}]", round_no,
                             lambda: _mooncake(hosts, cond, args, opts["directions"], workdir, progress))
     return [dict(r, condition=cond.name) for r in records]
 
@@ -301,7 +233,7 @@ def run_netns(args: argparse.Namespace, opts: Dict[str, Any]) -> int:
         print(f"{PROG}: simulated hosts unavailable: {reason}", file=sys.stderr)
         return 2
     if args.scale:
-        from llm_datadist.cli.bench_netns_scale import run_scale
+        from llm_datadist_bench.netns_scale import run_scale
 
         return run_scale(args)
     try:
@@ -333,10 +265,9 @@ def run_netns(args: argparse.Namespace, opts: Dict[str, Any]) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     progress.close()
-    from llm_datadist.cli.bench import _loadavg
-    from llm_datadist.cli.bench_netns_report import write_netns
+    from llm_datadist_bench.netns_report import write_netns
 
-    meta.update(load_after=_loadavg(), wall_s=round(time.monotonic() - start, 1))
+    meta.update(load_after=loadavg(), wall_s=round(time.monotonic() - start, 1))
 
     files = write_netns(args.out, records, meta)
     print(f"{PROG}: done in {format_duration(meta['wall_s'])}; wrote {', '.join(files)}", file=sys.stderr)
@@ -345,9 +276,7 @@ def run_netns(args: argparse.Namespace, opts: Dict[str, Any]) -> int:
 
 def _meta(args: argparse.Namespace, opts: Dict[str, Any], conds: Sequence[Condition],
           transports: Sequence[str]) -> Dict[str, Any]:
-    from llm_datadist.cli.bench import _meta as local_meta
-
-    meta = local_meta(args, opts)
+    meta = run_meta(args, opts)
     meta.update(hosts="netns", transports=list(transports), mtu=args.mtu or "default (1500)",
                 conditions=[dict(name=c.name, rate=c.rate, sizes=[format_size(s) for s in c.sizes],
                                  total_mib=c.total_bytes // MIB, passes=c.passes, warmup=c.warmup) for c in conds],

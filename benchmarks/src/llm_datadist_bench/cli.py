@@ -3,21 +3,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
-
-from llm_datadist.cli.bench_common import (DEFAULT_SIZES, MIB, QUICK_SIZES, CpuWatch, SuiteSpec, TlsFiles,
-                                           format_size, merge_samples, parse_sizes, record)
-from llm_datadist.cli.bench_tls import TLS_SUITE
 from llm_datadist.cli.progress import Progress, format_duration
+from llm_datadist_bench.common import (DEFAULT_SIZES, MIB, QUICK_SIZES, SuiteSpec, TlsFiles, format_size,
+                                       merge_samples, parse_sizes, record)
+from llm_datadist_bench.run_meta import loadavg, run_meta, watched
+from llm_datadist_bench.tls import TLS_SUITE
 
 __all__ = ["main", "build_parser"]
 
@@ -97,7 +94,7 @@ def _options(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _backends(text: Optional[str]) -> List[str]:
-    from llm_datadist._engine.api import transport_report
+    from llm_datadist._engine.diagnostics import transport_report
 
     working = {name for name, reason in transport_report() if not reason}
     available = [t for t in TRANSPORTS if t in working]
@@ -114,7 +111,7 @@ def _backends(text: Optional[str]) -> List[str]:
 def library_tcp_streams() -> int:
     """How many data connections the library's tcp transport opens for one large transfer between two processes
     of this machine (the bench's suites, netns hosts included, all run on this machine's cores)."""
-    from llm_datadist._engine.api import tcp_streams_per_transfer
+    from llm_datadist._engine.diagnostics import tcp_streams_per_transfer
 
     return max(1, tcp_streams_per_transfer(same_machine=True))
 
@@ -170,57 +167,13 @@ def _certificates(opts: Dict[str, Any], workdir: str) -> tuple:
     """(TLS files, None) for the tcp+tls suite, or (None, why it does not run / None when not asked for)."""
     if TLS_SUITE not in opts["transports"]:
         return None, None
-    from llm_datadist.cli.bench_tls import make_certificates
+    from llm_datadist_bench.tls import make_certificates
 
     return make_certificates(workdir)
 
 
-def _loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
-
-
-def _library_state() -> str:
-    """The checkout's commit and whether library files differ from it (the numbers belong to that state)."""
-    import subprocess
-
-    import llm_datadist
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(llm_datadist.__file__))))
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "src/llm_datadist"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
-    if head.returncode != 0:
-        return "installed package (not a git checkout)"
-    changed = len([line for line in dirty.stdout.splitlines() if line.strip()])
-    return f"git {head.stdout.strip()}" + (f" + {changed} uncommitted library files" if changed else "")
-
-
-def _meta(args: argparse.Namespace, opts: Dict[str, Any]) -> Dict[str, Any]:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    except OSError:
-        pass
-    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                host=f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs", cpu=cpu,
-                python=platform.python_version(), numpy=np.__version__, total_mib=opts["total"] // MIB,
-                passes=opts["passes"], warmup=opts["warmup"], rounds=args.rounds,
-                mode="quick" if args.quick else "full",
-                sizes=[format_size(s) for s in opts["sizes"]], transports=opts["transports"],
-                directions=list(opts["directions"]), library=_library_state(), load_before=_loadavg(),
-                tcp_streams=opts.get("streams", 1))
-
-
 def _ceiling(opts: Dict[str, Any], args: argparse.Namespace, progress: Progress, copier) -> List[Dict[str, Any]]:
-    from llm_datadist.cli.bench_ceiling import measure_memcpy, measure_raw_pvm
+    from llm_datadist_bench.ceiling import measure_memcpy, measure_raw_pvm
 
     def step() -> None:
         progress.update(1, note="memcpy ceiling")
@@ -233,42 +186,35 @@ def _ceiling(opts: Dict[str, Any], args: argparse.Namespace, progress: Progress,
 
 def _run_all(opts: Dict[str, Any], args: argparse.Namespace, suites: List[SuiteSpec], progress: Progress,
              workdir: str) -> List[Dict[str, Any]]:
-    from llm_datadist.cli.bench_ceiling import load_copier, measure_plan
-    from llm_datadist.cli.bench_peers import default_peer_python, find_peer_scripts, run_peers
-    from llm_datadist.cli.bench_runner import run_suite
-    from llm_datadist.cli.bench_socket import best_raw_tcp, measure_raw_tcp
+    from llm_datadist_bench.ceiling import load_copier, measure_plan
+    from llm_datadist_bench.peers import default_peer_python, find_peer_scripts, run_peers
+    from llm_datadist_bench.runner import run_suite
+    from llm_datadist_bench.raw_socket import best_raw_tcp, measure_raw_tcp
 
     records: List[Dict[str, Any]] = [measure_plan(seed=args.seed)]
     copier = load_copier()
     python = args.peer_python or default_peer_python()
     scripts = find_peer_scripts(args.peer_scripts)
     for round_no in range(1, args.rounds + 1):
-        records += _watched("memcpy ceiling", round_no, lambda: _ceiling(opts, args, progress, copier))
+        records += watched("memcpy ceiling", round_no, lambda: _ceiling(opts, args, progress, copier))
         streams = opts["streams"] if any(s.transport == "tcp" for s in suites) else 1
-        records += _watched("raw tcp socket", round_no, lambda: measure_raw_tcp(
+        records += watched("raw tcp socket", round_no, lambda: measure_raw_tcp(
             opts["sizes"], opts["total"], opts["passes"], opts["warmup"], args.seed,
             lambda: progress.update(1, note="raw tcp socket"), streams))  # noqa: B023 - called at once
         for spec in suites:
             records += [dict(r, round=round_no) if r.get("kind") == "cpu" else r for r in run_suite(spec, progress)]
         if opts["peers"]:
-            records += _watched("peers", round_no, lambda: run_peers(
+            records += watched("peers", round_no, lambda: run_peers(
                 opts["peers"], python, scripts, workdir, opts["sizes"], opts["total"], opts["passes"], opts["warmup"],
                 args.seed, opts["directions"], progress))
     if not args.quick:  # one more ceiling round after the transports: the machine drifts
-        records += _watched("memcpy ceiling", args.rounds + 1, lambda: _ceiling(opts, args, progress, copier))
+        records += watched("memcpy ceiling", args.rounds + 1, lambda: _ceiling(opts, args, progress, copier))
     return best_raw_tcp(merge_samples(records))
 
 
-def _watched(step: str, round_no: int, fn) -> List[Dict[str, Any]]:
-    """Run one step and append how busy the machine was meanwhile (ours and everything else)."""
-    watch = CpuWatch()
-    out = fn()
-    return list(out) + [record("cpu", step, round=round_no, **watch.stop())]
-
-
 def _write(out: str, records: List[Dict[str, Any]], meta: Dict[str, Any]) -> List[str]:
-    from llm_datadist.cli.bench_plot import plot
-    from llm_datadist.cli.bench_report import Results, markdown, write_jsonl
+    from llm_datadist_bench.plot import plot
+    from llm_datadist_bench.report import Results, markdown, write_jsonl
 
     os.makedirs(out, exist_ok=True)
     results = Results(records)
@@ -297,7 +243,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the benchmark; 0 when every suite of the library ran, 1 when one failed, 2 on bad options."""
     args = build_parser().parse_args(argv)
     if args.compare:
-        from llm_datadist.cli.bench_compare import compare_main
+        from llm_datadist_bench.compare import compare_main
 
         return compare_main(args.compare[0], args.compare[1])
     try:
@@ -306,7 +252,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     if args.hosts == "netns":
-        from llm_datadist.cli.bench_netns import run_netns
+        from llm_datadist_bench.netns_run import run_netns
 
         return run_netns(args, opts)
     cuda_note = _cuda_note()
@@ -314,7 +260,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     workdir = tempfile.mkdtemp(prefix="llmdd-bench-")
     tls, tls_note = _certificates(opts, workdir)
     suites = _suites(opts, args, placements, tls)
-    meta = _meta(args, opts)
+    meta = run_meta(args, opts)
     print(f"{PROG}: {meta['mode']}, sizes {','.join(meta['sizes'])}, {meta['total_mib']} MiB per pass, "
           f"{opts['passes']} passes (+{opts['warmup']} warm-up), suites {', '.join(s.name for s in suites)}"
           f"{', peers ' + ','.join(opts['peers']) if opts['peers'] else ''}", file=sys.stderr)
@@ -331,7 +277,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for mechanism, note in (("placements", cuda_note), (TLS_SUITE, tls_note)):
         if note:
             records.append(record("note", mechanism, message=note))
-    meta.update(load_after=_loadavg(), wall_s=round(time.monotonic() - start, 1))
+    meta.update(load_after=loadavg(), wall_s=round(time.monotonic() - start, 1))
     files = _write(args.out, records, meta)
     print(f"{PROG}: done in {format_duration(meta['wall_s'])}; wrote {', '.join(files)}", file=sys.stderr)
     ours = {s.name for s in suites}

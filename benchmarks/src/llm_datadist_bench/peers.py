@@ -11,18 +11,19 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from llm_datadist.cli.bench_common import block_order, record
+from llm_datadist_bench.common import block_order, record
 
 __all__ = ["PEERS", "default_peer_python", "find_peer_scripts", "run_peers", "write_orders"]
 
 PEERS = {"nixl": ("nixl_bench.py", "nixl._api"), "mooncake": ("mooncake_bench.py", "mooncake.engine")}
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+# an editable install (pip install -e ./benchmarks) runs from the checkout: benchmarks/src/llm_datadist_bench
+_BENCHMARKS = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPO = os.path.dirname(_BENCHMARKS)
 
 
 def find_peer_scripts(explicit: Optional[str] = None) -> Optional[str]:
     """The folder with the peer drivers: ``explicit``, ./benchmarks/peers, or the source checkout's."""
-    for folder in (explicit, os.path.join(os.getcwd(), "benchmarks", "peers"), os.path.join(_REPO, "benchmarks",
-                                                                                             "peers")):
+    for folder in (explicit, os.path.join(os.getcwd(), "benchmarks", "peers"), os.path.join(_BENCHMARKS, "peers")):
         if folder and os.path.isfile(os.path.join(folder, "_peer_common.py")):
             return folder
     return None
