@@ -7,7 +7,7 @@ import errno
 import os
 import threading
 import time
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from llm_datadist._transport.base import (
     ConnectFailed,
@@ -74,6 +74,34 @@ def _call(func, what: str, pid: int, liov: int, riov: int, count: int, expected:
         raise RemoteRejected(f"{what}: copied {got} of {expected} bytes (memory not mapped)")
 
 
+_LOCAL = threading.local()
+_GUARD_SETS = 64  # guard sets a thread keeps the iovecs of (a new generation makes a new set)
+
+
+def _guard_iovecs(guards: GuardWords) -> Tuple[array.array, Tuple[List[int], List[int]], Tuple[List[int], List[int]],
+                                                array.array]:
+    """``(scratch, head, tail, expected)`` of a call's guard words: the buffer the words are read into (first
+    copies, then last), the iovecs before and after the data (:meth:`CopyPlan.iovecs`), and the words the buffer
+    must hold after the call. Made once per thread and guard set: the buffer is this thread's own (a call that
+    succeeds rewrites all of it), so concurrent calls never share one."""
+    cache = getattr(_LOCAL, "sets", None)
+    if cache is None:
+        cache = _LOCAL.sets = {}
+    key = tuple(guards)
+    made = cache.get(key)
+    if made is None:
+        if len(cache) >= _GUARD_SETS:
+            cache.clear()
+        g = len(key)
+        scratch = array.array("Q", bytes(16 * g))
+        base = scratch.buffer_info()[0]
+        addrs = [w for addr, _value in key for w in (addr, 8)]
+        head = ([w for k in range(g) for w in (base + 8 * k, 8)], addrs)
+        tail = ([w for k in range(g, 2 * g) for w in (base + 8 * k, 8)], addrs)
+        made = cache[key] = (scratch, head, tail, array.array("Q", [value for _addr, value in key] * 2))
+    return made
+
+
 def rw(func, what: str, pid: int, plan: CopyPlan, deadline: Optional[float], guards: GuardWords = ()) -> int:
     """Move ``plan.sizes[i]`` bytes between local ``plan.local[i]`` and ``plan.remote[i]`` in ``pid``, one call
     per run of at most IOV_MAX iovecs (guards included) and CHUNK_BYTES bytes.
@@ -91,12 +119,7 @@ def rw(func, what: str, pid: int, plan: CopyPlan, deadline: Optional[float], gua
     per_call = IOV_MAX - 2 * g
     if per_call < 1:
         raise RemoteRejected(f"{what}: too many guards ({g})")
-    scratch = array.array("Q", bytes(16 * g))  # where each call reads the guard words, first and last
-    base = scratch.buffer_info()[0]
-    addrs = [w for addr, _value in guards for w in (addr, 8)]
-    head = ([w for k in range(g) for w in (base + 8 * k, 8)], addrs)
-    tail = ([w for k in range(g, 2 * g) for w in (base + 8 * k, 8)], addrs)
-    expected = array.array("Q", [value for _addr, value in guards] * 2)
+    scratch, head, tail, expected = _guard_iovecs(guards)
     moved = 0
     for start, stop, nbytes in plan.chunks(per_call, CHUNK_BYTES):
         if deadline is not None and time.monotonic() > deadline:
