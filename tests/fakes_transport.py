@@ -115,6 +115,15 @@ def install() -> None:
             register_transport(cls.name, f"fakes_transport:{cls.__name__}")
 
 
+def uninstall() -> None:
+    """Take the fakes out of the registry again, so tests after this one see only the real transports."""
+    from llm_datadist._transport import _LOCK as registry_lock, _REGISTRY
+
+    with registry_lock:
+        for cls in (RecordingTransport, PartialRecordingTransport, CudaOnlyTransport):
+            _REGISTRY.pop(cls.name, None)
+
+
 def plans(kind: str, name: Optional[str] = None) -> List[CopyPlan]:
     with _LOCK:
         return [e[2] for e in LOG if e[1] == kind and (name is None or e[0] == name)]

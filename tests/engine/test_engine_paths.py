@@ -26,6 +26,7 @@ def _fakes():
     rec.ON_WRITE.clear()
     yield
     rec.ON_WRITE.clear()
+    rec.uninstall()
 
 
 @pytest.fixture
