@@ -37,9 +37,9 @@ from llm_datadist.v2.llm_datadist import LLMDataDist
 from llm_datadist.v2.llm_types import BlocksCacheKey, Cache, CacheKey, CacheKeyByIdAndIndex
 
 __all__ = [
-    "MAX_PAYLOAD_BYTES", "Notification", "LinkDown", "send", "poll", "set_callback", "on_link_down",
-    "poll_link_down", "set_queue_limit", "queued", "push_blocks", "push_cache", "pull_blocks", "pull_cache",
-    "listen_address",
+    "MAX_PAYLOAD_BYTES", "Notification", "LinkDown", "NotificationNotDelivered", "send", "poll", "set_callback",
+    "on_link_down", "poll_link_down", "set_queue_limit", "queued", "push_blocks", "push_cache", "pull_blocks",
+    "pull_cache", "listen_address",
 ]
 
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -82,6 +82,11 @@ class LinkDown:
     link_id: int
     cause: str
     linked: bool
+
+
+class NotificationNotDelivered(LLMException):
+    """A transfer of ``push_blocks``/``push_cache``/``pull_blocks``/``pull_cache`` completed (every byte moved) but
+    its notification was not delivered; ``status_code`` says why (as for ``send``)."""
 
 
 def _engine(datadist: LLMDataDist) -> api.EngineApi:
@@ -228,8 +233,8 @@ def _after_transfer(name: str, engine: api.EngineApi, cluster_id: int, data: byt
         with map_errors(name):
             engine.notify(cluster_id, data, timeout_s, after)
     except LLMException as exc:
-        raise LLMException(f"{name}: the transfer completed but its notification was not delivered: {exc}",
-                           status_code=exc.status_code) from exc
+        raise NotificationNotDelivered(f"{name}: the transfer completed but its notification was not delivered: "
+                                       f"{exc}", status_code=exc.status_code) from exc
 
 
 def push_blocks(datadist: LLMDataDist, dst_cache_key: BlocksCacheKey, src_cache: Cache, src_blocks: Sequence[int],
@@ -240,8 +245,8 @@ def push_blocks(datadist: LLMDataDist, dst_cache_key: BlocksCacheKey, src_cache:
     pushed bytes are in its cache (``Notification.after == "push"``).
 
     The payload is checked before any byte moves; a failed push sends nothing and raises as ``push_blocks`` does.
-    A push that succeeded but whose notification failed raises ``LLMException`` with the notification's status
-    (its message says the bytes were pushed).
+    A push that succeeded but whose notification failed raises ``NotificationNotDelivered`` (an ``LLMException``
+    with the notification's status, as ``send`` raises it).
     """
     engine = _engine(datadist)
     data = _payload(payload)

@@ -1,6 +1,8 @@
 """The vLLM connector's parts that need no vLLM: options, control channel, holds, KV layout, import hygiene."""
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import threading
@@ -11,15 +13,21 @@ import msgspec
 import numpy as np
 import pytest
 
-from llm_datadist.integrations.vllm import protocol as proto
+from llm_datadist import LLMConfig, LLMDataDist, LLMRole, notifications
+from llm_datadist.integrations.vllm import messages as msg
 from llm_datadist.integrations.vllm.block_layout import block_pairs, blocks_for_tokens, layout_of
 from llm_datadist.integrations.vllm.config import ConnectorConfig
+from llm_datadist.integrations.vllm.control import Control
+from llm_datadist.integrations.vllm.datadist import link_prefill, new_cluster_id, parse_endpoint, prefill_cluster_id
 from llm_datadist.integrations.vllm.holds import HoldTable
-from llm_datadist.integrations.vllm.side_channel import ControlClient, ControlServer, ServerHandler
+from llm_datadist.notifications import MAX_PAYLOAD_BYTES
 
-from vllm_harness import SRC
+from vllm_harness import HERE, SRC
+from waiting import wait_until
 
-GEOMETRY = proto.Geometry(num_regions=4, block_nbytes=16384, block_size=32, layers=2)
+GEOMETRY_LIST = [4, 16384, 32, 2]
+GEOMETRY = msg.Geometry(*GEOMETRY_LIST)
+FAKE_DECODE = os.path.join(HERE, "fake_decode.py")
 
 
 # -- options -----------------------------------------------------------------------------------------
@@ -31,6 +39,10 @@ def test_config_defaults_and_string_numbers(monkeypatch):
     config = ConnectorConfig.from_extra({"mode": "push", "side_channel_port": "7100", "lease_s": "2.5",
                                          "transport": ""})
     assert (config.mode, config.side_channel_port, config.lease_s, config.transport) == ("push", 7100, 2.5, None)
+    assert config.listen_port == 7100  # the former control-channel port is the llm_datadist port now
+    assert ConnectorConfig.from_extra({"datadist_port": 7200}).listen_port == 7200
+    with pytest.raises(ValueError, match="former name of 'datadist_port'"):
+        ConnectorConfig.from_extra({"datadist_port": 7200, "side_channel_port": 7100})
 
 
 def test_config_secret_from_environment(monkeypatch):
@@ -55,173 +67,162 @@ def test_config_rejects_bad_values(extra, message):
         ConnectorConfig.from_extra(extra)
 
 
-# -- protocol ----------------------------------------------------------------------------------------
-class _Pipe:
-    """A FrameReader source over bytes, delivered in small pieces."""
-
-    def __init__(self, data: bytes, piece: int = 3) -> None:
-        self._data, self._piece = data, piece
-
-    def recv(self, _nbytes: int) -> bytes:
-        chunk, self._data = self._data[:self._piece], self._data[self._piece:]
-        return chunk
+# -- messages ----------------------------------------------------------------------------------------
+def test_messages_round_trip():
+    messages = [msg.Claim(1, "req-1", GEOMETRY), msg.ClaimReply(1, True, [3, 1, 2]), msg.Release(["a", "b"]),
+                msg.PushReady("t", [4, 5], 40, GEOMETRY, 1), msg.PushDone("t", False, "why", 0)]
+    for message in messages:
+        payload = msg.encode(message)
+        assert payload[0] == msg.SCHEMA_VERSION and len(payload) <= MAX_PAYLOAD_BYTES
+        assert msg.decode(payload) == message
 
 
-def test_frames_round_trip_in_pieces():
-    messages = [proto.Claim(1, "req-1"), proto.ClaimReply(1, True, [3, 1, 2]), proto.Release(["a", "b"]),
-                proto.PushReady("t", 9, [4, 5], 40, 1), proto.PushDone("t", False, "why", 0)]
-    reader = proto.FrameReader(_Pipe(b"".join(proto.encode(m) for m in messages)))
-    assert [reader.read() for _ in messages] == messages
-    with pytest.raises(ConnectionError, match="closed by peer"):
-        reader.read()
+def test_messages_with_wrong_version_or_body_are_refused():
+    body = msgspec.msgpack.encode(msg.Release(["x"]))
+    with pytest.raises(msg.MessageError, match="schema version 2 is not 1"):
+        msg.decode(bytes([msg.SCHEMA_VERSION + 1]) + body)
+    with pytest.raises(msg.MessageError, match="schema version None"):
+        msg.decode(b"")
+    with pytest.raises(msg.MessageError, match="malformed"):
+        msg.decode(bytes([msg.SCHEMA_VERSION]) + b"\xc1\xc1\xc1")
+    with pytest.raises(msg.MessageError, match="malformed"):
+        msg.decode(bytes([msg.SCHEMA_VERSION]) + msgspec.msgpack.encode({"type": "Claim", "seq": "x"}))
 
 
-def test_frames_with_wrong_version_size_or_body_are_refused():
-    body = msgspec.msgpack.encode(proto.Release(["x"]))
-    bad_version = bytes([proto.PROTOCOL_VERSION + 1]) + len(body).to_bytes(4, "big") + body
-    with pytest.raises(proto.ProtocolError, match="protocol version"):
-        proto.FrameReader(_Pipe(bad_version)).read()
-    too_big = bytes([proto.PROTOCOL_VERSION]) + (proto.MAX_FRAME_BYTES + 1).to_bytes(4, "big")
-    with pytest.raises(proto.ProtocolError, match="exceeds"):
-        proto.FrameReader(_Pipe(too_big)).read()
-    garbage = bytes([proto.PROTOCOL_VERSION]) + (3).to_bytes(4, "big") + b"\xc1\xc1\xc1"
-    with pytest.raises(proto.ProtocolError, match="malformed"):
-        proto.FrameReader(_Pipe(garbage)).read()
+def test_fixed_port_implies_a_prefill_cluster_id():
+    ids = {prefill_cluster_id("127.0.0.1", port) for port in range(7100, 7164)}
+    assert len(ids) == 64 and all(cid % 2 == 0 and 0 < cid < 2**62 for cid in ids)
+    assert prefill_cluster_id("10.0.0.1", 7100) != prefill_cluster_id("10.0.0.2", 7100)
+    assert all(new_cluster_id() % 2 == 1 for _ in range(64))  # decodes' random ids never collide with them
+    assert parse_endpoint(["10.0.0.1", 7100]) == ("10.0.0.1", 7100, prefill_cluster_id("10.0.0.1", 7100))
+    assert parse_endpoint(("10.0.0.1", "7101", 99)) == ("10.0.0.1", 7101, 99)
+    with pytest.raises(ValueError, match="remote_endpoints entry"):
+        parse_endpoint(["10.0.0.1"])
 
 
-def test_proofs():
-    assert proto.check_proof(proto.client_proof("", b"n"), b"") == (True, "")
-    good = proto.client_proof("k", b"nonce")
-    assert proto.check_proof(good, good)[0]
-    assert "no proof" in proto.check_proof(good, b"")[1]
-    assert "wrong" in proto.check_proof(good, proto.client_proof("other", b"nonce"))[1]
-    assert good != proto.server_proof("k", b"nonce")
+# -- control messages over real llm_datadist links --------------------------------------------------
+class _Prefill:
+    """A prefill's PrefillHandler over a HoldTable, as the worker side is."""
 
-
-# -- control channel over real sockets ---------------------------------------------------------------
-class _Handler(ServerHandler):
     def __init__(self) -> None:
         self.holds = HoldTable()
-        self.closed = threading.Event()
-        self.ready: List[proto.PushReady] = []
+        self.gone = threading.Event()
+        self.ready: List[msg.PushReady] = []
 
-    def welcome(self) -> proto.Welcome:
-        return proto.Welcome(77, "127.0.0.1", 1234, GEOMETRY)
-
-    def on_claim(self, conn, message):
-        hold, reason = self.holds.claim(message.request_id, conn.conn_id)
+    def on_claim(self, owner, message):
+        hold, reason = self.holds.claim(message.request_id, owner)
         if hold is None:
-            return proto.ClaimReply(message.seq, False, reason=reason)
-        return proto.ClaimReply(message.seq, True, hold.block_ids)
+            return msg.ClaimReply(message.seq, False, reason=reason)
+        return msg.ClaimReply(message.seq, True, hold.block_ids)
 
-    def on_release(self, conn, message):
+    def on_release(self, owner, message):
         for rid in message.request_ids:
-            self.holds.release(rid, "released", owner=conn.conn_id)
+            self.holds.release(rid, "released", owner=owner)
 
-    def on_push_ready(self, conn, message):
+    def on_push_ready(self, owner, message):
         self.ready.append(message)
-        conn.send(proto.PushDone(message.transfer_id, True, nbytes=len(message.dst_block_ids)))
 
-    def on_closed(self, conn):
-        self.holds.release_owner(conn.conn_id, "decode disconnected")
-        self.closed.set()
+    def on_decode_gone(self, owner):
+        self.holds.release_owner(owner, "decode disconnected")
+        self.gone.set()
+
+
+def _datadist(cluster_id: int, listen: bool, secret: str = "") -> LLMDataDist:
+    options = LLMConfig()
+    options.enable_cache_manager = True
+    options.enable_remote_cache_accessible = True
+    if listen:
+        options.listen_ip_info = "127.0.0.1:0"
+    if secret:
+        options.link_secret = secret
+    datadist = LLMDataDist(LLMRole.PROMPT if listen else LLMRole.DECODER, cluster_id)
+    datadist.init(options.generate_options())
+    return datadist
 
 
 @pytest.fixture
-def server_factory():
-    servers = []
-
-    def make(secret: str = ""):
-        handler = _Handler()
-        server = ControlServer("127.0.0.1", 0, secret, handler, handshake_timeout_s=5.0)
-        servers.append(server)
-        return server, handler
-
-    yield make
-    for server in servers:
-        server.close()
-        server.close()
+def prefill():
+    datadist = _datadist(77, listen=True, secret="a secret long enough for the tests")
+    handler = _Prefill()
+    control = Control(datadist, GEOMETRY, 5000, server=handler)
+    yield datadist, handler, control
+    control.close()
+    datadist.finalize()
 
 
-def _client(server, secret="", on_push_done=lambda m: None, on_lost=lambda c: None) -> ControlClient:
-    return ControlClient("127.0.0.1", server.port, secret, 5, 5.0, on_push_done, on_lost)
-
-
-def test_claim_release_and_push_round_trip(server_factory):
-    server, handler = server_factory("secret")
+def test_claim_release_and_push_over_the_link(prefill):
+    datadist, handler, server = prefill
+    port = notifications.listen_address(datadist)[1]
     handler.holds.hold("r1", [5, 9], lease_s=30)
-    done = []
-    client = _client(server, "secret", on_push_done=done.append)
+    decode = _datadist(5, listen=False, secret="a secret long enough for the tests")
+    done: List = []
+    lost: List[int] = []
+    client = Control(decode, GEOMETRY, 5000, on_push_done=lambda cid, m: done.append((cid, m)),
+                     on_prefill_lost=lost.append)
     try:
-        welcome = client.connect()
-        assert (welcome.cluster_id, welcome.datadist_port, welcome.geometry) == (77, 1234, GEOMETRY)
-        reply = client.claim("r1")
+        link_prefill(decode, 77, "127.0.0.1", port, 5000)
+        reply = client.claim(77, "r1")
         assert (reply.ok, reply.block_ids) == (True, [5, 9])
-        other = client.claim("r-unknown")
+        other = client.claim(77, "r-unknown")
         assert not other.ok and "not held" in other.reason
-        client.release(["r1"])
-        client.push_ready(proto.PushReady("t1", 5, [1, 2, 3], 70))
-        deadline = time.monotonic() + 10
-        while not (done and "r1" not in handler.holds.held_ids()) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert done == [proto.PushDone("t1", True, "", 3)]
+        client.release(77, ["r1"])  # delivered (queued at the prefill) before release() returns
+        assert wait_until(lambda: "r1" not in handler.holds.held_ids())
         assert handler.holds.take_freeable({"r1"}) == {"r1"}
+        client.push_ready(77, "t1", [1, 2, 3], 70, 0)
+        assert wait_until(lambda: handler.ready)
+        assert handler.ready == [msg.PushReady("t1", [1, 2, 3], 70, GEOMETRY, 0)]
+        server.push_done(5, msg.PushDone("t1", True, "", 3))
+        assert wait_until(lambda: done)
+        assert done == [(77, msg.PushDone("t1", True, "", 3))]
+        assert not lost
     finally:
         client.close()
-        client.close()
+        decode.finalize()
+    assert handler.gone.wait(10)  # the decode's finalize took its link down
 
 
-@pytest.mark.parametrize("server_secret, client_secret, message", [
-    ("right", "wrong", "refused the connection: the peer's proof of the link secret is wrong"),
-    ("right", "", "refused the connection: the peer sent no proof"),
-    ("", "right", "failed authentication: the peer sent no proof"),
-])
-def test_handshake_authenticates_both_ways(server_factory, server_secret, client_secret, message):
-    server, _ = server_factory(server_secret)
-    client = _client(server, client_secret)
-    with pytest.raises(ConnectionError, match=message):
-        client.connect()
-    assert not client.alive
-
-
-def test_closed_connection_frees_claimed_blocks_and_fails_waiters(server_factory):
-    server, handler = server_factory()
-    handler.holds.hold("a", [1], lease_s=30)
-    handler.holds.hold("b", [2], lease_s=30)
-    lost = threading.Event()
-    client = _client(server, on_lost=lambda c: lost.set())
-    client.connect()
-    assert client.claim("a").ok
-    client.close()
-    assert handler.closed.wait(10)
-    assert handler.holds.held_ids() == ["b"]  # only the claimed hold went with the connection
-    assert [entry[:2] for entry in handler.holds.release_log] == [("a", "decode disconnected")]
-    assert not lost.is_set()  # a deliberate close is not a loss
-
-    client = _client(server, on_lost=lambda c: lost.set())
-    client.connect()
-    server.close()
-    assert lost.wait(10)
-    with pytest.raises(ConnectionError, match="closed"):
-        client.claim("b")
-    client.close()
-
-
-def test_killed_client_process_frees_its_claims(server_factory):
-    server, handler = server_factory()
-    handler.holds.hold("x", [3, 4], lease_s=30)
-    script = ("import sys; from llm_datadist.integrations.vllm.side_channel import ControlClient\n"
-              f"c = ControlClient('127.0.0.1', {server.port}, '', 9, 5.0, print, print); c.connect()\n"
-              "print(c.claim('x').ok, flush=True); sys.stdin.read()")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env={"PYTHONPATH": SRC})
+def test_claim_with_another_geometry_is_refused(prefill):
+    datadist, handler, _ = prefill
+    handler.holds.hold("r1", [1], lease_s=30)
+    decode = _datadist(6, listen=False, secret="a secret long enough for the tests")
+    client = Control(decode, msgspec.structs.replace(GEOMETRY, block_size=16), 5000)
     try:
-        assert proc.stdout.readline().strip() == "True"
+        link_prefill(decode, 77, "127.0.0.1", notifications.listen_address(datadist)[1], 5000)
+        reply = client.claim(77, "r1")
+        assert not reply.ok and "KV geometry" in reply.reason
+        assert handler.holds.held_ids() == ["r1"]
+    finally:
+        client.close()
+        decode.finalize()
+
+
+def test_claim_of_an_unlinked_prefill_fails_at_once():
+    decode = _datadist(8, listen=False)
+    client = Control(decode, GEOMETRY, 5000)
+    try:
+        with pytest.raises(ConnectionError, match="LLM_NOT_YET_LINK"):
+            client.claim(12345, "r")
+    finally:
+        client.close()
+        decode.finalize()
+
+
+def test_killed_decode_process_frees_its_claims(prefill):
+    datadist, handler, _ = prefill
+    handler.holds.hold("x", [3, 4], lease_s=30)
+    handler.holds.hold("y", [5], lease_s=30)
+    port = notifications.listen_address(datadist)[1]
+    env = {"PYTHONPATH": SRC, "LLM_DATADIST_LINK_SECRET": "a secret long enough for the tests"}
+    proc = subprocess.Popen([sys.executable, FAKE_DECODE, "127.0.0.1", str(port), "77", json.dumps(GEOMETRY_LIST),
+                             "x"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert json.loads(proc.stdout.readline()) == {"claimed": {"x": [3, 4]}}
         proc.kill()
     finally:
         proc.wait(30)
-    assert handler.closed.wait(10)
-    assert handler.holds.held_ids() == []
+    assert handler.gone.wait(10)  # the link-down event, as soon as the connection broke
+    assert handler.holds.held_ids() == ["y"]  # only the claimed hold went with the link
+    assert [entry[:2] for entry in handler.holds.release_log] == [("x", "decode disconnected")]
 
 
 # -- holds -------------------------------------------------------------------------------------------

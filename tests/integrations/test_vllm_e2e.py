@@ -151,14 +151,13 @@ def test_lease_frees_blocks_nobody_claims(vllm_cluster):
 
 
 def test_decode_death_frees_claimed_blocks(vllm_cluster):
-    """A decode that claimed blocks is killed: the prefill frees them on the closed connection, long before the
-    30 s lease, and the freed blocks serve new requests."""
+    """A decode that claimed blocks is killed: the prefill frees them when its link goes down (the link-down event),
+    long before the 30 s lease, and the freed blocks serve new requests."""
     prefill1 = vllm_cluster["prefill1"]
     prompts = make_prompts([60, 90, 200], seed=8)
     params = prefill(prefill1, prompts)
     ids = [p["remote_request_id"] for p in params]
-    host, port = prefill1.endpoint
-    fake = run_fake_decode(host, port, ids)
+    fake = run_fake_decode(prefill1.endpoint, prefill1.geometry, ids)
     try:
         claimed = fake.stdout.readline()
         assert all(isinstance(v, list) and v for v in __import__("json").loads(claimed)["claimed"].values()), claimed

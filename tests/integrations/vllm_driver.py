@@ -53,7 +53,9 @@ def start(model: str, role: str = "", extra: dict = None, module: str = "llm_dat
     if role:
         worker = _connector().worker
         endpoint = worker.endpoint()
-        state["endpoint"] = [endpoint.host, endpoint.port] if endpoint else None
+        state["endpoint"] = [endpoint.host, endpoint.port, endpoint.cluster_id] if endpoint else None
+        geometry = worker.geometry
+        state["geometry"] = [geometry.num_regions, geometry.block_nbytes, geometry.block_size, geometry.layers]
     return state
 
 

@@ -49,7 +49,8 @@ class VllmInstance:
                                      stdout=subprocess.PIPE, stderr=self._log, text=True, env=vllm_env(env))
         self._replies: queue.Queue[Optional[str]] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        self.endpoint: Optional[List[Any]] = None
+        self.endpoint: Optional[List[Any]] = None  # a producer's [host, port, cluster id] of its llm_datadist
+        self.geometry: Optional[List[int]] = None  # [regions, block bytes, block size, layers]
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -104,7 +105,8 @@ def start_instances(python: str, model: str, log_dir: str, specs: Dict[str, Dict
         for name, spec in specs.items():
             instances[name].send("start", model=model, **spec)
         for instance in instances.values():
-            instance.endpoint = instance.recv(START_TIMEOUT_S).get("endpoint")
+            started = instance.recv(START_TIMEOUT_S)
+            instance.endpoint, instance.geometry = started.get("endpoint"), started.get("geometry")
     except BaseException:
         for instance in instances.values():
             instance.kill()
@@ -112,9 +114,12 @@ def start_instances(python: str, model: str, log_dir: str, specs: Dict[str, Dict
     return instances
 
 
-def run_fake_decode(host: str, port: int, request_ids: List[str]) -> subprocess.Popen:
-    """A process (this venv) that claims ``request_ids`` on a prefill's control channel and then waits."""
+def run_fake_decode(endpoint: List[Any], geometry: List[int], request_ids: List[str]) -> subprocess.Popen:
+    """A process (this venv) that links to a prefill's llm_datadist (``endpoint``: host, port, cluster id), claims
+    ``request_ids`` with the connector's messages and then waits."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([SRC, env.get("PYTHONPATH", "")])
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "fake_decode.py"), host, str(port)] + request_ids,
+    host, port, cluster_id = endpoint
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "fake_decode.py"), host, str(port), str(cluster_id),
+                             json.dumps(geometry)] + request_ids,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)

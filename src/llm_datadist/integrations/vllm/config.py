@@ -25,18 +25,20 @@ class ConnectorConfig:
     Attributes:
         mode: default transfer mode for requests whose ``kv_transfer_params`` name none: ``"pull"`` (the decode
             pulls the finished prefill's blocks) or ``"push"`` (the prefill pushes each layer as it is computed).
-        host: address the prefill's listeners bind to and advertise to decodes.
-        side_channel_port: TCP port of the control channel (claims, releases, push hand-offs); 0 picks a free
-            port, a fixed port is used as ``port + tp_rank``.
-        datadist_port: llm_datadist listen port; 0 picks a free one (decodes learn it from the control channel).
-        link_secret: shared secret authenticating both the control channel and llm_datadist links; default
+        host: address the prefill's llm_datadist listener binds to and advertises to decodes.
+        datadist_port: llm_datadist listen port of a prefill's TP rank 0 (rank r listens on ``port + r``); decodes
+            link there, and claims, releases and push hand-offs travel as notifications over that link. 0: each
+            worker's listener binds a free port (decodes learn it from the request's ``kv_transfer_params``).
+        side_channel_port: the former name of ``datadist_port`` (the connector's control messages now travel over
+            the llm_datadist link, on that one port); accepted when ``datadist_port`` is not set.
+        link_secret: shared secret authenticating the llm_datadist links (and so every control message); default
             ``$LLM_DATADIST_LINK_SECRET``; empty means no authentication.
         transport: llm_datadist ``transfer_backend`` (``None``: the library's choice per link).
         placement: memory kind of the KV tensors: ``"device"``, ``"host"`` or ``"auto"`` (device memory, which is
             host memory on a machine without CUDA).
         lease_s: how long a prefill keeps a finished request's blocks for a decode that never comes.
         transfer_timeout_ms: bound of each llm_datadist transfer (``sync_kv_timeout``).
-        link_timeout_ms: bound of ``link_clusters`` and of control-channel connects and replies.
+        link_timeout_ms: bound of ``link_clusters``, of each control message and of the wait for a claim's reply.
         push_timeout_s: how long a decode waits for a prefill's push before it reports a load error.
         load_threads: decode threads running loads (one per prefill at a time is enough for most setups).
         model_id: ``BlocksCacheKey.model_id`` under which the KV cache is registered.
@@ -73,6 +75,14 @@ class ConnectorConfig:
             raise ValueError(f"kv_connector_extra_config 'model_id' must be >= 0, not {self.model_id}")
         if not self.host:
             raise ValueError("kv_connector_extra_config 'host' can not be empty")
+        if self.side_channel_port and self.datadist_port and self.side_channel_port != self.datadist_port:
+            raise ValueError("kv_connector_extra_config 'side_channel_port' is the former name of 'datadist_port': "
+                             "give one of them")
+
+    @property
+    def listen_port(self) -> int:
+        """The llm_datadist listen port of TP rank 0 (0: a free port per worker)."""
+        return self.datadist_port or self.side_channel_port
 
     @property
     def link_timeout_s(self) -> float:

@@ -4,13 +4,15 @@ Lifecycle (pull mode, the default):
   prefill  request with ``kv_transfer_params={"do_remote_decode": True}`` runs its prompt; the worker keeps
            the blocks (a hold with a lease); ``request_finished`` returns the params for the decode.
   decode   ``get_num_new_matched_tokens`` reports the prompt tokens as loaded asynchronously; the worker
-           connects once per prefill (control channel + ``link_clusters``), claims the hold, moves every
-           layer of the request's blocks with one ``pull_blocks``, releases the hold and reports the request
+           links once per prefill (``link_clusters``), claims the hold (a notification over the link), moves
+           every layer of the request's blocks with one ``pull_blocks`` that carries the release (the prefill
+           learns of it once the bytes are here), and reports the request
            finished receiving. A failure reports the request's blocks as load errors, so vLLM's
            ``kv_load_failure_policy`` applies (``recompute`` or ``fail``).
-  prefill  frees the blocks on release, at once when the claiming decode disconnects, or at lease expiry.
+  prefill  frees the blocks on release, at once when the claiming decode's link goes down, or at lease expiry.
 Push mode (``transfer_mode: "push"``, same ``transfer_id`` given to both sides by the proxy): the decode sends
-its block ids first; the prefill pushes each layer while the next ones compute (``transfer_cache_async``).
+its block ids first; the prefill pushes each layer while the next ones compute (``transfer_cache_async``), and its
+last push carries the notification that the push is done.
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ class LLMDataDistConnector(KVConnectorBase_V1):
         self.worker.register_kv_caches(kv_caches)
 
     def get_handshake_metadata(self) -> Optional[KVConnectorHandshakeMetadata]:
-        """The worker's control-channel address, for the scheduler's kv_transfer_params."""
+        """The worker's llm_datadist address and cluster id, for the scheduler's kv_transfer_params."""
         return self.worker.endpoint()
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
@@ -103,7 +105,7 @@ class LLMDataDistConnector(KVConnectorBase_V1):
         return self.worker.take_failed_blocks()
 
     def shutdown(self) -> None:
-        """Close the control channels (prefills free our claims) and finalize llm_datadist."""
+        """Finalize llm_datadist (its links go down, so prefills free our claims)."""
         if self._worker is not None:
             self._worker.close()
 
@@ -120,7 +122,7 @@ class LLMDataDistConnector(KVConnectorBase_V1):
         self.scheduler.bind_kv_cache_manager(kv_cache_manager)
 
     def set_xfer_handshake_metadata(self, metadata: Dict[int, KVConnectorHandshakeMetadata]) -> None:
-        """Learn each worker's control-channel address (by TP rank)."""
+        """Learn each worker's llm_datadist address (by TP rank)."""
         self.scheduler.set_endpoints({rank: meta for rank, meta in metadata.items()
                                       if isinstance(meta, WorkerEndpoint)})
 

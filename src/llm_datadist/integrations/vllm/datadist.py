@@ -1,19 +1,19 @@
-"""The worker's llm_datadist instance: creation (with port retry), KV registration and links to prefills."""
+"""The worker's llm_datadist instance: creation, KV registration, cluster ids and links to prefills."""
 from __future__ import annotations
 
+import hashlib
 import secrets
-import socket
-from typing import Optional, Tuple
+from typing import Any, Tuple
 
 from llm_datadist import (BlocksCacheKey, Cache, CacheDesc, DataType, LLMClusterInfo, LLMConfig, LLMDataDist,
-                          LLMException, LLMRole, LLMStatusCode, Placement)
+                          LLMException, LLMRole, LLMStatusCode, Placement, notifications)
 from llm_datadist.integrations.vllm.block_layout import KVLayout
 from llm_datadist.integrations.vllm.config import ConnectorConfig, connector_logger
 
-__all__ = ["new_cluster_id", "start_datadist", "register_layout", "placement_of", "link_prefill", "unlink_prefill"]
+__all__ = ["new_cluster_id", "prefill_cluster_id", "parse_endpoint", "start_datadist", "register_layout",
+           "placement_of", "link_prefill", "unlink_prefill"]
 
 _log = connector_logger(__name__)
-_INIT_ATTEMPTS = 5  # a port found free may be taken before llm_datadist binds it
 
 
 def new_cluster_id() -> int:
@@ -21,45 +21,58 @@ def new_cluster_id() -> int:
     return secrets.randbits(62) | 1
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def prefill_cluster_id(host: str, port: int) -> int:
+    """The cluster id of the prefill worker listening on a fixed ``host:port``: a decode given only that address
+    (a proxy's ``remote_endpoints`` in push mode) knows whom it links to. An even 62-bit number, so it never equals
+    a random id of ``new_cluster_id``."""
+    digest = hashlib.sha256(f"llm-datadist-vllm|{host}|{port}".encode()).digest()
+    return (int.from_bytes(digest[:8], "big") >> 2) & ~1 or 2
 
 
-def start_datadist(config: ConnectorConfig, producer: bool, cluster_id: int,
-                   device_id: int) -> Tuple[LLMDataDist, int]:
-    """An initialized instance in remote-cache-accessible mode; producers listen. Returns (instance, port or 0).
+def parse_endpoint(entry: Any) -> Tuple[str, int, int]:
+    """(host, port, cluster id) of a ``remote_endpoints`` entry: ``[host, port, cluster_id]``, or ``[host, port]``
+    for a prefill on a fixed port (its cluster id is implied).
 
     Raises:
-        LLMException: ``init`` failed (an unavailable transport fails at once, a taken port is retried).
+        ValueError: not such an entry.
     """
-    last: Optional[LLMException] = None
-    for _ in range(_INIT_ATTEMPTS if producer and not config.datadist_port else 1):
-        options = LLMConfig()
-        options.device_id = device_id
-        options.enable_cache_manager = True
-        options.enable_remote_cache_accessible = True
-        options.sync_kv_timeout = config.transfer_timeout_ms
-        options.link_total_time = max(1, config.link_timeout_ms // 1000)
-        if config.link_secret:
-            options.link_secret = config.link_secret
-        if config.transport:
-            options.transfer_backend = config.transport
-        port = 0
-        if producer:
-            port = config.datadist_port or _free_port(config.host)
-            options.listen_ip_info = f"{config.host}:{port}"
-        datadist = LLMDataDist(LLMRole.PROMPT if producer else LLMRole.DECODER, cluster_id)
-        try:
-            datadist.init(options.generate_options())
-            return datadist, port
-        except LLMException as exc:
-            last = exc
-            if exc.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED:
-                break
-    assert last is not None
-    raise last
+    if not isinstance(entry, (list, tuple)) or len(entry) not in (2, 3):
+        raise ValueError(f"a remote_endpoints entry is [host, port] or [host, port, cluster_id], not {entry!r}")
+    host, port = str(entry[0]), int(entry[1])
+    cluster_id = int(entry[2]) if len(entry) == 3 and entry[2] else prefill_cluster_id(host, port)
+    return host, port, cluster_id
+
+
+def start_datadist(config: ConnectorConfig, producer: bool, cluster_id: int, device_id: int,
+                   port: int = 0) -> Tuple[LLMDataDist, int]:
+    """An initialized instance in remote-cache-accessible mode; producers listen on ``config.host:port`` (0: the
+    listener binds a free port itself, so no other process can take it first). Returns (instance, port or 0).
+
+    Raises:
+        LLMException: ``init`` failed (an unavailable transport, a port in use).
+    """
+    options = LLMConfig()
+    options.device_id = device_id
+    options.enable_cache_manager = True
+    options.enable_remote_cache_accessible = True
+    options.sync_kv_timeout = config.transfer_timeout_ms
+    options.link_total_time = max(1, config.link_timeout_ms // 1000)
+    if config.link_secret:
+        options.link_secret = config.link_secret
+    if config.transport:
+        options.transfer_backend = config.transport
+    if producer:
+        options.listen_ip_info = f"{config.host}:{port}"
+    datadist = LLMDataDist(LLMRole.PROMPT if producer else LLMRole.DECODER, cluster_id)
+    datadist.init(options.generate_options())
+    if not producer:
+        return datadist, 0
+    address = notifications.listen_address(datadist)
+    if address is None:  # never: a producer's init listens or fails
+        datadist.finalize()
+        raise LLMException(f"llm_datadist does not listen on {config.host}:{port}",
+                           status_code=LLMStatusCode.LLM_FAILED)
+    return datadist, address[1]
 
 
 def placement_of(config: ConnectorConfig, device_type: str) -> Placement:

@@ -5,39 +5,40 @@ import collections
 import concurrent.futures
 import threading
 import time
-from typing import Deque, Dict, List, Set, Tuple
+from typing import Deque, Dict, List, Optional, Set, Tuple
 
-from llm_datadist import BlocksCacheKey, Cache, LLMDataDist, LLMException
-from llm_datadist.integrations.vllm import protocol as proto
+from llm_datadist import BlocksCacheKey, Cache, LLMDataDist, LLMException, notifications
+from llm_datadist.integrations.vllm import messages as msg
 from llm_datadist.integrations.vllm.block_layout import KVLayout, block_pairs, blocks_for_tokens
 from llm_datadist.integrations.vllm.config import ConnectorConfig, connector_logger
+from llm_datadist.integrations.vllm.control import Control
 from llm_datadist.integrations.vllm.datadist import link_prefill, unlink_prefill
 from llm_datadist.integrations.vllm.metadata import LoadJob
-from llm_datadist.integrations.vllm.side_channel import ControlClient
 
 __all__ = ["Peer", "Loader", "TransferStat"]
 
 _log = connector_logger(__name__)
-Endpoint = Tuple[str, int]
+Endpoint = Tuple[str, int, int]  # (host, port, cluster id) of a prefill worker's llm_datadist
 # (request id, mode, bytes, seconds from job start to release, seconds in pull_blocks (push: 0))
 TransferStat = Tuple[str, str, int, float, float]
 
 
 class Peer:
-    """A linked prefill worker: its control-channel client and its llm_datadist identity."""
+    """A linked prefill worker; ``alive`` until its link goes down."""
 
-    def __init__(self, client: ControlClient, welcome: proto.Welcome) -> None:
-        self.client = client
-        self.cluster_id = welcome.cluster_id
-        self.datadist_host = welcome.datadist_host
-        self.datadist_port = welcome.datadist_port
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.host, self.port, self.cluster_id = endpoint
+        self.alive = True
 
 
 class Loader:
-    """Runs LoadJobs on a small thread pool; ``take_finished`` hands back (done ids, blocks that failed)."""
+    """Runs LoadJobs on a small thread pool; ``take_finished`` hands back (done ids, blocks that failed).
+
+    ``control`` is set by the worker once its Control exists (it calls ``on_push_done`` and ``on_prefill_lost``).
+    """
 
     def __init__(self, config: ConnectorConfig, datadist: LLMDataDist, cache: Cache, layout: KVLayout,
-                 geometry: proto.Geometry, cluster_id: int, tp_rank: int) -> None:
+                 geometry: msg.Geometry, cluster_id: int, tp_rank: int) -> None:
         self._config = config
         self._datadist = datadist
         self._cache = cache
@@ -45,60 +46,60 @@ class Loader:
         self._geometry = geometry
         self._cluster_id = cluster_id
         self._tp_rank = tp_rank
+        self.control: Optional[Control] = None
         self._lock = threading.Lock()
         self._peers: Dict[Endpoint, Peer] = {}
         self._peer_locks: Dict[Endpoint, threading.Lock] = collections.defaultdict(threading.Lock)
-        self._dead: List[Peer] = []
         self._done: Dict[str, List[int]] = {}  # request id -> failed local blocks (empty: success)
-        self._push_waits: Dict[str, Tuple[LoadJob, ControlClient, float, float]] = {}  # transfer id -> job...
+        self._push_waits: Dict[str, Tuple[LoadJob, int, float, float]] = {}  # transfer id -> job, prefill...
         self.stats: Deque[TransferStat] = collections.deque(maxlen=4096)
         self._pool = concurrent.futures.ThreadPoolExecutor(config.load_threads, thread_name_prefix="llm-dd-vllm-load")
         self._closed = False
 
     # -- peers --------------------------------------------------------------------------------------
+    def _control(self) -> Control:
+        if self.control is None:
+            raise ConnectionError("the connector's control messages are not set up")
+        return self.control
+
     def _peer(self, endpoint: Endpoint) -> Peer:
         with self._peer_locks[endpoint]:
             peer = self._peers.get(endpoint)
-            if peer is not None and peer.client.alive:
+            if peer is not None and peer.alive:
                 return peer
             if peer is not None:
                 self._forget(endpoint, peer)
-            client = ControlClient(endpoint[0], endpoint[1], self._config.link_secret, self._cluster_id,
-                                   self._config.link_timeout_s, self._on_push_done, self._on_lost)
-            welcome = client.connect()
-            if welcome.geometry != self._geometry:
-                client.close()
-                raise ConnectionError(f"prefill {endpoint[0]}:{endpoint[1]} has KV geometry {welcome.geometry}, "
-                                      f"this decode {self._geometry}: run the same model and block size")
-            try:
-                link_prefill(self._datadist, welcome.cluster_id, welcome.datadist_host, welcome.datadist_port,
-                             self._config.link_timeout_ms)
-            except BaseException:
-                client.close()
-                raise
-            peer = Peer(client, welcome)
+            host, port, cluster_id = endpoint
+            link_prefill(self._datadist, cluster_id, host, port, self._config.link_timeout_ms)
+            peer = Peer(endpoint)
             self._peers[endpoint] = peer
             return peer
 
     def _forget(self, endpoint: Endpoint, peer: Peer) -> None:
         self._peers.pop(endpoint, None)
-        peer.client.close()
-        unlink_prefill(self._datadist, peer.cluster_id, peer.datadist_host, peer.datadist_port,
-                       self._config.link_timeout_ms)
+        peer.alive = False
+        unlink_prefill(self._datadist, peer.cluster_id, peer.host, peer.port, self._config.link_timeout_ms)
 
-    def _on_lost(self, client: ControlClient) -> None:
-        now = time.monotonic()
+    def on_prefill_lost(self, cluster_id: int) -> None:
+        """The link to a prefill went down: its peer is dead, its pushes will not come."""
         with self._lock:
-            lost = [tid for tid, wait in self._push_waits.items() if wait[1] is client]
-            jobs = [self._push_waits.pop(tid)[0] for tid in lost]
-        for job in jobs:
-            self._finish(job, "control channel to the prefill lost before its push arrived", now)
+            for peer in self._peers.values():
+                if peer.cluster_id == cluster_id:
+                    peer.alive = False
+            lost = [tid for tid, wait in self._push_waits.items() if wait[1] == cluster_id]
+            jobs = [self._push_waits.pop(tid) for tid in lost]
+        for job, _, started, _ in jobs:
+            self._finish(job, "the link to the prefill went down before its push arrived", started)
+        if jobs:
+            _log.info("prefill cluster %d lost: %d pushes failed", cluster_id, len(jobs))
 
-    def _on_push_done(self, message: proto.PushDone) -> None:
+    def on_push_done(self, cluster_id: int, message: msg.PushDone) -> None:
+        """A prefill's PushDone (a successful one arrives after the pushed bytes)."""
         with self._lock:
-            wait = self._push_waits.pop(message.transfer_id, None)
-        if wait is None:
-            return
+            wait = self._push_waits.get(message.transfer_id)
+            if wait is None or wait[1] != cluster_id:
+                return
+            del self._push_waits[message.transfer_id]
         job, _, started, _ = wait
         if message.ok:
             self.stats.append((job.request_id, "push", message.nbytes, time.monotonic() - started, 0.0))
@@ -123,7 +124,7 @@ class Loader:
         try:
             peer = self._peer(self._endpoint(job))
             if job.num_tokens == 0:
-                peer.client.release([job.params.request_id])
+                self._control().release(peer.cluster_id, [job.params.request_id])
             elif job.params.mode == "push":
                 self._start_push_wait(job, peer, started)
             else:
@@ -140,19 +141,29 @@ class Loader:
 
     def _pull(self, job: LoadJob, peer: Peer, started: float) -> None:
         remote_id = job.params.request_id
-        reply = peer.client.claim(remote_id)
+        control = self._control()
+        reply = control.claim(peer.cluster_id, remote_id)
         if not reply.ok:
             raise ConnectionError(f"prefill refused the claim: {reply.reason}")
+        released = False
         try:
             src, dst = block_pairs(reply.block_ids, job.local_block_ids, job.num_tokens, self._geometry.block_size,
                                    job.first_block)
             pull_began = time.monotonic()
-            if src:
-                self._datadist.cache_manager.pull_blocks(BlocksCacheKey(peer.cluster_id, self._config.model_id),
-                                                         self._cache, src, dst)
-            pull_s = time.monotonic() - pull_began
-        finally:
-            peer.client.release([remote_id])
+            if src:  # the release goes with the pull: the prefill learns of it once every byte is here
+                released = True
+                notifications.pull_blocks(self._datadist, BlocksCacheKey(peer.cluster_id, self._config.model_id),
+                                          self._cache, src, dst, control.release_payload([remote_id]),
+                                          timeout_ms=self._config.link_timeout_ms)
+        except notifications.NotificationNotDelivered as exc:  # the bytes are here: only the release is missing
+            _log.info("request %s: release not delivered with the pull (%s); sending it again", job.request_id, exc)
+            control.release(peer.cluster_id, [remote_id])
+        except BaseException:
+            control.release(peer.cluster_id, [remote_id])  # the pull failed: the blocks are not needed any more
+            raise
+        pull_s = time.monotonic() - pull_began
+        if not released:
+            control.release(peer.cluster_id, [remote_id])
         nbytes = len(src) * self._layout.num_regions * self._layout.block_nbytes
         self.stats.append((job.request_id, "pull", nbytes, time.monotonic() - started, pull_s))
         self._finish(job, "", started)
@@ -163,12 +174,11 @@ class Loader:
             raise ValueError(f"{job.num_tokens} tokens need {needed} blocks, the decode allocated "
                              f"{len(job.local_block_ids)}")
         with self._lock:
-            self._push_waits[job.params.request_id] = (job, peer.client, started,
+            self._push_waits[job.params.request_id] = (job, peer.cluster_id, started,
                                                        started + self._config.push_timeout_s)
         try:
-            peer.client.push_ready(proto.PushReady(job.params.request_id, self._cluster_id,
-                                                   list(job.local_block_ids[:needed]), job.num_tokens,
-                                                   job.first_block))
+            self._control().push_ready(peer.cluster_id, job.params.request_id, list(job.local_block_ids[:needed]),
+                                       job.num_tokens, job.first_block)
         except BaseException:
             with self._lock:
                 self._push_waits.pop(job.params.request_id, None)
@@ -203,7 +213,7 @@ class Loader:
         return set(done), failed_blocks
 
     def close(self) -> None:
-        """Stop the pool, close every control channel (prefills free what we held) and drop links; idempotent."""
+        """Stop the pool and unlink every prefill (they free what we held); idempotent."""
         if self._closed:
             return
         self._closed = True

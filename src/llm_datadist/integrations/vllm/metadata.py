@@ -6,15 +6,18 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorHandshakeMetadata, KVConnectorMetadata
 
+from llm_datadist.integrations.vllm.datadist import parse_endpoint
+
 __all__ = ["LoadJob", "HoldJob", "StepMetadata", "WorkerEndpoint", "TransferParams", "endpoints_param"]
 
 
 @dataclasses.dataclass
 class WorkerEndpoint(KVConnectorHandshakeMetadata):
-    """A prefill worker's control-channel address, reported to its scheduler at start-up."""
+    """A prefill worker's llm_datadist listen address and cluster id, reported to its scheduler at start-up."""
 
     host: str
     port: int
+    cluster_id: int = 0  # 0: the id a fixed port implies (datadist.prefill_cluster_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +25,7 @@ class TransferParams:
     """The decode-side view of a request's ``kv_transfer_params``."""
 
     mode: str
-    endpoints: Tuple[Tuple[str, int], ...]  # one control-channel address per prefill TP rank
+    endpoints: Tuple[Tuple[str, int, int], ...]  # (host, port, cluster id) of each prefill TP rank's llm_datadist
     request_id: str  # the prefill's request id (pull) or the proxy's transfer id (push)
     block_ids: Tuple[int, ...] = ()
 
@@ -38,8 +41,8 @@ class TransferParams:
             raise ValueError(f"kv_transfer_params transfer_mode must be 'pull' or 'push', not {mode!r}")
         raw = params.get("remote_endpoints")
         if not raw:
-            raise ValueError("kv_transfer_params has no remote_endpoints (the prefill's control-channel addresses)")
-        endpoints = tuple((str(host), int(port)) for host, port in raw)
+            raise ValueError("kv_transfer_params has no remote_endpoints (the prefill's llm_datadist addresses)")
+        endpoints = tuple(parse_endpoint(entry) for entry in raw)
         key = "transfer_id" if mode == "push" else "remote_request_id"
         request_id = params.get(key)
         if not request_id:
@@ -89,5 +92,5 @@ class StepMetadata(KVConnectorMetadata):
 
 
 def endpoints_param(endpoints: Dict[int, WorkerEndpoint]) -> List[List[Any]]:
-    """``remote_endpoints`` for kv_transfer_params: ``[[host, port], ...]`` in TP rank order."""
-    return [[endpoints[rank].host, endpoints[rank].port] for rank in sorted(endpoints)]
+    """``remote_endpoints`` for kv_transfer_params: ``[[host, port, cluster_id], ...]`` in TP rank order."""
+    return [[endpoints[rank].host, endpoints[rank].port, endpoints[rank].cluster_id] for rank in sorted(endpoints)]

@@ -1,9 +1,10 @@
 """Prefill side of push mode: each layer's blocks go to the decode while the next layers compute.
 
-The decode sends ``PushReady`` (its block ids) over the control channel. When it is there before the step that
-completes the prompt starts, a layer-wise ``transfer_cache_async`` runs during the forward, gated by
-``save_kv_layer``; when it comes later, the whole request is pushed at once. Either way the decode gets
-``PushDone``, and the blocks are released when the push ends.
+The decode sends ``PushReady`` (its block ids) as a notification over its llm_datadist link. When it is there
+before the step that completes the prompt starts, a layer-wise ``transfer_cache_async`` runs during the forward,
+gated by ``save_kv_layer``; when it comes later, the whole request is pushed at once. Either way the decode gets
+``PushDone`` (a successful one attached to the last push, so it arrives after the bytes), and the blocks are
+released when the push ends.
 """
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from llm_datadist import (BlocksCacheKey, Cache, LayerSynchronizer, LLMDataDist, LLMException, LLMStatusCode,
-                          TransferWithCacheKeyConfig)
-from llm_datadist.integrations.vllm import protocol as proto
+                          TransferWithCacheKeyConfig, notifications)
+from llm_datadist.integrations.vllm import messages as msg
 from llm_datadist.integrations.vllm.block_layout import KVLayout, block_pairs
 from llm_datadist.integrations.vllm.config import ConnectorConfig, connector_logger
+from llm_datadist.integrations.vllm.control import Owner
 from llm_datadist.integrations.vllm.metadata import HoldJob
-from llm_datadist.integrations.vllm.side_channel import ServerConnection
 
 __all__ = ["StepGate", "Pusher"]
 
@@ -60,8 +61,8 @@ class StepGate(LayerSynchronizer):
 @dataclasses.dataclass
 class _Push:
     hold: HoldJob
-    conn: Optional[ServerConnection] = None
-    ready: Optional[proto.PushReady] = None
+    owner: Optional[Owner] = None  # the decode (cluster id, link id) that sent the hand-off
+    ready: Optional[msg.PushReady] = None
     task: Any = None
 
 
@@ -69,7 +70,8 @@ class Pusher:
     """Push states by transfer id, and one daemon thread that completes pushes and answers decodes."""
 
     def __init__(self, config: ConnectorConfig, datadist: LLMDataDist, cache: Cache, layout: KVLayout,
-                 block_size: int, claim: Callable[[str], bool], release: Callable[[str, str], None]) -> None:
+                 block_size: int, claim: Callable[[str], bool], release: Callable[[str, str], None],
+                 push_done: Callable[[int, msg.PushDone], None]) -> None:
         self._config = config
         self._datadist = datadist
         self._cache = cache
@@ -77,8 +79,9 @@ class Pusher:
         self._block_size = block_size
         self._claim = claim
         self._release = release
+        self._push_done = push_done  # a failed push's PushDone (a successful one goes with the last push)
         self._lock = threading.Lock()
-        self._early: Dict[str, Tuple[ServerConnection, proto.PushReady, float]] = {}  # decode ready first
+        self._early: Dict[str, Tuple[Owner, msg.PushReady, float]] = {}  # decode ready first
         self._waiting: Dict[str, _Push] = {}  # computed, decode not ready yet
         self._step: List[_Push] = []  # pushes whose prompt completes in the running forward
         self._layer_index = {name: i for i, name in enumerate(layout.layer_names)}
@@ -103,7 +106,7 @@ class Pusher:
                 early = self._early.pop(hold.transfer_id, None)
             state = _Push(hold)
             if early is not None:
-                state.conn, state.ready = early[0], early[1]
+                state.owner, state.ready = early[0], early[1]
                 state.task = self._start_layerwise(state, gate)
             self._step.append(state)
 
@@ -126,24 +129,24 @@ class Pusher:
                     if early is None:
                         self._waiting[state.hold.transfer_id] = state
                         continue
-                state.conn, state.ready = early[0], early[1]
+                state.owner, state.ready = early[0], early[1]
             self._queue.put(state)
 
-    # -- control channel (connection threads) -------------------------------------------------------
-    def on_push_ready(self, conn: ServerConnection, message: proto.PushReady) -> None:
+    # -- control messages (notification thread) -----------------------------------------------------
+    def on_push_ready(self, owner: Owner, message: msg.PushReady) -> None:
         """A decode's block ids: push now if the prompt is computed, else keep them for its step."""
         with self._lock:
             state = self._waiting.pop(message.transfer_id, None)
             if state is None:
-                self._early[message.transfer_id] = (conn, message, time.monotonic())
+                self._early[message.transfer_id] = (owner, message, time.monotonic())
                 return
-        state.conn, state.ready = conn, message
+        state.owner, state.ready = owner, message
         self._queue.put(state)
 
-    def on_closed(self, conn: ServerConnection) -> None:
-        """Forget the hand-offs of a decode that disconnected."""
+    def on_closed(self, owner: Owner) -> None:
+        """Forget the hand-offs of a decode whose link went down."""
         with self._lock:
-            for tid in [tid for tid, early in self._early.items() if early[0] is conn]:
+            for tid in [tid for tid, early in self._early.items() if early[0] == owner]:
                 del self._early[tid]
 
     def ready_transfer_ids(self) -> List[str]:
@@ -169,7 +172,7 @@ class Pusher:
 
     # -- transfers ----------------------------------------------------------------------------------
     @staticmethod
-    def _ready(state: _Push) -> proto.PushReady:
+    def _ready(state: _Push) -> msg.PushReady:
         if state.ready is None:  # pushes are queued once the decode is ready; a failure to report, never a crash
             raise ValueError(f"transfer {state.hold.transfer_id}: the decode's hand-off has not arrived")
         return state.ready
@@ -180,7 +183,9 @@ class Pusher:
                            ready.first_block)
 
     def _dest(self, state: _Push) -> BlocksCacheKey:
-        return BlocksCacheKey(self._ready(state).cluster_id, self._config.model_id)
+        if state.owner is None:
+            raise ValueError(f"transfer {state.hold.transfer_id}: no decode sent its hand-off")
+        return BlocksCacheKey(state.owner[0], self._config.model_id)
 
     def _start_layerwise(self, state: _Push, gate: StepGate) -> Any:
         layers = self._layout.num_regions // 2
@@ -197,13 +202,25 @@ class Pusher:
                       state.hold.transfer_id, exc)
             return None
 
-    def _push_rest(self, state: _Push, first_region: int) -> None:
+    def _push_rest(self, state: _Push, first_region: int, done: msg.PushDone) -> None:
+        """Push the regions from ``first_region`` on with ``done`` attached (the decode gets it after the bytes);
+        with nothing left to push, ``done`` alone (the layer-wise push's bytes are in place already)."""
         src, dst = self._pairs(state)
         regions = range(first_region, self._layout.num_regions)
         if src and len(regions):
-            self._datadist.cache_manager.push_blocks(self._dest(state), self._cache, src, dst, regions, regions, 1)
+            notifications.push_blocks(self._datadist, self._dest(state), self._cache, src, dst, msg.encode(done),
+                                      src_layer_range=regions, dst_layer_range=regions, tensor_num_per_layer=1,
+                                      timeout_ms=self._config.link_timeout_ms)
+        else:
+            notifications.send(self._datadist, self._dest(state).cluster_id, msg.encode(done),
+                               self._config.link_timeout_ms)
+
+    def _nbytes(self, state: _Push) -> int:
+        src, _ = self._pairs(state)
+        return len(src) * self._layout.num_regions * self._layout.block_nbytes
 
     def _complete(self, state: _Push) -> Tuple[bool, str]:
+        """Finish the push and tell the decode; (ok, reason) where a failure has not been told yet."""
         try:
             first_region = 0
             if state.task is not None:
@@ -211,7 +228,11 @@ class Pusher:
                 if code != LLMStatusCode.LLM_SUCCESS:
                     return False, f"layer-wise push failed: {LLMStatusCode(code).name}"
                 first_region = 2 * (self._layout.num_regions // 2)
-            self._push_rest(state, first_region)
+            done = msg.PushDone(state.hold.transfer_id, True, "", self._nbytes(state))
+            self._push_rest(state, first_region, done)
+            return True, ""
+        except notifications.NotificationNotDelivered as exc:  # pushed, but the decode was not told: it times out
+            _log.warning("transfer %s: pushed, but PushDone not delivered: %s", state.hold.transfer_id, exc)
             return True, ""
         except (LLMException, ValueError, TypeError) as exc:
             return False, str(exc)
@@ -231,14 +252,12 @@ class Pusher:
                 ok, reason = False, "the prefill no longer holds the request's blocks (lease expired)"
                 if state.task is not None:
                     state.task.synchronize(self._config.transfer_timeout_ms * 2)
-            src, _ = self._pairs(state) if ok else ([], [])
-            nbytes = len(src) * self._layout.num_regions * self._layout.block_nbytes
             self.counts["failed" if not ok else "layerwise" if state.task is not None else "after_forward"] += 1
             if not ok:
                 _log.warning("transfer %s: push to cluster %s failed: %s", state.hold.transfer_id,
-                             state.ready.cluster_id if state.ready is not None else "?", reason)
-            if state.conn is not None:
-                state.conn.send(proto.PushDone(state.hold.transfer_id, ok, reason, nbytes))
+                             state.owner[0] if state.owner is not None else "?", reason)
+                if state.owner is not None:
+                    self._push_done(state.owner[0], msg.PushDone(state.hold.transfer_id, False, reason, 0))
             self._release(state.hold.request_id, "pushed" if ok else "push failed")
 
     def close(self) -> None:

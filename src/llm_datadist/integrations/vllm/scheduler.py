@@ -5,6 +5,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from llm_datadist.integrations.vllm.block_layout import blocks_for_tokens
 from llm_datadist.integrations.vllm.config import ConnectorConfig, connector_logger
+from llm_datadist.integrations.vllm.datadist import prefill_cluster_id
 from llm_datadist.integrations.vllm.metadata import (HoldJob, LoadJob, StepMetadata, TransferParams, WorkerEndpoint,
                                                      endpoints_param)
 
@@ -20,8 +21,10 @@ class SchedulerSide:
         self._config = config
         self._block_size = block_size
         self._endpoints: Dict[int, WorkerEndpoint] = {}
-        if config.side_channel_port:
-            self._endpoints = {rank: WorkerEndpoint(config.host, config.side_channel_port + rank)
+        port = config.listen_port
+        if port:
+            self._endpoints = {rank: WorkerEndpoint(config.host, port + rank, prefill_cluster_id(config.host,
+                                                                                                 port + rank))
                                for rank in range(tp_size)}
         self._kv_cache_manager: Any = None
         self._loads: List[LoadJob] = []
@@ -33,7 +36,7 @@ class SchedulerSide:
         self._kv_cache_manager = manager
 
     def set_endpoints(self, endpoints: Dict[int, WorkerEndpoint]) -> None:
-        """The control-channel address each worker (TP rank) reported at start-up."""
+        """The llm_datadist address and cluster id each worker (TP rank) reported at start-up."""
         if endpoints:
             self._endpoints = dict(endpoints)
 
@@ -126,7 +129,7 @@ class SchedulerSide:
         finished_ok = request.status in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED)
         if not finished_ok or not block_ids or not self._endpoints:
             if finished_ok and block_ids:
-                _log.error("request %s: no control-channel address known for this prefill; its blocks are freed "
+                _log.error("request %s: no llm_datadist address known for this prefill; its blocks are freed "
                            "now and its decode will recompute", request.request_id)
             self._not_kept.append(request.request_id)
             return False, None

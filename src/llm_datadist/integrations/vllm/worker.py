@@ -3,19 +3,20 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Set, Tuple
 
-from llm_datadist.integrations.vllm import protocol as proto
+from llm_datadist.integrations.vllm import messages as msg
 from llm_datadist.integrations.vllm.block_layout import KVLayout, layout_of
 from llm_datadist.integrations.vllm.config import ConnectorConfig, connector_logger
-from llm_datadist.integrations.vllm.datadist import new_cluster_id, placement_of, register_layout, start_datadist
+from llm_datadist.integrations.vllm.control import Control, Owner
+from llm_datadist.integrations.vllm.datadist import (new_cluster_id, placement_of, prefill_cluster_id, register_layout,
+                                                     start_datadist)
 from llm_datadist.integrations.vllm.holds import HoldTable
 from llm_datadist.integrations.vllm.loader import Loader
 from llm_datadist.integrations.vllm.metadata import StepMetadata, WorkerEndpoint
 from llm_datadist.integrations.vllm.pusher import Pusher
-from llm_datadist.integrations.vllm.side_channel import ControlServer, ServerConnection, ServerHandler
 
 __all__ = ["WorkerSide", "PUSH_OWNER"]
 
-PUSH_OWNER = "push"  # the hold owner while a push runs (decode connections own claimed pulls)
+PUSH_OWNER = "push"  # the hold owner while a push runs (decode links, as (cluster id, link id), own claimed pulls)
 
 _log = connector_logger(__name__)
 
@@ -32,8 +33,12 @@ class _CudaReady:
         self._event.synchronize()
 
 
-class WorkerSide(ServerHandler):
-    """One per vLLM worker (TP rank). Producers listen; consumers link lazily to the prefills they load from."""
+class WorkerSide:
+    """One per vLLM worker (TP rank). Producers listen; consumers link lazily to the prefills they load from.
+
+    It is the prefill side's ``control.PrefillHandler``: decodes' claims, releases and push hand-offs arrive as
+    notifications over their links, and a decode's link going down frees what it claimed.
+    """
 
     def __init__(self, config: ConnectorConfig, producer: bool, consumer: bool, block_size: int, num_blocks: int,
                  tp_rank: int) -> None:
@@ -43,16 +48,17 @@ class WorkerSide(ServerHandler):
         self._block_size = block_size
         self._num_blocks = num_blocks
         self._tp_rank = tp_rank
-        self.cluster_id = new_cluster_id()
+        self._port = config.listen_port + tp_rank if producer and config.listen_port else 0
+        self.cluster_id = prefill_cluster_id(config.host, self._port) if self._port else new_cluster_id()
         self.layout: Optional[KVLayout] = None
         self.kv_caches: Dict[str, Any] = {}
         self.holds = HoldTable()
         self._datadist: Any = None
         self._datadist_port = 0
-        self._server: Optional[ControlServer] = None
+        self.control: Optional[Control] = None
         self.loader: Optional[Loader] = None
         self.pusher: Optional[Pusher] = None
-        self._geometry: Optional[proto.Geometry] = None
+        self._geometry: Optional[msg.Geometry] = None
         self._failed_blocks: Set[int] = set()
         self._closed = False
 
@@ -61,68 +67,70 @@ class WorkerSide(ServerHandler):
         """Register every layer's KV tensor in one llm_datadist blocks cache, then start listening/loading."""
         layout = layout_of(kv_caches, self._num_blocks)
         self.layout, self.kv_caches = layout, dict(kv_caches)
-        self._geometry = proto.Geometry(layout.num_regions, layout.block_nbytes, self._block_size,
+        self._geometry = msg.Geometry(layout.num_regions, layout.block_nbytes, self._block_size,
                                         len(layout.layer_names))
         first = next(iter(kv_caches.values()))
         device_id = int(first.device.index or 0) if layout.device_type != "cpu" else 0
         self._datadist, self._datadist_port = start_datadist(self._config, self._producer, self.cluster_id,
-                                                             device_id)
+                                                             device_id, self._port)
         placement = placement_of(self._config, layout.device_type)
         cache = register_layout(self._datadist, layout, placement, self.cluster_id, self._config.model_id)
-        if self._producer:
-            port = self._config.side_channel_port + self._tp_rank if self._config.side_channel_port else 0
-            self._server = ControlServer(self._config.host, port, self._config.link_secret, self,
-                                         self._config.link_timeout_s)
-            self.pusher = Pusher(self._config, self._datadist, cache, layout, self._block_size,
-                                  self._claim_push, self._release_push)
         if self._consumer:
             self.loader = Loader(self._config, self._datadist, cache, layout, self._geometry, self.cluster_id,
                                  self._tp_rank)
+        self.control = Control(self._datadist, self._geometry, self._config.link_timeout_ms,
+                               server=self if self._producer else None,
+                               on_push_done=self.loader.on_push_done if self.loader else None,
+                               on_prefill_lost=self.loader.on_prefill_lost if self.loader else None)
+        if self.loader is not None:
+            self.loader.control = self.control
+        if self._producer:
+            self.pusher = Pusher(self._config, self._datadist, cache, layout, self._block_size,
+                                  self._claim_push, self._release_push, self.control.push_done)
         _log.info("llm_datadist connector: %d layers x %d regions of %d blocks x %d bytes registered (%s, %s); "
                   "cluster %d%s", len(layout.layer_names), layout.regions_per_layer, layout.num_blocks,
                   layout.block_nbytes, layout.device_type, placement.name, self.cluster_id,
-                  f", control channel {self._config.host}:{self._server.port}, datadist port "
-                  f"{self._datadist_port}" if self._server else "")
+                  f", listening on {self._config.host}:{self._datadist_port}" if self._producer else "")
 
     def endpoint(self) -> Optional[WorkerEndpoint]:
-        """The control-channel address (producers only), for the scheduler's kv_transfer_params."""
-        if self._server is None:
+        """The llm_datadist address and cluster id (producers only), for the scheduler's kv_transfer_params."""
+        if not self._producer or not self._datadist_port:
             return None
-        return WorkerEndpoint(self._config.host, self._server.port)
+        return WorkerEndpoint(self._config.host, self._datadist_port, self.cluster_id)
 
-    # -- ServerHandler (connection threads) ---------------------------------------------------------
-    def welcome(self) -> proto.Welcome:
-        """This prefill's llm_datadist identity and KV geometry."""
-        assert self._geometry is not None
-        return proto.Welcome(self.cluster_id, self._config.host, self._datadist_port, self._geometry)
+    @property
+    def geometry(self) -> Optional[msg.Geometry]:
+        """This worker's KV geometry (after ``register_kv_caches``)."""
+        return self._geometry
 
-    def on_claim(self, conn: ServerConnection, message: proto.Claim) -> proto.ClaimReply:
-        """Bind the hold to the decode's connection (after its KV writes are complete)."""
-        hold, reason = self.holds.claim(message.request_id, conn.conn_id)
+    # -- control.PrefillHandler (notification thread) -------------------------------------------------
+    def on_claim(self, owner: Owner, message: msg.Claim) -> msg.ClaimReply:
+        """Bind the hold to the decode's link (after its KV writes are complete)."""
+        hold, reason = self.holds.claim(message.request_id, owner)
         if hold is None:
-            return proto.ClaimReply(message.seq, False, reason=reason)
+            return msg.ClaimReply(message.seq, False, reason=reason)
         if hold.ready is not None:
             hold.ready.synchronize()
-        return proto.ClaimReply(message.seq, True, block_ids=list(hold.block_ids))
+        return msg.ClaimReply(message.seq, True, block_ids=list(hold.block_ids))
 
-    def on_release(self, conn: ServerConnection, message: proto.Release) -> None:
-        """Free the holds this connection claimed and now releases."""
+    def on_release(self, owner: Owner, message: msg.Release) -> None:
+        """Free the holds this decode link claimed and now releases."""
         for request_id in message.request_ids:
-            self.holds.release(request_id, "released by the decode", owner=conn.conn_id)
+            self.holds.release(request_id, "released by the decode", owner=owner)
 
-    def on_push_ready(self, conn: ServerConnection, message: proto.PushReady) -> None:
+    def on_push_ready(self, owner: Owner, message: msg.PushReady) -> None:
         """Pass a push hand-off to the pusher."""
         if self.pusher is not None:
-            self.pusher.on_push_ready(conn, message)
+            self.pusher.on_push_ready(owner, message)
 
-    def on_closed(self, conn: ServerConnection) -> None:
-        """Free every hold the closed connection had claimed."""
-        released = self.holds.release_owner(conn.conn_id, "decode disconnected")
+    def on_decode_gone(self, owner: Owner) -> None:
+        """Free every hold the decode claimed over the link that went down."""
+        released = self.holds.release_owner(owner, "decode disconnected")
         if released:
-            _log.info("decode cluster %s disconnected: freeing the blocks of %d claimed requests",
-                      conn.peer_cluster_id, len(released))
+            _log.info("decode cluster %s disconnected: freeing the blocks of %d claimed requests", owner[0],
+                      len(released))
         if self.pusher is not None:
-            self.pusher.on_closed(conn)
+            self.pusher.on_closed(owner)
 
     def _claim_push(self, request_id: str) -> bool:
         return self.holds.claim(request_id, PUSH_OWNER)[0] is not None
@@ -197,7 +205,7 @@ class WorkerSide(ServerHandler):
             self.loader.close()
         if self.pusher is not None:
             self.pusher.close()
-        if self._server is not None:
-            self._server.close()
+        if self.control is not None:
+            self.control.close()
         if self._datadist is not None:
             self._datadist.finalize()
