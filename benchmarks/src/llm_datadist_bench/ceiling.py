@@ -346,6 +346,7 @@ def _verify_raw(copier: Copier, holder: _Holder, dest: Buffer, block: int, order
 def measure_plan(tensors: int = 188, blocks: int = 64, block: int = 16 * 1024, iters: int = 200,
                  seed: int = 0) -> Dict[str, Any]:
     """Time the engine's planner for one model-shaped pull (two fake caches, scattered block ids)."""
+    # the one private module of the library the bench may import (it is another distribution; see __init__)
     from llm_datadist._engine.diagnostics import plan_blocks_timing
 
     ops, times = plan_blocks_timing(tensors, blocks * 4, blocks, block, iters, seed)

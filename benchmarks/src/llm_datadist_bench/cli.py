@@ -94,6 +94,7 @@ def _options(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _backends(text: Optional[str]) -> List[str]:
+    # the one private module of the library the bench may import (it is another distribution; see __init__)
     from llm_datadist._engine.diagnostics import transport_report
 
     working = {name for name, reason in transport_report() if not reason}
@@ -111,6 +112,7 @@ def _backends(text: Optional[str]) -> List[str]:
 def library_tcp_streams() -> int:
     """How many data connections the library's tcp transport opens for one large transfer between two processes
     of this machine (the bench's suites, netns hosts included, all run on this machine's cores)."""
+    # the one private module of the library the bench may import (it is another distribution; see __init__)
     from llm_datadist._engine.diagnostics import tcp_streams_per_transfer
 
     return max(1, tcp_streams_per_transfer(same_machine=True))

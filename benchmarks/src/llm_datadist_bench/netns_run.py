@@ -67,6 +67,7 @@ def netns_suites(text: Optional[str]) -> List[str]:
     Raises:
         ValueError: an unknown name, or a chosen transport that is not available here (with the reason).
     """
+    # the one private module of the library the bench may import (it is another distribution; see __init__)
     from llm_datadist._engine.diagnostics import transport_report
 
     reasons = dict(transport_report())
