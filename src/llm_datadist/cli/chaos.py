@@ -274,14 +274,14 @@ class Soak:
         if use_netns:
             self.netns_note = "simulated hosts: one prefill and one decode on two network namespaces (tcp)"
         for i in range(cfg.prefills):
-            self.prefills.append(Member(f"P{11 + i}", PROMPT, 11 + i, i, transport="tcp" if i % 2 else None,
+            self.prefills.append(Member(f"prefill-{11 + i}", PROMPT, 11 + i, i, transport="tcp" if i % 2 else None,
                                         pool=(i == 0)))
         for j in range(cfg.decodes):
-            self.decodes.append(Member(f"D{21 + j}", DECODER, 21 + j, j))
+            self.decodes.append(Member(f"decode-{21 + j}", DECODER, 21 + j, j))
         if use_netns:
             i, j = len(self.prefills), len(self.decodes)
-            self.prefills.append(Member(f"P{11 + i}", PROMPT, 11 + i, i, host=self.hosts[0], port=NETNS_PORT))
-            self.decodes.append(Member(f"D{21 + j}", DECODER, 21 + j, j, host=self.hosts[1]))
+            self.prefills.append(Member(f"prefill-{11 + i}", PROMPT, 11 + i, i, host=self.hosts[0], port=NETNS_PORT))
+            self.decodes.append(Member(f"decode-{21 + j}", DECODER, 21 + j, j, host=self.hosts[1]))
 
     def reach(self, member: Member) -> List[Member]:
         """The members of the other role this one exchanges blocks with (same network)."""

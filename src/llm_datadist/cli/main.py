@@ -15,7 +15,7 @@ __all__ = ["build_parser", "main", "package_version"]
 
 PROG = "llm-datadist"
 BENCH_MODULE = "llm_datadist_bench.cli"  # the benchmark: a distribution of its own (./benchmarks)
-BENCH_INSTALL = "pip install -e ./benchmarks (in a checkout, after the core) or pip install -e '.[bench]'"
+BENCH_INSTALL = "pip install -e './benchmarks[plot]' (in a checkout of llm_datadist, after the library)"
 _EPILOG = """examples:
   llm-datadist demo                          prefill + decode on 127.0.0.1, 50 requests, every byte verified
   llm-datadist demo --quick --link-style ranktable
