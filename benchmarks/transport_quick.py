@@ -19,7 +19,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
-from llm_datadist._transport import available_transports, iov, transport_class  # noqa: E402
+from llm_datadist._transport import available_transports, copies, transport_class  # noqa: E402
+from llm_datadist._transport.scatter import scatter_io  # noqa: E402
 from llm_datadist._transport import tcp_wire as wire  # noqa: E402
 from llm_datadist._transport.base import CopyPlan, PeerInfo, Region, TransportContext  # noqa: E402
 
@@ -78,7 +79,7 @@ def raw_sender(arr: np.ndarray) -> None:
         bs = int.from_bytes(req, "little")
         n = arr.size // bs
         sizes = np.full(n, bs, dtype=U64)
-        iov.scatter_io(sock.sendmsg, _perm(n, bs) * U64(bs) + U64(arr.ctypes.data), sizes, lambda: None)
+        scatter_io(sock.sendmsg, (_perm(n, bs) * U64(bs) + U64(arr.ctypes.data)).tolist(), sizes.tolist(), lambda: None)
     sock.close()
     listener.close()
 
@@ -121,8 +122,8 @@ def add_memcpy(runner: Runner, dst: np.ndarray, src: np.ndarray, bs: int) -> Non
     plan = CopyPlan(np.arange(n, dtype=U64) * U64(bs) + U64(dst.ctypes.data),
                     perm * U64(bs) + U64(src.ctypes.data), np.full(n, bs))
     runner.add("memcpy", lambda: np.take(s2, idx, axis=0, out=d2, mode="clip"))
-    runner.add("memmove-loop", lambda: iov.local_copy(plan, checked=False))
-    runner.add("pvm-self", lambda: iov.local_copy(plan, checked=True))
+    runner.add("memmove-loop", lambda: copies.copy(plan, checked=False))
+    runner.add("pvm-self", lambda: copies.copy(plan, checked=True))
 
 
 class RawTcp:
@@ -135,12 +136,13 @@ class RawTcp:
     def add(self, runner: Runner, dst: np.ndarray, bs: int) -> None:
         n = dst.size // bs
         sizes = np.full(n, bs, dtype=U64)
-        local = np.arange(n, dtype=U64) * U64(bs) + U64(dst.ctypes.data)
+        local_list = (np.arange(n, dtype=U64) * U64(bs) + U64(dst.ctypes.data)).tolist()
+        size_list = sizes.tolist()
         sock = self.sock
 
         def once() -> None:
             sock.sendall(bs.to_bytes(8, "little"))
-            iov.scatter_io(lambda c: sock.recvmsg_into(c, 0, socket.MSG_WAITALL)[0], local, sizes, lambda: None)
+            scatter_io(lambda c: sock.recvmsg_into(c, 0, socket.MSG_WAITALL)[0], local_list, size_list, lambda: None)
 
         runner.add("raw-tcp", once)
 

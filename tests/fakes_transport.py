@@ -7,7 +7,8 @@ import threading
 import weakref
 from typing import Callable, List, Optional
 
-from llm_datadist._transport import iov, register_transport, transport_names
+from llm_datadist._transport import copies, register_transport, transport_names
+from llm_datadist._transport.ranges import RangeTable
 from llm_datadist._transport.base import (HOST, PROCESS, Capabilities, Channel, ConnectFailed, CopyPlan, PeerInfo,
                                           Region, RemoteRejected, StaleMemory, Transport, TransportContext)
 
@@ -38,8 +39,8 @@ class RecordingTransport(Transport):
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
         self._token = os.urandom(8)
-        self._table = iov.RangeTable()
-        self.pooled = iov.RangeTable()  # regions that lie in a shareable segment
+        self._table = RangeTable()
+        self.pooled = RangeTable()  # regions that lie in a shareable segment
         _LIVE[self._token] = self
 
     def register(self, region: Region) -> bytes:
@@ -77,14 +78,14 @@ class RecordingTransport(Transport):
     def read(self, channel: Channel, plan: CopyPlan, deadline: float) -> None:
         self._check(channel, plan)
         record(self.name, "read", plan)
-        iov.local_copy(plan.local, plan.remote, plan.sizes, deadline)
+        copies.local_copy(plan.local, plan.remote, plan.sizes, deadline)
 
     def write(self, channel: Channel, plan: CopyPlan, deadline: float) -> None:
         self._check(channel, plan)
         record(self.name, "write", plan)
         for hook in list(ON_WRITE):
             hook(plan)
-        iov.local_copy(plan.remote, plan.local, plan.sizes, deadline)
+        copies.local_copy(plan.remote, plan.local, plan.sizes, deadline)
 
     def close(self) -> None:
         _LIVE.pop(self._token, None)

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from llm_datadist import BlocksCacheKey, LLMRole
-from llm_datadist._transport import iov, tcp, tcp_server, tls
+from llm_datadist._transport import tcp, tcp_server, tls
+from llm_datadist._transport.ranges import RangeTable
 from llm_datadist._transport import tcp_wire as dwire
 from llm_datadist._transport.base import CopyPlan, PeerInfo, Region, TransportContext
 from tests.reliability import kv, local, wire
@@ -310,7 +311,7 @@ def data_server(request, monkeypatch):
     monkeypatch.setattr(tcp_server, "IDLE_TIMEOUT_S", IDLE_S)
     tls_config = request.getfixturevalue("pki") if request.param == "tls" else None
     memory = np.random.default_rng(11).integers(0, 256, 64 << 20, dtype=np.uint8)
-    readable, writable = iov.RangeTable(), iov.RangeTable()
+    readable, writable = RangeTable(), RangeTable()
     readable.add(memory.ctypes.data, memory.nbytes)
     writable.add(memory.ctypes.data, memory.nbytes)
     srv = tcp_server.DataServer("127.0.0.1", readable, writable, None, tls_config)

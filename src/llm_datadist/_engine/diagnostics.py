@@ -46,16 +46,16 @@ def cross_host_choice() -> str:
 
 def process_vm_status() -> Tuple[bool, int]:
     """(process_vm_readv works on our own process, threads large copies are split across)."""
-    from llm_datadist._transport import iov
+    from llm_datadist._transport import parallel, pvm
 
-    return iov.self_pvm_permitted(), iov.COPY_THREADS
+    return pvm.self_permitted(), parallel.COPY_THREADS
 
 
 def read_process_memory(pid: int, addr: int, nbytes: int) -> bytes:
     """``nbytes`` at ``addr`` of process ``pid`` with process_vm_readv (doctor's probe of a sibling process)."""
-    from llm_datadist._transport import iov
+    from llm_datadist._transport import pvm
 
-    return iov.pvm_peek(pid, addr, nbytes)
+    return pvm.peek(pid, addr, nbytes)
 
 
 def memory_kinds() -> List[str]:

@@ -29,7 +29,7 @@ from llm_datadist._engine.serving import PeerService
 from llm_datadist._engine.tasks import LayerTask, TaskJob, TaskSet
 from llm_datadist._engine.types import DEVICE, HOST, CacheSpec
 from llm_datadist.status import LLMStatusCode
-from llm_datadist._transport import available_transports, iov, transport_class, unavailable_reason
+from llm_datadist._transport import available_transports, parallel, transport_class, unavailable_reason
 from llm_datadist._transport.base import Guard, Region, Transport, TransportContext, host_identity
 from llm_datadist._transport.tls import Tls
 from llm_datadist.utils.log import warn_weak_secret
@@ -91,7 +91,7 @@ class Engine:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        iov.acquire_helpers()  # local copies split across threads too
+        parallel.acquire_helpers()  # local copies split across threads too
         self._helpers = True
         try:
             if self.tls is not None:
@@ -174,7 +174,7 @@ class Engine:
         _quietly(self.guards.close)
         if getattr(self, "_helpers", False):
             self._helpers = False
-            iov.release_helpers()
+            parallel.release_helpers()
         _log.info("cluster %d finalized", self.cluster_id)
 
     # -- regions exposed to peers ---------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Callable, ClassVar, Optional, Tuple
 import numpy as np
 
 from llm_datadist._engine.errors import OutOfMemory, ParamInvalid
-from llm_datadist._transport import iov
+from llm_datadist._transport import copies, parallel
 from llm_datadist._transport.base import CUDA, HOST, Segment
 
 __all__ = [
@@ -424,7 +424,7 @@ class HostMemory(MemoryBackend):
     def copy(self, dst: np.ndarray, src: np.ndarray, sizes: np.ndarray, deadline: Optional[float]) -> None:
         """process_vm_readv on our own pid (an unmapped address fails instead of crashing), two threads
         for large batches."""
-        iov.local_copy(dst, src, sizes, deadline, checked=True, threads=iov.COPY_THREADS)
+        copies.local_copy(dst, src, sizes, deadline, checked=True, threads=parallel.COPY_THREADS)
 
 
 class CpuDevice(HostMemory):
