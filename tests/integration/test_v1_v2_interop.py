@@ -3,7 +3,6 @@ way, pulling from and pushing to each other, byte for byte."""
 from __future__ import annotations
 
 import multiprocessing
-import time
 import traceback
 
 import numpy as np
@@ -72,14 +71,14 @@ class V2Peer:
 
     def wait_link(self, timeout=10.0):
         """Until this (server) side has registered its end of the link (it lags the client a moment)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def linked() -> bool:
             try:
                 self.dd._engine.links.get(V1_ID)
                 return True
             except Exception:  # noqa: BLE001 - not yet
-                time.sleep(0.005)
-        return False
+                return False
+
+        return wait_until(linked, timeout)
 
     def pull_cache(self, name, cache_id, batch_index, dst_index):
         cache = self.caches[name][0]

@@ -11,6 +11,7 @@ import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+import waiting
 
 from llm_datadist.cli.netns import Host, SimulatedHosts
 from tests.multihost.host_peer import SENTINEL, pattern, row_hash
@@ -168,12 +169,10 @@ class Expected:
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.01) -> None:
-    """Poll ``predicate`` until it is true; AssertionError naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+    """Poll ``predicate`` until it is true (``waiting.wait_until``); AssertionError naming ``what`` after
+    ``timeout`` seconds."""
+    if not waiting.wait_until(predicate, timeout, interval):
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def finalize_leaves_nothing(peer: HostPeer, grace_s: float = 5.0) -> None:

@@ -9,10 +9,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from typing import Callable, Dict, List, Optional
 
 from ports import free_port  # noqa: F401  (the reliability tests import it from here)
+from waiting import wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -80,24 +80,20 @@ def is_stopped(pid: int) -> bool:
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.01) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` seconds passed; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(step)
+    """Poll ``predicate`` until it holds or ``timeout`` seconds passed (``waiting.wait_until``)."""
+    return wait_until(predicate, timeout, step)
 
 
 def settle(measure: Callable[[], int], limit: int, timeout: float) -> int:
     """Poll ``measure()`` until it is at most ``limit`` (or the timeout); returns the last value."""
-    value = measure()
-    deadline = time.monotonic() + timeout
-    while value > limit and time.monotonic() < deadline:
-        time.sleep(0.05)
-        value = measure()
-    return value
+    last = [measure()]
+
+    def low() -> bool:
+        last[0] = measure()
+        return last[0] <= limit
+
+    wait_until(low, timeout, 0.05)
+    return last[0]
 
 
 POOL_WORKER = re.compile(r"-w\d+$")  # workers of the engines' bounded executors ("...-w0", "...-w1")

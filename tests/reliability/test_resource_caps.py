@@ -12,6 +12,7 @@ from llm_datadist import BlocksCacheKey, LLMRole, LLMStatusCode
 from llm_datadist._engine import protocol as proto
 from llm_datadist._engine.listener import MAX_PENDING_HANDSHAKES
 from tests.reliability import fuzz, kv, local, wire
+from waiting import wait_until
 from tests.reliability.procs import accepted_on, server, wait_for
 
 P = 71
@@ -46,15 +47,16 @@ def _held(socks: List[socket.socket]) -> int:
 
 def _steady(peer, timeout: float = 5.0):
     """The server's usage once its fd count stopped changing (two readings 0.1 s apart agree)."""
-    last = peer.usage()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
+    seen = [None]  # the previous reading: the first check only takes one
+
+    def steady() -> bool:
         now = peer.usage()
-        if now.fds == last.fds:
-            return now
-        last = now
-    return last
+        same = seen[0] is not None and now.fds == seen[0].fds
+        seen[0] = now
+        return same
+
+    wait_until(steady, timeout, 0.1)
+    return seen[0]
 
 
 def _close(socks: List[socket.socket]) -> None:
