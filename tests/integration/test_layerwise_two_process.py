@@ -1,10 +1,15 @@
 """A real two-process layer-wise push (transfer_cache_async, layer synchronizer): the prefill process releases
-layers one by one and the decode process sees layer k arrive only after it was released, byte for byte."""
+layers one by one and the decode process sees layer k arrive only after it was released, byte for byte.
+
+"Not before its release" is proven without timing: every layer's destination pages are read-only until the test
+releases that layer, so a premature write fails in the kernel (and fails the task) instead of landing unseen.
+"""
 from __future__ import annotations
 
+import ctypes
+import mmap
 import multiprocessing
 import os
-import time
 
 import numpy as np
 import pytest
@@ -96,21 +101,57 @@ def _recv(conn):
     return message
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_LIBC.process_vm_writev.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
+                                    ctypes.c_ulong]
+_LIBC.process_vm_writev.restype = ctypes.c_ssize_t
+LAYER_BYTES = 2 * ROWS * ROW  # the two tensors of a layer, in pages of their own
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def _peer_write_refused(addr: int) -> bool:
+    """Whether a process_vm_writev (the route a same-host peer writes with) into ``addr`` is refused."""
+    byte = ctypes.c_uint8(SENTINEL)
+    local, remote = _Iovec(ctypes.addressof(byte), 1), _Iovec(addr, 1)
+    return _LIBC.process_vm_writev(os.getpid(), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) == -1
+
+
 class Decode:
-    """The decode side (this process): a listening instance with a destination cache full of SENTINEL."""
+    """The decode side (this process): a listening instance with a destination cache full of SENTINEL, each
+    layer's two tensors in pages of their own, read-only until that layer is released."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.port = _port()
         self.dd = LLMDataDist(LLMRole.DECODER, DECODE)
         self.dd.init(_config(self.port, ra=(mode == "key")))
-        self.arrays = [np.full((ROWS, ROW), SENTINEL, np.uint8) for _ in range(TENSORS)]
+        self.maps = [mmap.mmap(-1, LAYER_BYTES) for _ in range(LAYERS)]
+        self.arrays = []
+        for layer_map in self.maps:
+            pages = np.frombuffer(layer_map, np.uint8)
+            pages[:] = SENTINEL
+            self.arrays += [pages[:ROWS * ROW].reshape(ROWS, ROW), pages[ROWS * ROW:].reshape(ROWS, ROW)]
         desc = CacheDesc(TENSORS, [ROWS, ROW], DataType.DT_UINT8, Placement.DEVICE)
         addrs = [int(a.ctypes.data) for a in self.arrays]
         if mode == "key":
             self.dd.cache_manager.register_blocks_cache(desc, addrs, BlocksCacheKey(DECODE, 5))
         else:  # normal mode: the destination of raw layer-wise pushes opts in to peers' writes
             self.dd.cache_manager.register_cache(desc, addrs, remote_accessible=True)
+
+    def writable(self, layer: int, yes: bool) -> None:
+        """Open or close a layer's destination pages to writes (mprotect)."""
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if yes else 0)
+        assert _LIBC.mprotect(self.arrays[2 * layer].ctypes.data, LAYER_BYTES, prot) == 0, ctypes.get_errno()
+
+    def close_all(self) -> None:
+        for layer in range(LAYERS):
+            self.writable(layer, False)
+        # the control: what a peer's premature write would meet is a refusal, not a silent landing
+        assert _peer_write_refused(self.arrays[0].ctypes.data), "read-only pages took a process_vm write"
 
     def start_args(self) -> dict:
         if self.mode == "key":
@@ -144,6 +185,7 @@ def _run(mode: str, fail_at=None):
     try:
         _verb, code, _pid = _recv(parent)
         assert code == S.LLM_SUCCESS
+        decode.close_all()
         parent.send(("start", decode.start_args()))
         released = []
         while True:
@@ -153,8 +195,9 @@ def _run(mode: str, fail_at=None):
             layer = message[1]
             assert released == list(range(layer)), "layers are synchronized once each, in order"
             assert all(decode.arrived(k) for k in range(layer)), "an earlier layer is missing"
-            time.sleep(0.05)  # give a premature write the time to show up
             assert all(decode.untouched(k) for k in range(layer, LAYERS)), f"layer {layer} arrived before release"
+            if layer != fail_at:
+                decode.writable(layer, True)  # a write before this line would have failed the task
             parent.send(("release", layer, layer != fail_at))
             released.append(layer)
     finally:
@@ -164,6 +207,8 @@ def _run(mode: str, fail_at=None):
             proc.kill()
             proc.join(5)
         decode.dd.finalize()
+        for layer in range(LAYERS):
+            decode.writable(layer, True)
 
 
 @pytest.mark.parametrize("mode", ["raw", "key"])
