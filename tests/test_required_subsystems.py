@@ -14,7 +14,7 @@ import subsystems
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the vLLM end-to-end tests skip at once, tagged vllm, when their Python is "none"
-VLLM_TESTS = "tests/integrations/test_vllm_e2e.py::test_pull_matches_single_instance"
+VLLM_TESTS = "tests/vllm_connector/test_vllm_e2e.py::test_pull_matches_single_instance"
 
 
 def _pytest(require: Optional[str], *args: str) -> subprocess.CompletedProcess:

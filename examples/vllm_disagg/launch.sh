@@ -4,10 +4,10 @@
 #   MODEL=Qwen/Qwen2.5-0.5B-Instruct bash launch.sh          # Ctrl-C stops all three
 #
 # Environment: MODEL (required), MODE (pull|push, default pull), PREFILL_PORT (8100), DECODE_PORT (8200),
-# PROXY_PORT (8000), CONTROL_PORT (7100: the prefill's control channel), HOST (127.0.0.1),
+# PROXY_PORT (8000), CONTROL_PORT (7100: the prefill's llm_datadist port), HOST (127.0.0.1),
 # VLLM_PYTHON (python3: the Python that has vLLM; serve.py there runs `vllm serve`), PYTHON (python3, for the
 # proxy, standard library only), VLLM_ARGS (more `vllm serve` arguments for both, e.g. --max-model-len 4096),
-# LINK_SECRET (optional: authenticates the control channel and the llm_datadist links), READY_TIMEOUT_S (600).
+# LINK_SECRET (optional: authenticates the llm_datadist links, which carry the connector's messages), READY_TIMEOUT_S (600).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 : "${MODEL:?set MODEL to a model path or name}"
@@ -22,7 +22,7 @@ kv_config() {  # role, extra config (JSON object)
 }
 secret=""
 [ -n "${LINK_SECRET:-}" ] && secret=", \"link_secret\": \"$LINK_SECRET\""
-prefill_extra="{\"host\": \"$HOST\", \"side_channel_port\": $CONTROL_PORT, \"mode\": \"$MODE\"$secret}"
+prefill_extra="{\"host\": \"$HOST\", \"datadist_port\": $CONTROL_PORT, \"mode\": \"$MODE\"$secret}"
 decode_extra="{\"host\": \"$HOST\", \"mode\": \"$MODE\"$secret}"
 
 pids=()

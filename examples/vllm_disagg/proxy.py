@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--prefill", action="append", required=True, help="prefill server URL (repeatable)")
     parser.add_argument("--decode", action="append", required=True, help="decode server URL (repeatable)")
     parser.add_argument("--prefill-control", action="append", default=[],
-                        help="push mode: the prefill's control channel host:port (its side_channel_port), "
+                        help="push mode: the prefill's llm_datadist host:port (its datadist_port), "
                              "one per --prefill, same order")
     parser.add_argument("--mode", choices=("pull", "push"), default="pull")
     args = parser.parse_args()

@@ -30,7 +30,7 @@ import dataclasses
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from llm_datadist._engine import api
-from llm_datadist._engine.api import map_errors
+from llm_datadist._engine.api import ErrorBoundary
 from llm_datadist.status import LLMException
 from llm_datadist.utils.utils import check_isinstance, check_uint64, raise_if_false
 from llm_datadist.v2.llm_datadist import LLMDataDist
@@ -155,7 +155,7 @@ def send(datadist: LLMDataDist, cluster_id: int, payload: Payload, timeout_ms: O
     check_uint64("cluster_id", cluster_id)
     data = _payload(payload)
     timeout_s = _timeout_s(engine, timeout_ms)
-    with map_errors("send notification"):
+    with ErrorBoundary("send notification"):
         engine.notify(cluster_id, data, timeout_s, _PLAIN)
 
 
@@ -230,7 +230,7 @@ def poll_link_down(datadist: LLMDataDist, max_count: int = 64, timeout_ms: int =
 def _after_transfer(name: str, engine: api.EngineApi, cluster_id: int, data: bytes, timeout_s: float,
                     after: int) -> None:
     try:
-        with map_errors(name):
+        with ErrorBoundary(name):
             engine.notify(cluster_id, data, timeout_s, after)
     except LLMException as exc:
         raise NotificationNotDelivered(f"{name}: the transfer completed but its notification was not delivered: "

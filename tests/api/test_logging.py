@@ -127,7 +127,7 @@ def test_every_module_logs_under_its_own_name():
     # the vLLM connector logs under vllm's hierarchy (vllm's handlers show it) and imports vllm: not here
     names = [m.name for m in pkgutil.walk_packages(llm_datadist.__path__, "llm_datadist.")
              if not m.name.startswith("llm_datadist.integrations.vllm.")]
-    assert "llm_datadist._engine.links" in names and "llm_datadist.v2.tensors" in names
+    assert "llm_datadist._engine.link_manager" in names and "llm_datadist.v2.tensors" in names
     configured_here = {("llm_datadist.utils.log", "logger"): log.LOGGER_NAME,
                        ("llm_datadist.utils.log", "_package"): log.PACKAGE_LOGGER_NAME}
     found = 0

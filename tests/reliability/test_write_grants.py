@@ -8,7 +8,7 @@ one makes room), and the owner's truth is read back: a cache a grant holds canno
 from __future__ import annotations
 
 from llm_datadist._engine import protocol as proto
-from llm_datadist._engine.links import MAX_GRANTS_PER_LINK
+from llm_datadist._engine.link_manager import MAX_GRANTS_PER_LINK
 from llm_datadist.status import LLMStatusCode
 from tests.reliability import wire
 from tests.reliability.procs import rss_kib, server

@@ -1,7 +1,7 @@
 """The Engine API: the one way into the engine for the v2 facade, the V1 API and the CLI.
 
 Facades build frozen requests (``requests``), call the methods of ``EngineApi`` (what ``open_engine`` returns),
-and turn failures into status codes or exceptions at one boundary (``status_of`` / ``map_errors``). Nothing
+and turn failures into status codes or exceptions at one boundary (``status_of`` / ``ErrorBoundary``). Nothing
 above the engine imports the engine's other modules or the transports.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Protocol, Sequ
 
 from llm_datadist._engine import diagnostics, options, requests
 from llm_datadist._engine.errors import (EngineError, FeatureNotEnabled, LinkFailed, NotLinked, ParamInvalid,
-                                         map_errors, status_of, to_llm_exception)
+                                         ErrorBoundary, status_of, to_llm_exception)
 from llm_datadist._engine.options import EngineOptions, link_timeout_s
 from llm_datadist._engine.registry import UINT64_MAX, KeyId
 from llm_datadist._engine.requests import TENSORS_PER_LAYER, ConfigJob, TaskJob
@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the engine itself (numpy, transports) loads on the first op
     from llm_datadist._engine.notices import LinkDown, Notice
 
 __all__ = [
-    "EngineApi", "TaskWaiter", "EngineOptions", "open_engine", "options", "requests", "map_errors", "status_of",
+    "EngineApi", "TaskWaiter", "EngineOptions", "open_engine", "options", "requests", "ErrorBoundary", "status_of",
     "to_llm_exception", "NoticesApi",
     "EngineError", "FeatureNotEnabled", "LinkFailed", "NotLinked", "ParamInvalid", "KeyId", "UINT64_MAX",
     "CacheSpec", "LayerSel", "SourceSpec", "ConfigJob", "TaskJob", "TENSORS_PER_LAYER", "HOST",
@@ -73,7 +73,7 @@ class NoticesApi(Protocol):
 
 class EngineApi(Protocol):
     """What the facades (v2, V1, CLI) may call on an engine. Every method raises EngineError subclasses;
-    ``map_errors`` / ``status_of`` turn them into the facade's exceptions or codes."""
+    ``ErrorBoundary`` / ``status_of`` turn them into the facade's exceptions or codes."""
 
     @property
     def opts(self) -> EngineOptions:

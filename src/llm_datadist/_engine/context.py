@@ -10,7 +10,7 @@ from typing import List, Protocol, Sequence
 
 from llm_datadist._engine import protocol as proto
 from llm_datadist._engine.link import Link
-from llm_datadist._engine.links import LinkManager
+from llm_datadist._engine.link_manager import LinkManager
 from llm_datadist._engine.options import EngineOptions
 from llm_datadist._engine.registry import CacheEntry, Registry
 

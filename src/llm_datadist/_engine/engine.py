@@ -17,7 +17,7 @@ from llm_datadist._engine.errors import EngineError, FeatureNotEnabled, NotLinke
 from llm_datadist._engine.executor import Executor
 from llm_datadist._engine.guards import Guards
 from llm_datadist._engine.link import Link
-from llm_datadist._engine.links import LinkManager
+from llm_datadist._engine.link_manager import LinkManager
 from llm_datadist._engine.memory import backend_for, maps_segment
 from llm_datadist._engine.notices import Notices, send as send_notice
 from llm_datadist._engine.options import EngineOptions, link_timeout_s

@@ -116,7 +116,7 @@ def to_llm_exception(func_name: str, exc: BaseException) -> LLMException:
     return LLMException(message, status_code=code)
 
 
-class map_errors:  # noqa: N801 - used like a function: ``with map_errors("pull_blocks"):``
+class ErrorBoundary:
     """Turn EngineError/TransportError raised inside the block into LLMException (raise ... from).
 
     A class rather than a generator context manager: it is on every call's path.

@@ -52,7 +52,7 @@ def link_to(engine: EngineCore, cluster_id: int) -> Link:
     return engine.link_for_transfer(cluster_id)
 
 
-class local_cache:  # noqa: N801 - used like a function: ``with local_cache(engine, cache_id) as entry:``
+class PinnedLocalCache:
     """The local cache entry, pinned so that a concurrent unregister/deallocate waits for the transfer."""
 
     __slots__ = ("_registry", "_entry")
@@ -162,7 +162,7 @@ def _need(view: proto.CacheView, blocks: bool, hint: str = "") -> None:
 def pull_cache(engine: EngineCore, req: rq.PullCache) -> None:
     """Pull one remote slot into slot ``batch_index`` of a local continuous cache."""
     deadline = deadline_of(engine)
-    with local_cache(engine, req.cache_id) as entry:
+    with PinnedLocalCache(engine, req.cache_id) as entry:
         if entry.is_blocks:
             raise ParamInvalid("pull_cache needs a continuous destination cache")
         local = side_of(entry)
@@ -188,7 +188,7 @@ def pull_cache(engine: EngineCore, req: rq.PullCache) -> None:
 def pull_blocks(engine: EngineCore, req: rq.PullBlocks) -> None:
     """Pull remote blocks (or one remote slot cut into blocks) into local blocks."""
     deadline = deadline_of(engine)
-    with local_cache(engine, req.cache_id) as entry:
+    with PinnedLocalCache(engine, req.cache_id) as entry:
         if not entry.is_blocks:
             raise ParamInvalid("pull_blocks needs a blocks destination cache")
         local = side_of(entry)
@@ -217,7 +217,7 @@ def pull_blocks(engine: EngineCore, req: rq.PullBlocks) -> None:
 def push_cache(engine: EngineCore, req: rq.PushCache) -> None:
     """Write one local slot into a remote slot addressed by cache id and batch index."""
     deadline = deadline_of(engine)
-    with local_cache(engine, req.cache_id) as entry:
+    with PinnedLocalCache(engine, req.cache_id) as entry:
         if entry.is_blocks:
             raise ParamInvalid("push_cache needs a continuous source cache")
         local = side_of(entry)
@@ -242,7 +242,7 @@ def push_cache(engine: EngineCore, req: rq.PushCache) -> None:
 def push_blocks(engine: EngineCore, req: rq.PushBlocks) -> None:
     """Write local blocks into a remote blocks cache addressed by BlocksCacheKey."""
     deadline = deadline_of(engine)
-    with local_cache(engine, req.cache_id) as entry:
+    with PinnedLocalCache(engine, req.cache_id) as entry:
         if not entry.is_blocks:
             raise ParamInvalid("push_blocks needs a blocks source cache")
         local = side_of(entry)
@@ -263,7 +263,7 @@ def blocks_by_id(engine: EngineCore, req: rq.BlocksById) -> None:
     """V1 PullKvBlocks/PushKvBlocks: blocks between a local cache and a remote cache addressed by id,
     both seen as blocks whatever they were registered as (num_blocks = shape[0])."""
     deadline = deadline_of(engine)
-    with local_cache(engine, req.cache_id) as entry:
+    with PinnedLocalCache(engine, req.cache_id) as entry:
         local = side_of(entry, as_blocks=True)
         link = link_to(engine, req.cluster_id)
         source = SourceSpec("id", req.cluster_id, cache_id=req.remote_cache_id)

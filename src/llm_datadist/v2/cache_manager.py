@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Union
 
-from llm_datadist._engine.api import UINT64_MAX, EngineApi, KeyId, LayerSel, map_errors
+from llm_datadist._engine.api import UINT64_MAX, EngineApi, KeyId, LayerSel, ErrorBoundary
 from llm_datadist._engine.api import requests as rq
 from llm_datadist.status import LLMException, LLMStatusCode
 from llm_datadist.utils.utils import (check_int64, check_isinstance, check_uint32, check_uint64, raise_if_false,
@@ -111,7 +111,7 @@ class CacheManager:
         ra = self._default_remote_accessible(cache_desc, remote_accessible)
         self._check_addrs(addrs, cache_desc, check_count=True)
         engine = self._live_engine()
-        with map_errors("register_cache"):
+        with ErrorBoundary("register_cache"):
             info = engine.register(rq.Register(spec_of(cache_desc, False), tuple(addrs), tuple(_key_ids(cache_keys)),
                                                None, ra, _writable(remote_accessible)))
         self._keep_tensors(info.cache_id, tensors)
@@ -145,7 +145,7 @@ class CacheManager:
         self._check_addrs(addrs, cache_desc, check_count=False)
         engine = self._live_engine()
         model_id = None if blocks_cache_key is None else blocks_cache_key.model_id
-        with map_errors("register_blocks_cache"):
+        with ErrorBoundary("register_blocks_cache"):
             info = engine.register(rq.Register(spec_of(cache_desc, True), tuple(addrs), (), model_id, ra,
                                                _writable(remote_accessible)))
         self._keep_tensors(info.cache_id, tensors)
@@ -155,7 +155,7 @@ class CacheManager:
         """Remove a cache and all of its keys; an unknown id is a no-op."""
         check_isinstance("cache_id", cache_id, int, allow_none=False)
         check_int64("cache_id", cache_id)
-        with map_errors("unregister_cache"):
+        with ErrorBoundary("unregister_cache"):
             self._live_engine().unregister(cache_id)
         self._registered_tensors.pop(cache_id, None)
 
@@ -173,7 +173,7 @@ class CacheManager:
         check_isinstance("cache_keys", cache_keys, (list, tuple), CacheKey, allow_none=False)
         self._check_pool(cache_desc)
         engine = self._live_engine()
-        with map_errors("allocate_cache"):
+        with ErrorBoundary("allocate_cache"):
             info = engine.allocate(rq.Allocate(spec_of(cache_desc, False), tuple(_key_ids(cache_keys))))
         return Cache(info.cache_id, cache_desc, list(info.tensor_addrs), self, False, False)
 
@@ -184,7 +184,7 @@ class CacheManager:
         self._check_pool(cache_desc)
         engine = self._live_engine()
         model_id = None if blocks_cache_key is None else blocks_cache_key.model_id
-        with map_errors("allocate_blocks_cache"):
+        with ErrorBoundary("allocate_blocks_cache"):
             info = engine.allocate(rq.Allocate(spec_of(cache_desc, True), (), model_id))
         return Cache(info.cache_id, cache_desc, list(info.tensor_addrs), self, False, True)
 
@@ -193,7 +193,7 @@ class CacheManager:
         check_isinstance("cache", cache, Cache)
         raise_if_true(cache.is_blocks_cache, "cache can not be blocks cache")
         self._owned(cache)
-        with map_errors("deallocate_cache"):
+        with ErrorBoundary("deallocate_cache"):
             self._live_engine().deallocate(cache.cache_id)
         cache._invalidate()
 
@@ -202,7 +202,7 @@ class CacheManager:
         check_isinstance("cache", cache, Cache)
         raise_if_false(cache.is_blocks_cache, "cache should be blocks cache")
         self._owned(cache)
-        with map_errors("deallocate_blocks_cache"):
+        with ErrorBoundary("deallocate_blocks_cache"):
             self._live_engine().deallocate(cache.cache_id)
         cache._invalidate()
 
@@ -210,7 +210,7 @@ class CacheManager:
         """Unbind a key on this side; an unbound key is a no-op."""
         check_isinstance("cache_key", cache_key, CacheKey)
         key = _key_id(cache_key)
-        with map_errors("remove_cache_key"):
+        with ErrorBoundary("remove_cache_key"):
             engine = self._live_engine()
             if key is not None:
                 engine.remove_key(key)
@@ -241,7 +241,7 @@ class CacheManager:
         check_cache_key(cache_key)
         source = cache_key_source(cache_key)
         self._owned(cache)
-        with map_errors("pull_cache"):
+        with ErrorBoundary("pull_cache"):
             self._live_engine().transfer(rq.PullCache(source, cache.cache_id, batch_index, size, layers))
 
     def pull_blocks(self, src_cache_key, dst_cache: Cache, src_blocks: Sequence[int] = (),
@@ -263,7 +263,7 @@ class CacheManager:
                            "src_blocks should be empty when src_cache_key is not instance of BlocksCacheKey")
         source = cache_key_source(src_cache_key)
         self._owned(dst_cache)
-        with map_errors("pull_blocks"):
+        with ErrorBoundary("pull_blocks"):
             self._live_engine().transfer(rq.PullBlocks(source, dst_cache.cache_id, tuple(src_blocks),
                                                        tuple(dst_blocks), layers))
 
@@ -294,7 +294,7 @@ class CacheManager:
         raise_if_false(size == -1, "push_cache only supports size -1, but got {}", size)
         dest = cache_key_source(dst_cache_key)
         self._owned(src_cache)
-        with map_errors("push_cache"):
+        with ErrorBoundary("push_cache"):
             self._live_engine().transfer(rq.PushCache(dest, src_cache.cache_id, src_batch_index, layers))
 
     def push_blocks(self, dst_cache_key: BlocksCacheKey, src_cache: Cache, src_blocks: Sequence[int] = (),
@@ -312,7 +312,7 @@ class CacheManager:
         layers = self._push_layers(src_cache, src_layer_range, dst_layer_range, tensor_num_per_layer)
         dest = cache_key_source(dst_cache_key)
         self._owned(src_cache)
-        with map_errors("push_blocks"):
+        with ErrorBoundary("push_blocks"):
             self._live_engine().transfer(rq.PushBlocks(dest, src_cache.cache_id, tuple(src_blocks),
                                                        tuple(dst_blocks), layers))
 
@@ -334,7 +334,7 @@ class CacheManager:
                        "copy_cache needs caches of one data type, but got {} and {}",
                        dst.cache_desc.data_type, src.cache_desc.data_type)
         self._owned(dst, src)
-        with map_errors("copy_cache"):
+        with ErrorBoundary("copy_cache"):
             self._live_engine().copy(rq.CopyCache(dst.cache_id, src.cache_id, dst_batch_index, src_batch_index,
                                                   offset, size))
 
@@ -348,7 +348,7 @@ class CacheManager:
             check_isinstance("copy_block_info value", dsts, list, int, allow_none=False)
         pairs = tuple((src, dst) for src, dsts in copy_block_info.items() for dst in dsts)
         self._owned(cache)
-        with map_errors("copy_blocks"):
+        with ErrorBoundary("copy_blocks"):
             self._live_engine().copy(rq.CopyBlocks(cache.cache_id, cache.cache_id, pairs))
 
     def swap_blocks(self, src_cache: Cache, dst_cache: Cache, src_to_dst: Dict[int, int]) -> None:
@@ -374,7 +374,7 @@ class CacheManager:
                       or len(dst_cache.tensor_addrs) != dst_desc.num_tensors, "a cache was released")
         engine = self._live_engine()
         self._owned(src_cache, dst_cache)
-        with map_errors("swap_blocks"):
+        with ErrorBoundary("swap_blocks"):
             engine.copy(rq.SwapBlocks(src_cache.cache_id, tuple(src_cache.tensor_addrs), dst_cache.cache_id,
                                       tuple(dst_cache.tensor_addrs), block_size,
                                       (src_desc.batch_size, dst_desc.batch_size),
@@ -390,7 +390,7 @@ class CacheManager:
             raise_if_false(info.mem_type == Memtype.MEM_TYPE_DEVICE, "only device memory can be remapped")
             raise_if_false(info.addr is not None and info.addr != 0, "addr can not be 0")
             raise_if_false(info.size is not None and info.size > 0, "size must be > 0")
-        with map_errors("remap_registered_memory"):
+        with ErrorBoundary("remap_registered_memory"):
             self._live_engine().remap([(info.addr, info.size) for info in infos])
 
     def transfer_cache_async(self, src_cache: Cache, layer_synchronizer, transfer_configs,

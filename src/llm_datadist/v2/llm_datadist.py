@@ -8,7 +8,7 @@ import weakref
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple  # noqa: F401
 
 from llm_datadist._engine import api
-from llm_datadist._engine.api import map_errors
+from llm_datadist._engine.api import ErrorBoundary
 from llm_datadist.configs import LLMClusterInfo, LLMRole, int_to_ip
 from llm_datadist.status import LLMException, LLMStatusCode
 from llm_datadist.utils.utils import (check_int32, check_isinstance, check_uint32, check_uint64, raise_if_false,
@@ -70,7 +70,7 @@ class LLMDataDist:
             check_isinstance("options", options, dict, allow_none=False)
             cfg.check_flow_graph_mem(options)
             opts = cfg.parse_options(options, self._role, self._cluster_id)
-            with map_errors("init"):
+            with ErrorBoundary("init"):
                 engine = api.open_engine(opts)
             self._options = cfg.complete_options(options, self._role)
             self._cm_mode = opts.cache_manager_mode
@@ -94,7 +94,7 @@ class LLMDataDist:
             self._cache_manager = None
             with _LIVE_LOCK:
                 _LIVE.discard(self)
-            with map_errors("finalize"):
+            with ErrorBoundary("finalize"):
                 engine.close()
 
     @property
@@ -119,7 +119,7 @@ class LLMDataDist:
         engine = self._require_engine()
         raise_if_true(self._cm_mode, "check_link_status is not supported when llm.EnableCacheManager is configured.")
         check_uint64("remote_cluster_id", remote_cluster_id)
-        with map_errors("check_link_status"):
+        with ErrorBoundary("check_link_status"):
             engine.check_linked(remote_cluster_id)
 
     # -- one-sided links ------------------------------------------------------------------------
@@ -164,7 +164,7 @@ class LLMDataDist:
                           "switching to PROMPT needs llm.listenIpInfo")
         listen = cfg.parse_listen_ip_info(options[cfg.OPT_LISTEN_IP_INFO]) if cfg.OPT_LISTEN_IP_INFO in options \
             else None
-        with map_errors("switch_role"):
+        with ErrorBoundary("switch_role"):
             engine.set_role(int(role), listen)
         self._role = role
 
@@ -188,7 +188,7 @@ class LLMDataDist:
         ranks = list(cluster_rank_info.values())
         raise_if_false(all(a <= b for a, b in zip(ranks, ranks[1:])), "rank in cluster_rank_info must be ordered")
         check_isinstance("rank_table", rank_table, str)
-        with map_errors("link"):
+        with ErrorBoundary("link"):
             comm_id = engine.comm_link(comm_name, dict(cluster_rank_info), rank_table)
         if self._cache_manager is not None:
             self._cache_manager._set_is_call_linked()
@@ -205,13 +205,13 @@ class LLMDataDist:
     def unlink(self, comm_id: int) -> None:
         """Leave a comm domain: stop its preparation and drop its links."""
         engine = self._check_comm_id(comm_id)
-        with map_errors("unlink"):
+        with ErrorBoundary("unlink"):
             engine.comm_unlink(comm_id)
 
     def query_register_mem_status(self, comm_id: int) -> RegisterMemStatus:
         """PREPARING while the domain links, then OK, or FAILED after the link timeout."""
         engine = self._check_comm_id(comm_id)
-        with map_errors("query_register_mem_status"):
+        with ErrorBoundary("query_register_mem_status"):
             status = engine.comm_status(comm_id)
         try:
             return RegisterMemStatus(status)

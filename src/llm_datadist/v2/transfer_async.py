@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence, Union
 
-from llm_datadist._engine.api import TENSORS_PER_LAYER, ConfigJob, TaskJob, map_errors
+from llm_datadist._engine.api import TENSORS_PER_LAYER, ConfigJob, TaskJob, ErrorBoundary
 from llm_datadist.utils.utils import check_isinstance, check_uint64, raise_if_false, raise_if_true
 from llm_datadist.v2.llm_types import (BlocksCacheKey, Cache, CacheKeyByIdAndIndex, CacheTask, LayerSynchronizer,
                                        Placement, TransferConfig, TransferWithCacheKeyConfig)
@@ -129,6 +129,6 @@ def transfer_cache_async(cache_manager, src_cache: Cache, layer_synchronizer: La
     job = TaskJob(src_cache_id=src_cache.cache_id, configs=configs, synchronizer=layer_synchronizer,
                   src_blocks=tuple(src_blocks), dst_blocks=tuple(dst_blocks),
                   dst_block_size=int(dst_block_memory_size or 0), timeout_s=engine.opts.sync_kv_timeout_ms / 1000.0)
-    with map_errors("transfer_cache_async"):
+    with ErrorBoundary("transfer_cache_async"):
         task = engine.start_layerwise(job)
     return CacheTask(task, len(job.configs))
