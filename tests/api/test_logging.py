@@ -14,6 +14,7 @@ import textwrap
 import uuid
 from typing import Dict, List
 
+import pki
 import pytest
 
 import llm_datadist
@@ -271,16 +272,9 @@ def test_the_listener_warning_says_what_strangers_can_do_and_how_to_stop_them():
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl command is not installed")
 def test_no_listener_warning_with_mutual_tls(tmp_path):
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True, timeout=60)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=ca")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "me.key", "-out", "me.csr", "-subj", "/CN=me")
-    openssl("x509", "-req", "-in", "me.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "me.pem",
-            "-days", "2")
-    files = (f"config.tls_cert_file = {str(tmp_path / 'me.pem')!r}; config.tls_key_file = "
-             f"{str(tmp_path / 'me.key')!r}; config.tls_ca_file = {str(tmp_path / 'ca.pem')!r}")
+    pki.make_ca(str(tmp_path), "ca")
+    pki.make_cert(str(tmp_path), "me", "ca")
+    files = "; ".join(f"config.{key} = {value!r}" for key, value in pki.files(str(tmp_path), "me").items())
     result = _run(_LISTEN_TWICE.format(ip="0.0.0.0", secret=files))
     assert result.stderr == "", result.stderr
     control = _run(_LISTEN_TWICE.format(ip="0.0.0.0", secret=""))  # the same listeners without TLS do warn

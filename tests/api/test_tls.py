@@ -5,10 +5,10 @@ import os
 import shutil
 import socket
 import ssl
-import subprocess
 
 import numpy as np
 import pytest
+import pki as pki_files
 from ports import free_port as _port
 
 from llm_datadist import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig, LLMDataDist, LLMException,
@@ -18,37 +18,20 @@ S = LLMStatusCode
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl command is not installed")
 
 
-def _run(*args: str, cwd: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _ca(cwd: str, name: str) -> None:
-    _run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem",
-         "-days", "2", "-subj", f"/CN={name}", cwd=cwd)
-
-
-def _cert(cwd: str, name: str, ca: str) -> None:
-    _run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-         "-subj", f"/CN={name}", cwd=cwd)
-    _run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-         "-out", f"{name}.pem", "-days", "2", cwd=cwd)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     """A CA signing "prefill" and "decode", and a foreign CA signing "stranger"."""
     cwd = str(tmp_path_factory.mktemp("pki"))
-    _ca(cwd, "ca")
-    _ca(cwd, "other-ca")
+    pki_files.make_ca(cwd, "ca")
+    pki_files.make_ca(cwd, "other-ca")
     for name in ("prefill", "decode"):
-        _cert(cwd, name, "ca")
-    _cert(cwd, "stranger", "other-ca")
+        pki_files.make_cert(cwd, name, "ca")
+    pki_files.make_cert(cwd, "stranger", "other-ca")
     return cwd
 
 
 def _files(pki: str, name: str, ca: str = "ca") -> dict:
-    return {"tls_cert_file": os.path.join(pki, f"{name}.pem"), "tls_key_file": os.path.join(pki, f"{name}.key"),
-            "tls_ca_file": os.path.join(pki, f"{ca}.pem")}
+    return pki_files.files(pki, name, ca)
 
 
 def _instance(role, cluster_id, listen_port=None, **attrs) -> LLMDataDist:

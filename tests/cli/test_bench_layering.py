@@ -3,9 +3,10 @@ core holds and imports none of it, it uses only the public API, the CLI helpers 
 core, and neither the core nor the bench has an import cycle (imports inside functions included)."""
 from __future__ import annotations
 
-import ast
 import pathlib
-from typing import Dict, Iterator, List, Set
+from typing import Dict, Iterator, Set
+
+import import_graph
 
 import llm_datadist
 import llm_datadist_bench
@@ -18,47 +19,14 @@ CORE_HELPERS = ("llm_datadist.cli.progress", "llm_datadist.cli.ipc", "llm_datadi
 CORE_PRIVATE = ("llm_datadist._engine", "llm_datadist._transport", "llm_datadist.cli")
 
 
-def _modules(package: pathlib.Path) -> Dict[str, pathlib.Path]:
-    out = {}
-    for path in sorted(package.rglob("*.py")):
-        parts = list(path.relative_to(package.parent).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts.pop()
-        out[".".join(parts)] = path
-    return out
+_modules = import_graph.modules
+_under = import_graph.under
+_cycle = import_graph.cycle
 
 
 def _imports(name: str, path: pathlib.Path) -> Iterator[str]:
-    """Every module a file imports, inside functions too (``from a import b`` yields a and a.b); not those under
-    ``if TYPE_CHECKING``, which never run."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-
-    def walk(nodes: List[ast.stmt]) -> Iterator[ast.stmt]:
-        for node in nodes:
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
-                yield from walk(node.orelse)
-                continue
-            yield node
-            for field in ("body", "orelse", "finalbody", "handlers"):
-                children = getattr(node, field, None)
-                if isinstance(children, list):
-                    yield from walk([c for c in children if isinstance(c, ast.stmt)] +
-                                    [s for h in children if isinstance(h, ast.ExceptHandler) for s in h.body])
-
-    for node in walk(ast.parse(path.read_text(encoding="utf-8")).body):
-        if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
-            yield base
-            yield from (f"{base}.{alias.name}" for alias in node.names)
-
-
-def _under(name: str, prefixes) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
+    """Every module a file imports, inside functions too; not those under ``if TYPE_CHECKING``, which never run."""
+    return import_graph.imports(name, path)
 
 
 def test_the_core_holds_and_imports_nothing_of_the_bench():
@@ -74,33 +42,6 @@ def test_the_bench_uses_the_public_api_the_cli_helpers_and_diagnostics_only():
     wrong = [(m, i) for m, path in _modules(BENCH).items() for i in _imports(m, path)
              if _under(i, CORE_PRIVATE) and not _under(i, CORE_HELPERS)]
     assert not wrong, f"bench modules import core internals: {wrong}"
-
-
-def _cycle(graph: Dict[str, Set[str]]) -> List[str]:
-    """One import cycle of ``graph`` (its modules in order, the first repeated at the end), or []."""
-    state: Dict[str, int] = {}
-    stack: List[str] = []
-
-    def visit(name: str) -> List[str]:
-        state[name] = 1
-        stack.append(name)
-        for dep in sorted(graph[name]):
-            if state.get(dep) == 1:
-                return stack[stack.index(dep):] + [dep]
-            if dep not in state:
-                found = visit(dep)
-                if found:
-                    return found
-        stack.pop()
-        state[name] = 2
-        return []
-
-    for module in sorted(graph):
-        if module not in state:
-            found = visit(module)
-            if found:
-                return found
-    return []
 
 
 def _graph(modules: Dict[str, pathlib.Path]) -> Dict[str, Set[str]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import gc
 import mmap
@@ -384,3 +385,21 @@ def test_device_backend_uses_a_registered_cuda_backend_when_cuda_is_active(monke
     monkeypatch.setitem(sys.modules, "torch", _fake_torch(True))
     assert backend_for(1, 0) is sentinel
     assert isinstance(backend_for(0, 0), HostMemory)
+
+
+def test_maps_segment_is_true_only_where_the_segments_file_is_mapped_at_its_offset():
+    page = mmap.PAGESIZE
+    with SharedSegment(8 * page) as seg:
+        whole = seg.segment()
+        assert memory.maps_segment(seg.addr, 8 * page, whole)
+        assert memory.maps_segment(seg.addr + 2 * page, 3 * page, dataclasses.replace(whole, offset=2 * page))
+        assert not memory.maps_segment(seg.addr + 2 * page, page, whole)  # offset 0 claimed, 2 pages in
+        assert not memory.maps_segment(seg.addr, page, dataclasses.replace(whole, ino=whole.ino + 1))
+        assert not memory.maps_segment(seg.addr, 9 * page, whole)  # runs past the mapping
+        anon = mmap.mmap(-1, page)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(anon))
+        try:
+            assert not memory.maps_segment(addr, page, whole)  # private pages, not the file's
+        finally:
+            del addr
+            anon.close()

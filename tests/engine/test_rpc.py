@@ -367,14 +367,19 @@ def test_authentication_refused_on_both_sides(client_secret, server_secret, capl
         server.conn.close()
 
 
-def test_wrong_client_proof_gets_auth_result(caplog):
-    server = _Server(secret=b"k")
+def _challenged(secret: bytes):
+    """A server with ``secret`` and a raw client that sent its Hello: (server, socket, hello, the server's answer)."""
+    server = _Server(secret=secret)
     raw = socket.create_connection(("127.0.0.1", server.port))
     hello = _hello()
     hello.client_nonce = p.make_nonce()
     raw.sendall(p.encode(hello, 0))
     raw.setblocking(False)
-    challenge = p.read_frame(raw, _soon())[1]
+    return server, raw, hello, p.read_frame(raw, _soon())[1]
+
+
+def test_wrong_client_proof_gets_auth_result(caplog):
+    server, raw, _hello_sent, challenge = _challenged(b"k")
     # a stranger gets a nonce and nothing computed from the secret: the client proves first
     assert isinstance(challenge, p.AuthChallenge) and msgspec.structs.asdict(challenge) == {
         "server_nonce": challenge.server_nonce}
@@ -387,13 +392,7 @@ def test_wrong_client_proof_gets_auth_result(caplog):
 
 
 def test_server_proves_the_secret_only_after_the_client_did():
-    server = _Server(secret=b"k")
-    raw = socket.create_connection(("127.0.0.1", server.port))
-    hello = _hello()
-    hello.client_nonce = p.make_nonce()
-    raw.sendall(p.encode(hello, 0))
-    raw.setblocking(False)
-    challenge = p.read_frame(raw, _soon())[1]
+    server, raw, hello, challenge = _challenged(b"k")
     assert isinstance(challenge, p.AuthChallenge)
     proof = p.client_proof(b"k", challenge.server_nonce, hello.client_nonce)
     p.send_all(raw, p.encode(p.AuthProof(client_proof=proof), 0), _soon())

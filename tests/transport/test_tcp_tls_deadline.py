@@ -11,11 +11,11 @@ from __future__ import annotations
 import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 
 import numpy as np
+import pki
 import pytest
 
 from llm_datadist._transport import tcp
@@ -30,17 +30,11 @@ NBYTES = 4096
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory) -> Tls:
-    cwd = tmp_path_factory.mktemp("pki")
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=ca")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "me.key", "-out", "me.csr", "-subj", "/CN=me")
-    openssl("x509", "-req", "-in", "me.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "me.pem",
-            "-days", "2")
-    return Tls(TlsFiles(cert=str(cwd / "me.pem"), key=str(cwd / "me.key"), ca=str(cwd / "ca.pem")))
+    cwd = str(tmp_path_factory.mktemp("pki"))
+    pki.make_ca(cwd, "ca")
+    pki.make_cert(cwd, "me", "ca")
+    names = pki.files(cwd, "me")
+    return Tls(TlsFiles(cert=names["tls_cert_file"], key=names["tls_key_file"], ca=names["tls_ca_file"]))
 
 
 class FakeDataServer:

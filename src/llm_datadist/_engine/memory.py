@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 import weakref
-from typing import Callable, ClassVar, Optional, Tuple
+from typing import Callable, ClassVar, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -93,25 +93,31 @@ def _is_mapped_mincore(fn: Callable[..., int], start: int, size: int) -> bool:
     return True
 
 
+def _mappings_over(start: int, size: int, maps_path: str = "/proc/self/maps") -> Iterator[Tuple[int, int, List[str]]]:
+    """(lo, hi, fields of the line) of the mappings of /proc/self/maps that cover ``[start, start + size)`` in turn;
+    stops early at the first gap (the caller sees the cover fall short)."""
+    pos = start
+    with open(maps_path) as f:
+        for line in f:
+            fields = line.split()
+            lo_s, _, hi_s = fields[0].partition("-")
+            lo, hi = int(lo_s, 16), int(hi_s, 16)
+            if hi <= pos:
+                continue
+            if lo > pos:
+                return
+            yield lo, hi, fields
+            pos = hi
+            if pos >= start + size:
+                return
+
+
 def _is_mapped_procmaps(start: int, size: int, maps_path: str = "/proc/self/maps") -> bool:
     """Fallback: walk the sorted mapping list of /proc/self/maps over [start, start+size)."""
-    end, pos = start + size, start
     try:
-        with open(maps_path) as f:
-            for line in f:
-                lo_s, _, rest = line.partition("-")
-                hi_s = rest.split(" ", 1)[0]
-                lo, hi = int(lo_s, 16), int(hi_s, 16)
-                if hi <= pos:
-                    continue
-                if lo > pos:
-                    return False
-                pos = hi
-                if pos >= end:
-                    return True
+        return any(hi >= start + size for _lo, hi, _fields in _mappings_over(start, size, maps_path))
     except (OSError, ValueError):
         return False
-    return False
 
 
 def maps_segment(addr: int, nbytes: int, segment: Segment, maps_path: str = "/proc/self/maps") -> bool:
@@ -120,28 +126,19 @@ def maps_segment(addr: int, nbytes: int, segment: Segment, maps_path: str = "/pr
     The owner's truth after pages were replaced behind a registered range (``remap_registered_memory``): another
     process that maps the segment sees the file's pages, so an alias is only right while this process does too.
     """
-    end, pos = addr + nbytes, addr
+    pos = addr
     try:
-        with open(maps_path) as f:
-            for line in f:
-                fields = line.split()
-                lo_s, _, hi_s = fields[0].partition("-")
-                lo, hi = int(lo_s, 16), int(hi_s, 16)
-                if hi <= pos:
-                    continue
-                if lo > pos or len(fields) < 5:
-                    return False
-                major, _, minor = fields[3].partition(":")
-                file_offset = int(fields[2], 16) + (pos - lo)
-                if (int(fields[4]) != segment.ino or os.makedev(int(major, 16), int(minor, 16)) != segment.dev
-                        or file_offset != segment.offset + (pos - addr)):
-                    return False
-                pos = hi
-                if pos >= end:
-                    return True
+        for lo, hi, fields in _mappings_over(addr, nbytes, maps_path):
+            if len(fields) < 5:
+                return False
+            major, _, minor = fields[3].partition(":")
+            if (int(fields[4]) != segment.ino or os.makedev(int(major, 16), int(minor, 16)) != segment.dev
+                    or int(fields[2], 16) + (pos - lo) != segment.offset + (pos - addr)):
+                return False
+            pos = hi
     except (OSError, ValueError):
         return False
-    return False
+    return pos >= addr + nbytes
 
 
 def is_mapped(addr: int, nbytes: int) -> bool:
