@@ -50,3 +50,14 @@ def test_no_import_cycle_in_the_engine():
         for name, path in modules.items()}
     found = import_graph.cycle(graph)
     assert not found, f"import cycle: {' -> '.join(found)}"
+
+
+def test_no_import_cycle_in_the_package_counting_every_import():
+    """Stricter than at import time: imports inside functions and type-only ones count too (a module's own parent
+    packages do not: importing a module runs them first, they are not what it depends on)."""
+    modules = dict(_files())
+    graph = {name: {m for m in _imports(name, path, top_level_only=False)
+                    if m in modules and m != name and not name.startswith(m + ".")}
+             for name, path in modules.items()}
+    found = import_graph.cycle(graph)
+    assert not found, f"import cycle: {' -> '.join(found)}"

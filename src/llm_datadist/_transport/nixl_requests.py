@@ -3,14 +3,30 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Protocol, Tuple
 
 import numpy as np
 
 from llm_datadist._transport.base import HOST, TransferTimeout, TransportClosed, TransportError
+from llm_datadist._transport.nixl_agent import Agent
 
-if TYPE_CHECKING:
-    from llm_datadist._transport.nixl import NixlChannel, NixlTransport
+
+class NixlOwner(Protocol):
+    """What the requests need of the nixl transport (the transport module imports this one, not the reverse)."""
+
+    agent: Agent
+    closed: bool
+
+    def give_back(self, scratch: Optional[Scratch]) -> None: ...
+
+    def mark_broken(self, name: str) -> None: ...
+
+
+class NixlPeer(Protocol):
+    """What the requests need of a channel: the peer agent's name and where to say why it broke."""
+
+    agent: str
+    broken: str
 
 SCRATCH_WORDS = 512  # guard words one request reads into a scratch buffer
 _POLL_FIRST_S = 20e-6
@@ -20,7 +36,7 @@ _POLL_MAX_S = 1e-3
 class Scratch:
     """A registered buffer guard words are read into."""
 
-    def __init__(self, transport: NixlTransport) -> None:
+    def __init__(self, transport: NixlOwner) -> None:
         self.words = np.zeros(SCRATCH_WORDS, dtype=np.uint64)
         self.addr = self.words.ctypes.data
         self.descs = transport.agent.register(self.addr, self.words.nbytes, HOST, 0)
@@ -29,7 +45,7 @@ class Scratch:
 class Requests:
     """Requests posted one after the other; ``poll`` advances without blocking."""
 
-    def __init__(self, transport: NixlTransport, channel: NixlChannel,
+    def __init__(self, transport: NixlOwner, channel: NixlPeer,
                  stages: List[Tuple[Callable[[], int], Optional[Callable[[], None]]]],
                  scratch: Optional[Scratch]) -> None:
         self._t = transport
