@@ -65,7 +65,7 @@ class Link:
         self._active = 0
         self._table: Optional[proto.Table] = None
         self._blocks_views: Dict[int, proto.CacheView] = {}
-        self._sides: Dict[int, tuple] = {}  # id(view) -> (view, Side)
+        self._sides: Dict[int, Tuple[proto.CacheView, planner.Side]] = {}  # id(view) -> (view, Side)
         self._regions: Dict[Tuple[int, int], proto.RegionView] = {}
         self._on_closed = on_closed
         self.grants: Dict[int, list] = {}  # owner side: write grants the peer holds over this link
@@ -255,9 +255,10 @@ class Link:
             view = self._blocks_views.get(source.model_id)
             if view is not None:
                 return view
-        view = self.call(proto.Resolve(kind=source.kind, cluster_id=source.cluster_id, ident=source.ident,
-                                       model_id=source.model_id, cache_id=source.cache_id,
-                                       batch_index=source.batch_index), deadline)
+        reply = self.call(proto.Resolve(kind=source.kind, cluster_id=source.cluster_id, ident=source.ident,
+                                        model_id=source.model_id, cache_id=source.cache_id,
+                                        batch_index=source.batch_index), deadline)
+        view = proto.expect_reply(reply, proto.CacheView, f"cluster {self.cluster_id}")
         self.note_view(view)
         if source.kind == "blocks":
             self._blocks_views[source.model_id] = view
@@ -267,7 +268,8 @@ class Link:
         """The peer's cache table (a snapshot, fetched again when ``fresh`` or after a change notice)."""
         table = self._table
         if table is None or fresh:
-            table = self.call(proto.TableRequest(), deadline)
+            table = proto.expect_reply(self.call(proto.TableRequest(), deadline), proto.Table,
+                                       f"cluster {self.cluster_id}")
             for view in table.caches:
                 self.note_view(view)
             self._table = table
@@ -282,7 +284,7 @@ class Link:
             raise CacheNotExist(f"cluster {self.cluster_id} has no cache for {_describe(source)}")
         return view
 
-    def side_of(self, view: proto.CacheView):
+    def side_of(self, view: proto.CacheView) -> planner.Side:
         """The planner's Side of a peer view, kept while the view is (views of cached snapshots repeat)."""
         hit = self._sides.get(id(view))
         if hit is not None and hit[0] is view:
@@ -300,7 +302,7 @@ class Link:
         self._sides.clear()
 
     # -- control --------------------------------------------------------------------------------
-    def call(self, msg, deadline: float):
+    def call(self, msg: proto.Message, deadline: float) -> proto.Message:
         self._check_open()
         return self.conn.call(msg, deadline)
 

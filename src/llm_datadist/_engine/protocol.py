@@ -11,7 +11,7 @@ import struct
 import threading
 import time
 # typing (not PEP 604/585) generics: msgspec resolves these annotations at runtime, also on Python 3.9.
-from typing import Annotated, Dict, List, NamedTuple, Optional, Tuple, Type, Union
+from typing import Annotated, Dict, List, NamedTuple, Optional, Tuple, Type, TypeVar, Union
 
 import msgspec
 from msgspec import Meta
@@ -558,6 +558,17 @@ def server_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes) -> byt
 def client_proof(secret: bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
     """HMAC-SHA256(stretch_secret(secret), b"client" + server_nonce + client_nonce)."""
     return hmac.new(stretch_secret(secret), b"client" + server_nonce + client_nonce, hashlib.sha256).digest()
+
+
+ReplyT = TypeVar("ReplyT", bound=msgspec.Struct)
+
+
+def expect_reply(reply: Message, kind: Type[ReplyT], peer: str) -> ReplyT:
+    """``reply`` as the message type its request calls for; ProtocolError (the link fails) for any other type,
+    so a confused or hostile peer's answer never reaches code that reads fields it does not have."""
+    if not isinstance(reply, kind):
+        raise ProtocolError(f"{peer} answered with {type(reply).__name__} where {kind.__name__} was due")
+    return reply
 
 
 def message_type_id(cls: Type[_Msg]) -> int:

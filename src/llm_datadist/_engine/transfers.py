@@ -88,7 +88,8 @@ def send(link: Link, plan: CopyPlan, write: bool, deadline: float) -> None:
             return
         if not plan.guards:
             raise ParamInvalid("a one-sided write needs the generation of its destination cache")
-        granted = link.conn.call(proto.WriteGrant(guards=[(g.slot, g.value) for g in plan.guards]), deadline)
+        granted = proto.expect_reply(link.conn.call(proto.WriteGrant(guards=[(g.slot, g.value) for g in plan.guards]),
+                                                    deadline), proto.Granted, f"cluster {link.cluster_id}")
         try:
             route.transport.write(route.channel, plan, deadline)
         finally:
