@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import msgspec
 
@@ -17,9 +17,14 @@ from llm_datadist._engine import protocol as proto
 from llm_datadist._engine import rpc
 from llm_datadist._engine.errors import (AlreadyLinked, EngineError, ExistLink, LinkFailed, NotLinked, ParamInvalid,
                                          Timeout)
+from llm_datadist._engine.executor import Executor
 from llm_datadist._engine.link import Link
 from llm_datadist._engine.listener import Listener
-from llm_datadist._transport.base import PeerInfo
+from llm_datadist._engine.options import EngineOptions
+from llm_datadist._engine.poller import Poller
+from llm_datadist._engine.registry import CacheEntry, Registry
+from llm_datadist._transport.base import PeerInfo, Transport
+from llm_datadist._transport.tls import Tls
 from llm_datadist.status import LLMStatusCode
 from llm_datadist.utils.log import warn_unauthenticated_listener
 
@@ -35,6 +40,29 @@ LinkKey = Tuple[int, int]  # (peer cluster id, comm id, or DIALED / ACCEPTED for
 DIALED, ACCEPTED = 0, -1  # a link_clusters link we made, and one a peer made to us
 
 
+class LinkOwner(Protocol):
+    """What the link manager uses of its engine (the engine module imports this one, not the reverse)."""
+
+    cluster_id: int
+    host_id: str
+    opts: EngineOptions
+    tls: Optional[Tls]
+    registry: Registry
+    transports: Dict[str, Transport]
+    poller: Poller
+    handlers: Executor
+    handle_request: rpc.Handler
+    writable_entry: Callable[[int, int], CacheEntry]
+
+    def hello(self, comm: Any, target_cluster_id: Optional[int] = None) -> proto.Hello: ...
+
+    def hello_ack(self, credentials: Dict[str, bytes]) -> proto.HelloAck: ...
+
+    def grant_credentials(self, link_id: int) -> Dict[str, bytes]: ...
+
+    def revoke_credentials(self, link_id: int) -> None: ...
+
+
 class LinkManager:
     """Owns every link of one instance, keyed by (peer cluster id, comm id).
 
@@ -46,7 +74,7 @@ class LinkManager:
     the serving end is kept apart in ``_served`` so that lookups find exactly one link.
     """
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine: LinkOwner) -> None:
         self._engine = engine
         self._links: Dict[LinkKey, Link] = {}
         self._served: Dict[int, Link] = {}  # id(link) -> serving end of a self link
