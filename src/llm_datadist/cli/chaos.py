@@ -608,7 +608,7 @@ class Soak:
                     routes = decode.chan.request("routes", 30.0)["routes"]
                     for cid, route in routes.items():
                         if route:
-                            self.routes[f"{decode.name} -> P{cid}"] = route
+                            self.routes[f"{decode.name} -> prefill-{cid}"] = route
                     reply = decode.chan.request("unlink_all", 60.0)
                     self.account(decode, reply.get("records", []))
                 except (WorkerGone, WorkerSilent) as exc:
