@@ -618,7 +618,7 @@ class Soak:
                 try:
                     for cid, route in prefill.chan.request("routes", 30.0)["routes"].items():
                         if route:
-                            self.routes[f"{prefill.name} -> D{cid} (push)"] = route
+                            self.routes[f"{prefill.name} -> decode-{cid} (push)"] = route
                 except (WorkerGone, WorkerSilent):
                     pass
         long_lived = self.decodes[0]
