@@ -14,9 +14,8 @@ from typing import Dict
 
 import numpy as np
 
-from llm_datadist import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig, LLMDataDist, LLMException,
-                          LLMRole, Placement)
-from tests.reliability import kv
+from llm_datadist import BlocksCacheKey, CacheDesc, DataType, LLMConfig, LLMDataDist, LLMException, LLMRole, Placement
+from tests.reliability import kv, local
 
 
 class Peer:
@@ -94,11 +93,11 @@ class Peer:
 
     def op_link_clusters(self, cluster_id, port, timeout_ms=5000, inst="main"):
         """link_clusters to one listener on 127.0.0.1; returns the overall and per-cluster codes."""
-        code, codes = self.dds[inst].link_clusters([_cluster(cluster_id, port)], timeout_ms)
+        code, codes = self.dds[inst].link_clusters([local.cluster(cluster_id, port)], timeout_ms)
         return {"code": int(code), "codes": [int(c) for c in codes]}
 
     def op_unlink_clusters(self, cluster_id, port, force=False, inst="main"):
-        code, _codes = self.dds[inst].unlink_clusters([_cluster(cluster_id, port)], 3000, force=force)
+        code, _codes = self.dds[inst].unlink_clusters([local.cluster(cluster_id, port)], 3000, force=force)
         return {"code": int(code)}
 
     def op_comm_link(self, comm_name, ranks, rank_table, inst="main"):
@@ -129,14 +128,6 @@ class Peer:
         REPLIES.write(json.dumps({"ok": True}) + "\n")
         REPLIES.flush()
         os._exit(0)
-
-
-def _cluster(cluster_id: int, port: int) -> LLMClusterInfo:
-    info = LLMClusterInfo()
-    info.remote_cluster_id = cluster_id
-    info.append_local_ip_info("127.0.0.1", 0)
-    info.append_remote_ip_info("127.0.0.1", port)
-    return info
 
 
 REPLIES = sys.stdout  # the reply channel; library log lines go to stderr

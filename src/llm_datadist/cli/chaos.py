@@ -24,7 +24,6 @@ import os
 import platform
 import queue
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -33,11 +32,9 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-
 __all__ = ["ChaosConfig", "add_arguments", "format_report", "run", "run_soak", "schedule"]
 
 PROMPT, DECODER = 1, 2  # LLMRole values, as chaos_worker takes them
-POOL_WORKER = re.compile(r"-w\d+$")  # threads of the engine's bounded pools, started on demand
 STOP_MAX_S = 2.5  # a decode stays stopped up to this long (beyond sync_kv_timeout: pushes into it time out)
 KILL_DOWN_MAX_S = 2.0  # a killed prefill is restarted after up to this long
 NET_DOWN_MAX_S = 2.0
@@ -634,7 +631,9 @@ class Soak:
         """Usage once two readings 0.5 s apart agree (at most 15 s), or once it is back at the baseline."""
         def read() -> Dict[str, Any]:
             if member is None:
-                return _own_usage()
+                from llm_datadist.cli.chaos_worker import own_usage  # the worker's probe (imports numpy)
+
+                return own_usage()
             assert member.chan is not None
             return member.chan.request("usage", 30.0)
 
@@ -793,17 +792,6 @@ def _terminate(chan: Channel) -> None:
         except subprocess.TimeoutExpired:
             pass
     chan.close()
-
-
-def _own_usage() -> Dict[str, Any]:
-    names = [t.name for t in threading.enumerate()]
-    rss = 0
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-    return {"fds": len(os.listdir("/proc/self/fd")), "os_threads": len(os.listdir("/proc/self/task")),
-            "pool_threads": sum(1 for n in names if POOL_WORKER.search(n)), "rss_kib": rss}
 
 
 def _clean(usage: Dict[str, Any]) -> Dict[str, Any]:

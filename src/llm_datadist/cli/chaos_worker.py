@@ -28,6 +28,19 @@ SENTINEL = np.uint64(0xEEEE_EEEE_EEEE_EEEE)
 GARBAGE = np.uint64(0xBAD0_0000_0000_0000)
 PUSH_MODEL = 1  # decodes register their push inbox under BlocksCacheKey(decode id, PUSH_MODEL)
 POOL_WORKER = re.compile(r"-w\d+$")  # threads of the engine's bounded pools, started on demand
+
+
+def own_usage() -> Dict[str, Any]:
+    """fds, threads (and how many are bounded pool workers) and RSS of this process, from /proc/self."""
+    names = [t.name for t in threading.enumerate()]
+    rss = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+    return {"fds": len(os.listdir("/proc/self/fd")), "threads": threading.active_count(),
+            "os_threads": len(os.listdir("/proc/self/task")),
+            "pool_threads": sum(1 for n in names if POOL_WORKER.search(n)), "rss_kib": rss}
 LINK_TIMEOUT_MS = 2000
 UNLINK_TIMEOUT_MS = 2000
 PROMPT, DECODER = 1, 2
@@ -156,16 +169,7 @@ class Worker:
         return cache, arrays
 
     def op_usage(self) -> Dict[str, Any]:
-        """fds, threads (and how many are bounded pool workers) and RSS of this process, from /proc/self."""
-        names = [t.name for t in threading.enumerate()]
-        rss = 0
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-        return {"fds": len(os.listdir("/proc/self/fd")), "threads": threading.active_count(),
-                "os_threads": len(os.listdir("/proc/self/task")),
-                "pool_threads": sum(1 for n in names if POOL_WORKER.search(n)), "rss_kib": rss}
+        return own_usage()
 
     def op_routes(self) -> Dict[str, Any]:
         """The data routes of this instance's links (a diagnostic probe of the engine, "" if unknown)."""
