@@ -227,8 +227,14 @@ def poll_link_down(datadist: LLMDataDist, max_count: int = 64, timeout_ms: int =
 
 
 # -- notifications attached to transfers --------------------------------------------------------------------------
-def _after_transfer(name: str, engine: api.EngineApi, cluster_id: int, data: bytes, timeout_s: float,
-                    after: int) -> None:
+def _transfer_then_notify(name: str, datadist: LLMDataDist, cluster_id: int, payload: Payload,
+                          timeout_ms: Optional[int], after: int, transfer: Callable[[], None]) -> None:
+    """Check the payload and the timeout, run ``transfer`` (it raises as the cache_manager call does), then send
+    the payload; a notification that fails after a transfer that succeeded raises NotificationNotDelivered."""
+    engine = _engine(datadist)
+    data = _payload(payload)
+    timeout_s = _timeout_s(engine, timeout_ms)
+    transfer()
     try:
         with ErrorBoundary(name):
             engine.notify(cluster_id, data, timeout_s, after)
@@ -248,12 +254,10 @@ def push_blocks(datadist: LLMDataDist, dst_cache_key: BlocksCacheKey, src_cache:
     A push that succeeded but whose notification failed raises ``NotificationNotDelivered`` (an ``LLMException``
     with the notification's status, as ``send`` raises it).
     """
-    engine = _engine(datadist)
-    data = _payload(payload)
-    timeout_s = _timeout_s(engine, timeout_ms)
-    datadist.cache_manager.push_blocks(dst_cache_key, src_cache, src_blocks, dst_blocks, src_layer_range,
-                                       dst_layer_range, tensor_num_per_layer)
-    _after_transfer("push_blocks notification", engine, dst_cache_key.cluster_id, data, timeout_s, _AFTER_PUSH)
+    _transfer_then_notify("push_blocks notification", datadist, dst_cache_key.cluster_id, payload, timeout_ms,
+                          _AFTER_PUSH, lambda: datadist.cache_manager.push_blocks(
+                              dst_cache_key, src_cache, src_blocks, dst_blocks, src_layer_range, dst_layer_range,
+                              tensor_num_per_layer))
 
 
 def push_cache(datadist: LLMDataDist, dst_cache_key: CacheKeyByIdAndIndex, src_cache: Cache, payload: Payload, *,
@@ -261,12 +265,10 @@ def push_cache(datadist: LLMDataDist, dst_cache_key: CacheKeyByIdAndIndex, src_c
                dst_layer_range: Optional[range] = None, size: int = -1, tensor_num_per_layer: int = 2,
                timeout_ms: Optional[int] = None) -> None:
     """``cache_manager.push_cache``, then ``payload`` to the destination cluster after the bytes are in place."""
-    engine = _engine(datadist)
-    data = _payload(payload)
-    timeout_s = _timeout_s(engine, timeout_ms)
-    datadist.cache_manager.push_cache(dst_cache_key, src_cache, src_batch_index, src_layer_range, dst_layer_range,
-                                      size, tensor_num_per_layer)
-    _after_transfer("push_cache notification", engine, dst_cache_key.cluster_id, data, timeout_s, _AFTER_PUSH)
+    _transfer_then_notify("push_cache notification", datadist, dst_cache_key.cluster_id, payload, timeout_ms,
+                          _AFTER_PUSH, lambda: datadist.cache_manager.push_cache(
+                              dst_cache_key, src_cache, src_batch_index, src_layer_range, dst_layer_range, size,
+                              tensor_num_per_layer))
 
 
 def pull_blocks(datadist: LLMDataDist, src_cache_key: Union[BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex],
@@ -277,22 +279,18 @@ def pull_blocks(datadist: LLMDataDist, src_cache_key: Union[BlocksCacheKey, Cach
 
     Errors as ``push_blocks``.
     """
-    engine = _engine(datadist)
-    data = _payload(payload)
-    timeout_s = _timeout_s(engine, timeout_ms)
-    datadist.cache_manager.pull_blocks(src_cache_key, dst_cache, src_blocks, dst_blocks, **kwargs)
-    _after_transfer("pull_blocks notification", engine, src_cache_key.cluster_id, data, timeout_s, _AFTER_PULL)
+    _transfer_then_notify("pull_blocks notification", datadist, src_cache_key.cluster_id, payload, timeout_ms,
+                          _AFTER_PULL, lambda: datadist.cache_manager.pull_blocks(
+                              src_cache_key, dst_cache, src_blocks, dst_blocks, **kwargs))
 
 
 def pull_cache(datadist: LLMDataDist, cache_key: Union[CacheKey, CacheKeyByIdAndIndex], cache: Cache,
                payload: Payload, *, batch_index: int = 0, size: int = -1, timeout_ms: Optional[int] = None,
                **kwargs: Any) -> None:
     """``cache_manager.pull_cache``, then ``payload`` to the owner once this side has the bytes."""
-    engine = _engine(datadist)
-    data = _payload(payload)
-    timeout_s = _timeout_s(engine, timeout_ms)
-    datadist.cache_manager.pull_cache(cache_key, cache, batch_index, size, **kwargs)
-    _after_transfer("pull_cache notification", engine, cache_key.cluster_id, data, timeout_s, _AFTER_PULL)
+    _transfer_then_notify("pull_cache notification", datadist, cache_key.cluster_id, payload, timeout_ms,
+                          _AFTER_PULL, lambda: datadist.cache_manager.pull_cache(
+                              cache_key, cache, batch_index, size, **kwargs))
 
 
 # -- where peers link to ------------------------------------------------------------------------------------
