@@ -22,7 +22,8 @@ import time
 from typing import Callable, Deque, List, Optional, Set, Tuple
 
 from llm_datadist._engine import protocol as proto
-from llm_datadist._engine.errors import EngineError, Finalized, LinkFailed, NotLinked, ParamInvalid
+from llm_datadist._engine.errors import EngineError, Finalized, NotLinked, ParamInvalid
+from llm_datadist._engine.link import Link
 from llm_datadist.status import LLMStatusCode
 
 __all__ = ["Notice", "LinkDown", "Notices", "QueueFull", "send", "MAX_QUEUED", "MAX_QUEUED_BYTES",
@@ -228,7 +229,7 @@ class Notices:
             thread.join(JOIN_S)
 
 
-def send(link, payload: bytes, deadline: float, after: int = proto.NOTIFY_PLAIN) -> None:
+def send(link: Link, payload: bytes, deadline: float, after: int = proto.NOTIFY_PLAIN) -> None:
     """Send one notification over ``link`` and wait for the receiver to queue it.
 
     Raises:
@@ -240,6 +241,5 @@ def send(link, payload: bytes, deadline: float, after: int = proto.NOTIFY_PLAIN)
     """
     if len(payload) > proto.MAX_NOTIFY_BYTES:
         raise ParamInvalid(f"a notification carries at most {proto.MAX_NOTIFY_BYTES} bytes, not {len(payload)}")
-    reply = link.call(proto.Notify(payload=payload, after=after), deadline)
-    if not isinstance(reply, proto.Ack):
-        raise LinkFailed(f"cluster {link.cluster_id} answered a notification with {type(reply).__name__}")
+    proto.expect_reply(link.call(proto.Notify(payload=payload, after=after), deadline), proto.Ack,
+                       f"cluster {link.cluster_id}")
