@@ -2,7 +2,7 @@
 
 It holds one LLMDataDist (remote-cache-accessible mode, a blocks cache under BlocksCacheKey(own id, 0)) and
 answers ``init``, ``link``, ``unlink``, ``send``, ``push``, ``pull``, ``fill``, ``check``, ``poll``,
-``link_down``, ``limit``, ``watch`` and ``verdicts``. A failing library call replies ``{"ok": true, "code": <status
+``link_down``, ``limit``, ``watch``, ``verdicts`` and ``stats`` (the instance's statistics snapshot). A failing library call replies ``{"ok": true, "code": <status
 name>}``; a bug replies ``{"ok": false, ...}``.
 
 ``watch`` sets a notification callback that, the moment a notification arrives, acts on the blocks its payload
@@ -23,7 +23,7 @@ from typing import Dict, List
 import numpy as np
 
 from llm_datadist import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig, LLMDataDist, LLMException,
-                          LLMRole, Placement, notifications)
+                          LLMRole, Placement, notifications, stats)
 
 NUM_TENSORS = 2
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,7 +52,9 @@ class Peer:
         self.verdicts = []  # (after, seed, every byte right) per watched notification
         self.lock = threading.Lock()
 
-    def op_init(self, cluster_id, listen=False, secret="", num_blocks=16, block_bytes=4096):
+    def op_init(self, cluster_id, listen=False, secret="", num_blocks=16, block_bytes=4096, backend=""):
+        if backend:  # the routes this instance offers (both ends must offer it)
+            os.environ["LLM_DATADIST_TRANSPORT"] = backend
         options = LLMConfig()
         options.enable_cache_manager = True
         options.enable_remote_cache_accessible = True
@@ -157,6 +159,9 @@ class Peer:
     def op_limit(self, max_count):
         notifications.set_queue_limit(self.dd, max_count)
         return {"queued": list(notifications.queued(self.dd))}
+
+    def op_stats(self):
+        return {"stats": stats.snapshot(self.dd).to_dict()}
 
     def op_queued(self):
         return {"queued": list(notifications.queued(self.dd))}

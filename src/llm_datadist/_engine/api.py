@@ -14,6 +14,8 @@ from llm_datadist._engine.errors import (EngineError, FeatureNotEnabled, LinkFai
 from llm_datadist._engine.options import EngineOptions, link_timeout_s
 from llm_datadist._engine.registry import UINT64_MAX, KeyId
 from llm_datadist._engine.requests import TENSORS_PER_LAYER, ConfigJob, TaskJob
+from llm_datadist._engine.stats import (LATENCY_BUCKETS_S, CacheStats, Histogram, LinkStats, ServedStats,
+                                        StatsSnapshot, TransferStats)
 from llm_datadist._engine.types import DEVICE, HOST, CacheSpec, LayerSel, SourceSpec
 from llm_datadist.status import LLMStatusCode
 
@@ -28,6 +30,8 @@ __all__ = [
     "CacheSpec", "LayerSel", "SourceSpec", "ConfigJob", "TaskJob", "TENSORS_PER_LAYER", "HOST",
     "DEVICE", "link_timeout_s", "memory_kind",
     "diagnostics",  # doctor's and the bench's probes of this machine (_engine/diagnostics.py)
+    "StatsSnapshot", "TransferStats", "ServedStats", "LinkStats", "CacheStats", "Histogram", "LATENCY_BUCKETS_S",
+    "all_stats",
 ]
 
 
@@ -173,6 +177,11 @@ class EngineApi(Protocol):
         """(ip, port) this instance listens on (the bound port when port 0 was asked for), or None."""
         ...
 
+    # -- statistics (the llm_datadist.stats extension) ---------------------------------------------------
+    def stats_snapshot(self) -> StatsSnapshot:
+        """Everything this instance counted since init, as plain data."""
+        ...
+
 
 def open_engine(opts: EngineOptions) -> EngineApi:
     """A started engine for ``opts`` (EngineError if it cannot start; nothing is left running then)."""
@@ -181,6 +190,16 @@ def open_engine(opts: EngineOptions) -> EngineApi:
     engine: Engine = Engine(opts)
     engine.start()
     return engine
+
+
+def all_stats() -> List[StatsSnapshot]:
+    """A snapshot of every initialized instance of this process (none before the engine first loads)."""
+    import sys
+
+    engine_module = sys.modules.get("llm_datadist._engine.engine")
+    if engine_module is None:
+        return []
+    return [engine.stats_snapshot() for engine in engine_module.live_engines()]
 
 
 def memory_kind(placement: int, device_id: int = 0) -> str:

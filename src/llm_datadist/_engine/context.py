@@ -13,6 +13,7 @@ from llm_datadist._engine.link import Link
 from llm_datadist._engine.link_manager import LinkManager
 from llm_datadist._engine.options import EngineOptions
 from llm_datadist._engine.registry import CacheEntry, Registry
+from llm_datadist._engine.stats import Stats
 
 __all__ = ["EngineCore"]
 
@@ -24,6 +25,7 @@ class EngineCore(Protocol):
     cluster_id: int
     registry: Registry
     links: LinkManager
+    stats: Stats
     closed: bool
 
     def link_for_transfer(self, cluster_id: int) -> Link:

@@ -7,20 +7,23 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from llm_datadist._engine import local_ops, transfers
+from llm_datadist._engine import stats as st
 from llm_datadist._engine import protocol as proto
 from llm_datadist._engine import requests as rq
 from llm_datadist._engine.comm import CommDomain, parse_rank_addresses
-from llm_datadist._engine.errors import EngineError, FeatureNotEnabled, NotLinked, ParamInvalid, Timeout
+from llm_datadist._engine.errors import (EngineError, FeatureNotEnabled, NotLinked, ParamInvalid, Timeout,
+                                         status_of)
 from llm_datadist._engine.executor import Executor
 from llm_datadist._engine.guards import Guards
 from llm_datadist._engine.link import Link
 from llm_datadist._engine.link_manager import LinkManager
 from llm_datadist._engine.memory import backend_for, maps_segment
 from llm_datadist._engine.notices import Notices, send as send_notice
-from llm_datadist._engine.options import EngineOptions, link_timeout_s
+from llm_datadist._engine.options import ROLE_NAMES, EngineOptions, link_timeout_s
 from llm_datadist._engine.poller import Poller
 from llm_datadist._engine.pool import MemPool, parse_pool_config
 from llm_datadist._engine.registry import CacheEntry, KeyId, Registry
@@ -41,6 +44,14 @@ TASK_WORKERS = 8  # layer-wise tasks running at once; more wait in the executor'
 HANDLER_WORKERS = 4  # threads serving peers' requests (resolve, table, grants) for every link together
 _ENGINES = itertools.count(1)
 RELEASE_GRACE_S = 2.0  # beyond sync_kv_timeout, how long an unregister waits for transfers using the cache
+USAGE_REPORT_S = 1.0  # how often each link tells its peer what it moved in or out of the peer's memory
+STATS_ENV = "LLM_DATADIST_STATS"  # "0" turns counting off (to measure what counting costs)
+_LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()  # the started engines of this process (metrics endpoint)
+
+
+def live_engines() -> List[Engine]:
+    """The engines of this process that are started and not closed, oldest first."""
+    return sorted((e for e in list(_LIVE) if not e.closed), key=lambda e: e.serial)
 
 
 class _Exposed:
@@ -69,8 +80,12 @@ class Engine:
                                  reguard=self._reguard)
         self.pools: Dict[int, Optional[MemPool]] = {DEVICE: None, HOST: None}
         self.transports: Dict[str, Transport] = {}
+        self.stats = st.Stats(opts.cluster_id, enabled=os.environ.get(STATS_ENV, "1").strip().lower()
+                              not in ("0", "off", "false", "no"))
         self.links = LinkManager(self)
-        serial = next(_ENGINES)
+        self.serial = serial = next(_ENGINES)
+        self._reporting = threading.Event()  # set: the usage reporter stops
+        self._reporter: Optional[threading.Thread] = None
         self.executor = Executor(TASK_WORKERS, f"llm-dd-tasks-{opts.cluster_id}-{serial}")
         self.poller = Poller(f"llm-dd-links-{opts.cluster_id}-{serial}")  # reads every link connection
         self.handlers = Executor(HANDLER_WORKERS, f"llm-dd-serve-{opts.cluster_id}-{serial}")
@@ -106,9 +121,20 @@ class Engine:
             self._start_pools()
             if self.opts.listen_ip is not None and self.opts.listen_port is not None:
                 self.links.start_listening(self.opts.listen_ip, self.opts.listen_port)
+            if self.stats.enabled:
+                self._reporter = threading.Thread(target=self._report_usage, daemon=True,
+                                                  name=f"llm-dd-usage-{self.cluster_id}-{self.serial}")
+                self._reporter.start()
         except BaseException:
             self.close()
             raise
+        _LIVE.add(self)
+
+    def _report_usage(self) -> None:
+        """Every USAGE_REPORT_S, each link tells its peer what it moved in or out of the peer's memory."""
+        while not self._reporting.wait(USAGE_REPORT_S):
+            for link in self.links.links():
+                link.report_usage(time.monotonic() + USAGE_REPORT_S)
 
     def _transport_names(self) -> Sequence[str]:
         """The default set, or the forced backend(s): a name, or several separated by commas."""
@@ -153,6 +179,11 @@ class Engine:
         self.closed = True
         self.tasks.cancel_all()
         self.executor.shutdown(0.5)
+        self._reporting.set()
+        if self._reporter is not None:
+            self._reporter.join(USAGE_REPORT_S + 1.0)
+        for link in self.links.links():  # the last reports: peers' served counters stay exact
+            link.report_usage(time.monotonic() + 0.5)
         for comm in list(self._comms.values()):
             comm.close()
         self._comms.clear()
@@ -508,18 +539,45 @@ class Engine:
 
     def transfer(self, req: rq.Transfer) -> None:
         """A pull or push between this instance and a linked one (synchronous): the request's handler in
-        ``transfers.HANDLERS`` runs with the request whole."""
+        ``transfers.HANDLERS`` runs with the request whole, counted as one call."""
         handler = transfers.HANDLERS.get(type(req))
         if handler is None:
             raise ParamInvalid(f"not a transfer request: {type(req).__name__}")
-        handler(self, req)
+        self._counted(handler, req, *transfers.counted_as(req))
 
     def copy(self, req: rq.LocalCopy) -> None:
         """A copy between caches of this instance: the request's handler in ``local_ops.HANDLERS``."""
         handler = local_ops.HANDLERS.get(type(req))
         if handler is None:
             raise ParamInvalid(f"not a copy request: {type(req).__name__}")
-        handler(self, req)
+        self._counted(handler, req, self.cluster_id, st.LOCAL)
+
+    def _counted(self, handler, req, peer: int, direction: str) -> None:
+        """Run ``handler(self, req)`` as one call of the statistics (its route, bytes, status and latency)."""
+        call = self.stats.begin(peer, direction)
+        if call is None:
+            handler(self, req)
+            return
+        prev = st.set_current(call)
+        try:
+            handler(self, req)
+        except BaseException as exc:
+            self.stats.end(call, status_of(exc))
+            raise
+        finally:
+            st.set_current(prev)
+        self.stats.end(call)
+
+    def stats_snapshot(self) -> st.StatsSnapshot:
+        """Everything this instance counted, as plain data."""
+        kinds: Dict[str, List[int]] = {}
+        for entry in self.registry.entries():
+            row = kinds.setdefault(entry.kind, [0, 0])
+            row[0] += 1
+            row[1] += entry.tensor_nbytes * entry.num_tensors
+        caches = tuple(st.CacheStats(kind=k, caches=n, bytes=b) for k, (n, b) in sorted(kinds.items()))
+        live = sum(1 for link in self.links.links() if not link.gone)
+        return self.stats.snapshot(ROLE_NAMES.get(self.role, str(self.role)).lower(), live, caches)
 
     def start_layerwise(self, job: TaskJob) -> LayerTask:
         """transfer_cache_async: queue the layer-wise push task and return its waiter."""

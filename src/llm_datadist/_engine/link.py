@@ -10,7 +10,8 @@ import msgspec
 
 from llm_datadist._engine import planner
 from llm_datadist._engine import protocol as proto
-from llm_datadist._engine.errors import CacheNotExist, LinkFailed, NotLinked, ParamInvalid, Timeout
+from llm_datadist._engine.errors import CacheNotExist, EngineError, LinkFailed, NotLinked, ParamInvalid, Timeout
+from llm_datadist._engine.stats import Usage
 from llm_datadist._engine.types import SourceSpec
 from llm_datadist._transport import cross_host_reason
 from llm_datadist._transport.base import (PROCESS, SAME_HOST, Channel, ConnectFailed, CopyPlan, PeerInfo,
@@ -74,6 +75,7 @@ class Link:
         self.peer_unlinked = False
         self.listed = False  # it was in the link table (its end is reported to the application)
         self.cause = ""  # why the link went away, when this side knows it (a link-down event's cause)
+        self.usage = Usage()  # what we moved in or out of the peer's memory since our last report to it
 
     @property
     def cluster_id(self) -> int:
@@ -85,6 +87,18 @@ class Link:
         if self.comm_id:
             return self.peer.cluster_id, self.comm_id
         return self.peer.cluster_id, (-1 if self.accepted else 0)
+
+    def report_usage(self, deadline: float) -> None:
+        """Tell the peer what we moved in or out of its memory since the last report (its served statistics);
+        rows a failed send could not deliver wait for the next report."""
+        rows = self.usage.take()
+        if not rows or self.conn.closed:
+            return
+        try:
+            self.conn.notify(proto.Usage(rows=rows), deadline)
+        except EngineError as exc:
+            self.usage.give_back(rows)
+            _log.debug("usage report to cluster %d not sent: %s", self.cluster_id, exc)
 
     def retire(self) -> None:
         """Take no new transfers (unlink in progress); the connection stays up until closed."""

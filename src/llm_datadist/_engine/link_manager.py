@@ -23,6 +23,7 @@ from llm_datadist._engine.listener import Listener
 from llm_datadist._engine.options import EngineOptions
 from llm_datadist._engine.poller import Poller
 from llm_datadist._engine.registry import CacheEntry, Registry
+from llm_datadist._engine.stats import Stats, Usage, valid_usage
 from llm_datadist._transport.base import PeerInfo, Transport
 from llm_datadist._transport.tls import Tls
 from llm_datadist.status import LLMStatusCode
@@ -37,6 +38,7 @@ NOTICE_SEND_S = 0.2  # a table-change notice that cannot be queued this fast is 
 
 
 LinkKey = Tuple[int, int]  # (peer cluster id, comm id, or DIALED / ACCEPTED for link_clusters links)
+FINALIZED = "finalized"  # a link dropped because this instance finalized (statistics)
 DIALED, ACCEPTED = 0, -1  # a link_clusters link we made, and one a peer made to us
 
 
@@ -53,6 +55,7 @@ class LinkOwner(Protocol):
     handlers: Executor
     handle_request: rpc.Handler
     writable_entry: Callable[[int, int], CacheEntry]
+    stats: Stats
 
     def hello(self, comm: Any, target_cluster_id: Optional[int] = None) -> proto.Hello: ...
 
@@ -123,6 +126,7 @@ class LinkManager:
                 raise AlreadyLinked(f"cluster {link.cluster_id} is already linked")
             self._links[link.key] = link
             link.listed = True
+        self._engine.stats.link_made("comm" if link.comm_id else "accepted" if link.accepted else "dialed")
         if old is not None and old is not link:
             _log.info("replacing stale link to cluster %d", link.cluster_id)
             old.cause = old.cause or nt.REPLACED
@@ -226,6 +230,8 @@ class LinkManager:
             ack = None
         link = made.get("link")
         if link is None or ack is None or ack.code != 0:
+            self._engine.stats.link_failed("accept", LLMStatusCode(ack.code) if ack is not None and ack.code
+                                           else LLMStatusCode.LLM_LINK_FAILED)
             if link is not None and self._forget(link):
                 link.close()
             _close_quietly(sock)
@@ -296,6 +302,7 @@ class LinkManager:
                     same_host=hello.host_id == engine.host_id, on_closed=self._link_closed,
                     accepted=isinstance(hello, proto.Hello))
         holder["link"] = link
+        link.usage = Usage(enabled=engine.stats.enabled)
         with self._lock:
             self._by_conn[id(conn)] = link
         self.notices.link_up(link.serial)  # before its connection reads: the peer may notify as soon as it is up
@@ -361,10 +368,18 @@ class LinkManager:
                 self._engine.registry.unpin(entry)
         self._engine.revoke_credentials(link.serial)
         cause = nt.PEER_UNLINKED if link.peer_unlinked else link.cause or nt.LOST
+        if link.listed:
+            self._engine.stats.link_dropped(FINALIZED if self._closed else cause)
         self.notices.link_down(link.cluster_id, link.serial, cause, self.has_link_to(link.cluster_id),
                                report=link.listed and not self._closed)
 
     # -- notifications ----------------------------------------------------------------------------
+    def receive_usage(self, conn, msg: proto.Usage) -> None:
+        """A peer's report of what it moved in or out of our memory over ``conn`` (our served counters)."""
+        link = self.link_of(conn)
+        if link is not None:
+            self._engine.stats.served(link.cluster_id, valid_usage(msg.rows))
+
     def receive_notice(self, conn, msg: proto.Notify) -> None:
         """A peer's notification over ``conn``: queued for the application (refused when it cannot be)."""
         link = self.link_of(conn)
@@ -398,6 +413,15 @@ class LinkManager:
     # -- client side ----------------------------------------------------------------------------
     def connect(self, ip: str, port: int, expected_cluster: Optional[int], deadline: float, comm=None,
                 wait_for_listener: bool = False) -> Link:
+        """Open one link to a listening peer; raises EngineError subclasses (each counted as a failed dial)."""
+        try:
+            return self._connect(ip, port, expected_cluster, deadline, comm, wait_for_listener)
+        except EngineError as exc:
+            self._engine.stats.link_failed("dial", exc.code)
+            raise
+
+    def _connect(self, ip: str, port: int, expected_cluster: Optional[int], deadline: float, comm,
+                 wait_for_listener: bool) -> Link:
         """Open one link to a listening peer; raises EngineError subclasses.
 
         With ``wait_for_listener`` a refused connection is retried until the deadline, so a client started a
@@ -508,6 +532,7 @@ class LinkManager:
         Raises EngineError when the peer did not confirm (the link is closed on this side anyway).
         """
         link.retire()
+        link.report_usage(deadline)  # before the Unlink: the peer's served counters stay exact
         try:
             link.conn.call(proto.Unlink(cluster_id=self._engine.cluster_id), deadline)
         finally:

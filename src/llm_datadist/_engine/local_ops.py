@@ -13,6 +13,7 @@ import numpy as np
 
 from llm_datadist._engine import planner
 from llm_datadist._engine import requests as rq
+from llm_datadist._engine import stats
 from llm_datadist._engine.context import EngineCore
 from llm_datadist._engine.errors import ParamInvalid
 from llm_datadist._engine.memory import backend_for
@@ -52,6 +53,7 @@ def run(engine: EngineCore, plan: CopyPlan, placement: int) -> None:
         raise ParamInvalid(f"a local copy between {plan.remote_kind} and {plan.local_kind} memory is not supported")
     backend = backend_for(placement, engine.opts.device_id)
     backend.copy(plan.local, plan.remote, plan.sizes, None)
+    stats.moved(stats.LOCAL_ROUTE, plan.total_bytes)
 
 
 @_handles(rq.CopyCache)

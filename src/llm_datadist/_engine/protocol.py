@@ -37,7 +37,9 @@ from llm_datadist._transport import tls
 #      Notify carries an application notification over a link (at most MAX_NOTIFY_BYTES of payload; ``after``
 #      says it follows a push or a pull of the sender); the receiver answers Ack once it queued it, or Error
 #      (LLM_LINK_BUSY when its notification queue is full).
-PROTOCOL_VERSION = 3
+#   4: Usage (a notification): what the sender moved in or out of the receiver's memory since its last report,
+#      as (direction, transport, transfers, bytes) rows, for the receiver's served-bytes statistics.
+PROTOCOL_VERSION = 4
 
 # Frame: a 22-byte big-endian header, magic(4s) version(u16) type(u16) flags(u16) request_id(u64)
 # length(u32), then ``length`` bytes of msgpack holding one tagged Struct of the type the header names.
@@ -272,6 +274,17 @@ class Notify(_Msg):
     after: Annotated[int, Meta(ge=0, le=2)] = NOTIFY_PLAIN
 
 
+MAX_USAGE_ROWS = 64
+UsageRow = Tuple[Name, Name, U64, U64]  # direction ("pull": read from the receiver, "push": written into it), ...
+
+
+class Usage(_Msg):
+    """What the sender moved in or out of the receiver's memory since its previous report (a notification): the
+    receiver's served-bytes statistics. Rows are (direction, transport, transfers, bytes)."""
+
+    rows: Annotated[List[UsageRow], Meta(max_length=MAX_USAGE_ROWS)]
+
+
 class Ack(_Msg):
     """Generic success reply."""
 
@@ -287,13 +300,13 @@ class Error(_Msg):
 
 Message = Union[Hello, HelloAck, AuthChallenge, AuthProof, AuthResult, CacheView, Resolve, Consume,
                 TableRequest, Table, TableChanged, Unlink, Ping, Ack, Error, Credentials, WriteGrant, Granted,
-                WriteRelease, ConfirmDial, DialConfirmed, Notify]
+                WriteRelease, ConfirmDial, DialConfirmed, Notify, Usage]
 
 _TYPE_IDS: Dict[type, int] = {
     Hello: 1, HelloAck: 2, AuthChallenge: 3, AuthProof: 4, AuthResult: 5,
     Resolve: 16, CacheView: 17, Consume: 18, TableRequest: 19, Table: 20, Unlink: 21, Ping: 22,
     Ack: 23, Error: 24, TableChanged: 25, Credentials: 26, WriteGrant: 27, Granted: 28, WriteRelease: 29,
-    ConfirmDial: 30, DialConfirmed: 31, Notify: 32,
+    ConfirmDial: 30, DialConfirmed: 31, Notify: 32, Usage: 33,
 }
 _BY_TYPE_ID: Dict[int, type] = {v: k for k, v in _TYPE_IDS.items()}
 _ENCODER = msgspec.msgpack.Encoder()

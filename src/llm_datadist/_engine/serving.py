@@ -134,6 +134,11 @@ class PeerService:
         self._engine.links.receive_notice(conn, msg)
         return proto.Ack()
 
+    @_serves(proto.Usage)
+    def _usage(self, conn: Connection, msg: proto.Usage) -> proto.Ack:
+        self._engine.links.receive_usage(conn, msg)
+        return proto.Ack()
+
     @_serves(proto.ConfirmDial)
     def _confirm_dial(self, conn: Connection, msg: proto.ConfirmDial) -> proto.DialConfirmed:
         return proto.DialConfirmed(dialing=self._engine.links.is_dialing(msg.dial_nonce))

@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence, Set, Tuple
 
 from llm_datadist._engine import planner, transfers
 from llm_datadist._engine import protocol as proto
+from llm_datadist._engine import stats as st
 from llm_datadist._engine.context import EngineCore
 from llm_datadist._engine.errors import CacheNotExist, EngineError, Finalized, ParamInvalid, status_of
 from llm_datadist._engine.link import Link, check_view_accessible
@@ -88,6 +89,8 @@ class LayerTask:
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._cancel = threading.Event()
+        # one call of the statistics per destination config, from now (queued) to its last layer or its failure
+        self._calls: List[Optional[st.Call]] = [engine.stats.begin(cfg.dst_cluster_id, st.PUSH) for cfg in job.configs]
 
     # waiter interface -----------------------------------------------------------------------
     def join(self, timeout_s: Optional[float]) -> bool:
@@ -111,6 +114,8 @@ class LayerTask:
     def _set(self, index: int, code: LLMStatusCode) -> None:
         with self._lock:
             self._results[index] = LLMStatusCode(code)
+            call, self._calls[index] = self._calls[index], None
+        self._engine.stats.end(call, None if code == LLMStatusCode.LLM_SUCCESS else code)
 
     def run(self) -> None:
         try:
@@ -120,6 +125,10 @@ class LayerTask:
             with self._lock:
                 self._results = [LLMStatusCode.LLM_FAILED if r is None else r for r in self._results]
         finally:
+            with self._lock:
+                unfinished, self._calls = self._calls, []
+            for call in unfinished:  # cancelled at finalize, or stopped before these configs' layers
+                self._engine.stats.abandon(call)
             self._tasks.forget(self)
             self._done.set()
 
@@ -167,6 +176,7 @@ class LayerTask:
 
     def _send_logged(self, entry: CacheEntry, src: Side, index: int, layer: int) -> LLMStatusCode:
         cfg = self._job.configs[index]
+        prev = st.set_current(self._calls[index])
         try:
             self._send(entry, src, cfg, layer)
             return LLMStatusCode.LLM_SUCCESS
@@ -178,6 +188,8 @@ class LayerTask:
         except Exception:  # noqa: BLE001 - recorded as LLM_FAILED, never lost
             _log.exception("transfer_cache_async layer %d to cluster %d failed", layer, cfg.dst_cluster_id)
             return LLMStatusCode.LLM_FAILED
+        finally:
+            st.set_current(prev)
 
     def _send(self, entry: CacheEntry, src: Side, cfg: ConfigJob, layer: int) -> None:
         deadline = time.monotonic() + self._job.timeout_s

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Type, TypeVar, cast
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, cast
 
 import numpy as np
 
 from llm_datadist._engine import planner
 from llm_datadist._engine import protocol as proto
 from llm_datadist._engine import requests as rq
+from llm_datadist._engine import stats
 from llm_datadist._engine.context import EngineCore
 from llm_datadist._engine.errors import CacheNotExist, EngineError, ParamInvalid, status_of
 from llm_datadist._engine.link import Link, check_view_accessible
@@ -38,6 +39,15 @@ def _handles(kind: Type[_R]) -> Callable[[Callable[[EngineCore, _R], None]], Cal
         return handler
 
     return register
+
+
+def counted_as(req: rq.Transfer) -> Tuple[int, str]:
+    """(peer cluster id, direction) under which the statistics count a transfer request."""
+    if isinstance(req, rq.BlocksById):
+        return req.cluster_id, stats.PULL if req.pull else stats.PUSH
+    if isinstance(req, (rq.PullCache, rq.PullBlocks)):
+        return req.source.cluster_id, stats.PULL
+    return req.dest.cluster_id, stats.PUSH
 
 
 def deadline_of(engine: EngineCore) -> float:
@@ -85,6 +95,7 @@ def send(link: Link, plan: CopyPlan, write: bool, deadline: float) -> None:
         route = link.route_for(plan, deadline)
         if not (write and route.transport.caps.one_sided):
             (route.transport.write if write else route.transport.read)(route.channel, plan, deadline)
+            _count(link, route.transport.name, plan, write)
             return
         if not plan.guards:
             raise ParamInvalid("a one-sided write needs the generation of its destination cache")
@@ -92,6 +103,7 @@ def send(link: Link, plan: CopyPlan, write: bool, deadline: float) -> None:
                                                     deadline), proto.Granted, f"cluster {link.cluster_id}")
         try:
             route.transport.write(route.channel, plan, deadline)
+            _count(link, route.transport.name, plan, write)
         finally:
             try:
                 link.conn.notify(proto.WriteRelease(grant_id=granted.grant_id), deadline + 1.0)
@@ -104,6 +116,13 @@ def send(link: Link, plan: CopyPlan, write: bool, deadline: float) -> None:
         link.leave()
         if broken:  # after leave(): closing the link waits for its transfers
             link.drop_if_dead(deadline)  # the next call on this cluster answers NotLinked if the peer is gone
+
+
+def _count(link: Link, transport: str, plan: CopyPlan, write: bool) -> None:
+    """A route completed ``plan``: the running call counts its bytes, the link batches them for its peer."""
+    nbytes = plan.total_bytes
+    stats.moved(transport, nbytes)
+    link.usage.add(stats.PUSH if write else stats.PULL, transport, nbytes)
 
 
 def _view(engine: EngineCore, link: Link, source: SourceSpec, deadline: float) -> proto.CacheView:
