@@ -72,6 +72,8 @@ SAMPLES = [
     p.DialConfirmed(dialing=False),
     p.Notify(payload=b""),
     p.Notify(payload=b"n" * p.MAX_NOTIFY_BYTES, after=p.NOTIFY_AFTER_PUSH),
+    p.Usage(rows=[]),
+    p.Usage(rows=[("pull", "process_vm", 3, 2**64 - 1)] * p.MAX_USAGE_ROWS),
 ]
 
 
@@ -321,3 +323,25 @@ def test_clip_message():
 def test_protocol_error_is_a_link_failure():
     assert issubclass(p.ProtocolError, errors.LinkFailed)
     assert struct.calcsize("!4sHHHQI") == p.HEADER_SIZE
+
+
+@pytest.mark.parametrize("rows", [
+    [["pull", "tcp", 1, 1]] * (p.MAX_USAGE_ROWS + 1),  # too many rows
+    [["pull", "tcp", -1, 1]],  # a negative count
+    [["pull", "x" * (p.MAX_NAME_CHARS + 1), 1, 1]],  # an overlong transport name
+    [["pull", "tcp", 1]],  # a short row
+])
+def test_a_usage_report_out_of_its_limits_is_refused_at_decoding(sockpair, rows):
+    a, b = sockpair
+    a.sendall(_raw_frame(p.message_type_id(p.Usage), _raw_body(p.Usage, rows=rows)))
+    with pytest.raises(p.ProtocolError, match="invalid frame body"):
+        p.read_frame(b, time.monotonic() + 5)
+
+
+def test_usage_rows_a_peer_may_not_report_are_dropped():
+    """What reaches the served counters: the two directions a peer moves bytes in, route-like names, counts >= 0."""
+    from llm_datadist._engine.stats import valid_usage
+
+    rows = [("pull", "tcp", 2, 100), ("local", "tcp", 1, 1), ("push", "", 1, 1), ("push", "a b", 1, 1),
+            ("push", "shm", 0, 0), ("pull", "x" * 33, 1, 1)]
+    assert valid_usage(rows) == [("pull", "tcp", 2, 100), ("push", "shm", 0, 0)]
