@@ -154,6 +154,12 @@ def _suites(opts: Dict[str, Any], args: argparse.Namespace, placements: Sequence
                 owner_id=base, initiator_id=base + 1, paired=transport != "tcp"))
             if name == TLS_SUITE:
                 suites[-1] = _lighter_tls(suites[-1], tls, quick)
+    auto = next((s for s in suites if s.name == "auto"), None)
+    if auto is not None:  # what counting costs: the one-block pull with statistics on and off, back to back
+        for label, value in (("on", "1"), ("off", "0")):
+            suites.append(dataclasses.replace(
+                auto, name=f"auto[stats {label}]", sizes=(), call_shapes=("16k",), link_repeats=1,
+                env=(("LLM_DATADIST_STATS", value),), owner_id=auto.owner_id + 2, initiator_id=auto.owner_id + 3))
     return suites
 
 

@@ -206,6 +206,7 @@ class SuiteSpec:
     initiator_host: str = "127.0.0.1"
     tls: Optional[TlsFiles] = None  # both sides configured for mutual TLS
     call_shapes: Tuple[str, ...] = ("16k", "layers", "model")  # the per-call latency series to run
+    env: Tuple[Tuple[str, str], ...] = ()  # environment both processes start with (e.g. counting turned off)
 
     def work_units(self) -> int:
         """Progress units: one per (size, direction), plus latency and link."""

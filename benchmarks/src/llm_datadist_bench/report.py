@@ -75,6 +75,13 @@ def latency_table(results: Results) -> List[str]:
             suite, (k or {}).get("route", "?"), _p50_p99(small.get(suite)), _p50_p99(floor16.get(suite)),
             _p50_p99(layers.get(suite)), _p50_p99(floor56.get(suite)),
             f"{k['median_ms']:.1f}" if k else "—", f"{k['first_pull_ms']:.1f}" if k else "—"))
+    on, off = small.get("auto[stats on]"), small.get("auto[stats off]")
+    if on and off and on.get("samples_us") and off.get("samples_us"):
+        lines += ["", "What counting costs (llm_datadist.stats is always on; `LLM_DATADIST_STATS=0` turns it off): "
+                      "the 16 KiB one-block pull, `auto`, p50 {:.1f} µs with counting, {:.1f} µs without "
+                      "(difference {:+.1f} µs, ×{:.3f}); p99 {:.1f} / {:.1f} µs.".format(
+                          on["median_us"], off["median_us"], on["median_us"] - off["median_us"],
+                          on["median_us"] / off["median_us"], on["p99_us"], off["p99_us"])]
     if model:
         lines += ["", "Model-shaped request, 56 tensors × 32 blocks × 64 KiB (112 MiB) in one `pull_blocks` call; the "
                       "2-thread memcpy of the same blocks runs in the initiator right before each call:", "",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -23,6 +24,8 @@ def _start(spec: SuiteSpec):
         "initiator": ctx.Process(target=initiator_main, args=(spec, init_peer, init_child),
                                  name=f"bench-initiator-{spec.name}"),
     }
+    saved = {name: os.environ.get(name) for name, _ in spec.env}
+    os.environ.update(dict(spec.env))  # a spawned child starts with the parent's environment at start()
     try:
         for proc in procs.values():
             proc.daemon = True
@@ -30,6 +33,12 @@ def _start(spec: SuiteSpec):
     except BaseException:
         stop_children(procs, grace=0.0)
         raise
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     for conn in (owner_peer, init_peer, owner_child, init_child):
         conn.close()
     return procs, {"owner": owner_parent, "initiator": init_parent}
