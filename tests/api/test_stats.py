@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from llm_datadist import (BlocksCacheKey, CacheDesc, DataType, LLMConfig, LLMDataDist, LLMRole, Placement, stats)
+from llm_datadist import (BlocksCacheKey, CacheDesc, DataType, LLMConfig, LLMDataDist, LLMRole, LLMStatusCode,
+                          Placement, stats)
 from notify_peer import NUM_TENSORS, PeerClient as Peer
 from waiting import wait_until
 
@@ -177,3 +178,50 @@ def test_counting_can_be_turned_off():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "0"]
+
+
+def test_counting_is_exact_under_concurrent_callers():
+    """The hot path takes no lock (deque appends, folded later): 8 threads, 20,000 calls each, with the reporter's
+    fold and snapshots running meanwhile, lose nothing."""
+    import threading
+
+    from llm_datadist._engine import stats as engine_stats
+
+    counters, usage = engine_stats.Stats(1), engine_stats.Usage()
+    calls, threads = 20_000, 8
+    taken: list = []
+    stop = threading.Event()
+
+    def caller(peer: int) -> None:
+        for i in range(calls):
+            call = counters.begin(peer, "pull")
+            prev = engine_stats.set_current(call)
+            engine_stats.moved("tcp", 100 + i % 7)
+            usage.add("pull", "tcp", 100 + i % 7)
+            engine_stats.set_current(prev)
+            counters.end(call, None if i % 10 else LLMStatusCode.LLM_TIMEOUT)  # every tenth call fails
+
+    def reporter() -> None:
+        while not stop.is_set():
+            counters.fold()
+            taken.extend(usage.take())
+            counters.snapshot("prompt", 0, ())
+
+    workers = [threading.Thread(target=caller, args=(peer,)) for peer in range(threads)]
+    side = threading.Thread(target=reporter)
+    side.start()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    stop.set()
+    side.join()
+    taken.extend(usage.take())
+    per_thread = sum(100 + i % 7 for i in range(calls))
+    snap = counters.snapshot("prompt", 0, ())
+    assert snap.in_flight == 0
+    assert sorted((t.peer, t.transfers, t.bytes, dict(t.failures), t.latency.count) for t in snap.transfers) == [
+        (peer, calls - calls // 10, per_thread, {"LLM_TIMEOUT": calls // 10}, calls)
+        for peer in range(threads)]
+    assert sum(n for _d, _t, n, _b in taken) == calls * threads
+    assert sum(b for _d, _t, _n, b in taken) == per_thread * threads

@@ -133,6 +133,7 @@ class Engine:
     def _report_usage(self) -> None:
         """Every USAGE_REPORT_S, each link tells its peer what it moved in or out of the peer's memory."""
         while not self._reporting.wait(USAGE_REPORT_S):
+            self.stats.fold()  # off the callers' threads
             for link in self.links.links():
                 link.report_usage(time.monotonic() + USAGE_REPORT_S)
 

@@ -11,10 +11,13 @@ A snapshot (:meth:`Stats.snapshot`) is plain frozen data, public as ``llm_datadi
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
+import itertools
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from time import perf_counter
+from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
 
 from llm_datadist.status import LLMStatusCode
 
@@ -189,7 +192,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# ---- counting -------------------------------------------------------------------------------------
+# ---- counting ----------------------------------------------------------------------------------------
+# The hot path (one call: begin, moved, end) only appends to deques (atomic under the GIL, no lock) and reads the
+# clock twice; the records are folded into the counters under the lock by the engine's reporter thread each
+# second and when a snapshot or a report is taken; a caller folds only when more than FOLD_AT records wait (a
+# bound on memory that a reporter keeping up never reaches).
+FOLD_AT = 1 << 16
+
+
 class _Row:
     __slots__ = ("transfers", "bytes", "failures", "buckets", "sum_s")
 
@@ -201,31 +211,18 @@ class _Row:
         self.sum_s = 0.0
 
 
-class Call:
-    """One public call being counted: the route and bytes it moved so far."""
-
-    __slots__ = ("peer", "direction", "transport", "nbytes", "t0")
-
-    def __init__(self, peer: int, direction: str) -> None:
-        self.peer = peer
-        self.direction = direction
-        self.transport = NO_ROUTE
-        self.nbytes = 0
-        self.t0 = time.perf_counter()
-
-    def moved(self, transport: str, nbytes: int) -> None:
-        self.transport = transport
-        self.nbytes += nbytes
-
-
-_current = threading.local()  # the Call the running thread is counting for (transfers.send reports into it)
+# A call being counted is a list [peer, direction, transport, nbytes, t0] (a list: the cheapest mutable record).
+Call = list
+_PEER, _DIRECTION, _TRANSPORT, _NBYTES, _T0 = range(5)
+_current = threading.local()  # the call the running thread counts for (transfers.send reports into it)
 
 
 def moved(transport: str, nbytes: int) -> None:
     """A route completed ``nbytes`` for the call this thread is counting (if any)."""
     call = getattr(_current, "call", None)
     if call is not None:
-        call.moved(transport, nbytes)
+        call[_TRANSPORT] = transport
+        call[_NBYTES] += nbytes
 
 
 def set_current(call: Optional[Call]) -> Optional[Call]:
@@ -238,20 +235,31 @@ def set_current(call: Optional[Call]) -> Optional[Call]:
 class Usage:
     """What one link moved for its peer since the last report: (direction, transport) -> [transfers, bytes]."""
 
-    __slots__ = ("_rows", "_lock", "_enabled")
+    __slots__ = ("_rows", "_lock", "_enabled", "_pending")
 
     def __init__(self, enabled: bool = True) -> None:
         self._rows: Dict[Tuple[str, str], List[int]] = {}
         self._lock = threading.Lock()
         self._enabled = enabled
+        self._pending: Deque[Tuple[str, str, int]] = collections.deque()
 
     def add(self, direction: str, transport: str, nbytes: int) -> None:
-        if not self._enabled:
-            return
-        with self._lock:
-            row = self._rows.get((direction, transport))
+        if self._enabled:
+            self._pending.append((direction, transport, nbytes))
+            if len(self._pending) > FOLD_AT:
+                with self._lock:
+                    self._fold()
+
+    def _fold(self) -> None:
+        pending, rows = self._pending, self._rows
+        while True:
+            try:
+                direction, transport, nbytes = pending.popleft()
+            except IndexError:
+                return
+            row = rows.get((direction, transport))
             if row is None:
-                self._rows[(direction, transport)] = [1, nbytes]
+                rows[(direction, transport)] = [1, nbytes]
             else:
                 row[0] += 1
                 row[1] += nbytes
@@ -259,6 +267,7 @@ class Usage:
     def take(self) -> List[Tuple[str, str, int, int]]:
         """The rows since the last take (and forget them)."""
         with self._lock:
+            self._fold()
             rows, self._rows = self._rows, {}
         return [(d, t, n, b) for (d, t), (n, b) in rows.items()]
 
@@ -281,7 +290,10 @@ class Stats:
         self._lock = threading.Lock()
         self._rows: Dict[Tuple[int, str, str], _Row] = {}
         self._served: Dict[Tuple[int, str, str], List[int]] = {}
-        self._in_flight = 0
+        self._begun = itertools.count()  # calls begun (next() is atomic: no lock on the hot path)
+        self._reads = 0  # values of _begun consumed by reading it
+        self._ended = 0  # calls folded (ended or abandoned)
+        self._pending: Deque[Tuple[int, str, str, int, float, Optional[str]]] = collections.deque()
         self._made: Dict[str, int] = {}
         self._dropped: Dict[str, int] = {}
         self._failed: Dict[str, Dict[str, int]] = {}
@@ -291,37 +303,51 @@ class Stats:
     def begin(self, peer: int, direction: str) -> Optional[Call]:
         if not self.enabled:
             return None
-        with self._lock:
-            self._in_flight += 1
-        return Call(peer, direction)
+        next(self._begun)
+        return [peer, direction, NO_ROUTE, 0, perf_counter()]
 
     def end(self, call: Optional[Call], failure: Optional[LLMStatusCode] = None) -> None:
         """Close a call: a success adds its transfer and bytes, a failure its status code; both their latency."""
         if call is None:
             return
-        elapsed = time.perf_counter() - call.t0
-        bucket = bisect.bisect_left(LATENCY_BUCKETS_S, elapsed)
-        key = (call.peer, call.transport, call.direction)
-        with self._lock:
-            self._in_flight -= 1
-            row = self._rows.get(key)
-            if row is None:
-                row = self._rows[key] = _Row()
-            if failure is None:
-                row.transfers += 1
-                row.bytes += call.nbytes
-            else:
-                name = LLMStatusCode(failure).name
-                row.failures[name] = row.failures.get(name, 0) + 1
-                row.bytes += call.nbytes  # ranges a failed call completed did move (a partial multi-plan call)
-            row.buckets[bucket] += 1
-            row.sum_s += elapsed
+        self._pending.append((call[_PEER], call[_TRANSPORT], call[_DIRECTION], call[_NBYTES],
+                              perf_counter() - call[_T0], None if failure is None else LLMStatusCode(failure).name))
+        if len(self._pending) > FOLD_AT:
+            with self._lock:
+                self._fold()
 
     def abandon(self, call: Optional[Call]) -> None:
         """A call that ends without a status (a task cancelled at finalize): no longer in flight, not counted."""
         if call is not None:
-            with self._lock:
-                self._in_flight -= 1
+            self._pending.append((call[_PEER], call[_TRANSPORT], call[_DIRECTION], 0, -1.0, None))
+
+    def fold(self) -> None:
+        """Fold the waiting call records into the counters (the reporter thread, each second)."""
+        with self._lock:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Fold the waiting call records into the rows (under the lock)."""
+        pending, rows = self._pending, self._rows
+        while True:
+            try:
+                peer, transport, direction, nbytes, elapsed, failure = pending.popleft()
+            except IndexError:
+                return
+            self._ended += 1
+            if elapsed < 0:  # abandoned
+                continue
+            key = (peer, transport, direction)
+            row = rows.get(key)
+            if row is None:
+                row = rows[key] = _Row()
+            if failure is None:
+                row.transfers += 1
+            else:
+                row.failures[failure] = row.failures.get(failure, 0) + 1
+            row.bytes += nbytes  # a failed call's completed ranges did move (a partial multi-plan call)
+            row.buckets[bisect.bisect_left(LATENCY_BUCKETS_S, elapsed)] += 1
+            row.sum_s += elapsed
 
     # -- served (reported by peers) ---------------------------------------------------------------
     def served(self, peer: int, rows: List[Tuple[str, str, int, int]]) -> None:
@@ -351,6 +377,9 @@ class Stats:
     # -- the snapshot -------------------------------------------------------------------------------
     def snapshot(self, role: str, live_links: int, caches: Tuple[CacheStats, ...]) -> StatsSnapshot:
         with self._lock:
+            self._fold()
+            begun = next(self._begun) - self._reads
+            self._reads += 1
             transfers = tuple(
                 TransferStats(peer=peer, transport=transport, direction=direction, transfers=row.transfers,
                               bytes=row.bytes, failures=dict(row.failures),
@@ -360,7 +389,7 @@ class Stats:
                            for (peer, transport, direction), (n, b) in sorted(self._served.items()))
             links = LinkStats(live=live_links, made=dict(self._made), dropped=dict(self._dropped),
                               failed={side: dict(codes) for side, codes in self._failed.items()})
-            in_flight = self._in_flight
+            in_flight = max(0, begun - self._ended - len(self._pending))
         return StatsSnapshot(cluster_id=self.cluster_id, role=role, enabled=self.enabled, taken_at=time.time(),
                              uptime_s=time.monotonic() - self._started, in_flight=in_flight, transfers=transfers,
                              served=served, links=links, caches=caches)
