@@ -408,9 +408,27 @@ class ConnectionRefused(errors.LinkFailed):
     """Nothing listens at the address (yet)."""
 
 
-def _auth_failed(text: str) -> errors.LinkFailed:
+# Why a handshake's authentication failed (``AuthFailed.reason``): what the client can tell from the handshake
+# alone, so a diagnosis (``diagnostics.link_failure``) never depends on the wording of a message.
+AUTH_TLS = "tls"  # the TLS handshake failed (the chained ssl or socket error says how)
+AUTH_SECRET_REQUIRED = "secret-required"  # the server requires a shared secret; none is configured here
+AUTH_SECRET_WRONG = "secret-wrong"  # the server refused our proof of the secret: the two secrets differ
+AUTH_SECRET_UNEXPECTED = "secret-unexpected"  # a secret is configured here; the server authenticates nothing
+AUTH_SERVER_PROOF = "server-proof"  # the server did not prove the secret (a bad nonce or proof)
+AUTH_CLIENT = "client"  # (server side) the client did not prove the secret
+
+
+class AuthFailed(errors.LinkFailed):
+    """The link's authentication (shared secret or TLS) failed; ``reason`` is one of the AUTH_* values."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _auth_failed(text: str, reason: str) -> AuthFailed:
     _log.warning("%s", text)
-    return errors.LinkFailed(text)
+    return AuthFailed(text, reason)
 
 
 def _secret_bytes(secret: Union[bytes, str, None]) -> Optional[bytes]:
@@ -470,7 +488,7 @@ def _tls_wrap(wrap: Callable[[], socket.socket], peer: str) -> socket.socket:
     except socket.timeout as exc:
         raise errors.Timeout(f"TLS handshake with {peer} timed out") from exc
     except (ssl.SSLError, OSError) as exc:
-        raise _auth_failed(f"TLS handshake with {peer} failed: {exc}") from exc
+        raise _auth_failed(f"TLS handshake with {peer} failed: {exc}", AUTH_TLS) from exc
 
 
 def _client_handshake(sock: socket.socket, hello: Hello, deadline: float, secret: Optional[bytes],
@@ -483,7 +501,8 @@ def _client_handshake(sock: socket.socket, hello: Hello, deadline: float, secret
     if secret is not None:
         msg, server_nonce = _client_auth(sock, msg, secret, nonce, deadline, peer)
     if isinstance(msg, AuthResult):
-        raise _auth_failed(f"link authentication failed with {peer}: {msg.message}")
+        raise _auth_failed(f"link authentication failed with {peer}: {msg.message}",
+                           AUTH_SECRET_REQUIRED if secret is None else AUTH_SECRET_WRONG)
     if isinstance(msg, Error):
         raise errors.error_for_code(msg.code, msg.message)
     if not isinstance(msg, HelloAck):
@@ -494,7 +513,7 @@ def _client_handshake(sock: socket.socket, hello: Hello, deadline: float, secret
         expected = protocol.server_proof(secret, nonce, server_nonce)
         if not hmac.compare_digest(expected, msg.server_proof):
             raise _auth_failed(f"link authentication failed with {peer}: the server did not prove the "
-                               f"shared secret")
+                               f"shared secret", AUTH_SERVER_PROOF)
     return msg
 
 
@@ -508,10 +527,11 @@ def _client_auth(sock: socket.socket, msg: Message, secret: bytes, nonce: bytes,
     if not isinstance(msg, AuthChallenge):
         if isinstance(msg, HelloAck) and msg.code == 0:
             raise _auth_failed(f"link authentication failed with {peer}: the server does not "
-                               f"authenticate links but a shared secret is configured here")
+                               f"authenticate links but a shared secret is configured here", AUTH_SECRET_UNEXPECTED)
         return msg, b""
     if len(msg.server_nonce) < _MIN_NONCE_BYTES:
-        raise _auth_failed(f"link authentication failed with {peer}: the server's nonce is too short")
+        raise _auth_failed(f"link authentication failed with {peer}: the server's nonce is too short",
+                           AUTH_SERVER_PROOF)
     proof = protocol.client_proof(secret, msg.server_nonce, nonce)
     protocol.send_all(sock, protocol.encode(AuthProof(client_proof=proof), 0), deadline)
     return protocol.read_frame(sock, deadline, max_length=protocol.HANDSHAKE_FRAME_BYTES)[1], msg.server_nonce
@@ -579,17 +599,18 @@ def _server_auth(sock: socket.socket, hello: Hello, secret: bytes, deadline: flo
     if len(hello.client_nonce) < _MIN_NONCE_BYTES:
         _send_best_effort(sock, AuthResult(code=_LINK_FAILED, message="this server requires link "
                                            "authentication: configure the same shared secret"), deadline)
-        raise _auth_failed(f"link authentication failed from {peer}: no shared secret configured there")
+        raise _auth_failed(f"link authentication failed from {peer}: no shared secret configured there",
+                           AUTH_CLIENT)
     nonce = protocol.make_nonce()
     protocol.send_all(sock, protocol.encode(AuthChallenge(server_nonce=nonce), 0, is_reply=True), deadline)
     try:
         msg = protocol.read_frame(sock, deadline, max_length=protocol.HANDSHAKE_FRAME_BYTES)[1]
     except errors.LinkFailed as exc:  # the client hung up before proving anything
-        raise _auth_failed(f"link authentication failed from {peer}: no proof ({exc})") from exc
+        raise _auth_failed(f"link authentication failed from {peer}: no proof ({exc})", AUTH_CLIENT) from exc
     expected = protocol.client_proof(secret, nonce, hello.client_nonce)
     if not isinstance(msg, AuthProof) or not hmac.compare_digest(expected, msg.client_proof):
         _send_best_effort(sock, AuthResult(code=_LINK_FAILED, message="link authentication failed"), deadline)
-        raise _auth_failed(f"link authentication failed from {peer}")
+        raise _auth_failed(f"link authentication failed from {peer}", AUTH_CLIENT)
     return nonce
 
 

@@ -21,6 +21,7 @@ _EPILOG = """examples:
   llm-datadist demo --quick --link-style ranktable
   llm-datadist demo --model qwen3-235b-a22b --transport tcp
   llm-datadist doctor                        what this machine offers (transports, permissions, CUDA)
+  llm-datadist doctor --peer 10.0.0.5:26000  check the link to a running instance end to end
 """
 Row = Tuple[str, str]
 
@@ -39,7 +40,7 @@ def package_version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per command."""
-    from llm_datadist.cli import chaos, demo
+    from llm_datadist.cli import chaos, demo, doctor_peer
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Open LLM-DataDist: KV-cache transfer for prefill/decode disaggregated serving.",
@@ -62,8 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     chaos_parser.set_defaults(handler=chaos.run)
     sub.add_parser("bench", help="the benchmark (llm-datadist-bench, installed separately; every argument after "
                                  "'bench' goes to it)", add_help=False)
-    sub.add_parser("doctor", help="show the environment: versions, transports, permissions, CUDA, huge pages"
-                   ).set_defaults(handler=_doctor)
+    doctor_parser = sub.add_parser(
+        "doctor", help="show the environment: versions, transports, permissions, CUDA, huge pages; with --peer "
+                       "HOST:PORT check a link to a running instance end to end",
+        description="Without --peer: what this machine offers. With --peer HOST:PORT: check a link to the instance "
+                    "listening there (reachability, handshake, secret, TLS, route, RTT, a verified read); exit "
+                    "status 0 when the link works, 1 when a check failed (docs/doctor.md).")
+    doctor_peer.add_arguments(doctor_parser)
+    doctor_parser.set_defaults(handler=_doctor)
     sub.add_parser("version", help="print the version").set_defaults(handler=_version)
     return parser
 
@@ -126,7 +133,11 @@ def _bench(rest: List[str]) -> int:
 # doctor
 # ---------------------------------------------------------------------------------------------------------------
 def _doctor(args: argparse.Namespace) -> int:
-    """Print what this machine offers; 1 when a required dependency is missing."""
+    """Print what this machine offers; 1 when a required dependency is missing. With --peer: check a link."""
+    if getattr(args, "peer", None) is not None:
+        from llm_datadist.cli import doctor_peer
+
+        return doctor_peer.run(args)
     rows: List[Row] = []
     ok = True
     for section in (_doctor_versions, _doctor_backends, _doctor_cuda, _doctor_memory, _doctor_env):
