@@ -91,6 +91,7 @@ _KEY_LINK_SECRET = "llm.LinkSecret"
 _KEY_TLS_CERT = "llm.TlsCertFile"
 _KEY_TLS_KEY = "llm.TlsKeyFile"
 _KEY_TLS_CA = "llm.TlsCaFile"
+_KEY_METRICS_PORT = "llm.MetricsPort"
 _KEY_BUF_POOL = "llm.BufPoolCfg"
 _KEY_CLUSTER_INFO = "llm.ClusterInfo"
 _KEY_OUTPUT_MAX_SIZE = "llm.OutputMaxSize"
@@ -149,6 +150,7 @@ class LLMConfig:
         self._tls_cert_file: Optional[str] = None
         self._tls_key_file: Optional[str] = None
         self._tls_ca_file: Optional[str] = None
+        self._metrics_port: Optional[int] = None
         self._cluster_info = ""
         self._cluster_info_option = ""
         self._output_max_size: Optional[int] = None
@@ -229,6 +231,8 @@ class LLMConfig:
                            (_KEY_TLS_CA, self._tls_ca_file)):
             if value is not None:
                 options[key] = value
+        if self._metrics_port is not None:
+            options[_KEY_METRICS_PORT] = str(self._metrics_port)
 
     def _write_legacy_options(self, options: Dict[str, str]) -> None:
         if self._buf_pool_cfg:
@@ -432,6 +436,19 @@ class LLMConfig:
     @tls_ca_file.setter
     def tls_ca_file(self, path: str) -> None:
         self._tls_ca_file = self._check_optional_str("tls_ca_file", path)
+
+    @property
+    def metrics_port(self) -> Optional[int]:
+        """Port of the process's Prometheus endpoint (our extension, option ``llm.MetricsPort``; overrides
+        ``LLM_DATADIST_METRICS_PORT``): the first init that asks starts ``/metrics`` there (``0``: a free port),
+        the process's last finalize stops it. Needs prometheus_client; see docs/observability.md."""
+        return self._metrics_port
+
+    @metrics_port.setter
+    def metrics_port(self, port: int) -> None:
+        check_isinstance("metrics_port", port, int, allow_none=False)
+        raise_if_false(0 <= port <= 65535, "metrics_port must be in [0, 65535], but got {}", port)
+        self._metrics_port = port
 
     @property
     def enable_cache_manager(self) -> bool:

@@ -2,8 +2,9 @@
 
 It holds one LLMDataDist (remote-cache-accessible mode, a blocks cache under BlocksCacheKey(own id, 0)) and
 answers ``init``, ``link``, ``unlink``, ``send``, ``push``, ``pull``, ``fill``, ``check``, ``poll``,
-``link_down``, ``limit``, ``watch``, ``verdicts`` and ``stats`` (the instance's statistics snapshot). A failing library call replies ``{"ok": true, "code": <status
-name>}``; a bug replies ``{"ok": false, ...}``.
+``link_down``, ``limit``, ``watch``, ``verdicts``, ``stats`` (the instance's statistics snapshot) and ``metrics``
+(the address of the process's /metrics endpoint, started by ``LLM_DATADIST_METRICS_PORT``). A failing library
+call replies ``{"ok": true, "code": <status name>}``; a bug replies ``{"ok": false, ...}``.
 
 ``watch`` sets a notification callback that, the moment a notification arrives, acts on the blocks its payload
 names (JSON ``{"blocks": [...], "seed": n}``): after a push it checks every byte of them against ``seed``'s pattern
@@ -23,7 +24,7 @@ from typing import Dict, List
 import numpy as np
 
 from llm_datadist import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig, LLMDataDist, LLMException,
-                          LLMRole, Placement, notifications, stats)
+                          LLMRole, Placement, metrics, notifications, stats)
 
 NUM_TENSORS = 2
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -162,6 +163,10 @@ class Peer:
 
     def op_stats(self):
         return {"stats": stats.snapshot(self.dd).to_dict()}
+
+    def op_metrics(self):
+        address = metrics.server_address()
+        return {"address": list(address) if address else None}
 
     def op_queued(self):
         return {"queued": list(notifications.queued(self.dd))}

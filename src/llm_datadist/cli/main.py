@@ -22,6 +22,7 @@ _EPILOG = """examples:
   llm-datadist demo --model qwen3-235b-a22b --transport tcp
   llm-datadist doctor                        what this machine offers (transports, permissions, CUDA)
   llm-datadist doctor --peer 10.0.0.5:26000  check the link to a running instance end to end
+  llm-datadist stats 127.0.0.1:9400          live transfer rates and latency of a process's /metrics endpoint
 """
 Row = Tuple[str, str]
 
@@ -72,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     doctor_peer.add_arguments(doctor_parser)
     doctor_parser.set_defaults(handler=_doctor)
     sub.add_parser("version", help="print the version").set_defaults(handler=_version)
+    from llm_datadist.cli import stats
+
+    stats_parser = sub.add_parser(
+        "stats", help="a live view of an instance's /metrics endpoint: rates, latency, failures, links",
+        description="Scrape the Prometheus endpoint of an llm_datadist process (LLM_DATADIST_METRICS_PORT) and show, "
+                    "per cluster and per peer/transport/direction, transfers/s, MB/s, p50/p99 latency, failures, "
+                    "links and in-flight calls, refreshed like top. Exit status 1 when it cannot be reached.")
+    stats.add_arguments(stats_parser)
+    stats_parser.set_defaults(handler=stats.run)
     return parser
 
 

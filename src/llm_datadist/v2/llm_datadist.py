@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple  # noqa: F401
 
 from llm_datadist._engine import api
 from llm_datadist._engine.api import ErrorBoundary
+from llm_datadist import metrics
 from llm_datadist.configs import LLMClusterInfo, LLMRole, int_to_ip
 from llm_datadist.status import LLMException, LLMStatusCode
 from llm_datadist.utils.utils import (check_int32, check_isinstance, check_uint32, check_uint64, raise_if_false,
@@ -70,6 +71,7 @@ class LLMDataDist:
             check_isinstance("options", options, dict, allow_none=False)
             cfg.check_flow_graph_mem(options)
             opts = cfg.parse_options(options, self._role, self._cluster_id)
+            metrics_port = metrics.requested_port(options)  # LLMConfig.metrics_port or LLM_DATADIST_METRICS_PORT
             with ErrorBoundary("init"):
                 engine = api.open_engine(opts)
             self._options = cfg.complete_options(options, self._role)
@@ -81,6 +83,7 @@ class LLMDataDist:
                 self._cache_manager = CacheManager(self, engine)
             with _LIVE_LOCK:
                 _LIVE.add(self)
+            metrics.instance_up(metrics_port)  # the process's first such init starts /metrics (never raises)
             _log.info("LLMDataDist cluster %d initialized (role %s)", self._cluster_id, self._role)
 
     def finalize(self) -> None:
@@ -94,8 +97,11 @@ class LLMDataDist:
             self._cache_manager = None
             with _LIVE_LOCK:
                 _LIVE.discard(self)
-            with ErrorBoundary("finalize"):
-                engine.close()
+            try:
+                with ErrorBoundary("finalize"):
+                    engine.close()
+            finally:
+                metrics.instance_down()  # the process's last instance stops the metrics endpoint
 
     @property
     def cache_manager(self):
