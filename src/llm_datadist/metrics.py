@@ -30,7 +30,6 @@ import os
 import socket
 import threading
 import weakref
-from http.server import ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from llm_datadist import stats as _stats
@@ -270,18 +269,21 @@ def unregister(registry: Any = None) -> bool:
 
 
 # ---- an endpoint ----------------------------------------------------------------------------------
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True  # a scrape in progress never holds up close()
+def _server_class(ipv6: bool) -> Any:
+    """A threading HTTP server class (http.server is imported here: it is not needed at ``import llm_datadist``)."""
+    from http.server import ThreadingHTTPServer
 
+    class _HTTPServer(ThreadingHTTPServer):
+        daemon_threads = True  # a scrape in progress never holds up close()
+        address_family = socket.AF_INET6 if ipv6 else socket.AF_INET
 
-class _HTTPServer6(_HTTPServer):
-    address_family = socket.AF_INET6
+    return _HTTPServer
 
 
 class MetricsServer:
     """An HTTP endpoint serving ``/metrics`` from a daemon thread (``llm-dd-metrics``) until :meth:`close`."""
 
-    def __init__(self, httpd: ThreadingHTTPServer) -> None:
+    def __init__(self, httpd: Any) -> None:
         self._httpd = httpd
         self._closed = False
         self._lock = threading.Lock()
@@ -334,8 +336,7 @@ def serve(port: int, addr: str = DEFAULT_ADDR, registry: Any = None) -> MetricsS
         registry = prom.CollectorRegistry(auto_describe=True)
         register(registry)
     handler = prom.exposition.MetricsHandler.factory(registry)
-    server_cls = _HTTPServer6 if ":" in addr else _HTTPServer
-    return MetricsServer(server_cls((addr, int(port)), handler))
+    return MetricsServer(_server_class(":" in addr)((addr, int(port)), handler))
 
 
 # ---- the endpoint the instances start (LLM_DATADIST_METRICS_PORT / LLMConfig.metrics_port) ---------------
