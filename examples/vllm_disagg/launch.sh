@@ -7,6 +7,7 @@
 # PROXY_PORT (8000), CONTROL_PORT (7100: the prefill's llm_datadist port), HOST (127.0.0.1),
 # VLLM_PYTHON (python3: the Python that has vLLM; serve.py there runs `vllm serve`), PYTHON (python3, for the
 # proxy, standard library only), VLLM_ARGS (more `vllm serve` arguments for both, e.g. --max-model-len 4096),
+# PREFILL_ARGS / DECODE_ARGS (arguments for one of them only, e.g. --tensor-parallel-size 2),
 # LINK_SECRET (optional: authenticates the llm_datadist links, which carry the connector's messages), READY_TIMEOUT_S (600).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -15,6 +16,8 @@ MODE=${MODE:-pull}; HOST=${HOST:-127.0.0.1}; VLLM_PYTHON=${VLLM_PYTHON:-python3}
 PREFILL_PORT=${PREFILL_PORT:-8100}; DECODE_PORT=${DECODE_PORT:-8200}; PROXY_PORT=${PROXY_PORT:-8000}
 CONTROL_PORT=${CONTROL_PORT:-7100}; READY_TIMEOUT_S=${READY_TIMEOUT_S:-600}
 read -r -a vllm_args <<< "${VLLM_ARGS:-}"
+read -r -a prefill_args <<< "${PREFILL_ARGS:-}"
+read -r -a decode_args <<< "${DECODE_ARGS:-}"
 
 kv_config() {  # role, extra config (JSON object)
   printf '{"kv_connector": "LLMDataDistConnector", "kv_connector_module_path": "llm_datadist.integrations.vllm",'
@@ -30,10 +33,10 @@ cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; w
 trap cleanup EXIT INT TERM
 
 "$VLLM_PYTHON" "$here/serve.py" "$MODEL" --host "$HOST" --port "$PREFILL_PORT" \
-  --kv-transfer-config "$(kv_config kv_producer "$prefill_extra")" "${vllm_args[@]}" &
+  --kv-transfer-config "$(kv_config kv_producer "$prefill_extra")" "${vllm_args[@]}" "${prefill_args[@]}" &
 pids+=($!)
 "$VLLM_PYTHON" "$here/serve.py" "$MODEL" --host "$HOST" --port "$DECODE_PORT" \
-  --kv-transfer-config "$(kv_config kv_consumer "$decode_extra")" "${vllm_args[@]}" &
+  --kv-transfer-config "$(kv_config kv_consumer "$decode_extra")" "${vllm_args[@]}" "${decode_args[@]}" &
 pids+=($!)
 
 # wait until both answer /health; stop at once if one of them exits

@@ -41,11 +41,12 @@ def vllm_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 class VllmInstance:
     """A ``vllm_driver.py`` subprocess; ``call`` sends one command and returns its reply (raising on failure)."""
 
-    def __init__(self, python: str, name: str, log_dir: str, env: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, python: str, name: str, log_dir: str, env: Optional[Dict[str, str]] = None,
+                 script: str = "vllm_driver.py") -> None:
         self.name = name
         self.log_path = os.path.join(log_dir, f"{name}.log")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([python, os.path.join(HERE, "vllm_driver.py")], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([python, os.path.join(HERE, script)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._log, text=True, env=vllm_env(env))
         self._replies: queue.Queue[Optional[str]] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()

@@ -3,8 +3,12 @@
 A layer tensor holds ``num_blocks`` blocks along one dimension; the dimensions before it (for example K/V on
 CUDA backends, ``[2, num_blocks, ...]``) give separate regions, the dimensions after it must be one
 contiguous block. Every region becomes one tensor of the cache: ``num_regions = layers * regions_per_layer``,
-each ``[num_blocks, block_nbytes]``, so one ``pull_blocks`` moves every layer of a request. Works on tensor-like
-objects (``shape``, ``stride()``, ``element_size()``, ``data_ptr()``, ``device``) without importing torch.
+so one ``pull_blocks`` moves every layer of a request. Works on tensor-like objects (``shape``, ``stride()``,
+``element_size()``, ``data_ptr()``, ``device``) without importing torch.
+
+A head-major (HND) block ``[heads, block_size, ...]`` is ``heads`` equal contiguous sub-blocks of one KV head each;
+the cache is registered in those sub-blocks (``[num_blocks * heads, block_nbytes / heads]`` per region), so ranks
+of different tensor-parallel sizes can move single heads (see ``tp_map``).
 """
 from __future__ import annotations
 
@@ -26,6 +30,22 @@ class KVLayout:
     block_nbytes: int
     dtype: str
     device_type: str
+    heads: int = 1  # KV heads per block, each a contiguous sub-block (1: whole blocks only)
+
+    @property
+    def sub_block_nbytes(self) -> int:
+        """Bytes of one head of one block: the block size of the registered cache."""
+        return self.block_nbytes // self.heads
+
+    @property
+    def num_sub_blocks(self) -> int:
+        """Blocks of the registered cache (``num_blocks * heads``)."""
+        return self.num_blocks * self.heads
+
+    def sub_blocks(self, block_ids: Sequence[int]) -> List[int]:
+        """The registered cache's blocks of whole blocks ``block_ids`` (every head, in order)."""
+        heads = self.heads
+        return [int(b) * heads + j for b in block_ids for j in range(heads)]
 
     @property
     def num_regions(self) -> int:
@@ -37,7 +57,7 @@ class KVLayout:
         return self.layer_names.index(layer_name)
 
 
-def _regions_of(name: str, tensor: Any, num_blocks: int) -> Tuple[List[int], int]:
+def _regions_of(name: str, tensor: Any, num_blocks: int) -> Tuple[List[int], int, int]:
     shape = [int(d) for d in tensor.shape]
     strides = [int(s) for s in tensor.stride()]
     elem = int(tensor.element_size())
@@ -58,11 +78,15 @@ def _regions_of(name: str, tensor: Any, num_blocks: int) -> Tuple[List[int], int
     addrs = [base]
     for size, stride in zip(shape[:dim], strides[:dim]):
         addrs = [addr + i * stride * elem for addr in addrs for i in range(size)]
-    return addrs, expected * elem
+    return addrs, expected * elem, inner[0] if inner else 1
 
 
-def layout_of(kv_caches: Mapping[str, Any], num_blocks: int) -> KVLayout:
+def layout_of(kv_caches: Mapping[str, Any], num_blocks: int, heads: int = 1) -> KVLayout:
     """The layout of ``register_kv_caches``' tensors (dict order is vLLM's layer order).
+
+    ``heads``: the KV heads of this rank's blocks. When every tensor's first dimension after the block dimension
+    has that size (a head-major block), the layout's ``heads`` is ``heads``; otherwise (one head, or heads not
+    outermost in a block) it is 1 and only whole blocks can move.
 
     Raises:
         ValueError: no tensors, a tensor without a block dimension of ``num_blocks`` or with non-contiguous
@@ -74,8 +98,10 @@ def layout_of(kv_caches: Mapping[str, Any], num_blocks: int) -> KVLayout:
     addrs: List[int] = []
     per_layer = block_nbytes = -1
     dtype = device = ""
+    head_major = heads > 1
     for name, tensor in kv_caches.items():
-        regions, nbytes = _regions_of(name, tensor, num_blocks)
+        regions, nbytes, outer = _regions_of(name, tensor, num_blocks)
+        head_major = head_major and outer == heads
         this_dtype, this_device = str(tensor.dtype), str(tensor.device.type)
         if per_layer == -1:
             per_layer, block_nbytes, dtype, device = len(regions), nbytes, this_dtype, this_device
@@ -85,7 +111,8 @@ def layout_of(kv_caches: Mapping[str, Any], num_blocks: int) -> KVLayout:
                              f"{block_nbytes}-byte blocks, {dtype} on {device}); one cache needs one geometry")
         names.append(name)
         addrs.extend(regions)
-    return KVLayout(tuple(names), tuple(addrs), per_layer, num_blocks, block_nbytes, dtype, device)
+    return KVLayout(tuple(names), tuple(addrs), per_layer, num_blocks, block_nbytes, dtype, device,
+                    heads if head_major else 1)
 
 
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:

@@ -50,7 +50,17 @@ class LLMDataDistConnector(KVConnectorBase_V1):
 
             num_blocks = kv_cache_config.num_blocks if kv_cache_config is not None else 0
             self._worker = WorkerSide(self.config, transfer.is_kv_producer, transfer.is_kv_consumer, block_size,
-                                      num_blocks, get_tensor_model_parallel_rank())
+                                      num_blocks, get_tensor_model_parallel_rank(),
+                                      vllm_config.parallel_config.tensor_parallel_size, _total_kv_heads(vllm_config))
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: Any) -> Optional[str]:
+        """Head-major blocks ("HND"): a group of consecutive KV heads is one contiguous range of a block, so a
+        decode of another tensor-parallel size can pull just the heads it owns. None for MLA (one latent "head")."""
+        model = getattr(vllm_config, "model_config", None)
+        if model is None or getattr(model, "use_mla", False):
+            return None
+        return "HND"
 
     # -- worker side ------------------------------------------------------------------------------
     @property
@@ -141,3 +151,16 @@ class LLMDataDistConnector(KVConnectorBase_V1):
     def request_finished(self, request: Any, block_ids: Any) -> Tuple[bool, Optional[Dict[str, Any]]]:
         """Keep a finished prefill request's blocks and return the params its decode needs."""
         return self.scheduler.request_finished(request, list(block_ids))
+
+
+def _total_kv_heads(vllm_config: Any) -> int:
+    """The model's KV heads as vLLM shares them over TP ranks (an MLA latent is one head); 0 when unknown."""
+    model = getattr(vllm_config, "model_config", None)
+    if model is None:
+        return 0
+    if getattr(model, "use_mla", False):
+        return 1
+    try:
+        return int(model.get_total_num_kv_heads())
+    except (AttributeError, TypeError, ValueError):
+        return 0

@@ -145,8 +145,12 @@ class Control:
             raise ConnectionError(f"prefill cluster {cluster_id}: {type(message).__name__} not delivered "
                                   f"({exc.status_code.name})") from exc
 
-    def claim(self, cluster_id: int, request_id: str) -> msg.ClaimReply:
+    def claim(self, cluster_id: int, request_id: str, sharers: int = 1,
+              geometry: Optional[msg.Geometry] = None) -> msg.ClaimReply:
         """Bind ``request_id``'s held blocks on a linked prefill to our link; waits at most the timeout.
+
+        ``sharers`` decode ranks claim it (the prefill frees it after as many releases); ``geometry`` is the one
+        the prefill must have (default: ours).
 
         Raises:
             ConnectionError: not delivered, the link went down, or no reply in time.
@@ -156,7 +160,7 @@ class Control:
         with self._lock:
             self._waits[seq] = wait
         try:
-            self._send(cluster_id, msg.Claim(seq, request_id, self._geometry))
+            self._send(cluster_id, msg.Claim(seq, request_id, geometry or self._geometry, sharers))
             if not wait.event.wait(self._timeout_ms / 1000.0) or wait.reply is None:
                 raise ConnectionError(f"prefill cluster {cluster_id} gave no claim reply for {request_id} "
                                       f"({'link lost' if wait.event.is_set() else 'timed out'})")

@@ -94,8 +94,10 @@ def _cuda_present() -> bool:
 
 def register_layout(datadist: LLMDataDist, layout: KVLayout, placement: Placement, cluster_id: int,
                     model_id: int) -> Cache:
-    """Register every region of every layer as one blocks cache of ``[num_blocks, block_nbytes]`` bytes."""
-    desc = CacheDesc(layout.num_regions, [layout.num_blocks, layout.block_nbytes], DataType.DT_UINT8, placement)
+    """Register every region of every layer as one blocks cache of ``[num_blocks * heads, block_nbytes / heads]``
+    bytes: one block of the cache per KV head of a vLLM block (see ``KVLayout.sub_blocks``)."""
+    desc = CacheDesc(layout.num_regions, [layout.num_sub_blocks, layout.sub_block_nbytes], DataType.DT_UINT8,
+                     placement)
     return datadist.cache_manager.register_blocks_cache(desc, list(layout.region_addrs),
                                                         BlocksCacheKey(cluster_id, model_id), True)
 

@@ -14,6 +14,7 @@ from llm_datadist.integrations.vllm.config import ConnectorConfig, connector_log
 from llm_datadist.integrations.vllm.control import Control
 from llm_datadist.integrations.vllm.datadist import link_prefill, unlink_prefill
 from llm_datadist.integrations.vllm.metadata import LoadJob
+from llm_datadist.integrations.vllm.tp_map import HeadSlice, RankPlan, plan_for, sub_block_pairs
 
 __all__ = ["Peer", "Loader", "TransferStat"]
 
@@ -38,7 +39,8 @@ class Loader:
     """
 
     def __init__(self, config: ConnectorConfig, datadist: LLMDataDist, cache: Cache, layout: KVLayout,
-                 geometry: msg.Geometry, cluster_id: int, tp_rank: int) -> None:
+                 geometry: msg.Geometry, cluster_id: int, tp_rank: int, tp_size: int = 1,
+                 total_kv_heads: int = 0) -> None:
         self._config = config
         self._datadist = datadist
         self._cache = cache
@@ -46,6 +48,9 @@ class Loader:
         self._geometry = geometry
         self._cluster_id = cluster_id
         self._tp_rank = tp_rank
+        self._tp_size = tp_size
+        self._total_kv_heads = total_kv_heads
+        self._plans: Dict[int, RankPlan] = {}  # prefill TP size -> this rank's pulls
         self.control: Optional[Control] = None
         self._lock = threading.Lock()
         self._peers: Dict[Endpoint, Peer] = {}
@@ -112,23 +117,49 @@ class Loader:
         """Start a load in the background (its outcome comes back through ``take_finished``)."""
         self._pool.submit(self._run, job)
 
-    def _endpoint(self, job: LoadJob) -> Endpoint:
-        endpoints = job.params.endpoints
-        if self._tp_rank >= len(endpoints):
-            raise ConnectionError(f"the prefill has {len(endpoints)} TP ranks, this decode worker is rank "
-                                  f"{self._tp_rank}: use the same tensor-parallel size on both")
-        return endpoints[self._tp_rank]
+    def _plan(self, job: LoadJob) -> RankPlan:
+        """This rank's pulls from a prefill of ``len(endpoints)`` TP ranks (one endpoint per rank)."""
+        prefill_tp = len(job.params.endpoints)
+        plan = self._plans.get(prefill_tp)
+        if plan is not None:
+            return plan
+        if not self._total_kv_heads:
+            if prefill_tp != self._tp_size:
+                raise ValueError(f"the prefill has {prefill_tp} TP ranks, this decode {self._tp_size}, and the "
+                                 f"model's KV head count is not known: use the same tensor-parallel size on both")
+            heads = self._layout.heads
+            plan = RankPlan({self._tp_rank: (HeadSlice(0, 0, heads),)}, {r: 1 for r in range(prefill_tp)}, (),
+                            heads, heads)
+        else:
+            plan = plan_for(self._tp_rank, self._tp_size, prefill_tp, self._total_kv_heads)
+            if not plan.same_shape and self._layout.heads != plan.dst_heads:
+                raise ValueError(f"this decode's KV blocks are not head-major (HND), so it can not take part of the "
+                                 f"heads of a prefill of {prefill_tp} TP ranks (this decode has {self._tp_size})")
+        self._plans[prefill_tp] = plan
+        return plan
+
+    def _source_geometry(self, plan: RankPlan) -> msg.Geometry:
+        """The geometry a prefill rank of the plan has: ours with its heads per block."""
+        heads = plan.src_heads if self._layout.heads == plan.dst_heads else self._geometry.heads
+        return msg.Geometry(self._geometry.num_regions, self._geometry.block_nbytes, self._geometry.block_size,
+                            self._geometry.layers, heads)
 
     def _run(self, job: LoadJob) -> None:
         started = time.monotonic()
         try:
-            peer = self._peer(self._endpoint(job))
+            plan = self._plan(job)
+            endpoints = job.params.endpoints
             if job.num_tokens == 0:
-                self._control().release(peer.cluster_id, [job.params.request_id])
+                for rank in list(plan.pulls) + list(plan.release_only):
+                    self._release_quietly(endpoints[rank], job.params.request_id)
             elif job.params.mode == "push":
-                self._start_push_wait(job, peer, started)
+                if not plan.same_shape:
+                    raise ValueError(f"push mode needs the prefill's tensor-parallel size ({len(endpoints)} ranks) "
+                                     f"to equal the decode's ({self._tp_size}); pull instead")
+                (rank,) = plan.pulls
+                self._start_push_wait(job, self._peer(endpoints[rank]), started)
             else:
-                self._pull(job, peer, started)
+                self._pull_all(job, plan, started)
         except (ConnectionError, OSError, LLMException, ValueError) as exc:
             if job.num_tokens:
                 self._finish(job, str(exc), started)
@@ -139,16 +170,54 @@ class Loader:
             _log.exception("request %s: unexpected load failure", job.request_id)
             self._finish(job, repr(exc), started)
 
-    def _pull(self, job: LoadJob, peer: Peer, started: float) -> None:
+    def _pull_all(self, job: LoadJob, plan: RankPlan, started: float) -> None:
+        """Pull this rank's heads from every prefill rank that has them, then release the prefill ranks nobody
+        pulls from; after a failure, only release the rest."""
+        endpoints = job.params.endpoints
+        failure: Optional[BaseException] = None
+        nbytes = 0
+        pull_s = 0.0
+        for rank, slices in plan.pulls.items():
+            if failure is None:
+                try:
+                    moved, seconds = self._pull(job, rank, plan, slices)
+                    nbytes, pull_s = nbytes + moved, pull_s + seconds
+                    continue
+                except (ConnectionError, OSError, LLMException, ValueError) as exc:
+                    failure = exc
+            self._release_quietly(endpoints[rank], job.params.request_id)
+        for rank in plan.release_only:
+            self._release_quietly(endpoints[rank], job.params.request_id)
+        if failure is not None:
+            raise failure
+        self.stats.append((job.request_id, "pull", nbytes, time.monotonic() - started, pull_s))
+        self._finish(job, "", started)
+
+    def _release_quietly(self, endpoint: Endpoint, remote_id: str) -> None:
+        try:
+            self._control().release(self._peer(endpoint).cluster_id, [remote_id])
+        except (ConnectionError, OSError, LLMException) as exc:
+            _log.info("request %s: release on prefill %s:%d not sent (%s); its lease frees the blocks", remote_id,
+                      endpoint[0], endpoint[1], exc)
+
+    def _pull(self, job: LoadJob, rank: int, plan: RankPlan, slices: Tuple[HeadSlice, ...]) -> Tuple[int, float]:
+        """Claim the request on prefill rank ``rank`` and pull the heads of ``slices``; (bytes, seconds pulling)."""
+        peer = self._peer(job.params.endpoints[rank])
         remote_id = job.params.request_id
         control = self._control()
-        reply = control.claim(peer.cluster_id, remote_id)
+        reply = control.claim(peer.cluster_id, remote_id, plan.sharers[rank], self._source_geometry(plan))
         if not reply.ok:
             raise ConnectionError(f"prefill refused the claim: {reply.reason}")
         released = False
+        src: List[int] = []
+        pull_began = time.monotonic()
         try:
-            src, dst = block_pairs(reply.block_ids, job.local_block_ids, job.num_tokens, self._geometry.block_size,
-                                   job.first_block)
+            blocks = block_pairs(reply.block_ids, job.local_block_ids, job.num_tokens, self._geometry.block_size,
+                                 job.first_block)
+            if self._layout.heads == plan.dst_heads:
+                src, dst = sub_block_pairs(blocks[0], blocks[1], slices, plan.src_heads, plan.dst_heads)
+            else:  # whole blocks (the plan is block for block)
+                src, dst = blocks
             pull_began = time.monotonic()
             if src:  # the release goes with the pull: the prefill learns of it once every byte is here
                 released = True
@@ -164,9 +233,7 @@ class Loader:
         pull_s = time.monotonic() - pull_began
         if not released:
             control.release(peer.cluster_id, [remote_id])
-        nbytes = len(src) * self._layout.num_regions * self._layout.block_nbytes
-        self.stats.append((job.request_id, "pull", nbytes, time.monotonic() - started, pull_s))
-        self._finish(job, "", started)
+        return len(src) * self._layout.num_regions * self._geometry.block_nbytes, pull_s
 
     def _start_push_wait(self, job: LoadJob, peer: Peer, started: float) -> None:
         needed = blocks_for_tokens(job.num_tokens, self._geometry.block_size)

@@ -29,6 +29,7 @@ class Geometry(msgspec.Struct, frozen=True):
     block_nbytes: int
     block_size: int  # tokens per block
     layers: int
+    heads: int = 1  # KV heads per vLLM block, each a sub-block of block_nbytes (a claim names the prefill's)
 
 
 class Claim(msgspec.Struct, tag=True, frozen=True):
@@ -37,6 +38,7 @@ class Claim(msgspec.Struct, tag=True, frozen=True):
     seq: int
     request_id: str
     geometry: Geometry
+    sharers: int = 1  # decode ranks that claim this request on this prefill rank (it is freed after their releases)
 
 
 class ClaimReply(msgspec.Struct, tag=True, frozen=True):

@@ -178,9 +178,12 @@ class Pusher:
         return state.ready
 
     def _pairs(self, state: _Push) -> Tuple[List[int], List[int]]:
+        """Source and destination blocks of the registered caches (every head of each block: the decode has this
+        rank's heads per block, its PushReady geometry says so)."""
         ready = self._ready(state)
-        return block_pairs(state.hold.block_ids, ready.dst_block_ids, ready.num_tokens, self._block_size,
-                           ready.first_block)
+        src, dst = block_pairs(state.hold.block_ids, ready.dst_block_ids, ready.num_tokens, self._block_size,
+                               ready.first_block)
+        return self._layout.sub_blocks(src), self._layout.sub_blocks(dst)
 
     def _dest(self, state: _Push) -> BlocksCacheKey:
         if state.owner is None:
@@ -217,7 +220,7 @@ class Pusher:
 
     def _nbytes(self, state: _Push) -> int:
         src, _ = self._pairs(state)
-        return len(src) * self._layout.num_regions * self._layout.block_nbytes
+        return len(src) * self._layout.num_regions * self._layout.sub_block_nbytes
 
     def _complete(self, state: _Push) -> Tuple[bool, str]:
         """Finish the push and tell the decode; (ok, reason) where a failure has not been told yet."""

@@ -1,7 +1,9 @@
 """Worker side of the connector: registers vLLM's KV cache, serves decodes (prefill), loads requests (decode)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Set, Tuple
+import dataclasses
+import threading
+from typing import Any, Dict, Hashable, Mapping, Optional, Set, Tuple
 
 from llm_datadist.integrations.vllm import messages as msg
 from llm_datadist.integrations.vllm.block_layout import KVLayout, layout_of
@@ -13,6 +15,7 @@ from llm_datadist.integrations.vllm.holds import HoldTable
 from llm_datadist.integrations.vllm.loader import Loader
 from llm_datadist.integrations.vllm.metadata import StepMetadata, WorkerEndpoint
 from llm_datadist.integrations.vllm.pusher import Pusher
+from llm_datadist.integrations.vllm.tp_map import heads_per_rank
 
 __all__ = ["WorkerSide", "PUSH_OWNER"]
 
@@ -33,6 +36,19 @@ class _CudaReady:
         self._event.synchronize()
 
 
+@dataclasses.dataclass
+class _Shared:
+    """A hold several decode ranks pull (a decode of more TP ranks): freed after ``sharers`` of them released."""
+
+    sharers: int
+    claimed: Set[Hashable] = dataclasses.field(default_factory=set)
+    released: Set[Hashable] = dataclasses.field(default_factory=set)
+
+
+def _shared_owner(request_id: str) -> Tuple[str, str]:
+    return ("tp-shared", request_id)
+
+
 class WorkerSide:
     """One per vLLM worker (TP rank). Producers listen; consumers link lazily to the prefills they load from.
 
@@ -41,13 +57,15 @@ class WorkerSide:
     """
 
     def __init__(self, config: ConnectorConfig, producer: bool, consumer: bool, block_size: int, num_blocks: int,
-                 tp_rank: int) -> None:
+                 tp_rank: int, tp_size: int = 1, total_kv_heads: int = 0) -> None:
         self._config = config
         self._producer = producer
         self._consumer = consumer
         self._block_size = block_size
         self._num_blocks = num_blocks
         self._tp_rank = tp_rank
+        self._tp_size = tp_size
+        self._total_kv_heads = total_kv_heads  # the model's KV heads (an MLA latent is one); 0: not known
         self._port = config.listen_port + tp_rank if producer and config.listen_port else 0
         self.cluster_id = prefill_cluster_id(config.host, self._port) if self._port else new_cluster_id()
         self.layout: Optional[KVLayout] = None
@@ -60,15 +78,21 @@ class WorkerSide:
         self.pusher: Optional[Pusher] = None
         self._geometry: Optional[msg.Geometry] = None
         self._failed_blocks: Set[int] = set()
+        self._shared: Dict[str, _Shared] = {}  # request id -> releases of a hold several decode ranks claimed
+        self._shared_lock = threading.Lock()
         self._closed = False
 
     # -- start-up -----------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: Mapping[str, Any]) -> None:
         """Register every layer's KV tensor in one llm_datadist blocks cache, then start listening/loading."""
-        layout = layout_of(kv_caches, self._num_blocks)
+        heads = heads_per_rank(self._tp_size, self._total_kv_heads) if self._total_kv_heads else 1
+        layout = layout_of(kv_caches, self._num_blocks, heads)
+        if layout.heads != heads:
+            _log.warning("llm_datadist connector: the KV blocks of this rank are not head-major (HND) with %d heads; "
+                         "only a prefill or decode of the same tensor-parallel size can exchange KV with it", heads)
         self.layout, self.kv_caches = layout, dict(kv_caches)
-        self._geometry = msg.Geometry(layout.num_regions, layout.block_nbytes, self._block_size,
-                                        len(layout.layer_names))
+        self._geometry = msg.Geometry(layout.num_regions, layout.sub_block_nbytes, self._block_size,
+                                      len(layout.layer_names), layout.heads)
         first = next(iter(kv_caches.values()))
         device_id = int(first.device.index or 0) if layout.device_type != "cpu" else 0
         self._datadist, self._datadist_port = start_datadist(self._config, self._producer, self.cluster_id,
@@ -77,7 +101,7 @@ class WorkerSide:
         cache = register_layout(self._datadist, layout, placement, self.cluster_id, self._config.model_id)
         if self._consumer:
             self.loader = Loader(self._config, self._datadist, cache, layout, self._geometry, self.cluster_id,
-                                 self._tp_rank)
+                                 self._tp_rank, self._tp_size, self._total_kv_heads)
         self.control = Control(self._datadist, self._geometry, self._config.link_timeout_ms,
                                server=self if self._producer else None,
                                on_push_done=self.loader.on_push_done if self.loader else None,
@@ -87,9 +111,10 @@ class WorkerSide:
         if self._producer:
             self.pusher = Pusher(self._config, self._datadist, cache, layout, self._block_size,
                                   self._claim_push, self._release_push, self.control.push_done)
-        _log.info("llm_datadist connector: %d layers x %d regions of %d blocks x %d bytes registered (%s, %s); "
-                  "cluster %d%s", len(layout.layer_names), layout.regions_per_layer, layout.num_blocks,
-                  layout.block_nbytes, layout.device_type, placement.name, self.cluster_id,
+        _log.info("llm_datadist connector: %d layers x %d regions of %d blocks x %d bytes (%d KV heads) registered "
+                  "(%s, %s); TP rank %d of %d; cluster %d%s", len(layout.layer_names), layout.regions_per_layer,
+                  layout.num_blocks, layout.block_nbytes, layout.heads, layout.device_type, placement.name,
+                  self._tp_rank, self._tp_size, self.cluster_id,
                   f", listening on {self._config.host}:{self._datadist_port}" if self._producer else "")
 
     def endpoint(self) -> Optional[WorkerEndpoint]:
@@ -105,18 +130,44 @@ class WorkerSide:
 
     # -- control.PrefillHandler (notification thread) -------------------------------------------------
     def on_claim(self, owner: Owner, message: msg.Claim) -> msg.ClaimReply:
-        """Bind the hold to the decode's link (after its KV writes are complete)."""
-        hold, reason = self.holds.claim(message.request_id, owner)
+        """Bind the hold to the decode's link (after its KV writes are complete); a hold that several decode ranks
+        pull is bound to all of them."""
+        if message.sharers > 1:
+            hold, reason = self._claim_shared(owner, message.request_id, message.sharers)
+        else:
+            hold, reason = self.holds.claim(message.request_id, owner)
         if hold is None:
             return msg.ClaimReply(message.seq, False, reason=reason)
         if hold.ready is not None:
             hold.ready.synchronize()
         return msg.ClaimReply(message.seq, True, block_ids=list(hold.block_ids))
 
+    def _claim_shared(self, owner: Owner, request_id: str, sharers: int) -> Tuple[Any, str]:
+        with self._shared_lock:
+            hold, reason = self.holds.claim(request_id, _shared_owner(request_id))
+            if hold is not None:
+                self._shared.setdefault(request_id, _Shared(sharers)).claimed.add(owner)
+            return hold, reason
+
+    def _release_share(self, owner: Hashable, request_id: str, why: str, claimers_only: bool = False) -> bool:
+        """Count one decode rank's release of a shared hold (True: the hold is shared and the owner counted); the
+        last one frees it."""
+        with self._shared_lock:
+            shared = self._shared.get(request_id)
+            if shared is None or (claimers_only and owner not in shared.claimed):
+                return False
+            shared.released.add(owner)
+            if len(shared.released) < shared.sharers:
+                return True
+            del self._shared[request_id]
+        self.holds.release(request_id, why, owner=_shared_owner(request_id))
+        return True
+
     def on_release(self, owner: Owner, message: msg.Release) -> None:
         """Free the holds this decode link claimed and now releases."""
         for request_id in message.request_ids:
-            self.holds.release(request_id, "released by the decode", owner=owner)
+            if not self._release_share(owner, request_id, "released by the decode"):
+                self.holds.release(request_id, "released by the decode", owner=owner)
 
     def on_push_ready(self, owner: Owner, message: msg.PushReady) -> None:
         """Pass a push hand-off to the pusher."""
@@ -126,6 +177,10 @@ class WorkerSide:
     def on_decode_gone(self, owner: Owner) -> None:
         """Free every hold the decode claimed over the link that went down."""
         released = self.holds.release_owner(owner, "decode disconnected")
+        with self._shared_lock:  # a shared hold stays for the decode ranks still pulling it: count this one out
+            shared_ids = list(self._shared)
+        for request_id in shared_ids:
+            self._release_share(owner, request_id, "decode disconnected", claimers_only=True)
         if released:
             _log.info("decode cluster %s disconnected: freeing the blocks of %d claimed requests", owner[0],
                       len(released))
@@ -185,11 +240,19 @@ class WorkerSide:
             self.pusher.drop(expired)
             self.pusher.expire(self._config.lease_s)
         sending = self.holds.take_freeable(set(finished_req_ids))
+        if self._shared:
+            self._forget_unheld_shares()
         receiving: Set[str] = set()
         if self.loader is not None:
             receiving, failed = self.loader.take_finished()
             self._failed_blocks.update(failed)
         return sending, receiving
+
+    def _forget_unheld_shares(self) -> None:
+        held = set(self.holds.held_ids())
+        with self._shared_lock:
+            for request_id in [rid for rid in self._shared if rid not in held]:
+                del self._shared[request_id]
 
     def take_failed_blocks(self) -> Set[int]:
         """Local blocks of loads that failed, reported once (after ``get_finished`` named their requests)."""
