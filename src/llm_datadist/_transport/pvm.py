@@ -1,9 +1,15 @@
-"""process_vm_readv/writev: the system calls of a plan, guard words first and last in every call."""
+"""process_vm_readv/writev: the system calls of a plan, guard words first and last in every call.
+
+Two implementations of one contract: the compiled data path (``_fastpath.pvm_rw``: the whole plan, split across
+threads, with the GIL released once) where the extension was built, else the system calls through ctypes, one
+call at a time (``rw``). ``LLM_DATADIST_PURE_PYTHON=1`` forces the second; which one runs is logged once.
+"""
 from __future__ import annotations
 
 import array
 import ctypes
 import errno
+import logging
 import os
 import threading
 import time
@@ -19,6 +25,7 @@ from llm_datadist._transport.base import (
     TransportError,
 )
 
+_log = logging.getLogger(__name__)
 IOV_MAX = 1024  # iovecs per process_vm_* call (UIO_MAXIOV)
 CHUNK_BYTES = 1 << 30  # bytes per call; the kernel truncates one call at MAX_RW_COUNT (~2 GiB)
 
@@ -42,6 +49,30 @@ def _load_libc() -> Tuple[Optional[object], Optional[object]]:
 
 
 _READV, _WRITEV = _load_libc()
+PURE_PYTHON_ENV = "LLM_DATADIST_PURE_PYTHON"
+
+
+def _load_fastpath():
+    """The compiled data path, or None (not built here, or turned off by LLM_DATADIST_PURE_PYTHON=1)."""
+    if os.environ.get(PURE_PYTHON_ENV, "").strip() not in ("", "0"):
+        _log.info("%s is set: the pure-Python data path moves same-host bytes", PURE_PYTHON_ENV)
+        return None
+    try:
+        from llm_datadist._transport import _fastpath  # type: ignore[attr-defined]
+    except ImportError as exc:
+        _log.warning("the compiled data path is not built (%s): the pure-Python path moves same-host bytes, "
+                     "slower for small calls and next to busy Python threads; reinstall with a C compiler "
+                     "(pip install --force-reinstall --no-deps llm-datadist) to build it", exc)
+        return None
+    return _fastpath
+
+
+_FAST = _load_fastpath()
+
+
+def compiled() -> bool:
+    """Whether the compiled data path moves the bytes in this process."""
+    return _FAST is not None
 _SELF_PVM: Optional[bool] = None
 _SELF_LOCK = threading.Lock()
 _EMPTY = CopyPlan([], [], [])
@@ -130,6 +161,49 @@ def rw(func, what: str, pid: int, plan: CopyPlan, deadline: Optional[float], gua
             raise StaleMemory(f"{what}: the peer released or replaced that memory during the transfer")
         moved += nbytes
     return moved
+
+
+_ST_OK, _ST_ERRNO, _ST_SHORT, _ST_STALE, _ST_TIMEOUT = range(5)
+
+
+def _guard_buffers(guards: GuardWords) -> Tuple[array.array, array.array]:
+    """The guard words' addresses and values as uint64 buffers (made once per thread and guard set)."""
+    cache = getattr(_LOCAL, "buffers", None)
+    if cache is None:
+        cache = _LOCAL.buffers = {}
+    key = tuple(guards)
+    made = cache.get(key)
+    if made is None:
+        if len(cache) >= _GUARD_SETS:
+            cache.clear()
+        made = cache[key] = (array.array("Q", [a for a, _v in key]), array.array("Q", [v for _a, v in key]))
+    return made
+
+
+_NO_GUARDS = (array.array("Q"), array.array("Q"))
+
+
+def rw_whole(write: bool, pid: int, plan: CopyPlan, deadline: Optional[float], guards: GuardWords, threads: int,
+             split_bytes: int) -> int:
+    """The whole plan in one call of the compiled data path (``compiled()`` must be true): the calls of
+    :func:`rw`, split into up to ``threads`` byte-balanced parts of at least ``split_bytes`` from twice that
+    size on, with the GIL released once. Same errors as :func:`read` / :func:`write`."""
+    what = "process_vm_writev" if write else "process_vm_readv"
+    if len(guards) > IOV_MAX // 4:
+        raise RemoteRejected(f"{what}: too many guards ({len(guards)})")
+    local, remote, sizes = plan.u64_buffers()
+    gaddr, gval = _guard_buffers(guards) if guards else _NO_GUARDS
+    status, err, moved, got, expected = _FAST.pvm_rw(  # type: ignore[union-attr]
+        write, pid, local, remote, sizes, gaddr, gval, threads, split_bytes, deadline or 0.0)
+    if status == _ST_OK:
+        return moved
+    if status == _ST_ERRNO:
+        raise _errno_error(err, what)
+    if status == _ST_SHORT:
+        raise RemoteRejected(f"{what}: copied {got} of {expected} bytes (memory not mapped)")
+    if status == _ST_STALE:
+        raise StaleMemory(f"{what}: the peer released or replaced that memory during the transfer")
+    raise TransferTimeout(f"{what}: deadline passed after {moved} bytes")
 
 
 def read(pid: int, plan: CopyPlan, deadline: Optional[float] = None, guards: GuardWords = ()) -> int:
