@@ -121,7 +121,7 @@ def _call_all(procs: List[VllmInstance], op: str, args: List[Dict[str, Any]]) ->
     (1, 2, 2),  # each decode rank takes one head of the prefill's blocks
     (2, 1, 1),  # one KV head replicated on both prefill ranks: pull from one, release the other
     (1, 2, 1),  # one KV head replicated on both decode ranks: both pull it from the one prefill rank
-], ids=["P1-D1", "P2-D1", "P1-D2", "P2-D1-replicated", "P1-D2-replicated"])
+], ids=["tp1-to-tp1", "tp2-to-tp1", "tp1-to-tp2", "tp2-to-tp1-replicated", "tp1-to-tp2-replicated"])
 def test_decode_ranks_pull_their_heads(rank_procs, prefill_tp, decode_tp, total_heads):
     prefills, decodes = rank_procs[:prefill_tp], rank_procs[prefill_tp:prefill_tp + decode_tp]
     try:
