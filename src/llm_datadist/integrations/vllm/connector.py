@@ -16,7 +16,7 @@ last push carries the notification that the push is done.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorHandshakeMetadata,
                                                                KVConnectorMetadata, KVConnectorRole)
@@ -24,6 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
 from llm_datadist.integrations.vllm.config import ConnectorConfig
 from llm_datadist.integrations.vllm.metadata import StepMetadata, WorkerEndpoint
 from llm_datadist.integrations.vllm.scheduler import SchedulerSide
+from llm_datadist.integrations.vllm.vllm_stats import LLMDataDistKVConnectorStats, LLMDataDistPromMetrics
 from llm_datadist.integrations.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -113,6 +114,23 @@ class LLMDataDistConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> Set[int]:
         """Local blocks of the loads that failed, for vLLM's kv_load_failure_policy."""
         return self.worker.take_failed_blocks()
+
+    # -- statistics (vLLM's KV connector metrics: its log line and /metrics) -------------------------
+    def get_kv_connector_stats(self) -> Optional[LLMDataDistKVConnectorStats]:
+        """What this worker moved since the last step (see ``stats``); None on the scheduler side or when idle."""
+        data = self._worker.take_stats() if self._worker is not None else None
+        return LLMDataDistKVConnectorStats(data) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: Optional[Dict[str, Any]] = None) -> LLMDataDistKVConnectorStats:
+        """The stats from their plain ``data`` (in vLLM's frontend)."""
+        return LLMDataDistKVConnectorStats(data)
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: Dict[Any, Any], labelnames: List[str],
+                           per_engine_labelvalues: Dict[int, List[object]]) -> LLMDataDistPromMetrics:
+        """The connector's metrics in vLLM's /metrics (``vllm:llm_datadist_kv_*``)."""
+        return LLMDataDistPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         """Finalize llm_datadist (its links go down, so prefills free our claims)."""

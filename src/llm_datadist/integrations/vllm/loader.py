@@ -14,6 +14,7 @@ from llm_datadist.integrations.vllm.config import ConnectorConfig, connector_log
 from llm_datadist.integrations.vllm.control import Control
 from llm_datadist.integrations.vllm.datadist import link_prefill, unlink_prefill
 from llm_datadist.integrations.vllm.metadata import LoadJob
+from llm_datadist.integrations.vllm.stats import PULLED, RECEIVED, TransferRecorder, failure_reason
 from llm_datadist.integrations.vllm.tp_map import HeadSlice, RankPlan, plan_for, sub_block_pairs
 
 __all__ = ["Peer", "Loader", "TransferStat"]
@@ -58,6 +59,7 @@ class Loader:
         self._done: Dict[str, List[int]] = {}  # request id -> failed local blocks (empty: success)
         self._push_waits: Dict[str, Tuple[LoadJob, int, float, float]] = {}  # transfer id -> job, prefill...
         self.stats: Deque[TransferStat] = collections.deque(maxlen=4096)
+        self.recorder = TransferRecorder()  # since the last step, for vLLM's metrics (WorkerSide.take_stats)
         self._pool = concurrent.futures.ThreadPoolExecutor(config.load_threads, thread_name_prefix="llm-dd-vllm-load")
         self._closed = False
 
@@ -94,7 +96,7 @@ class Loader:
             lost = [tid for tid, wait in self._push_waits.items() if wait[1] == cluster_id]
             jobs = [self._push_waits.pop(tid) for tid in lost]
         for job, _, started, _ in jobs:
-            self._finish(job, "the link to the prefill went down before its push arrived", started)
+            self._finish(job, "the link to the prefill went down before its push arrived", started, "prefill_lost")
         if jobs:
             _log.info("prefill cluster %d lost: %d pushes failed", cluster_id, len(jobs))
 
@@ -108,9 +110,10 @@ class Loader:
         job, _, started, _ = wait
         if message.ok:
             self.stats.append((job.request_id, "push", message.nbytes, time.monotonic() - started, 0.0))
+            self.recorder.transfer(RECEIVED, message.nbytes)
             self._finish(job, "", started)
         else:
-            self._finish(job, f"the prefill's push failed: {message.reason}", started)
+            self._finish(job, f"the prefill's push failed: {message.reason}", started, "push_failed")
 
     # -- jobs ---------------------------------------------------------------------------------------
     def submit(self, job: LoadJob) -> None:
@@ -162,13 +165,13 @@ class Loader:
                 self._pull_all(job, plan, started)
         except (ConnectionError, OSError, LLMException, ValueError) as exc:
             if job.num_tokens:
-                self._finish(job, str(exc), started)
+                self._finish(job, str(exc), started, failure_reason(exc))
             else:
                 _log.info("request %s: could not release the prefill's blocks (%s); its lease frees them",
                           job.request_id, exc)
         except Exception as exc:  # noqa: BLE001 - a worker thread must report every failure as data
             _log.exception("request %s: unexpected load failure", job.request_id)
-            self._finish(job, repr(exc), started)
+            self._finish(job, repr(exc), started, "internal")
 
     def _pull_all(self, job: LoadJob, plan: RankPlan, started: float) -> None:
         """Pull this rank's heads from every prefill rank that has them, then release the prefill ranks nobody
@@ -191,6 +194,7 @@ class Loader:
         if failure is not None:
             raise failure
         self.stats.append((job.request_id, "pull", nbytes, time.monotonic() - started, pull_s))
+        self.recorder.transfer(PULLED, nbytes, pull_s)
         self._finish(job, "", started)
 
     def _release_quietly(self, endpoint: Endpoint, remote_id: str) -> None:
@@ -251,9 +255,10 @@ class Loader:
                 self._push_waits.pop(job.params.request_id, None)
             raise
 
-    def _finish(self, job: LoadJob, error: str, started: float) -> None:
+    def _finish(self, job: LoadJob, error: str, started: float, reason: str = "internal") -> None:
         failed: List[int] = []
         if error:
+            self.recorder.failure(RECEIVED if job.params.mode == "push" else PULLED, reason)
             needed = blocks_for_tokens(job.num_tokens, self._geometry.block_size)
             failed = list(job.local_block_ids[job.first_block:needed]) or list(job.local_block_ids)
             _log.warning("request %s: KV load failed after %.3f s (%s); vLLM's kv_load_failure_policy applies",
@@ -267,7 +272,8 @@ class Loader:
             late = [tid for tid, wait in self._push_waits.items() if wait[3] <= now]
             jobs = [self._push_waits.pop(tid) for tid in late]
         for job, _, started, _ in jobs:
-            self._finish(job, f"no push arrived within push_timeout_s={self._config.push_timeout_s}", started)
+            self._finish(job, f"no push arrived within push_timeout_s={self._config.push_timeout_s}", started,
+                         "push_timeout")
 
     def take_finished(self) -> Tuple[Set[str], Set[int]]:
         """Requests whose load ended since the last call, and the local blocks of those that failed."""

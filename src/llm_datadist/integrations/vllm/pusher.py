@@ -21,6 +21,7 @@ from llm_datadist.integrations.vllm.block_layout import KVLayout, block_pairs
 from llm_datadist.integrations.vllm.config import ConnectorConfig, connector_logger
 from llm_datadist.integrations.vllm.control import Owner
 from llm_datadist.integrations.vllm.metadata import HoldJob
+from llm_datadist.integrations.vllm.stats import PUSHED, TransferRecorder
 
 __all__ = ["StepGate", "Pusher"]
 
@@ -88,6 +89,7 @@ class Pusher:
         self._gate: Optional[StepGate] = None
         self._queue: queue.Queue[Any] = queue.Queue()
         self.counts: Dict[str, int] = {"layerwise": 0, "after_forward": 0, "failed": 0}
+        self.recorder = TransferRecorder()  # since the last step, for vLLM's metrics (WorkerSide.take_stats)
         self._thread = threading.Thread(target=self._run, name="llm-dd-vllm-push", daemon=True)
         self._thread.start()
 
@@ -245,7 +247,9 @@ class Pusher:
             state = self._queue.get()
             if state is _STOP:
                 return
-            if self._claim(state.hold.request_id):
+            began = time.monotonic()
+            claimed = self._claim(state.hold.request_id)
+            if claimed:
                 try:
                     ok, reason = self._complete(state)
                 except Exception as exc:  # noqa: BLE001 - this thread must answer every decode
@@ -256,6 +260,10 @@ class Pusher:
                 if state.task is not None:
                     state.task.synchronize(self._config.transfer_timeout_ms * 2)
             self.counts["failed" if not ok else "layerwise" if state.task is not None else "after_forward"] += 1
+            if ok:
+                self.recorder.transfer(PUSHED, self._nbytes(state), time.monotonic() - began)
+            else:
+                self.recorder.failure(PUSHED, "push_failed" if claimed else "lease_expired")
             if not ok:
                 _log.warning("transfer %s: push to cluster %s failed: %s", state.hold.transfer_id,
                              state.owner[0] if state.owner is not None else "?", reason)

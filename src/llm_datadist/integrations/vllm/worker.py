@@ -15,6 +15,7 @@ from llm_datadist.integrations.vllm.holds import HoldTable
 from llm_datadist.integrations.vllm.loader import Loader
 from llm_datadist.integrations.vllm.metadata import StepMetadata, WorkerEndpoint
 from llm_datadist.integrations.vllm.pusher import Pusher
+from llm_datadist.integrations.vllm.stats import SERVED, ServedCounter, TransferRecorder, collect_step
 from llm_datadist.integrations.vllm.tp_map import heads_per_rank
 
 __all__ = ["WorkerSide", "PUSH_OWNER"]
@@ -81,6 +82,8 @@ class WorkerSide:
         self._shared: Dict[str, _Shared] = {}  # request id -> releases of a hold several decode ranks claimed
         self._shared_lock = threading.Lock()
         self._closed = False
+        self.recorder = TransferRecorder()  # holds that expired unclaimed, for vLLM's metrics
+        self._served = ServedCounter()  # per-step deltas of llm_datadist's served counters
 
     # -- start-up -----------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: Mapping[str, Any]) -> None:
@@ -236,6 +239,8 @@ class WorkerSide:
     def get_finished(self, finished_req_ids: Set[str]) -> Tuple[Set[str], Set[str]]:
         """(finished sending: released and finished requests, finished receiving: ended loads)."""
         expired = self.holds.expire()
+        if expired:
+            self.recorder.failure(SERVED, "lease_expired", len(expired))
         if self.pusher is not None:
             self.pusher.drop(expired)
             self.pusher.expire(self._config.lease_s)
@@ -253,6 +258,12 @@ class WorkerSide:
         with self._shared_lock:
             for request_id in [rid for rid in self._shared if rid not in held]:
                 del self._shared[request_id]
+
+    def take_stats(self) -> Optional[Dict[str, Any]]:
+        """What this worker moved since the last call (``stats.ConnectorStats.data``): its loads and pushes, and
+        what decodes pulled from it (llm_datadist's served counters); None when nothing happened."""
+        parts = [self.recorder] + [part.recorder for part in (self.loader, self.pusher) if part is not None]
+        return collect_step(parts, self._served if self._producer else None, self._datadist)
 
     def take_failed_blocks(self) -> Set[int]:
         """Local blocks of loads that failed, reported once (after ``get_finished`` named their requests)."""
