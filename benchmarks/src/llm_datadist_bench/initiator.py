@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -234,8 +235,51 @@ def _floor(run: _Run, kind: str, model_id: int, blocks: int, picks: List[List[in
         scratch.close()
 
 
+def _model_series(run: _Run, cache, src: List[int], dst: List[int], copy,
+                  iters: int) -> Tuple[List[float], List[float]]:
+    """``iters`` timed pulls of the model-shaped request (after one warm-up), each right after a timed 2-thread
+    memcpy of the same blocks: (pull seconds, memcpy µs)."""
+    times: List[float] = []
+    memcpy_us: List[float] = []
+    for i in range(iters + 1):
+        copied = copy() if copy is not None else None
+        took = _pull(run, MODEL_MODEL, cache, src, dst)
+        if i:  # the first call warms up
+            times.append(took)
+            if copied is not None:
+                memcpy_us.append(copied * 1e6)
+    return times, memcpy_us
+
+
+def _model_paired(times: List[float], memcpy_us: List[float]) -> Dict[str, Any]:
+    if not memcpy_us:
+        return {}
+    return dict(paired_memcpy_2t_us=memcpy_us,
+                paired_ratios_2t=[m / (t * 1e6) for m, t in zip(memcpy_us, times) if t > 0])
+
+
+def _spinning():
+    """A thread that keeps the GIL busy in a Python loop (what a serving engine's loop does) until stopped."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+
+    thread = threading.Thread(target=spin, name="bench-busy-gil", daemon=True)
+    thread.start()
+
+    def stopper() -> None:
+        stop.set()
+        thread.join()
+
+    return stopper
+
+
 def _model_latency(run: _Run) -> None:
-    """56 tensors x 32 blocks of 64 KiB in one pull_blocks call, each call after a 2-thread memcpy of the same."""
+    """56 tensors x 32 blocks of 64 KiB in one pull_blocks call, each call after a 2-thread memcpy of the same;
+    then the same series next to a thread that keeps the GIL busy in Python (the memcpy pays the same)."""
     spec = run.spec
     run.owner("prepare", MODEL_MODEL, MODEL_TENSORS, MODEL_BLOCKS, MODEL_BLOCK, OWNER_SALT)
     cache, bufs = run.side.create(MODEL_MODEL, MODEL_TENSORS, MODEL_BLOCKS, MODEL_BLOCK, None)
@@ -244,25 +288,21 @@ def _model_latency(run: _Run) -> None:
     copy = None
     if run.paired is not None:
         copy = run.paired.passes(MODEL_BLOCK, s_blk, d_blk, MODEL_TENSORS).get("_2t")
-    times: List[float] = []
-    memcpy_us: List[float] = []
-    for i in range(spec.model_iters + 1):
-        copied = copy() if copy is not None else None
-        took = _pull(run, MODEL_MODEL, cache, src, dst)
-        if i:  # the first call warms up
-            times.append(took)
-            if copied is not None:
-                memcpy_us.append(copied * 1e6)
+    times, memcpy_us = _model_series(run, cache, src, dst, copy, spec.model_iters)
+    stop = _spinning()
+    try:
+        busy_times, busy_memcpy_us = _model_series(run, cache, src, dst, copy, spec.model_iters)
+    finally:
+        stop()
     problem = None
     for t in (0, MODEL_TENSORS - 1):
         problem = problem or verify_blocks(bufs[t].array, MODEL_BLOCK, s_blk, d_blk, OWNER_SALT + t)
     nbytes = MODEL_TENSORS * MODEL_BLOCKS * MODEL_BLOCK
-    paired = {}
-    if memcpy_us:
-        paired = dict(paired_memcpy_2t_us=memcpy_us,
-                      paired_ratios_2t=[m / (t * 1e6) for m, t in zip(memcpy_us, times) if t > 0])
-    run.emit(_latency_record(spec, "latency_model", times, nbytes, problem, tensors=MODEL_TENSORS,
-                             blocks=MODEL_BLOCKS, piece_bytes=MODEL_BLOCK, **paired))
+    shape = dict(tensors=MODEL_TENSORS, blocks=MODEL_BLOCKS, piece_bytes=MODEL_BLOCK)
+    run.emit(_latency_record(spec, "latency_model", times, nbytes, problem, **shape,
+                             **_model_paired(times, memcpy_us)))
+    run.emit(_latency_record(spec, "latency_model_busy", busy_times, nbytes, problem, **shape,
+                             **_model_paired(busy_times, busy_memcpy_us)))
     run.side.release(MODEL_MODEL)
     run.owner("release", MODEL_MODEL)
 
