@@ -79,7 +79,7 @@ def test_messages_round_trip():
 
 def test_messages_with_wrong_version_or_body_are_refused():
     body = msgspec.msgpack.encode(msg.Release(["x"]))
-    with pytest.raises(msg.MessageError, match="schema version 2 is not 1"):
+    with pytest.raises(msg.MessageError, match=f"schema version {msg.SCHEMA_VERSION + 1} is not {msg.SCHEMA_VERSION}"):
         msg.decode(bytes([msg.SCHEMA_VERSION + 1]) + body)
     with pytest.raises(msg.MessageError, match="schema version None"):
         msg.decode(b"")
@@ -233,7 +233,10 @@ def test_holds_lease_claim_and_freeable():
     now = time.monotonic()
     assert table.claim("a", owner="c1")[0].block_ids == [1, 2]
     assert "claimed by another decode" in table.claim("a", owner="c2")[1]
-    assert table.expire(now + 10) == ["b"]  # claimed holds do not expire
+    assert table.expire(now + 4) == []
+    assert table.expire(now + 10) == ["a", "b"]  # a claimed hold expires too when its decode stops renewing
+    table.hold("a", [1, 2], lease_s=5)
+    assert table.claim("a", owner="c1")[0].block_ids == [1, 2]
     assert "already released" in table.claim("b", owner="c1")[1]
     assert not table.release("a", "x", owner="c2")
     assert table.take_freeable(set()) == set()  # released but vLLM has not reported it finished

@@ -35,7 +35,7 @@ def _connector():
 
 def start(model: str, role: str = "", extra: dict = None, module: str = "llm_datadist.integrations.vllm",
           name: str = "LLMDataDistConnector", num_blocks: int = 256, policy: str = "recompute",
-          max_model_len: int = 2048, tp: int = 1) -> dict:
+          max_model_len: int = 2048, tp: int = 1, block_size: int = 32) -> dict:
     global LLM
     from vllm import LLM as _LLM
     from vllm.config import KVTransferConfig
@@ -46,7 +46,7 @@ def start(model: str, role: str = "", extra: dict = None, module: str = "llm_dat
                                                         kv_role=role, kv_connector_extra_config=extra or {},
                                                         kv_load_failure_policy=policy)
     began = time.monotonic()
-    LLM = _LLM(model=model, dtype="float32", enforce_eager=True, block_size=32, enable_prefix_caching=False,
+    LLM = _LLM(model=model, dtype="float32", enforce_eager=True, block_size=block_size, enable_prefix_caching=False,
                distributed_executor_backend="uni" if tp == 1 else "mp", tensor_parallel_size=tp,
                num_gpu_blocks_override=num_blocks, max_model_len=max_model_len, seed=0, **kwargs)
     state = {"init_s": time.monotonic() - began}

@@ -36,7 +36,12 @@ class ConnectorConfig:
         transport: llm_datadist ``transfer_backend`` (``None``: the library's choice per link).
         placement: memory kind of the KV tensors: ``"device"``, ``"host"`` or ``"auto"`` (device memory, which is
             host memory on a machine without CUDA).
-        lease_s: how long a prefill keeps a finished request's blocks for a decode that never comes.
+        lease_s: how long a prefill keeps a finished request's blocks without hearing from its decode: from the end
+            of the prefill to the decode's first claim or renewal, then from each renewal to the next. Decodes renew
+            the requests they still want (queued or loading), so it may be a few seconds; a decode that dies is let
+            go at once (its link goes down), one that stops renewing after this long.
+        lease_renew_s: how often a decode renews the holds of the requests it still wants; a prefill with a shorter
+            lease is renewed three times per lease (it announces its lease at first contact).
         transfer_timeout_ms: bound of each llm_datadist transfer (``sync_kv_timeout``).
         link_timeout_ms: bound of ``link_clusters``, of each control message and of the wait for a claim's reply.
         push_timeout_s: how long a decode waits for a prefill's push before it reports a load error.
@@ -52,6 +57,7 @@ class ConnectorConfig:
     transport: Optional[str] = None
     placement: str = "auto"
     lease_s: float = 30.0
+    lease_renew_s: float = 1.0
     transfer_timeout_ms: int = 10000
     link_timeout_ms: int = 5000
     push_timeout_s: float = 30.0
@@ -68,7 +74,8 @@ class ConnectorConfig:
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"kv_connector_extra_config {name!r} must be a port (0-65535), "
                                  f"not {getattr(self, name)}")
-        for name in ("lease_s", "transfer_timeout_ms", "link_timeout_ms", "push_timeout_s", "load_threads"):
+        for name in ("lease_s", "lease_renew_s", "transfer_timeout_ms", "link_timeout_ms", "push_timeout_s",
+                     "load_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"kv_connector_extra_config {name!r} must be > 0, not {getattr(self, name)}")
         if self.model_id < 0:
@@ -143,6 +150,6 @@ def _as_optional_str(raw: Any) -> Optional[str]:
 _PARSERS: Dict[str, Callable[[Any], Any]] = {
     "mode": _as_str, "host": _as_str, "side_channel_port": _as_int, "datadist_port": _as_int,
     "link_secret": _as_str, "transport": _as_optional_str, "placement": _as_str, "lease_s": _as_float,
-    "transfer_timeout_ms": _as_int, "link_timeout_ms": _as_int, "push_timeout_s": _as_float,
+    "lease_renew_s": _as_float, "transfer_timeout_ms": _as_int, "link_timeout_ms": _as_int, "push_timeout_s": _as_float,
     "load_threads": _as_int, "model_id": _as_int,
 }

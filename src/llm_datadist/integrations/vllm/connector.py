@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorHandshakeMetadata,
                                                                KVConnectorMetadata, KVConnectorRole)
 
+from llm_datadist.integrations.vllm.compat import fingerprint_of
 from llm_datadist.integrations.vllm.config import ConnectorConfig
 from llm_datadist.integrations.vllm.metadata import StepMetadata, WorkerEndpoint
 from llm_datadist.integrations.vllm.scheduler import SchedulerSide
@@ -52,7 +53,8 @@ class LLMDataDistConnector(KVConnectorBase_V1):
             num_blocks = kv_cache_config.num_blocks if kv_cache_config is not None else 0
             self._worker = WorkerSide(self.config, transfer.is_kv_producer, transfer.is_kv_consumer, block_size,
                                       num_blocks, get_tensor_model_parallel_rank(),
-                                      vllm_config.parallel_config.tensor_parallel_size, _total_kv_heads(vllm_config))
+                                      vllm_config.parallel_config.tensor_parallel_size, _total_kv_heads(vllm_config),
+                                      fingerprint_of(vllm_config, kv_cache_config))
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: Any) -> Optional[str]:
@@ -153,6 +155,10 @@ class LLMDataDistConnector(KVConnectorBase_V1):
         """Learn each worker's llm_datadist address (by TP rank)."""
         self.scheduler.set_endpoints({rank: meta for rank, meta in metadata.items()
                                       if isinstance(meta, WorkerEndpoint)})
+
+    def on_new_request(self, request: Any) -> None:
+        """A decode request's prefill hold is renewed from now on, while it waits in the queue and loads."""
+        self.scheduler.on_new_request(request)
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> Tuple[int, bool]:
         """A decode request with remote-prefill params loads its prompt asynchronously."""

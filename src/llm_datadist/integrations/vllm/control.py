@@ -1,8 +1,10 @@
 """The connector's control messages over the notifications of a worker's llm_datadist links.
 
-A decode worker links to a prefill worker once (``link_clusters``); claims, releases and push hand-offs are then
-notifications over that link, authenticated as the link is. Claims are bound to the link they arrived over: when it
-goes down (the decode died, unlinked or restarted), the prefill frees what that decode had claimed at once.
+A decode worker links to a prefill worker once (``link_clusters``) and says ``Hello`` with its compatibility
+fingerprint (``compat``); claims, renewals, releases and push hand-offs are then notifications over that link,
+authenticated as the link is. Claims are bound to the link they arrived over: when it goes down (the decode died,
+unlinked or restarted), the prefill frees what that decode had claimed at once. A decode renews the requests it
+still wants (queued or loading) every renewal interval, so a prefill's lease can be short.
 
 Every callback here runs on the llm_datadist instance's one notification thread, in arrival order.
 """
@@ -10,10 +12,11 @@ from __future__ import annotations
 
 import itertools
 import threading
-from typing import Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple, Union
 
 from llm_datadist import LLMDataDist, LLMException, notifications
 from llm_datadist.integrations.vllm import messages as msg
+from llm_datadist.integrations.vllm.compat import IncompatiblePeer, describe, mismatches
 from llm_datadist.integrations.vllm.config import connector_logger
 
 __all__ = ["Owner", "PrefillHandler", "Control"]
@@ -33,6 +36,10 @@ class PrefillHandler(Protocol):
         """The decode is done with these requests."""
         ...
 
+    def on_renew(self, owner: Owner, message: msg.Renew) -> None:
+        """The decode still wants these requests: extend their leases."""
+        ...
+
     def on_push_ready(self, owner: Owner, message: msg.PushReady) -> None:
         """A decode's destination blocks for a push."""
         ...
@@ -42,13 +49,17 @@ class PrefillHandler(Protocol):
         ...
 
 
+_Reply = Union[msg.ClaimReply, msg.HelloReply]
+
+
 class _Wait:
-    __slots__ = ("cluster_id", "event", "reply")
+    __slots__ = ("cluster_id", "event", "reply", "refused")
 
     def __init__(self, cluster_id: int) -> None:
         self.cluster_id = cluster_id
         self.event = threading.Event()
-        self.reply: Optional[msg.ClaimReply] = None
+        self.reply: Optional[_Reply] = None
+        self.refused = ""  # the prefill's refusal (it speaks another protocol version)
 
 
 class Control:
@@ -57,7 +68,9 @@ class Control:
     Args:
         datadist: the worker's initialized llm_datadist instance.
         geometry: this worker's KV geometry (a decode's claims carry it, the prefill refuses a different one).
-        timeout_ms: bound of each send and of the wait for a claim's reply.
+        timeout_ms: bound of each send and of the wait for a claim's or hello's reply.
+        fingerprint: what a peer must match (``compat``); None: no compatibility check (test stand-ins).
+        lease_s: the prefill side's default lease, told to decodes in the hello reply.
         server: the prefill side's handler (None on a pure decode).
         on_push_done: decode side: ``fn(prefill cluster id, PushDone)``.
         on_prefill_lost: decode side: ``fn(prefill cluster id)`` when a link to a prefill went down.
@@ -66,9 +79,13 @@ class Control:
     def __init__(self, datadist: LLMDataDist, geometry: msg.Geometry, timeout_ms: int,
                  server: Optional[PrefillHandler] = None,
                  on_push_done: Optional[Callable[[int, msg.PushDone], None]] = None,
-                 on_prefill_lost: Optional[Callable[[int], None]] = None) -> None:
+                 on_prefill_lost: Optional[Callable[[int], None]] = None,
+                 fingerprint: Optional[msg.Fingerprint] = None, lease_s: float = 0.0) -> None:
         self._datadist = datadist
         self._geometry = geometry
+        self._fingerprint = fingerprint
+        self._lease_s = lease_s
+        self._refused: Dict[Owner, str] = {}  # prefill side: decode links whose fingerprint differs, and how
         self._timeout_ms = timeout_ms
         self._server = server
         self._on_push_done = on_push_done
@@ -77,6 +94,8 @@ class Control:
         self._seq = itertools.count(1)
         self._waits: Dict[int, _Wait] = {}
         self._closed = False
+        if fingerprint is not None:
+            _log.info("llm_datadist connector: compatibility fingerprint %s", fingerprint)
         notifications.set_callback(datadist, self._on_notification)
         notifications.on_link_down(datadist, self._on_link_down)
 
@@ -86,9 +105,12 @@ class Control:
             message = msg.decode(note.payload)
         except msg.MessageError as exc:
             _log.warning("message from cluster %d dropped: %s", note.cluster_id, exc)
+            self._refuse_version(note)
             return
         owner = (note.cluster_id, note.link_id)
-        if isinstance(message, msg.ClaimReply):
+        if isinstance(message, msg.Refusal):
+            self._on_refusal(note.cluster_id, message)
+        elif isinstance(message, (msg.ClaimReply, msg.HelloReply)):
             with self._lock:
                 wait = self._waits.get(message.seq)
             if wait is not None and wait.cluster_id == note.cluster_id:
@@ -100,15 +122,61 @@ class Control:
         elif self._server is None:
             _log.warning("%s from cluster %d ignored: this worker is not a KV producer", type(message).__name__,
                          note.cluster_id)
+        elif isinstance(message, msg.Hello):
+            self._serve_hello(owner, message)
         elif isinstance(message, msg.Claim):
             self._serve_claim(owner, message)
         elif isinstance(message, msg.Release):
             self._server.on_release(owner, message)
+        elif isinstance(message, msg.Renew):
+            self._server.on_renew(owner, message)
         elif isinstance(message, msg.PushReady):
-            if message.geometry != self._geometry:
-                self.push_done(note.cluster_id, msg.PushDone(message.transfer_id, False, self._mismatch(message)))
+            refused = self._refused.get(owner) or (self._mismatch(message) if message.geometry != self._geometry
+                                                   else "")
+            if refused:
+                self.push_done(note.cluster_id, msg.PushDone(message.transfer_id, False, refused))
             else:
                 self._server.on_push_ready(owner, message)
+
+    def _refuse_version(self, note: notifications.Notification) -> None:
+        """Prefill side: answer a message of another schema version with a refusal every version can read."""
+        version = note.payload[0] if note.payload else None
+        if self._server is None or version in (None, msg.REFUSAL_VERSION, msg.SCHEMA_VERSION):
+            return
+        reason = (f"protocol: prefill {msg.SCHEMA_VERSION}, decode {version} (the connector's message schema "
+                  f"version): run the same llm_datadist version on prefill and decode")
+        try:
+            notifications.send(self._datadist, note.cluster_id, msg.encode_refusal(reason), self._timeout_ms)
+        except LLMException as exc:
+            _log.info("refusal to cluster %d not delivered: %s", note.cluster_id, exc)
+
+    def _on_refusal(self, cluster_id: int, refusal: msg.Refusal) -> None:
+        """Decode side: the prefill can not read our messages: fail every wait on it with its reason."""
+        _log.warning("prefill cluster %d (connector protocol %d) refused our messages: %s", cluster_id,
+                     refusal.protocol, refusal.reason)
+        with self._lock:
+            waits = [wait for wait in self._waits.values() if wait.cluster_id == cluster_id]
+        for wait in waits:
+            wait.refused = refusal.reason
+            wait.event.set()
+
+    def _serve_hello(self, owner: Owner, message: msg.Hello) -> None:
+        reason = ""
+        if self._fingerprint is not None:
+            differences = mismatches(message.fingerprint, self._fingerprint)
+            if differences:
+                reason = describe(differences, message.fingerprint, self._fingerprint)
+                _log.warning("decode cluster %d: %s", owner[0], reason)
+        with self._lock:
+            if reason:
+                self._refused[owner] = reason
+            else:
+                self._refused.pop(owner, None)
+        reply = msg.HelloReply(message.seq, self._fingerprint, self._lease_s, reason)
+        try:
+            notifications.send(self._datadist, owner[0], msg.encode(reply), self._timeout_ms)
+        except LLMException as exc:
+            _log.info("hello reply to cluster %d not delivered: %s", owner[0], exc)
 
     def _mismatch(self, message) -> str:
         return (f"the decode has KV geometry {message.geometry}, this prefill {self._geometry}: run the same model "
@@ -116,7 +184,10 @@ class Control:
 
     def _serve_claim(self, owner: Owner, message: msg.Claim) -> None:
         assert self._server is not None
-        if message.geometry != self._geometry:
+        refused = self._refused.get(owner)
+        if refused:
+            reply = msg.ClaimReply(message.seq, False, reason=refused)
+        elif message.geometry != self._geometry:
             reply = msg.ClaimReply(message.seq, False, reason=self._mismatch(message))
         else:
             reply = self._server.on_claim(owner, message)
@@ -127,6 +198,8 @@ class Control:
 
     def _on_link_down(self, down: notifications.LinkDown) -> None:
         if self._server is not None:
+            with self._lock:
+                self._refused.pop((down.cluster_id, down.link_id), None)
             self._server.on_decode_gone((down.cluster_id, down.link_id))
         if down.linked:
             return  # another link to that cluster is up: waits on it go on
@@ -145,6 +218,54 @@ class Control:
             raise ConnectionError(f"prefill cluster {cluster_id}: {type(message).__name__} not delivered "
                                   f"({exc.status_code.name})") from exc
 
+    def _request(self, cluster_id: int, make: Callable[[int], msg.Message], what: str, about: str = "") -> _Reply:
+        """Send the message ``make(seq)`` and wait (at most the timeout) for the reply with that seq."""
+        seq = next(self._seq)
+        wait = _Wait(cluster_id)
+        with self._lock:
+            self._waits[seq] = wait
+        try:
+            self._send(cluster_id, make(seq))
+            if not wait.event.wait(self._timeout_ms / 1000.0) or wait.reply is None:
+                if wait.refused:
+                    raise IncompatiblePeer(f"prefill cluster {cluster_id} refused the {what}: {wait.refused}")
+                raise ConnectionError(f"prefill cluster {cluster_id} gave no {what} reply{about} "
+                                      f"({'link lost' if wait.event.is_set() else 'timed out'})")
+            return wait.reply
+        finally:
+            with self._lock:
+                self._waits.pop(seq, None)
+
+    def hello(self, cluster_id: int) -> Optional[msg.HelloReply]:
+        """Exchange fingerprints with a linked prefill (once per link, before claims and hand-offs); returns its
+        reply (its fingerprint and default lease), None when this side has no fingerprint to check.
+
+        Raises:
+            IncompatiblePeer: the two sides differ in a compared field (named, with both values).
+            ConnectionError: not delivered, the link went down, or no reply in time.
+        """
+        fingerprint = self._fingerprint
+        if fingerprint is None:
+            return None
+        reply = self._request(cluster_id, lambda seq: msg.Hello(seq, fingerprint), "hello")
+        if not isinstance(reply, msg.HelloReply):
+            raise ConnectionError(f"prefill cluster {cluster_id} answered a hello with {type(reply).__name__}")
+        if reply.fingerprint is not None:
+            differences = mismatches(fingerprint, reply.fingerprint)
+            if differences:
+                raise IncompatiblePeer(describe(differences, fingerprint, reply.fingerprint))
+        if reply.reason:
+            raise IncompatiblePeer(reply.reason)
+        return reply
+
+    def renew(self, cluster_id: int, request_ids: List[str], transfer_ids: List[str]) -> None:
+        """Extend the leases of these requests on a linked prefill (returns once it queued the renewal).
+
+        Raises:
+            ConnectionError: not delivered.
+        """
+        self._send(cluster_id, msg.Renew(list(request_ids), list(transfer_ids)))
+
     def claim(self, cluster_id: int, request_id: str, sharers: int = 1,
               geometry: Optional[msg.Geometry] = None) -> msg.ClaimReply:
         """Bind ``request_id``'s held blocks on a linked prefill to our link; waits at most the timeout.
@@ -155,19 +276,12 @@ class Control:
         Raises:
             ConnectionError: not delivered, the link went down, or no reply in time.
         """
-        seq = next(self._seq)
-        wait = _Wait(cluster_id)
-        with self._lock:
-            self._waits[seq] = wait
-        try:
-            self._send(cluster_id, msg.Claim(seq, request_id, geometry or self._geometry, sharers))
-            if not wait.event.wait(self._timeout_ms / 1000.0) or wait.reply is None:
-                raise ConnectionError(f"prefill cluster {cluster_id} gave no claim reply for {request_id} "
-                                      f"({'link lost' if wait.event.is_set() else 'timed out'})")
-            return wait.reply
-        finally:
-            with self._lock:
-                self._waits.pop(seq, None)
+        claim_geometry = geometry or self._geometry
+        reply = self._request(cluster_id, lambda seq: msg.Claim(seq, request_id, claim_geometry, sharers),
+                              "claim", f" for {request_id}")
+        if not isinstance(reply, msg.ClaimReply):
+            raise ConnectionError(f"prefill cluster {cluster_id} answered a claim with {type(reply).__name__}")
+        return reply
 
     @staticmethod
     def release_payload(request_ids: List[str]) -> bytes:

@@ -1,7 +1,10 @@
 """Prefill side: blocks kept for decodes after their requests finished, and when they may be freed.
 
 A hold starts when a request's prefill has been computed. It ends when its decode releases it, when the
-decode that claimed it disconnects (died or shut down), or when its lease runs out without a claim.
+decode that claimed it disconnects (died or shut down), or when its lease runs out: a lease of ``lease_s`` seconds
+starts at the end of the prefill and starts again at each claim and renewal, so a decode that is queued or loading
+keeps the blocks by renewing (a heartbeat) and a decode that stops renewing loses them one lease later. A hold
+claimed by a local owner that ends it itself (a running push) does not expire.
 vLLM frees the blocks once the request is both released here and reported finished by the engine.
 """
 from __future__ import annotations
@@ -10,7 +13,7 @@ import collections
 import dataclasses
 import threading
 import time
-from typing import Deque, Dict, Hashable, List, Optional, Protocol, Set, Tuple
+from typing import Deque, Dict, Hashable, Iterable, List, Optional, Protocol, Set, Tuple
 
 __all__ = ["Hold", "HoldTable", "RELEASE_LOG_LEN"]
 
@@ -32,6 +35,8 @@ class Hold:
     expires_at: float
     owner: Optional[Hashable] = None
     ready: Optional[Ready] = None  # the KV writes are complete after its ``synchronize()``
+    lease_s: float = 0.0  # each claim or renewal extends the hold to this many seconds from then
+    leased: bool = True  # False while claimed by an owner that ends the hold itself: it does not expire
 
 
 class HoldTable:
@@ -48,11 +53,15 @@ class HoldTable:
     def hold(self, request_id: str, block_ids: List[int], lease_s: float, ready: Optional[Ready] = None) -> None:
         """Keep ``block_ids`` for ``request_id`` for at most ``lease_s`` seconds unless claimed."""
         with self._lock:
-            self._holds[request_id] = Hold(request_id, list(block_ids), time.monotonic() + lease_s, None, ready)
+            self._holds[request_id] = Hold(request_id, list(block_ids), time.monotonic() + lease_s, None, ready,
+                                           lease_s)
             self._released.pop(request_id, None)
 
-    def claim(self, request_id: str, owner: Hashable) -> Tuple[Optional[Hold], str]:
-        """Bind a hold to ``owner`` (a decode connection); returns (hold, "") or (None, reason)."""
+    def claim(self, request_id: str, owner: Hashable, leased: bool = True) -> Tuple[Optional[Hold], str]:
+        """Bind a hold to ``owner`` (a decode connection); returns (hold, "") or (None, reason).
+
+        A claim renews the lease; ``leased=False``: the owner ends the hold itself, it does not expire meanwhile.
+        """
         with self._lock:
             hold = self._holds.get(request_id)
             if hold is None:
@@ -61,7 +70,21 @@ class HoldTable:
             if hold.owner is not None and hold.owner != owner:
                 return None, f"request {request_id} is claimed by another decode"
             hold.owner = owner
+            hold.leased = leased
+            hold.expires_at = max(hold.expires_at, time.monotonic() + hold.lease_s)
             return hold, ""
+
+    def renew(self, request_ids: Iterable[str]) -> List[str]:
+        """Extend these holds' leases to ``lease_s`` from now; returns the ids that are held (the others are not)."""
+        now = time.monotonic()
+        renewed = []
+        with self._lock:
+            for request_id in request_ids:
+                hold = self._holds.get(request_id)
+                if hold is not None:
+                    hold.expires_at = max(hold.expires_at, now + hold.lease_s)
+                    renewed.append(request_id)
+        return renewed
 
     def release(self, request_id: str, why: str, owner: Optional[Hashable] = None) -> bool:
         """End a hold (only the claiming owner may release a claimed one); True when it was held."""
@@ -94,12 +117,14 @@ class HoldTable:
         self.release_log.append((request_id, why, now))
 
     def expire(self, now: Optional[float] = None) -> List[str]:
-        """End unclaimed holds whose lease ran out; returns their request ids."""
+        """End holds whose lease ran out without a claim or renewal (but not those a local owner ends itself);
+        returns their request ids."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            ids = [rid for rid, hold in self._holds.items() if hold.owner is None and hold.expires_at <= now]
+            ids = [rid for rid, hold in self._holds.items() if hold.leased and hold.expires_at <= now]
             for rid in ids:
-                self._end(rid, "lease expired")
+                claimed = self._holds[rid].owner is not None
+                self._end(rid, "lease expired (claimed, not renewed)" if claimed else "lease expired")
             return ids
 
     def take_freeable(self, engine_finished: Set[str]) -> Set[str]:

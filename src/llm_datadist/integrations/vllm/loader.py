@@ -10,10 +10,11 @@ from typing import Deque, Dict, List, Optional, Set, Tuple
 from llm_datadist import BlocksCacheKey, Cache, LLMDataDist, LLMException, notifications
 from llm_datadist.integrations.vllm import messages as msg
 from llm_datadist.integrations.vllm.block_layout import KVLayout, block_pairs, blocks_for_tokens
+from llm_datadist.integrations.vllm.compat import IncompatiblePeer
 from llm_datadist.integrations.vllm.config import ConnectorConfig, connector_logger
 from llm_datadist.integrations.vllm.control import Control
 from llm_datadist.integrations.vllm.datadist import link_prefill, unlink_prefill
-from llm_datadist.integrations.vllm.metadata import LoadJob
+from llm_datadist.integrations.vllm.metadata import LoadJob, TransferParams
 from llm_datadist.integrations.vllm.stats import PULLED, RECEIVED, TransferRecorder, failure_reason
 from llm_datadist.integrations.vllm.tp_map import HeadSlice, RankPlan, plan_for, sub_block_pairs
 
@@ -31,6 +32,17 @@ class Peer:
     def __init__(self, endpoint: Endpoint) -> None:
         self.host, self.port, self.cluster_id = endpoint
         self.alive = True
+        self.lease_s = 0.0  # the prefill's default lease (its hello reply; 0: not known)
+        self.incompatible = ""  # why its KV can not be exchanged with ours (compat), "" when it can
+
+    def check(self, control: Control) -> None:
+        """Compare fingerprints with the prefill (once per link): keep its lease, or why it is incompatible."""
+        try:
+            reply = control.hello(self.cluster_id)
+        except IncompatiblePeer as exc:
+            self.incompatible = f"prefill {self.host}:{self.port}: {exc}"
+            return
+        self.lease_s = reply.lease_s if reply is not None else 0.0
 
 
 class Loader:
@@ -69,18 +81,32 @@ class Loader:
             raise ConnectionError("the connector's control messages are not set up")
         return self.control
 
-    def _peer(self, endpoint: Endpoint) -> Peer:
+    def _peer(self, endpoint: Endpoint, compatible: bool = True) -> Peer:
+        """The prefill of ``endpoint``, linked and compared (compat) once per link; ``compatible``: raise
+        ``IncompatiblePeer`` if it is not (a release needs no compatibility)."""
         with self._peer_locks[endpoint]:
             peer = self._peers.get(endpoint)
-            if peer is not None and peer.alive:
-                return peer
-            if peer is not None:
-                self._forget(endpoint, peer)
-            host, port, cluster_id = endpoint
-            link_prefill(self._datadist, cluster_id, host, port, self._config.link_timeout_ms)
-            peer = Peer(endpoint)
-            self._peers[endpoint] = peer
-            return peer
+            if peer is None or not peer.alive:
+                if peer is not None:
+                    self._forget(endpoint, peer)
+                host, port, cluster_id = endpoint
+                link_prefill(self._datadist, cluster_id, host, port, self._config.link_timeout_ms)
+                peer = Peer(endpoint)
+                peer.check(self._control())
+                self._peers[endpoint] = peer
+        if compatible and peer.incompatible:
+            raise IncompatiblePeer(peer.incompatible)
+        return peer
+
+    def peer_lease(self, endpoint: Endpoint) -> Tuple[int, float]:
+        """(cluster id, announced lease) of a compatible prefill rank, linked if need be (lease renewals)."""
+        peer = self._peer(endpoint)
+        return peer.cluster_id, peer.lease_s
+
+    def endpoints_of(self, params: TransferParams) -> List[Endpoint]:
+        """The prefill ranks this decode rank pulls a request from or releases it on (and so renews it on)."""
+        plan = self._plan(LoadJob("", params, (), 0))
+        return [params.endpoints[rank] for rank in sorted(set(plan.pulls) | set(plan.release_only))]
 
     def _forget(self, endpoint: Endpoint, peer: Peer) -> None:
         self._peers.pop(endpoint, None)
@@ -199,7 +225,7 @@ class Loader:
 
     def _release_quietly(self, endpoint: Endpoint, remote_id: str) -> None:
         try:
-            self._control().release(self._peer(endpoint).cluster_id, [remote_id])
+            self._control().release(self._peer(endpoint, compatible=False).cluster_id, [remote_id])
         except (ConnectionError, OSError, LLMException) as exc:
             _log.info("request %s: release on prefill %s:%d not sent (%s); its lease frees the blocks", remote_id,
                       endpoint[0], endpoint[1], exc)

@@ -85,10 +85,12 @@ class StepMetadata(KVConnectorMetadata):
     loads: List[LoadJob] = dataclasses.field(default_factory=list)
     holds: List[HoldJob] = dataclasses.field(default_factory=list)
     not_kept: List[str] = dataclasses.field(default_factory=list)  # finished without keeping their blocks
+    # decode requests taken in since the last step: their prefills' holds are renewed until their loads end
+    wanted: List[Tuple[str, TransferParams]] = dataclasses.field(default_factory=list)
 
     def is_empty(self) -> bool:
         """Whether the step has no connector work."""
-        return not (self.loads or self.holds or self.not_kept)
+        return not (self.loads or self.holds or self.not_kept or self.wanted)
 
 
 def endpoints_param(endpoints: Dict[int, WorkerEndpoint]) -> List[List[Any]]:

@@ -151,6 +151,11 @@ class Pusher:
             for tid in [tid for tid, early in self._early.items() if early[0] == owner]:
                 del self._early[tid]
 
+    def request_ids_of(self, transfer_ids: List[str]) -> List[str]:
+        """The prefill requests of these pushes that wait for their decode's hand-off (renewed by transfer id)."""
+        with self._lock:
+            return [self._waiting[tid].hold.request_id for tid in transfer_ids if tid in self._waiting]
+
     def ready_transfer_ids(self) -> List[str]:
         """Transfers whose decode is ready but whose prompt has not been computed yet."""
         with self._lock:

@@ -28,6 +28,7 @@ class SchedulerSide:
                                for rank in range(tp_size)}
         self._kv_cache_manager: Any = None
         self._loads: List[LoadJob] = []
+        self._wanted: List[Tuple[str, TransferParams]] = []  # decode requests taken in since the last step
         self._not_kept: List[str] = []
         self._producing: Dict[str, Any] = {}  # request id -> Request whose prompt is not fully computed yet
 
@@ -51,6 +52,13 @@ class SchedulerSide:
             _log.warning("request %s: ignoring kv_transfer_params, the prompt is computed here: %s",
                          request.request_id, exc)
             return None
+
+    def on_new_request(self, request: Any) -> None:
+        """A decode request taken in: its worker renews the prefill's hold from now until its load ends (it may
+        wait in the queue for free blocks longer than a lease)."""
+        transfer = self._decode_params(request)
+        if transfer is not None:
+            self._wanted.append((request.request_id, transfer))
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> Tuple[int, bool]:
         """A decode request with remote-prefill params loads every prompt token not computed locally."""
@@ -106,8 +114,8 @@ class SchedulerSide:
     def build_connector_meta(self, scheduler_output: Any) -> StepMetadata:
         """Hand the worker this step's loads, completed prompts and requests not kept."""
         meta = StepMetadata(loads=self._loads, holds=self._completed_prompts(scheduler_output),
-                            not_kept=self._not_kept)
-        self._loads, self._not_kept = [], []
+                            not_kept=self._not_kept, wanted=self._wanted)
+        self._loads, self._not_kept, self._wanted = [], [], []
         return meta
 
     def request_finished(self, request: Any, block_ids: List[int]) -> Tuple[bool, Optional[Dict[str, Any]]]:

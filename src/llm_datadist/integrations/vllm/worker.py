@@ -15,6 +15,7 @@ from llm_datadist.integrations.vllm.holds import HoldTable
 from llm_datadist.integrations.vllm.loader import Loader
 from llm_datadist.integrations.vllm.metadata import StepMetadata, WorkerEndpoint
 from llm_datadist.integrations.vllm.pusher import Pusher
+from llm_datadist.integrations.vllm.renewal import Renewer
 from llm_datadist.integrations.vllm.stats import SERVED, ServedCounter, TransferRecorder, collect_step
 from llm_datadist.integrations.vllm.tp_map import heads_per_rank
 
@@ -58,8 +59,11 @@ class WorkerSide:
     """
 
     def __init__(self, config: ConnectorConfig, producer: bool, consumer: bool, block_size: int, num_blocks: int,
-                 tp_rank: int, tp_size: int = 1, total_kv_heads: int = 0) -> None:
+                 tp_rank: int, tp_size: int = 1, total_kv_heads: int = 0,
+                 fingerprint: Optional[msg.Fingerprint] = None) -> None:
         self._config = config
+        self._fingerprint = fingerprint  # what a peer must match (compat); None: no check
+        self.renewer: Optional[Renewer] = None
         self._producer = producer
         self._consumer = consumer
         self._block_size = block_size
@@ -108,9 +112,13 @@ class WorkerSide:
         self.control = Control(self._datadist, self._geometry, self._config.link_timeout_ms,
                                server=self if self._producer else None,
                                on_push_done=self.loader.on_push_done if self.loader else None,
-                               on_prefill_lost=self.loader.on_prefill_lost if self.loader else None)
+                               on_prefill_lost=self.loader.on_prefill_lost if self.loader else None,
+                               fingerprint=self._fingerprint, lease_s=self._config.lease_s)
         if self.loader is not None:
             self.loader.control = self.control
+            self.renewer = Renewer(self._config.lease_renew_s, self.loader.endpoints_of, self.loader.peer_lease,
+                                   self.control.renew)
+            self.renewer.start()
         if self._producer:
             self.pusher = Pusher(self._config, self._datadist, cache, layout, self._block_size,
                                   self._claim_push, self._release_push, self.control.push_done)
@@ -166,6 +174,13 @@ class WorkerSide:
         self.holds.release(request_id, why, owner=_shared_owner(request_id))
         return True
 
+    def on_renew(self, owner: Owner, message: msg.Renew) -> None:
+        """The decode still wants these requests (queued or loading): extend their leases."""
+        request_ids = list(message.request_ids)
+        if message.transfer_ids and self.pusher is not None:
+            request_ids += self.pusher.request_ids_of(message.transfer_ids)
+        self.holds.renew(request_ids)
+
     def on_release(self, owner: Owner, message: msg.Release) -> None:
         """Free the holds this decode link claimed and now releases."""
         for request_id in message.request_ids:
@@ -191,7 +206,7 @@ class WorkerSide:
             self.pusher.on_closed(owner)
 
     def _claim_push(self, request_id: str) -> bool:
-        return self.holds.claim(request_id, PUSH_OWNER)[0] is not None
+        return self.holds.claim(request_id, PUSH_OWNER, leased=False)[0] is not None
 
     def _release_push(self, request_id: str, why: str) -> None:
         self.holds.release(request_id, why, owner=PUSH_OWNER)
@@ -208,6 +223,9 @@ class WorkerSide:
         """Before the forward: drop holds vLLM did not keep, start layer-wise pushes."""
         for request_id in meta.not_kept:
             self.holds.drop(request_id)
+        if self.renewer is not None:  # decode requests taken in: renew their holds while they wait in the queue
+            for request_id, params in meta.wanted:
+                self.renewer.add(request_id, params)
         if self.pusher is not None:
             self.pusher.drop(meta.not_kept)
         if self.pusher is not None and meta.holds:
@@ -219,6 +237,12 @@ class WorkerSide:
             if meta.loads:
                 _log.error("this vLLM instance is not a KV consumer (kv_role), %d loads ignored", len(meta.loads))
             return
+        if self.renewer is not None:  # renew the holds of loading requests until their loads end
+            for job in meta.loads:
+                if job.num_tokens:
+                    self.renewer.add(job.request_id, job.params)
+                else:
+                    self.renewer.remove([job.request_id])
         for job in meta.loads:
             self.loader.submit(job)
 
@@ -251,6 +275,8 @@ class WorkerSide:
         if self.loader is not None:
             receiving, failed = self.loader.take_finished()
             self._failed_blocks.update(failed)
+            if self.renewer is not None and receiving:
+                self.renewer.remove(list(receiving))
         return sending, receiving
 
     def _forget_unheld_shares(self) -> None:
@@ -275,6 +301,8 @@ class WorkerSide:
         if self._closed:
             return
         self._closed = True
+        if self.renewer is not None:
+            self.renewer.close()
         if self.loader is not None:
             self.loader.close()
         if self.pusher is not None:
