@@ -73,6 +73,7 @@ SAMPLES = [
     p.Notify(payload=b""),
     p.Notify(payload=b"n" * p.MAX_NOTIFY_BYTES, after=p.NOTIFY_AFTER_PUSH),
     p.Usage(rows=[]),
+    p.RevokeGrant(grant_id=2**64 - 1),
     p.Usage(rows=[("pull", "process_vm", 3, 2**64 - 1)] * p.MAX_USAGE_ROWS),
 ]
 

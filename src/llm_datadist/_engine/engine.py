@@ -136,6 +136,7 @@ class Engine:
             self.stats.fold()  # off the callers' threads
             for link in self.links.links():
                 link.report_usage(time.monotonic() + USAGE_REPORT_S)
+                link.held_grants.expire()
 
     def _transport_names(self) -> Sequence[str]:
         """The default set, or the forced backend(s): a name, or several separated by commas."""
@@ -287,6 +288,7 @@ class Engine:
         """After unregister/deallocate: return only once nothing of this library touches the memory any more."""
         if entry.freed.is_set():
             return
+        self.links.revoke_released()  # writers keep grants for reuse: ask for those that hold this cache
         timeout = self.opts.sync_kv_timeout_ms / 1000.0 + RELEASE_GRACE_S
         if not entry.freed.wait(timeout):
             raise Timeout(f"cache {entry.cache_id} is still in use by a transfer after {timeout:.1f} s (a stopped "
@@ -384,6 +386,7 @@ class Engine:
     def remove_key(self, key: KeyId) -> None:
         self._require_a_pool()
         self.registry.remove_key(key)
+        self.links.revoke_released()
         self._table_changed(False)
 
     def unregister(self, cache_id: int) -> None:

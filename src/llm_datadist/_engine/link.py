@@ -11,6 +11,7 @@ import msgspec
 from llm_datadist._engine import planner
 from llm_datadist._engine import protocol as proto
 from llm_datadist._engine.errors import CacheNotExist, EngineError, LinkFailed, NotLinked, ParamInvalid, Timeout
+from llm_datadist._engine.grants import HeldGrants
 from llm_datadist._engine.stats import Usage
 from llm_datadist._engine.types import SourceSpec
 from llm_datadist._transport import cross_host_reason
@@ -76,6 +77,8 @@ class Link:
         self.listed = False  # it was in the link table (its end is reported to the application)
         self.cause = ""  # why the link went away, when this side knows it (a link-down event's cause)
         self.usage = Usage()  # what we moved in or out of the peer's memory since our last report to it
+        self.held_grants = HeldGrants(self._release_grant)  # write grants the peer gave us, kept for reuse
+        self.revoking: set = set()  # owner side: ids of the peer's grants we asked back
 
     @property
     def cluster_id(self) -> int:
@@ -87,6 +90,13 @@ class Link:
         if self.comm_id:
             return self.peer.cluster_id, self.comm_id
         return self.peer.cluster_id, (-1 if self.accepted else 0)
+
+    def _release_grant(self, grant_id: int) -> None:
+        """Give a write grant back to the peer (if the link is gone, the peer dropped it with the link)."""
+        try:
+            self.conn.notify(proto.WriteRelease(grant_id=grant_id), time.monotonic() + 1.0)
+        except EngineError as exc:
+            _log.debug("write release to cluster %d not sent: %s", self.cluster_id, exc)
 
     def report_usage(self, deadline: float) -> None:
         """Tell the peer what we moved in or out of its memory since the last report (its served statistics);

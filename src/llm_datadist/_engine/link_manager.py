@@ -348,12 +348,34 @@ class LinkManager:
             link.grants[grant_id] = held  # the cap was checked above: concurrent handlers exceed it by a few
         return proto.Granted(grant_id=grant_id)
 
+    def revoke_released(self) -> None:
+        """Ask peers to give back the write grants that hold caches being released (their writers keep grants
+        for reuse; the release waits for them)."""
+        with self._lock:
+            asks = [(link, grant_id) for link in list(self._links.values()) + list(self._served.values())
+                    for grant_id, held in link.grants.items()
+                    if grant_id not in link.revoking and any(entry.released for entry in held)]
+            for link, grant_id in asks:
+                link.revoking.add(grant_id)
+        for link, grant_id in asks:
+            try:
+                link.conn.notify(proto.RevokeGrant(grant_id=grant_id), time.monotonic() + NOTICE_SEND_S)
+            except EngineError as exc:  # the link is going: its grants go with it
+                _log.debug("grant revocation to cluster %d not sent: %s", link.cluster_id, exc)
+
+    def revoke_grant(self, conn, grant_id: int) -> None:
+        """The owner over ``conn`` wants a grant it gave us back."""
+        link = self.link_of(conn)
+        if link is not None:
+            link.held_grants.revoke(grant_id)
+
     def release_write(self, conn, grant_id: int) -> None:
         link = self.link_of(conn)
         if link is None:
             return
         with self._lock:
             held = link.grants.pop(grant_id, [])
+            link.revoking.discard(grant_id)
         for entry in held:
             self._engine.registry.unpin(entry)
 

@@ -38,7 +38,9 @@ from llm_datadist._transport import tls
 #      says it follows a push or a pull of the sender); the receiver answers Ack once it queued it, or Error
 #      (LLM_LINK_BUSY when its notification queue is full).
 #   4: Usage (a notification): what the sender moved in or out of the receiver's memory since its last report,
-#      as (direction, transport, transfers, bytes) rows, for the receiver's served-bytes statistics.
+#      as (direction, transport, transfers, bytes) rows, for the receiver's served-bytes statistics; write grants
+#      are kept by the writer for later writes to the same generation, and RevokeGrant (a notification, owner to
+#      writer) asks for one back (the writer answers with WriteRelease once its writes under it end).
 PROTOCOL_VERSION = 4
 
 # Frame: a 22-byte big-endian header, magic(4s) version(u16) type(u16) flags(u16) request_id(u64)
@@ -250,6 +252,13 @@ class WriteRelease(_Msg):
     grant_id: U64
 
 
+class RevokeGrant(_Msg):
+    """Owner to writer (a notification): give the grant back (WriteRelease) once no write uses it; the owner
+    wants to free one of its caches."""
+
+    grant_id: U64
+
+
 class ConfirmDial(_Msg):
     """Over an existing link: are you making the dial with this ``dial_nonce`` right now? Reply DialConfirmed."""
 
@@ -300,13 +309,13 @@ class Error(_Msg):
 
 Message = Union[Hello, HelloAck, AuthChallenge, AuthProof, AuthResult, CacheView, Resolve, Consume,
                 TableRequest, Table, TableChanged, Unlink, Ping, Ack, Error, Credentials, WriteGrant, Granted,
-                WriteRelease, ConfirmDial, DialConfirmed, Notify, Usage]
+                WriteRelease, ConfirmDial, DialConfirmed, Notify, Usage, RevokeGrant]
 
 _TYPE_IDS: Dict[type, int] = {
     Hello: 1, HelloAck: 2, AuthChallenge: 3, AuthProof: 4, AuthResult: 5,
     Resolve: 16, CacheView: 17, Consume: 18, TableRequest: 19, Table: 20, Unlink: 21, Ping: 22,
     Ack: 23, Error: 24, TableChanged: 25, Credentials: 26, WriteGrant: 27, Granted: 28, WriteRelease: 29,
-    ConfirmDial: 30, DialConfirmed: 31, Notify: 32, Usage: 33,
+    ConfirmDial: 30, DialConfirmed: 31, Notify: 32, Usage: 33, RevokeGrant: 34,
 }
 _BY_TYPE_ID: Dict[int, type] = {v: k for k, v in _TYPE_IDS.items()}
 _ENCODER = msgspec.msgpack.Encoder()

@@ -101,6 +101,11 @@ class PeerService:
         self._engine.links.release_write(conn, msg.grant_id)
         return proto.Ack()
 
+    @_serves(proto.RevokeGrant)
+    def _revoke_grant(self, conn: Connection, msg: proto.RevokeGrant) -> proto.Ack:
+        self._engine.links.revoke_grant(conn, msg.grant_id)
+        return proto.Ack()
+
     def writable_entry(self, slot: int, value: int) -> CacheEntry:
         """The live cache of a generation that accepts writes from peers (CacheNotExist / ParamInvalid)."""
         entry = self._engine.registry.by_guard(slot, value)

@@ -17,6 +17,7 @@ from llm_datadist._engine import requests as rq
 from llm_datadist._engine import stats
 from llm_datadist._engine.context import EngineCore
 from llm_datadist._engine.errors import CacheNotExist, EngineError, ParamInvalid, status_of
+from llm_datadist._engine.grants import Held
 from llm_datadist._engine.link import Link, check_view_accessible
 from llm_datadist._engine.planner import Side, side_of
 from llm_datadist._engine.registry import CacheEntry
@@ -99,16 +100,14 @@ def send(link: Link, plan: CopyPlan, write: bool, deadline: float) -> None:
             return
         if not plan.guards:
             raise ParamInvalid("a one-sided write needs the generation of its destination cache")
-        granted = proto.expect_reply(link.conn.call(proto.WriteGrant(guards=[(g.slot, g.value) for g in plan.guards]),
-                                                    deadline), proto.Granted, f"cluster {link.cluster_id}")
+        held = _grant(link, plan, deadline)
+        failed = True
         try:
             route.transport.write(route.channel, plan, deadline)
-            _count(link, route.transport.name, plan, write)
+            failed = False
         finally:
-            try:
-                link.conn.notify(proto.WriteRelease(grant_id=granted.grant_id), deadline + 1.0)
-            except EngineError as exc:  # the link is gone: the owner drops the grant with it
-                _log.debug("write release to cluster %d not sent: %s", link.cluster_id, exc)
+            link.held_grants.done(held, failed)
+        _count(link, route.transport.name, plan, write)
     except (EngineError, TransportError) as exc:
         broken = status_of(exc) == LLMStatusCode.LLM_LINK_FAILED
         raise
@@ -116,6 +115,18 @@ def send(link: Link, plan: CopyPlan, write: bool, deadline: float) -> None:
         link.leave()
         if broken:  # after leave(): closing the link waits for its transfers
             link.drop_if_dead(deadline)  # the next call on this cluster answers NotLinked if the peer is gone
+
+
+def _grant(link: Link, plan: CopyPlan, deadline: float) -> Held:
+    """A write grant over the plan's destination caches: the one the link holds for this generation of them, else
+    a new one from the owner (kept for later writes; see grants.py)."""
+    key = tuple(sorted((g.slot, g.value) for g in plan.guards))
+    held = link.held_grants.take(key)
+    if held is not None:
+        return held
+    granted = proto.expect_reply(link.conn.call(proto.WriteGrant(guards=list(key)), deadline), proto.Granted,
+                                 f"cluster {link.cluster_id}")
+    return link.held_grants.add(granted.grant_id, key)
 
 
 def _count(link: Link, transport: str, plan: CopyPlan, write: bool) -> None:

@@ -89,6 +89,7 @@ SAMPLES: Dict[str, Dict[str, Any]] = {
     "DialConfirmed": dict(dialing=True),
     "Notify": dict(payload=bytes(range(256)) * 3 + b"\x00", after=2),
     "Usage": dict(rows=[("pull", "process_vm", 7, U64_MAX), ("push", "tcp", 0, 1)]),
+    "RevokeGrant": dict(grant_id=U64_MAX - 1),
     "Ack": dict(code=4294967295),
     "Error": dict(code=1343270914, message="cache 3 does not exist"),
 }
