@@ -285,7 +285,7 @@ class PeerProbe:
         self._engine = engine
         self.link = link
         # what the peer's handshake answer said: its transports' descriptors and what it granted this link
-        self._descriptors: Dict[str, bytes] = dict(getattr(link, "_descriptors", {}))
+        self._descriptors: Dict[str, bytes] = link.descriptors
 
     # -- who the peer is --------------------------------------------------------------------------------------
     def identity(self) -> Dict[str, Any]:
@@ -299,12 +299,9 @@ class PeerProbe:
 
     def data_port(self) -> Optional[int]:
         """The peer's tcp data server port (from its handshake), or None when it runs no tcp transport."""
-        from llm_datadist._transport.tcp import _DESC, _DESC_MAGIC
+        from llm_datadist._transport.tcp import data_port_of
 
-        desc = self._descriptors.get("tcp", b"")
-        if len(desc) != _DESC.size or desc[:4] != _DESC_MAGIC:
-            return None
-        return int(_DESC.unpack(desc)[1])
+        return data_port_of(self._descriptors.get("tcp", b""))
 
     # -- the control link -------------------------------------------------------------------------------------
     def ping(self, count: int, timeout_s: float) -> List[float]:
@@ -394,12 +391,7 @@ class PeerProbe:
         return "connects, but was not chosen"
 
     def _peer_info(self, name: str) -> Any:
-        from llm_datadist._transport.base import PeerInfo
-
-        peer = self.link.peer
-        credentials: Dict[str, bytes] = getattr(self.link, "_credentials", {})
-        return PeerInfo(peer.cluster_id, peer.host_id, peer.pid, peer.address, self._descriptors.get(name, b""),
-                        credentials.get(name, b""), peer.nonce)
+        return self.link.peer_info(name)
 
     # -- a verified read --------------------------------------------------------------------------------------
     def verified_read(self, nbytes: int, cache_id: Optional[int], timeout_s: float) -> ReadReport:

@@ -196,14 +196,23 @@ class Link:
             return self.same_host
         return True
 
+    @property
+    def descriptors(self) -> Dict[str, bytes]:
+        """The peer's transport descriptors from its handshake, by transport name (a copy)."""
+        return dict(self._descriptors)
+
+    def peer_info(self, name: str) -> PeerInfo:
+        """What transport ``name`` needs to reach the peer: its descriptor and the credential it granted us."""
+        return PeerInfo(self.peer.cluster_id, self.peer.host_id, self.peer.pid, self.peer.address,
+                        self._descriptors.get(name, b""), self._credentials.get(name, b""), self.peer.nonce)
+
     def _connect(self, transport: Transport, deadline: float, errors: List[str]) -> Optional[Channel]:
         descriptor = self._descriptors.get(transport.name)
         if descriptor is None or not self._reachable(transport):
             return None
         if transport.name not in self._credentials and not self._have_credentials.is_set():
             self._have_credentials.wait(max(0.0, min(CREDENTIALS_WAIT_S, deadline - time.monotonic())))
-        peer = PeerInfo(self.peer.cluster_id, self.peer.host_id, self.peer.pid, self.peer.address, descriptor,
-                        self._credentials.get(transport.name, b""), self.peer.nonce)
+        peer = self.peer_info(transport.name)
         if not transport.can_reach(peer):
             return None
         try:

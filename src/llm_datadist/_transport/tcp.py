@@ -37,6 +37,13 @@ logger = logging.getLogger(__name__)
 
 _DESC = struct.Struct("<4sH")  # magic, data server port (no secret: tokens are granted per link)
 _DESC_MAGIC = b"TCP2"
+
+
+def data_port_of(descriptor: bytes) -> Optional[int]:
+    """The data server port a peer's tcp descriptor advertises, or None for anything else."""
+    if len(descriptor) != _DESC.size or descriptor[:4] != _DESC_MAGIC:
+        return None
+    return int(_DESC.unpack(descriptor)[1])
 MAX_CONNS_PER_CHANNEL = 8  # the data server serves a link at most tcp_server.MAX_PER_LINK (twice this) at once
 # A pooled connection is reused while it has been idle for less than this share of the idle limit the server
 # announced in its HELLO reply (the server closes connections idle that long): the margin keeps a request from
@@ -472,12 +479,11 @@ class TcpTransport(Transport):
         """
         if self._server is None:
             raise ConnectFailed("tcp transport is closed")
-        desc = peer.descriptor
-        if len(desc) != _DESC.size or desc[:4] != _DESC_MAGIC:
+        port = data_port_of(peer.descriptor)
+        if port is None:
             raise ConnectFailed("not a tcp descriptor")
         if len(peer.credential) != wire.TOKEN_BYTES:
             raise ConnectFailed("the peer granted no data-plane token for this link")
-        _, port = _DESC.unpack(desc)
         streams = streams_per_transfer(same_machine(self.ctx.host_id, peer.host_id))
         channel = TcpChannel(peer, port, peer.credential, tls_config=self.ctx.tls, streams=streams)
         try:
