@@ -10,10 +10,8 @@ Commands: start, hold, load, verify, state, stop, quit.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 from typing import Any, Dict, List
 
 _REPLY = os.fdopen(os.dup(1), "w", buffering=1)
@@ -21,6 +19,7 @@ os.dup2(2, 1)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: waiting
 
 import torch  # noqa: E402
+from command_loop import serve  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
 from llm_datadist.integrations.vllm.config import ConnectorConfig  # noqa: E402
@@ -115,17 +114,7 @@ COMMANDS = {"start": start, "hold": hold, "load": load, "verify": verify, "state
 
 
 def main() -> None:
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        command = json.loads(line)
-        op = command.pop("op")
-        if op == "quit":
-            break
-        try:
-            _REPLY.write(json.dumps({"ok": True, **COMMANDS[op](**command)}) + "\n")
-        except Exception as exc:  # noqa: BLE001 - reported to the test, which fails with it
-            _REPLY.write(json.dumps({"ok": False, "error": repr(exc), "traceback": traceback.format_exc()}) + "\n")
+    serve(COMMANDS, _REPLY.write)
     stop()
     _REPLY.flush()
     os._exit(0)

@@ -1,26 +1,23 @@
 """One offline vLLM instance driven by JSON-line commands on stdin (run with the vLLM venv's Python).
 
 Replies go to the original stdout, one JSON object per line; everything vLLM prints goes to stderr.
-Commands: start, generate, free_blocks, step_until_free, connector_state, quit.
+Commands: start, generate, free_blocks, step_until_free, connector_state, reset_prefix_cache, kv_metrics, quit.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-import traceback
 
 _REPLY = os.fdopen(os.dup(1), "w", buffering=1)
 os.dup2(2, 1)
 os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
                   TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: command_loop
+from command_loop import serve  # noqa: E402
+
 LLM = None
-
-
-def reply(**fields) -> None:
-    _REPLY.write(json.dumps(fields) + "\n")
 
 
 def _engine_core():
@@ -35,7 +32,8 @@ def _connector():
 
 def start(model: str, role: str = "", extra: dict = None, module: str = "llm_datadist.integrations.vllm",
           name: str = "LLMDataDistConnector", num_blocks: int = 256, policy: str = "recompute",
-          max_model_len: int = 2048, tp: int = 1, block_size: int = 32) -> dict:
+          max_model_len: int = 2048, tp: int = 1, block_size: int = 32, prefix_caching: bool = False,
+          log_stats: bool = False) -> dict:
     global LLM
     from vllm import LLM as _LLM
     from vllm.config import KVTransferConfig
@@ -46,7 +44,8 @@ def start(model: str, role: str = "", extra: dict = None, module: str = "llm_dat
                                                         kv_role=role, kv_connector_extra_config=extra or {},
                                                         kv_load_failure_policy=policy)
     began = time.monotonic()
-    LLM = _LLM(model=model, dtype="float32", enforce_eager=True, block_size=block_size, enable_prefix_caching=False,
+    LLM = _LLM(model=model, dtype="float32", enforce_eager=True, block_size=block_size,
+               enable_prefix_caching=prefix_caching, disable_log_stats=not log_stats,
                distributed_executor_backend="uni" if tp == 1 else "mp", tensor_parallel_size=tp,
                num_gpu_blocks_override=num_blocks, max_model_len=max_model_len, seed=0, **kwargs)
     state = {"init_s": time.monotonic() - began}
@@ -72,6 +71,7 @@ def generate(prompts: list, max_tokens: int = 8, params: list = None) -> dict:
     began = time.monotonic()
     outputs = LLM.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=False)
     return {"tokens": [list(o.outputs[0].token_ids) for o in outputs],
+            "cached": [o.num_cached_tokens for o in outputs],  # prompt tokens the instance did not compute
             "kv_transfer_params": [o.kv_transfer_params for o in outputs],
             "finish": [o.outputs[0].finish_reason for o in outputs], "elapsed_s": time.monotonic() - began}
 
@@ -107,23 +107,30 @@ def connector_state() -> dict:
             "push_ready": ready}
 
 
+def reset_prefix_cache() -> dict:
+    """Forget every cached prefix (the blocks of finished requests)."""
+    return {"reset": bool(LLM.reset_prefix_cache())}
+
+
+def kv_metrics() -> dict:
+    """The connector's counters in vLLM's metrics (``start(log_stats=True)``), by name and direction."""
+    from prometheus_client import REGISTRY
+
+    values: dict = {}
+    for metric in REGISTRY.collect():
+        for sample in metric.samples:
+            if sample.name.startswith("vllm:llm_datadist_kv_") and sample.name.endswith("_total"):
+                key = f"{sample.name}/{sample.labels.get('direction', '')}"
+                values[key] = values.get(key, 0) + sample.value
+    return {"metrics": values}
+
+
 COMMANDS = {"start": start, "generate": generate, "free_blocks": free_blocks, "step_until_free": step_until_free,
-            "connector_state": connector_state}
+            "connector_state": connector_state, "reset_prefix_cache": reset_prefix_cache, "kv_metrics": kv_metrics}
 
 
 def main() -> None:
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        command = json.loads(line)
-        op = command.pop("op")
-        if op == "quit":
-            reply(ok=True)
-            break
-        try:
-            reply(ok=True, **COMMANDS[op](**command))
-        except Exception as exc:  # noqa: BLE001 - reported to the test, which fails with it
-            reply(ok=False, error=repr(exc), traceback=traceback.format_exc())
+    serve(COMMANDS, _REPLY.write)
     if LLM is not None:
         try:
             _connector().shutdown()
