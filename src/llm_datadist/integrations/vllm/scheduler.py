@@ -61,11 +61,17 @@ class SchedulerSide:
             self._wanted.append((request.request_id, transfer))
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> Tuple[int, bool]:
-        """A decode request with remote-prefill params loads every prompt token not computed locally."""
+        """A decode request with remote-prefill params loads every prompt token not computed locally
+        (``num_computed_tokens``: its local prefix-cache hit, whole blocks).
+
+        When only the last prompt token is left, nothing is loaded: vLLM computes that token again anyway (it
+        needs its logits), so its block would be pulled for nothing. ``update_state_after_alloc`` then only
+        releases the prefill's blocks.
+        """
         if self._decode_params(request) is None:
             return 0, False
         count = request.num_prompt_tokens - num_computed_tokens
-        return (count, True) if count > 0 else (0, False)
+        return (count, True) if count > 1 else (0, False)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         """Prefill: remember requests to hold; decode: queue the load into the allocated blocks."""
