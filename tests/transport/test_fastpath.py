@@ -183,3 +183,21 @@ def test_the_gil_is_free_while_the_bytes_move():
         sys.setswitchinterval(interval)
     assert after > before
     assert dst[0] == 1 and dst[-1] == 1
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_memmoves_inside_this_process(threads):
+    """Mode MEMCPY: the unchecked local copy (ranges the caller guarantees mapped), split and GIL-free too."""
+    rng = np.random.default_rng(threads)
+    src = rng.integers(0, 256, 16 * MiB, dtype=np.uint8)
+    dst = np.zeros(16 * MiB, np.uint8)
+    plan, d, s, sizes = _scattered_plan(rng, 500, 60_000, src, dst)
+    assert pvm.rw_whole(pvm.MEMCPY, os.getpid(), plan, None, (), threads, 64 * 1024) == int(sizes.sum())
+    assert _copied(dst, d, src, s, sizes)
+    with pytest.raises(TransferTimeout):
+        pvm.rw_whole(pvm.MEMCPY, os.getpid(), plan, time.monotonic() - 1, (), threads, 64 * 1024)
+    q = array.array("Q", [0])
+    with pytest.raises(ValueError):
+        _fastpath.pvm_rw(3, os.getpid(), q, q, q, array.array("Q"), array.array("Q"), 1, MiB, 0.0)  # no mode 3
+    with pytest.raises(ValueError):
+        _fastpath.pvm_rw(pvm.MEMCPY, os.getpid(), q, q, q, q, q, 1, MiB, 0.0)  # guards on a memcpy

@@ -1,7 +1,7 @@
 /* The compiled data path: a whole process_vm_readv/writev plan with the GIL released once.
  *
- * pvm_rw(write, pid, local, remote, sizes, guard_addrs, guard_values, threads, split_bytes, deadline)
- *   moves sizes[i] bytes between local[i] (this process) and remote[i] (process pid), in calls of at most
+ * pvm_rw(mode, pid, local, remote, sizes, guard_addrs, guard_values, threads, split_bytes, deadline)
+ *   (mode 0 read, 1 write; 2 = memmove inside this process, for ranges the caller guarantees mapped) moves sizes[i] bytes between local[i] (this process) and remote[i] (process pid), in calls of at most
  *   IOV_MAX iovecs and CHUNK_BYTES bytes, across up to ``threads`` threads (byte-balanced parts of at least
  *   ``split_bytes`` each), without taking the GIL between calls. With guards (reads only) every call reads each
  *   guard word first and last into a buffer of its own and both copies must equal the expected value: the
@@ -30,6 +30,7 @@
 #define MAX_THREADS 16
 
 enum { ST_OK = 0, ST_ERRNO = 1, ST_SHORT = 2, ST_STALE = 3, ST_TIMEOUT = 4 };
+enum { MODE_READ = 0, MODE_WRITE = 1, MODE_MEMCPY = 2 };
 
 typedef struct {
     const uint64_t *local, *remote, *sizes;
@@ -106,7 +107,7 @@ static void run_part(part_t *p) {
         uint64_t expected = data + 16 * (uint64_t)g;
         ssize_t got;
         do {
-            got = p->write ? process_vm_writev(p->pid, liov, cnt, riov, cnt, 0)
+            got = p->write == MODE_WRITE ? process_vm_writev(p->pid, liov, cnt, riov, cnt, 0)
                            : process_vm_readv(p->pid, liov, cnt, riov, cnt, 0);
         } while (got < 0 && errno == EINTR);
         if (got < 0) {
@@ -131,8 +132,25 @@ static void run_part(part_t *p) {
     p->status = ST_OK;
 }
 
+/* mode MEMCPY: copies inside this process (the caller guarantees every range is mapped, as for memmove) */
+static void run_memcpy_part(part_t *p) {
+    for (Py_ssize_t op = p->start; op < p->stop; op++) {
+        if ((op - p->start) % CALL_IOVS == 0 && p->deadline > 0 && monotonic_now() > p->deadline) {
+            p->status = ST_TIMEOUT;
+            return;
+        }
+        memmove((void *)(uintptr_t)p->local[op], (const void *)(uintptr_t)p->remote[op], (size_t)p->sizes[op]);
+        p->moved += p->sizes[op];
+    }
+    p->status = ST_OK;
+}
+
 static void *part_thread(void *arg) {
-    run_part((part_t *)arg);
+    part_t *p = (part_t *)arg;
+    if (p->write == MODE_MEMCPY)
+        run_memcpy_part(p);
+    else
+        run_part(p);
     return NULL;
 }
 
@@ -159,7 +177,7 @@ static PyObject *pvm_rw(PyObject *self, PyObject *args) {
     int held = 0;
     PyObject *result = NULL;
 
-    if (!PyArg_ParseTuple(args, "plOOOOOiKd", &write, &pid, &o_local, &o_remote, &o_sizes, &o_gaddr, &o_gval,
+    if (!PyArg_ParseTuple(args, "ilOOOOOiKd", &write, &pid, &o_local, &o_remote, &o_sizes, &o_gaddr, &o_gval,
                           &threads, &split_bytes, &deadline))
         return NULL;
     PyObject *objs[5] = {o_local, o_remote, o_sizes, o_gaddr, o_gval};
@@ -172,8 +190,12 @@ static PyObject *pvm_rw(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "local, remote and sizes (and the two guard buffers) differ in length");
         goto done;
     }
-    if (g > MAX_GUARDS || (write && g)) {
-        PyErr_SetString(PyExc_ValueError, "too many guard words (or guards on a write)");
+    if (write < MODE_READ || write > MODE_MEMCPY) {
+        PyErr_SetString(PyExc_ValueError, "mode must be 0 (read), 1 (write) or 2 (memcpy in this process)");
+        goto done;
+    }
+    if (g > MAX_GUARDS || (write != MODE_READ && g)) {
+        PyErr_SetString(PyExc_ValueError, "too many guard words (or guards on a write or a memcpy)");
         goto done;
     }
     if (pid <= 0) {
@@ -228,12 +250,12 @@ static PyObject *pvm_rw(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (int k = 1; k < parts; k++)
         started[k] = pthread_create(&tid[k], NULL, part_thread, &p[k]) == 0;
-    run_part(&p[0]);
+    part_thread(&p[0]);
     for (int k = 1; k < parts; k++) {
         if (started[k])
             pthread_join(tid[k], NULL);
         else
-            run_part(&p[k]); /* no thread to be had: run it here */
+            part_thread(&p[k]); /* no thread to be had: run it here */
     }
     Py_END_ALLOW_THREADS
     unsigned long long moved = 0;
@@ -254,8 +276,9 @@ done:
 
 static PyMethodDef methods[] = {
     {"pvm_rw", pvm_rw, METH_VARARGS,
-     "pvm_rw(write, pid, local, remote, sizes, guard_addrs, guard_values, threads, split_bytes, deadline) -> "
-     "(status, errno, moved, got, expected): a whole process_vm_readv/writev plan with the GIL released once."},
+     "pvm_rw(mode, pid, local, remote, sizes, guard_addrs, guard_values, threads, split_bytes, deadline) -> "
+     "(status, errno, moved, got, expected): a whole process_vm_readv/writev plan (mode 0/1), or memmoves in this "
+     "process (mode 2), with the GIL released once."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -41,7 +41,11 @@ def copy(plan: CopyPlan, deadline: Optional[float] = None, checked: bool = True,
     """
     if deadline is not None and time.monotonic() > deadline:
         raise TransferTimeout("local copy: deadline passed")
-    if checked and pvm.self_permitted():
+    checked = checked and pvm.self_permitted()
+    if pvm.compiled():  # the whole plan with the GIL released once
+        pvm.rw_whole(False if checked else pvm.MEMCPY, os.getpid(), plan, deadline, (), threads,
+                     parallel.SPLIT_BYTES_PER_THREAD)
+    elif checked:
         pid = os.getpid()
         parallel.run_split(plan, threads, lambda part: pvm.read(pid, part, deadline))
     else:

@@ -183,18 +183,23 @@ def _guard_buffers(guards: GuardWords) -> Tuple[array.array, array.array]:
 _NO_GUARDS = (array.array("Q"), array.array("Q"))
 
 
-def rw_whole(write: bool, pid: int, plan: CopyPlan, deadline: Optional[float], guards: GuardWords, threads: int,
+MEMCPY = 2  # rw_whole's mode for memmoves inside this process
+
+
+def rw_whole(write: int, pid: int, plan: CopyPlan, deadline: Optional[float], guards: GuardWords, threads: int,
              split_bytes: int) -> int:
     """The whole plan in one call of the compiled data path (``compiled()`` must be true): the calls of
-    :func:`rw`, split into up to ``threads`` byte-balanced parts of at least ``split_bytes`` from twice that
-    size on, with the GIL released once. Same errors as :func:`read` / :func:`write`."""
-    what = "process_vm_writev" if write else "process_vm_readv"
+    :func:`rw` (``write`` 0/False a read, 1/True a write), or with ``write=MEMCPY`` memmoves inside this process
+    (``pid`` ours; the caller guarantees every range is mapped), split into up to ``threads`` byte-balanced parts
+    of at least ``split_bytes`` from twice that size on, with the GIL released once. Same errors as
+    :func:`read` / :func:`write`."""
+    what = ("process_vm_readv", "process_vm_writev", "local copy")[int(write)]
     if len(guards) > IOV_MAX // 4:
         raise RemoteRejected(f"{what}: too many guards ({len(guards)})")
     local, remote, sizes = plan.u64_buffers()
     gaddr, gval = _guard_buffers(guards) if guards else _NO_GUARDS
     status, err, moved, got, expected = _FAST.pvm_rw(  # type: ignore[union-attr]
-        write, pid, local, remote, sizes, gaddr, gval, threads, split_bytes, deadline or 0.0)
+        int(write), pid, local, remote, sizes, gaddr, gval, threads, split_bytes, deadline or 0.0)
     if status == _ST_OK:
         return moved
     if status == _ST_ERRNO:
