@@ -22,7 +22,7 @@ import uuid
 from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests", "integrations"))
+sys.path.insert(0, os.path.join(REPO, "tests", "vllm_connector"))
 
 from vllm_harness import EXAMPLE, run_fake_decode, start_instances, vllm_env  # noqa: E402
 
@@ -95,11 +95,20 @@ def release_latency(cluster, rounds: int, rng: random.Random) -> List[float]:
     return values
 
 
-def library_bench(block_nbytes: int, out_dir: str) -> Dict[str, float]:
-    """``llm-datadist bench`` (transport auto) for one block size: median GB/s per direction."""
+def cpus_of(pid: int) -> str:
+    """The CPUs process ``pid``'s main thread may run on (``Cpus_allowed_list``, e.g. ``1`` or ``0-1``)."""
+    with open(f"/proc/{pid}/status") as handle:
+        return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("Cpus_allowed_list")), "")
+
+
+def library_bench(block_nbytes: int, out_dir: str, owner_cpus: str = "", initiator_cpus: str = "") -> Dict[str, float]:
+    """``llm-datadist bench`` (transport auto) for one block size, its owner and initiator bound to the given CPUs
+    (the prefill's and the decode's), else unbound: median GB/s per direction."""
     size = f"{block_nbytes // 1024}K"
+    binding = (["--owner-cpus", owner_cpus] if owner_cpus else []) + \
+        (["--initiator-cpus", initiator_cpus] if initiator_cpus else [])
     subprocess.run([sys.executable, "-m", "llm_datadist", "bench", "--sizes", size, "--transports", "auto",
-                    "--total-mib", "64", "--passes", "5", "--out", out_dir, "--no-progress"], check=True,
+                    "--total-mib", "64", "--passes", "5", "--out", out_dir, "--no-progress"] + binding, check=True,
                    capture_output=True, timeout=900, env=dict(os.environ, PYTHONPATH=os.path.join(REPO, "src")))
     medians: Dict[str, float] = {}
     with open(os.path.join(out_dir, "results.jsonl")) as handle:
@@ -135,6 +144,7 @@ def main() -> None:
         "prefill": {"role": "kv_producer", "extra": {}, **spec},
         "decode": {"role": "kv_consumer", "extra": {}, **spec}}, envs)
     rng = random.Random(11)
+    binding = {name: cpus_of(instance.proc.pid) for name, instance in cluster.items()}
     try:
         for length in (lengths[0], lengths[-1]):
             one_round(cluster, length, rng)  # warm-up: links, kernels, allocator
@@ -145,8 +155,10 @@ def main() -> None:
             instance.close()
     layers, hidden, heads, kv_heads = MODELS[args.model]
     block_nbytes = kv_heads * 32 * 2 * (hidden // heads) * 4
-    library = library_bench(block_nbytes, os.path.join(work, "bench"))
-    report = render(args, rows, releases, library, block_nbytes, layers)
+    library = {"bound": library_bench(block_nbytes, os.path.join(work, "bench-bound"), binding["prefill"],
+                                      binding["decode"]),
+               "unbound": library_bench(block_nbytes, os.path.join(work, "bench"))}
+    report = render(args, rows, releases, library, block_nbytes, layers, binding)
     if args.out:
         with open(args.out, "w") as handle:
             handle.write(report)
@@ -157,7 +169,7 @@ def _med(rows: List[Dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def render(args, rows, releases, library, block_nbytes: int, layers: int) -> str:
+def render(args, rows, releases, library, block_nbytes: int, layers: int, binding: Dict[str, str]) -> str:
     layers_, hidden, heads, kv_heads = MODELS[args.model]
     lines = [
         "# vLLM connector: time to first token, KV throughput, block release",
@@ -165,7 +177,8 @@ def render(args, rows, releases, library, block_nbytes: int, layers: int) -> str
         f"Model: random Llama, {layers_} layers, hidden {hidden}, {heads} heads, {kv_heads} KV heads, float32, "
         f"block 32 tokens ({block_nbytes // 1024} KiB per layer and block); vLLM {vllm_version(args.python)} (CPU), "
         f"offline engine, one process per instance, prefill and decode on one {os.cpu_count()}-core host, "
-        "the prefill's compute bound to core 0 and the decode's to core 1 (VLLM_CPU_OMP_THREADS_BIND); "
+        "the prefill's compute bound to core 0 and the decode's to core 1 (VLLM_CPU_OMP_THREADS_BIND; the "
+        f"processes' own CPU sets: prefill {binding['prefill']}, decode {binding['decode']}); "
         f"median of {args.reps} prompts per length (random tokens, no prefix caching).",
         "",
         "TTFT on the decode (ms): `recompute` = the decode computes the whole prompt itself; `pull` = its KV was "
@@ -189,15 +202,17 @@ def render(args, rows, releases, library, block_nbytes: int, layers: int) -> str
     big = rows[max(rows)]
     conn = statistics.median(r["pull_bytes"] / r["pull_transfer_s"] / 1e9 for r in big)
     job = statistics.median(r["pull_bytes"] / r["pull_job_s"] / 1e9 for r in big)
-    lib_pull = library.get("pull", float("nan"))
+    bound, unbound = library["bound"], library["unbound"]
+    lib_pull, free_pull = bound.get("pull", float("nan")), unbound.get("pull", float("nan"))
     lines += [
         "",
         f"Connector KV throughput at {max(rows)} tokens: {conn:.2f} GB/s inside its pull_blocks call ({job:.2f} GB/s "
         f"from claim to release, control round trips included) against `llm-datadist bench --sizes "
-        f"{block_nbytes // 1024}K "
-        f"--transports auto --total-mib 64` right after it: pull {lib_pull:.2f} GB/s, push "
-        f"{library.get('push', float('nan')):.2f} GB/s, single-thread memcpy of the same blocks "
-        f"{library.get('memcpy', float('nan')):.2f} GB/s → connector/library pull ×{conn / lib_pull:.2f}.",
+        f"{block_nbytes // 1024}K --transports auto --total-mib 64` right after it, its owner bound to the "
+        f"prefill's CPUs ({binding['prefill']}) and its initiator to the decode's ({binding['decode']}): pull "
+        f"{lib_pull:.2f} GB/s, push {bound.get('push', float('nan')):.2f} GB/s, single-thread memcpy of the same "
+        f"blocks {bound.get('memcpy', float('nan')):.2f} GB/s → connector/library pull ×{conn / lib_pull:.2f}. "
+        f"The same bench unbound: pull {free_pull:.2f} GB/s (connector/unbound library ×{conn / free_pull:.2f}).",
         "",
         f"Block release after a decode that claimed 4 requests is killed (SIGKILL), 5 runs: median "
         f"{statistics.median(releases) * 1e3:.1f} ms, max {max(releases) * 1e3:.1f} ms (the lease, 30 s by "

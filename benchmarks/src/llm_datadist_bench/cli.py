@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from llm_datadist.cli.progress import Progress, format_duration
 from llm_datadist_bench.common import (DEFAULT_SIZES, MIB, QUICK_SIZES, SuiteSpec, TlsFiles, format_size,
-                                       merge_samples, parse_sizes, record)
+                                       merge_samples, parse_cpus, parse_sizes, record)
 from llm_datadist_bench.run_meta import loadavg, run_meta, watched
 from llm_datadist_bench.tls import TLS_SUITE
 
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tcp-streams", type=int, metavar="N",
                         help="streams of the parallel raw socket reference (default: as many data connections as "
                              "the library's tcp transport uses for one large transfer)")
+    parser.add_argument("--owner-cpus", help="bind the owner (prefill) process to these CPUs, e.g. 0 or 0-3")
+    parser.add_argument("--initiator-cpus", help="bind the initiator (decode) process to these CPUs, e.g. 1 (to "
+                                                 "compare with a serving engine bound the same way)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     hosts = parser.add_argument_group("across simulated hosts (--hosts netns; root, Linux network namespaces)")
     hosts.add_argument("--hosts", choices=("local", "netns"), default="local",
@@ -88,9 +91,15 @@ def _options(args: argparse.Namespace) -> Dict[str, Any]:
     peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
     if set(peers) - set(PEER_NAMES):
         raise ValueError(f"--peers takes {', '.join(PEER_NAMES)}, not {args.peers!r}")
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    owner_cpus, initiator_cpus = parse_cpus(args.owner_cpus), parse_cpus(args.initiator_cpus)
+    if set(owner_cpus + initiator_cpus) - cpus:
+        raise ValueError(f"--owner-cpus/--initiator-cpus name CPUs this process may not use (it may use "
+                         f"{sorted(cpus)})")
     return dict(sizes=sizes, total=total, passes=passes, warmup=warmup, directions=directions, peers=peers,
                 transports=[] if args.hosts == "netns" else _backends(args.transports),
-                streams=args.tcp_streams or library_tcp_streams())
+                streams=args.tcp_streams or library_tcp_streams(), owner_cpus=owner_cpus,
+                initiator_cpus=initiator_cpus)
 
 
 def _backends(text: Optional[str]) -> List[str]:
@@ -151,7 +160,8 @@ def _suites(opts: Dict[str, Any], args: argparse.Namespace, placements: Sequence
                 sizes=opts["sizes"], directions=opts["directions"], passes=opts["passes"], warmup=opts["warmup"],
                 total_bytes=opts["total"], seed=args.seed, latency_iters=100 if quick else 1000,
                 model_iters=2 if quick else 20, link_repeats=2 if quick else 5, timeout_s=args.timeout,
-                owner_id=base, initiator_id=base + 1, paired=transport != "tcp"))
+                owner_id=base, initiator_id=base + 1, paired=transport != "tcp", owner_cpus=opts["owner_cpus"],
+                initiator_cpus=opts["initiator_cpus"]))
             if name == TLS_SUITE:
                 suites[-1] = _lighter_tls(suites[-1], tls, quick)
     auto = next((s for s in suites if s.name == "auto"), None)

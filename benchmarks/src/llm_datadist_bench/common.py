@@ -207,10 +207,30 @@ class SuiteSpec:
     tls: Optional[TlsFiles] = None  # both sides configured for mutual TLS
     call_shapes: Tuple[str, ...] = ("16k", "layers", "model")  # the per-call latency series to run
     env: Tuple[Tuple[str, str], ...] = ()  # environment both processes start with (e.g. counting turned off)
+    owner_cpus: Tuple[int, ...] = ()  # CPUs the owner process is bound to (empty: not bound)
+    initiator_cpus: Tuple[int, ...] = ()  # CPUs the initiator process is bound to (empty: not bound)
 
     def work_units(self) -> int:
         """Progress units: one per (size, direction), plus latency and link."""
         return len(self.sizes) * len(self.directions) + 2
+
+
+def bind(cpus: Tuple[int, ...]) -> None:
+    """Bind this process (and the threads it starts later) to ``cpus`` (no-op when empty)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def parse_cpus(text: Optional[str]) -> Tuple[int, ...]:
+    """``"1"``, ``"0,2"`` or ``"0-3"`` as a tuple of CPU numbers (ValueError on anything else)."""
+    out: List[int] = []
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return tuple(sorted(set(out)))
 
 
 def placement_kinds(placement: str) -> Tuple[str, str]:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from llm_datadist_bench.ceiling import Copier, TwoThreads, load_copier, split_ops
-from llm_datadist_bench.common import (Buffer, SuiteSpec, block_order, gbps, placement_kinds, record,
+from llm_datadist_bench.common import (Buffer, SuiteSpec, bind, block_order, gbps, placement_kinds, record,
                                        verify_blocks)
 from llm_datadist_bench.floor import ReadvFloor
 from llm_datadist_bench.worker import (LAT_BLOCK, LAT_BLOCKS, LAYER_BLOCKS, LAYER_TENSORS, MODEL_BLOCK,
@@ -397,6 +397,7 @@ def _body(run: _Run) -> None:
 def initiator_main(spec: SuiteSpec, peer, parent) -> None:
     """Process entry: drive the owner over ``peer``, report records and progress to ``parent``."""
     try:
+        bind(spec.initiator_cpus)
         datadist, _ = make_instance(spec, spec.initiator_id, owner=False)
         side = CacheSide(datadist, spec.initiator_id, placement_kinds(spec.placement)[0], spec.pool)
         _body(_Run(spec, peer, parent, datadist, side))

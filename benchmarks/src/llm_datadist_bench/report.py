@@ -210,7 +210,7 @@ def markdown(results: Results, title: str, meta: Dict[str, Any]) -> str:
 
 def _meta_line(meta: Dict[str, Any]) -> str:
     keys = ("date", "host", "cpu", "python", "numpy", "library", "total_mib", "passes", "warmup", "rounds", "mode",
-            "tcp_streams", "load_before", "load_after", "wall_s")
+            "tcp_streams", "owner_cpus", "initiator_cpus", "load_before", "load_after", "wall_s")
     return "; ".join(f"{k}: {meta[k]}" for k in keys if k in meta)
 
 

@@ -60,7 +60,8 @@ def run_meta(args: argparse.Namespace, opts: Dict[str, Any]) -> Dict[str, Any]:
                 mode="quick" if args.quick else "full",
                 sizes=[format_size(s) for s in opts["sizes"]], transports=opts["transports"],
                 directions=list(opts["directions"]), library=library_state(), load_before=loadavg(),
-                tcp_streams=opts.get("streams", 1))
+                tcp_streams=opts.get("streams", 1), owner_cpus=list(opts.get("owner_cpus", ())),
+                initiator_cpus=list(opts.get("initiator_cpus", ())))
 
 
 def watched(step: str, round_no: int, fn: Callable[[], Iterable[Dict[str, Any]]]) -> List[Dict[str, Any]]:

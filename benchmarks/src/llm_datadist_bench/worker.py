@@ -10,7 +10,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from llm_datadist_bench.common import MIB, Buffer, SuiteSpec, fill_pattern, placement_kinds, verify_blocks
+from llm_datadist_bench.common import (MIB, Buffer, SuiteSpec, bind, fill_pattern, placement_kinds,
+                                       verify_blocks)
 from llm_datadist.cli.instance import init_datadist
 from llm_datadist.cli.ipc import recv_message
 
@@ -207,6 +208,7 @@ def owner_main(spec: SuiteSpec, peer, parent) -> None:
     """Process entry: the passive side (the prefill role); serves cache preparation and checks for the initiator."""
     datadist = None
     try:
+        bind(spec.owner_cpus)
         datadist, port = make_instance(spec, spec.owner_id, owner=True)
         kind = placement_kinds(spec.placement)[1]
         side = CacheSide(datadist, spec.owner_id, kind, spec.pool)
