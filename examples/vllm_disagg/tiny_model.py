@@ -7,7 +7,7 @@ import os
 
 
 def build_tiny_llama(out_dir: str, seed: int = 1234, num_layers: int = 2, hidden: int = 128, heads: int = 4,
-                     kv_heads: int = 2, max_positions: int = 8192) -> str:
+                     kv_heads: int = 2, max_positions: int = 8192, sliding_window: int = 0) -> str:
     """Write a random Llama (fixed seed) and a byte-level tokenizer into ``out_dir``; idempotent.
 
     Args:
@@ -18,6 +18,8 @@ def build_tiny_llama(out_dir: str, seed: int = 1234, num_layers: int = 2, hidden
         heads: attention heads.
         kv_heads: key/value heads.
         max_positions: longest sequence the model accepts.
+        sliding_window: when > 0, even layers attend to the last ``sliding_window`` tokens only and odd layers to
+            all (a hybrid model: vLLM gives the two kinds separate KV cache groups).
 
     Returns:
         ``out_dir``.
@@ -25,6 +27,8 @@ def build_tiny_llama(out_dir: str, seed: int = 1234, num_layers: int = 2, hidden
     marker = os.path.join(out_dir, "tiny_model.json")
     wanted = {"seed": seed, "num_layers": num_layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads,
               "max_positions": max_positions}
+    if sliding_window:
+        wanted["sliding_window"] = sliding_window
     if os.path.exists(marker):
         with open(marker, encoding="utf-8") as handle:
             if json.load(handle) == wanted:
@@ -49,6 +53,9 @@ def build_tiny_llama(out_dir: str, seed: int = 1234, num_layers: int = 2, hidden
                          num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=max_positions, bos_token_id=256, eos_token_id=257,
                          tie_word_embeddings=False, torch_dtype="float32")
+    if sliding_window:
+        config.sliding_window = sliding_window
+        config.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -68,8 +75,11 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--sliding-window", type=int, default=0,
+                        help="tokens of a sliding window on even layers (a hybrid model); 0: full attention only")
     args = parser.parse_args()
-    print(build_tiny_llama(args.out_dir, args.seed, args.layers, args.hidden, args.heads, args.kv_heads))
+    print(build_tiny_llama(args.out_dir, args.seed, args.layers, args.hidden, args.heads, args.kv_heads,
+                           sliding_window=args.sliding_window))
 
 
 if __name__ == "__main__":

@@ -9,12 +9,15 @@ so one ``pull_blocks`` moves every layer of a request. Works on tensor-like obje
 A head-major (HND) block ``[heads, block_size, ...]`` is ``heads`` equal contiguous sub-blocks of one KV head each;
 the cache is registered in those sub-blocks (``[num_blocks * heads, block_nbytes / heads]`` per region), so ranks
 of different tensor-parallel sizes can move single heads (see ``tp_map``).
+
+Layers of different KV cache groups may share one tensor (vLLM overlays the groups of a hybrid model, see
+``kv_groups``): such a region is registered once, and ``region_layers`` says which layers write it.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 __all__ = ["KVLayout", "layout_of", "blocks_for_tokens", "block_pairs"]
 
@@ -31,6 +34,7 @@ class KVLayout:
     dtype: str
     device_type: str
     heads: int = 1  # KV heads per block, each a contiguous sub-block (1: whole blocks only)
+    region_layers: Tuple[Tuple[int, ...], ...] = ()  # per region, the layers that write it (empty: r // per layer)
 
     @property
     def sub_block_nbytes(self) -> int:
@@ -55,6 +59,12 @@ class KVLayout:
     def layer_index(self, layer_name: str) -> int:
         """Position of a layer name (ValueError when unknown)."""
         return self.layer_names.index(layer_name)
+
+    def writers(self, region: int) -> Tuple[int, ...]:
+        """The layers (indices into ``layer_names``) whose KV is in ``region``."""
+        if self.region_layers:
+            return self.region_layers[region]
+        return (region // self.regions_per_layer,)
 
 
 def _regions_of(name: str, tensor: Any, num_blocks: int) -> Tuple[List[int], int, int]:
@@ -88,14 +98,20 @@ def layout_of(kv_caches: Mapping[str, Any], num_blocks: int, heads: int = 1) -> 
     has that size (a head-major block), the layout's ``heads`` is ``heads``; otherwise (one head, or heads not
     outermost in a block) it is 1 and only whole blocks can move.
 
+    A region that several layers share (the layers of a hybrid model's KV cache groups overlay each other) is
+    registered once.
+
     Raises:
         ValueError: no tensors, a tensor without a block dimension of ``num_blocks`` or with non-contiguous
-            blocks, or layers whose block sizes, dtypes, devices or region counts differ.
+            blocks, layers whose block sizes, dtypes, devices or region counts differ, or regions that overlap
+            without being the same.
     """
     if not kv_caches:
         raise ValueError("register_kv_caches got no KV tensors")
     names: List[str] = []
     addrs: List[int] = []
+    writers: List[List[int]] = []
+    index_of: Dict[int, int] = {}  # region address -> its index in addrs
     per_layer = block_nbytes = -1
     dtype = device = ""
     head_major = heads > 1
@@ -109,10 +125,23 @@ def layout_of(kv_caches: Mapping[str, Any], num_blocks: int, heads: int = 1) -> 
             raise ValueError(f"KV tensor {name} ({len(regions)} regions of {nbytes}-byte blocks, {this_dtype} on "
                              f"{this_device}) differs from the first layer ({per_layer} regions of "
                              f"{block_nbytes}-byte blocks, {dtype} on {device}); one cache needs one geometry")
+        for addr in regions:
+            if addr in index_of:
+                writers[index_of[addr]].append(len(names))
+            else:
+                index_of[addr] = len(addrs)
+                addrs.append(addr)
+                writers.append([len(names)])
         names.append(name)
-        addrs.extend(regions)
+    span = num_blocks * block_nbytes
+    ordered = sorted(range(len(addrs)), key=lambda i: addrs[i])
+    for before, after in zip(ordered, ordered[1:]):
+        if addrs[after] < addrs[before] + span:
+            raise ValueError(f"the KV tensors of layers {names[writers[before][0]]} and {names[writers[after][0]]} "
+                             f"overlap without being the same memory; their blocks can not move separately")
+    shared = len(addrs) != len(names) * per_layer
     return KVLayout(tuple(names), tuple(addrs), per_layer, num_blocks, block_nbytes, dtype, device,
-                    heads if head_major else 1)
+                    heads if head_major else 1, tuple(tuple(w) for w in writers) if shared else ())
 
 
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:

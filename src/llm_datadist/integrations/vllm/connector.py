@@ -19,10 +19,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorHandshakeMetadata,
-                                                               KVConnectorMetadata, KVConnectorRole)
+                                                               KVConnectorMetadata, KVConnectorRole, SupportsHMA)
 
 from llm_datadist.integrations.vllm.compat import fingerprint_of
 from llm_datadist.integrations.vllm.config import ConnectorConfig
+from llm_datadist.integrations.vllm.kv_groups import group_windows
 from llm_datadist.integrations.vllm.metadata import StepMetadata, WorkerEndpoint
 from llm_datadist.integrations.vllm.scheduler import SchedulerSide
 from llm_datadist.integrations.vllm.vllm_stats import LLMDataDistKVConnectorStats, LLMDataDistPromMetrics
@@ -34,14 +35,21 @@ if TYPE_CHECKING:
 __all__ = ["LLMDataDistConnector"]
 
 
-class LLMDataDistConnector(KVConnectorBase_V1):
-    """Prefill/decode KV transfer through llm_datadist; options in ``kv_connector_extra_config``."""
+class LLMDataDistConnector(KVConnectorBase_V1, SupportsHMA):
+    """Prefill/decode KV transfer through llm_datadist; options in ``kv_connector_extra_config``.
+
+    It supports vLLM's hybrid KV cache manager (``SupportsHMA``): the blocks of every KV cache group move to the
+    layers of that group, and a sliding-window group moves only the blocks its window still needs (``kv_groups``).
+    KV caches it can not move (Mamba state, cross-attention, ...) are refused here, at start-up.
+    """
 
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         transfer = vllm_config.kv_transfer_config
         self.config = ConnectorConfig.from_extra(transfer.kv_connector_extra_config)
         block_size = vllm_config.cache_config.block_size
+        # raises UnsupportedKVCache (naming the layers and what is supported) for a cache it can not move
+        windows = group_windows(kv_cache_config, block_size) if kv_cache_config is not None else ()
         self._scheduler: Optional[SchedulerSide] = None
         self._worker: Optional[WorkerSide] = None
         if role == KVConnectorRole.SCHEDULER:
@@ -54,7 +62,7 @@ class LLMDataDistConnector(KVConnectorBase_V1):
             self._worker = WorkerSide(self.config, transfer.is_kv_producer, transfer.is_kv_consumer, block_size,
                                       num_blocks, get_tensor_model_parallel_rank(),
                                       vllm_config.parallel_config.tensor_parallel_size, _total_kv_heads(vllm_config),
-                                      fingerprint_of(vllm_config, kv_cache_config))
+                                      fingerprint_of(vllm_config, kv_cache_config), windows)
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: Any) -> Optional[str]:
@@ -112,6 +120,16 @@ class LLMDataDistConnector(KVConnectorBase_V1):
         """(released and finished sends, ended loads); failed loads come with their blocks as errors."""
         sending, receiving = self.worker.get_finished(finished_req_ids)
         return sending or None, receiving or None
+
+    def get_transfer_results(self, finished_req_ids: Set[str]) -> Any:
+        """``get_finished`` with the failed loads of several KV cache groups as ``failed_recving``: vLLM can not map
+        block ids back to requests there."""
+        results = super().get_transfer_results(finished_req_ids)
+        failed = self.worker.take_failed_requests()
+        if failed:
+            results.failed_recving = set(failed)
+            results.finished_recving = set(results.finished_recving) | failed
+        return results
 
     def get_block_ids_with_load_errors(self) -> Set[int]:
         """Local blocks of the loads that failed, for vLLM's kv_load_failure_policy."""
@@ -175,6 +193,13 @@ class LLMDataDistConnector(KVConnectorBase_V1):
     def request_finished(self, request: Any, block_ids: Any) -> Tuple[bool, Optional[Dict[str, Any]]]:
         """Keep a finished prefill request's blocks and return the params its decode needs."""
         return self.scheduler.request_finished(request, list(block_ids))
+
+    def request_finished_all_groups(self, request: Any,
+                                    block_ids: Tuple[List[int], ...]) -> Tuple[bool, Optional[Dict[str, Any]]]:
+        """``request_finished`` with the blocks of every KV cache group (vLLM's hybrid KV cache manager). The blocks
+        the decode claims are those of the hold (every group); the params name the first group's."""
+        first = next((list(group) for group in block_ids if group), [])
+        return self.scheduler.request_finished(request, first)
 
 
 def _total_kv_heads(vllm_config: Any) -> int:

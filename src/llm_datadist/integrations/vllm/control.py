@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from typing import Callable, Dict, List, Optional, Protocol, Tuple, Union
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 from llm_datadist import LLMDataDist, LLMException, notifications
 from llm_datadist.integrations.vllm import messages as msg
@@ -296,14 +296,15 @@ class Control:
             _log.info("release of %d requests: %s", len(request_ids), exc)
 
     def push_ready(self, cluster_id: int, transfer_id: str, dst_block_ids: List[int], num_tokens: int,
-                   first_block: int) -> None:
-        """Hand a prefill the destination blocks of a push.
+                   first_block: int, group_sizes: Sequence[int] = ()) -> None:
+        """Hand a prefill the destination blocks of a push (``group_sizes``: of each KV cache group, see
+        ``kv_groups``; empty for one group).
 
         Raises:
             ConnectionError: not delivered.
         """
         self._send(cluster_id, msg.PushReady(transfer_id, list(dst_block_ids), num_tokens, self._geometry,
-                                             first_block))
+                                             first_block, list(group_sizes)))
 
     # -- prefill side ---------------------------------------------------------------------------------
     def push_done(self, cluster_id: int, message: msg.PushDone) -> None:

@@ -37,6 +37,7 @@ class Hold:
     ready: Optional[Ready] = None  # the KV writes are complete after its ``synchronize()``
     lease_s: float = 0.0  # each claim or renewal extends the hold to this many seconds from then
     leased: bool = True  # False while claimed by an owner that ends the hold itself: it does not expire
+    group_sizes: Tuple[int, ...] = ()  # block_ids of each KV cache group, one after the other (empty: one group)
 
 
 class HoldTable:
@@ -50,11 +51,12 @@ class HoldTable:
         # (request id, why, monotonic time) of the latest releases, for measurements and logs
         self.release_log: Deque[Tuple[str, str, float]] = collections.deque(maxlen=RELEASE_LOG_LEN)
 
-    def hold(self, request_id: str, block_ids: List[int], lease_s: float, ready: Optional[Ready] = None) -> None:
+    def hold(self, request_id: str, block_ids: List[int], lease_s: float, ready: Optional[Ready] = None,
+             group_sizes: Tuple[int, ...] = ()) -> None:
         """Keep ``block_ids`` for ``request_id`` for at most ``lease_s`` seconds unless claimed."""
         with self._lock:
             self._holds[request_id] = Hold(request_id, list(block_ids), time.monotonic() + lease_s, None, ready,
-                                           lease_s)
+                                           lease_s, group_sizes=tuple(group_sizes))
             self._released.pop(request_id, None)
 
     def claim(self, request_id: str, owner: Hashable, leased: bool = True) -> Tuple[Optional[Hold], str]:

@@ -5,15 +5,16 @@ import collections
 import concurrent.futures
 import threading
 import time
-from typing import Deque, Dict, List, Optional, Set, Tuple
+from typing import Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from llm_datadist import BlocksCacheKey, Cache, LLMDataDist, LLMException, notifications
 from llm_datadist.integrations.vllm import messages as msg
-from llm_datadist.integrations.vllm.block_layout import KVLayout, block_pairs, blocks_for_tokens
+from llm_datadist.integrations.vllm.block_layout import KVLayout, blocks_for_tokens
 from llm_datadist.integrations.vllm.compat import IncompatiblePeer
 from llm_datadist.integrations.vllm.config import ConnectorConfig, connector_logger
 from llm_datadist.integrations.vllm.control import Control
 from llm_datadist.integrations.vllm.datadist import link_prefill, unlink_prefill
+from llm_datadist.integrations.vllm.kv_groups import grouped_block_pairs, split_groups
 from llm_datadist.integrations.vllm.metadata import LoadJob, TransferParams
 from llm_datadist.integrations.vllm.stats import PULLED, RECEIVED, TransferRecorder, failure_reason
 from llm_datadist.integrations.vllm.tp_map import HeadSlice, RankPlan, plan_for, sub_block_pairs
@@ -53,8 +54,9 @@ class Loader:
 
     def __init__(self, config: ConnectorConfig, datadist: LLMDataDist, cache: Cache, layout: KVLayout,
                  geometry: msg.Geometry, cluster_id: int, tp_rank: int, tp_size: int = 1,
-                 total_kv_heads: int = 0) -> None:
+                 total_kv_heads: int = 0, windows: Sequence[int] = ()) -> None:
         self._config = config
+        self._windows = tuple(windows)  # per KV cache group: blocks from the prompt's end (kv_groups; 0: all)
         self._datadist = datadist
         self._cache = cache
         self._layout = layout
@@ -69,6 +71,8 @@ class Loader:
         self._peers: Dict[Endpoint, Peer] = {}
         self._peer_locks: Dict[Endpoint, threading.Lock] = collections.defaultdict(threading.Lock)
         self._done: Dict[str, List[int]] = {}  # request id -> failed local blocks (empty: success)
+        self._failed: Set[str] = set()  # requests whose load failed (reported by id where there are several groups)
+        self._failed_taken: Set[str] = set()  # those of them take_finished reported as done
         self._push_waits: Dict[str, Tuple[LoadJob, int, float, float]] = {}  # transfer id -> job, prefill...
         self.stats: Deque[TransferStat] = collections.deque(maxlen=4096)
         self.recorder = TransferRecorder()  # since the last step, for vLLM's metrics (WorkerSide.take_stats)
@@ -242,8 +246,9 @@ class Loader:
         src: List[int] = []
         pull_began = time.monotonic()
         try:
-            blocks = block_pairs(reply.block_ids, job.local_block_ids, job.num_tokens, self._geometry.block_size,
-                                 job.first_block)
+            blocks = grouped_block_pairs(reply.block_ids, job.local_block_ids, job.num_tokens,
+                                         self._geometry.block_size, job.first_block, reply.group_sizes,
+                                         job.group_sizes, self._windows)
             if self._layout.heads == plan.dst_heads:
                 src, dst = sub_block_pairs(blocks[0], blocks[1], slices, plan.src_heads, plan.dst_heads)
             else:  # whole blocks (the plan is block for block)
@@ -267,15 +272,17 @@ class Loader:
 
     def _start_push_wait(self, job: LoadJob, peer: Peer, started: float) -> None:
         needed = blocks_for_tokens(job.num_tokens, self._geometry.block_size)
-        if len(job.local_block_ids) < needed:
+        groups = split_groups(job.local_block_ids, job.group_sizes)
+        if any(len(blocks) < needed for blocks in groups):
             raise ValueError(f"{job.num_tokens} tokens need {needed} blocks, the decode allocated "
-                             f"{len(job.local_block_ids)}")
+                             f"{min(len(blocks) for blocks in groups)}")
         with self._lock:
             self._push_waits[job.params.request_id] = (job, peer.cluster_id, started,
                                                        started + self._config.push_timeout_s)
         try:
-            self._control().push_ready(peer.cluster_id, job.params.request_id, list(job.local_block_ids[:needed]),
-                                       job.num_tokens, job.first_block)
+            self._control().push_ready(peer.cluster_id, job.params.request_id,
+                                       [int(b) for blocks in groups for b in blocks[:needed]], job.num_tokens,
+                                       job.first_block, [needed] * len(job.group_sizes))
         except BaseException:
             with self._lock:
                 self._push_waits.pop(job.params.request_id, None)
@@ -290,6 +297,9 @@ class Loader:
             _log.warning("request %s: KV load failed after %.3f s (%s); vLLM's kv_load_failure_policy applies",
                          job.request_id, time.monotonic() - started, error)
         with self._lock:
+            if error and job.group_sizes:  # several KV cache groups: vLLM takes load failures by request only
+                failed = []
+                self._failed.add(job.request_id)
             self._done[job.request_id] = failed
 
     def _expire_push_waits(self) -> None:
@@ -306,10 +316,19 @@ class Loader:
         self._expire_push_waits()
         with self._lock:
             done, self._done = self._done, {}
+            self._failed_taken |= self._failed
+            self._failed = set()
         failed_blocks: Set[int] = set()
         for blocks in done.values():
             failed_blocks.update(blocks)
         return set(done), failed_blocks
+
+    def take_failed_requests(self) -> Set[str]:
+        """Requests of several KV cache groups whose failed loads ``take_finished`` reported as done since the last
+        call (vLLM's ``failed_recving``)."""
+        with self._lock:
+            failed, self._failed_taken = self._failed_taken, set()
+        return failed
 
     def close(self) -> None:
         """Stop the pool and unlink every prefill (they free what we held); idempotent."""

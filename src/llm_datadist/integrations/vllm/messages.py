@@ -22,7 +22,8 @@ __all__ = ["SCHEMA_VERSION", "Geometry", "Fingerprint", "Hello", "HelloReply", "
 #    llm_datadist notifications).
 # 2: hello / hello reply (the compatibility fingerprint at a decode's first contact with a prefill), renew (the
 #    decode's lease heartbeat), and the version-neutral refusal (payload version 0).
-SCHEMA_VERSION = 2
+# 3: block ids of several KV cache groups (hybrid models): claim replies and push hand-offs carry group_sizes.
+SCHEMA_VERSION = 3
 REFUSAL_VERSION = 0
 
 
@@ -90,8 +91,9 @@ class ClaimReply(msgspec.Struct, tag=True, frozen=True):
 
     seq: int
     ok: bool
-    block_ids: List[int] = []
+    block_ids: List[int] = []  # every KV cache group's block table, one after the other (kv_groups)
     reason: str = ""
+    group_sizes: List[int] = []  # block ids of each KV cache group (empty: one group)
 
 
 class Release(msgspec.Struct, tag=True, frozen=True):
@@ -116,6 +118,7 @@ class PushReady(msgspec.Struct, tag=True, frozen=True):
     num_tokens: int
     geometry: Geometry
     first_block: int = 0
+    group_sizes: List[int] = []  # dst_block_ids of each KV cache group (empty: one group)
 
 
 class PushDone(msgspec.Struct, tag=True, frozen=True):

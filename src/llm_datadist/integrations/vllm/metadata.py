@@ -64,6 +64,7 @@ class LoadJob:
     local_block_ids: Tuple[int, ...]
     num_tokens: int
     first_block: int = 0
+    group_sizes: Tuple[int, ...] = ()  # local_block_ids of each KV cache group, one after the other (empty: one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,7 @@ class HoldJob:
     mode: str
     transfer_id: str = ""
     lease_s: float = 0.0  # 0: the connector's lease_s
+    group_sizes: Tuple[int, ...] = ()  # block_ids of each KV cache group, one after the other (empty: one)
 
 
 @dataclasses.dataclass

@@ -12,14 +12,15 @@ import dataclasses
 import queue
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from llm_datadist import (BlocksCacheKey, Cache, LayerSynchronizer, LLMDataDist, LLMException, LLMStatusCode,
                           TransferWithCacheKeyConfig, notifications)
 from llm_datadist.integrations.vllm import messages as msg
-from llm_datadist.integrations.vllm.block_layout import KVLayout, block_pairs
+from llm_datadist.integrations.vllm.block_layout import KVLayout
 from llm_datadist.integrations.vllm.config import ConnectorConfig, connector_logger
 from llm_datadist.integrations.vllm.control import Owner
+from llm_datadist.integrations.vllm.kv_groups import grouped_block_pairs
 from llm_datadist.integrations.vllm.metadata import HoldJob
 from llm_datadist.integrations.vllm.stats import PUSHED, TransferRecorder
 
@@ -30,12 +31,13 @@ _STOP = object()
 
 
 class StepGate(LayerSynchronizer):
-    """Layer readiness of one forward step; library layer j covers cache tensors 2j and 2j+1."""
+    """Layer readiness of one forward step; library layer j covers cache tensors 2j and 2j+1, which are ready once
+    every vLLM layer writing them is saved (``KVLayout.writers``: several, where KV cache groups share a tensor)."""
 
-    def __init__(self, num_layers: int, regions_per_layer: int, timeout_s: float) -> None:
-        self._events = [threading.Event() for _ in range(num_layers)]
-        self._ready: List[Optional[Any]] = [None] * num_layers
-        self._regions_per_layer = regions_per_layer
+    def __init__(self, layout: KVLayout, timeout_s: float) -> None:
+        self._events = [threading.Event() for _ in layout.layer_names]
+        self._ready: List[Optional[Any]] = [None] * len(layout.layer_names)
+        self._layout = layout
         self._timeout_s = timeout_s
 
     def layer_done(self, layer: int, ready: Optional[Any] = None) -> None:
@@ -50,12 +52,14 @@ class StepGate(LayerSynchronizer):
 
     def synchronize_layer(self, layer_index: int, timeout_in_millis: Optional[int]) -> bool:
         """Wait (bounded by the transfer timeout) until both tensors of library layer j are written."""
-        vllm_layer = (2 * layer_index + 1) // self._regions_per_layer
-        if not self._events[vllm_layer].wait(self._timeout_s):
-            return False
-        ready = self._ready[vllm_layer]
-        if ready is not None:
-            ready.synchronize()
+        regions = range(2 * layer_index, min(2 * layer_index + 2, self._layout.num_regions))
+        deadline = time.monotonic() + self._timeout_s
+        for vllm_layer in sorted({layer for region in regions for layer in self._layout.writers(region)}):
+            if not self._events[vllm_layer].wait(max(0.0, deadline - time.monotonic())):
+                return False
+            ready = self._ready[vllm_layer]
+            if ready is not None:
+                ready.synchronize()
         return True
 
 
@@ -72,8 +76,9 @@ class Pusher:
 
     def __init__(self, config: ConnectorConfig, datadist: LLMDataDist, cache: Cache, layout: KVLayout,
                  block_size: int, claim: Callable[[str], bool], release: Callable[[str, str], None],
-                 push_done: Callable[[int, msg.PushDone], None]) -> None:
+                 push_done: Callable[[int, msg.PushDone], None], windows: Sequence[int] = ()) -> None:
         self._config = config
+        self._windows = tuple(windows)  # per KV cache group: blocks from the prompt's end (kv_groups; 0: all)
         self._datadist = datadist
         self._cache = cache
         self._layout = layout
@@ -100,8 +105,7 @@ class Pusher:
         self._gate = None
         if not pushes:
             return
-        gate = StepGate(len(self._layout.layer_names), self._layout.regions_per_layer,
-                        self._config.transfer_timeout_ms / 1000.0)
+        gate = StepGate(self._layout, self._config.transfer_timeout_ms / 1000.0)
         self._gate = gate
         for hold in pushes:
             with self._lock:
@@ -188,8 +192,8 @@ class Pusher:
         """Source and destination blocks of the registered caches (every head of each block: the decode has this
         rank's heads per block, its PushReady geometry says so)."""
         ready = self._ready(state)
-        src, dst = block_pairs(state.hold.block_ids, ready.dst_block_ids, ready.num_tokens, self._block_size,
-                               ready.first_block)
+        src, dst = grouped_block_pairs(state.hold.block_ids, ready.dst_block_ids, ready.num_tokens, self._block_size,
+                                       ready.first_block, state.hold.group_sizes, ready.group_sizes, self._windows)
         return self._layout.sub_blocks(src), self._layout.sub_blocks(dst)
 
     def _dest(self, state: _Push) -> BlocksCacheKey:

@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from llm_datadist.integrations.vllm.block_layout import blocks_for_tokens
 from llm_datadist.integrations.vllm.config import ConnectorConfig, connector_logger
 from llm_datadist.integrations.vllm.datadist import prefill_cluster_id
+from llm_datadist.integrations.vllm.kv_groups import flatten_groups
 from llm_datadist.integrations.vllm.metadata import (HoldJob, LoadJob, StepMetadata, TransferParams, WorkerEndpoint,
                                                      endpoints_param)
 
@@ -88,7 +89,17 @@ class SchedulerSide:
         if num_external_tokens <= 0:  # fully cached here: only let the prefill free its blocks
             self._loads.append(LoadJob(request.request_id, transfer, (), 0))
             return
-        block_ids = tuple(blocks.get_block_ids()[0])
+        groups = blocks.get_block_ids()
+        if len(groups) > 1:  # a hybrid model: the blocks of every KV cache group (kv_groups)
+            needed = blocks_for_tokens(request.num_prompt_tokens, self._block_size)
+            block_ids, sizes = flatten_groups(groups, needed)
+            # a local prefix-cache hit covers the same tokens in every group (a sliding window may have nulled some)
+            first_block = max(sum(1 for block in group if block.block_hash is not None and not block.is_null)
+                              for group in blocks.blocks)
+            self._loads.append(LoadJob(request.request_id, transfer, block_ids, request.num_prompt_tokens,
+                                       first_block, sizes))
+            return
+        block_ids = tuple(groups[0])
         first_block = len(block_ids) - len(blocks.get_unhashed_block_ids())
         self._loads.append(LoadJob(request.request_id, transfer, block_ids, request.num_prompt_tokens,
                                    max(0, first_block)))
@@ -111,10 +122,10 @@ class SchedulerSide:
                 continue
             del self._producing[req_id]
             needed = blocks_for_tokens(request.num_prompt_tokens, self._block_size)
-            block_ids = tuple(self._kv_cache_manager.get_block_ids(req_id)[0][:needed])
+            block_ids, sizes = flatten_groups(self._kv_cache_manager.get_block_ids(req_id), needed)
             params = request.kv_transfer_params
             holds.append(HoldJob(req_id, block_ids, request.num_prompt_tokens, self._mode_of(params),
-                                 str(params.get("transfer_id") or ""), _lease_of(req_id, params)))
+                                 str(params.get("transfer_id") or ""), _lease_of(req_id, params), sizes))
         return holds
 
     def build_connector_meta(self, scheduler_output: Any) -> StepMetadata:

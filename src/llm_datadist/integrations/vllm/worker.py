@@ -60,8 +60,9 @@ class WorkerSide:
 
     def __init__(self, config: ConnectorConfig, producer: bool, consumer: bool, block_size: int, num_blocks: int,
                  tp_rank: int, tp_size: int = 1, total_kv_heads: int = 0,
-                 fingerprint: Optional[msg.Fingerprint] = None) -> None:
+                 fingerprint: Optional[msg.Fingerprint] = None, windows: Tuple[int, ...] = ()) -> None:
         self._config = config
+        self._windows = windows  # per KV cache group: blocks a decode needs from the prompt's end (kv_groups)
         self._fingerprint = fingerprint  # what a peer must match (compat); None: no check
         self.renewer: Optional[Renewer] = None
         self._producer = producer
@@ -83,6 +84,7 @@ class WorkerSide:
         self.pusher: Optional[Pusher] = None
         self._geometry: Optional[msg.Geometry] = None
         self._failed_blocks: Set[int] = set()
+        self._failed_requests: Set[str] = set()  # failed loads of several KV cache groups (reported by request)
         self._shared: Dict[str, _Shared] = {}  # request id -> releases of a hold several decode ranks claimed
         self._shared_lock = threading.Lock()
         self._closed = False
@@ -108,7 +110,7 @@ class WorkerSide:
         cache = register_layout(self._datadist, layout, placement, self.cluster_id, self._config.model_id)
         if self._consumer:
             self.loader = Loader(self._config, self._datadist, cache, layout, self._geometry, self.cluster_id,
-                                 self._tp_rank, self._tp_size, self._total_kv_heads)
+                                 self._tp_rank, self._tp_size, self._total_kv_heads, self._windows)
         self.control = Control(self._datadist, self._geometry, self._config.link_timeout_ms,
                                server=self if self._producer else None,
                                on_push_done=self.loader.on_push_done if self.loader else None,
@@ -121,7 +123,7 @@ class WorkerSide:
             self.renewer.start()
         if self._producer:
             self.pusher = Pusher(self._config, self._datadist, cache, layout, self._block_size,
-                                  self._claim_push, self._release_push, self.control.push_done)
+                                  self._claim_push, self._release_push, self.control.push_done, self._windows)
         _log.info("llm_datadist connector: %d layers x %d regions of %d blocks x %d bytes (%d KV heads) registered "
                   "(%s, %s); TP rank %d of %d; cluster %d%s", len(layout.layer_names), layout.regions_per_layer,
                   layout.num_blocks, layout.block_nbytes, layout.heads, layout.device_type, placement.name,
@@ -151,7 +153,7 @@ class WorkerSide:
             return msg.ClaimReply(message.seq, False, reason=reason)
         if hold.ready is not None:
             hold.ready.synchronize()
-        return msg.ClaimReply(message.seq, True, block_ids=list(hold.block_ids))
+        return msg.ClaimReply(message.seq, True, block_ids=list(hold.block_ids), group_sizes=list(hold.group_sizes))
 
     def _claim_shared(self, owner: Owner, request_id: str, sharers: int) -> Tuple[Any, str]:
         with self._shared_lock:
@@ -256,7 +258,8 @@ class WorkerSide:
         if meta is not None and meta.holds:
             ready = self._ready_marker()
             for hold in meta.holds:
-                self.holds.hold(hold.request_id, list(hold.block_ids), hold.lease_s or self._config.lease_s, ready)
+                self.holds.hold(hold.request_id, list(hold.block_ids), hold.lease_s or self._config.lease_s, ready,
+                                hold.group_sizes)
         if self.pusher is not None:
             self.pusher.end_step()
 
@@ -275,6 +278,7 @@ class WorkerSide:
         if self.loader is not None:
             receiving, failed = self.loader.take_finished()
             self._failed_blocks.update(failed)
+            self._failed_requests.update(self.loader.take_failed_requests())
             if self.renewer is not None and receiving:
                 self.renewer.remove(list(receiving))
         return sending, receiving
@@ -290,6 +294,11 @@ class WorkerSide:
         what decodes pulled from it (llm_datadist's served counters); None when nothing happened."""
         parts = [self.recorder] + [part.recorder for part in (self.loader, self.pusher) if part is not None]
         return collect_step(parts, self._served if self._producer else None, self._datadist)
+
+    def take_failed_requests(self) -> Set[str]:
+        """Requests of several KV cache groups whose load failed, reported once (after ``get_finished`` named them)."""
+        failed, self._failed_requests = self._failed_requests, set()
+        return failed
 
     def take_failed_blocks(self) -> Set[int]:
         """Local blocks of loads that failed, reported once (after ``get_finished`` named their requests)."""
