@@ -197,7 +197,7 @@ class TransportContext:
     tls: Optional[object] = None  # a tls.Tls when mutual TLS is configured (tcp wraps its connections)
 
 
-SMALL_OPS = 64  # plans built from at most this many Python ints keep them (no numpy on the small-request path)
+SMALL_OPS = 4096  # plans of at most this many ops keep Python int lists: no numpy, whose calls let go of the GIL
 
 _U64 = np.uint64
 _WRAP = 1 << 64
