@@ -84,7 +84,7 @@ def release_latency(cluster, rounds: int, rng: random.Random) -> List[float]:
         params = pre.call("generate", prompts=[prompt(300, rng) for _ in range(4)], max_tokens=1,
                           params=[{"do_remote_decode": True}] * 4)["kv_transfer_params"]
         ids = [p["remote_request_id"] for p in params]
-        fake = run_fake_decode(pre.endpoint[0], pre.endpoint[1], ids)
+        fake = run_fake_decode(pre.endpoint, pre.geometry, ids)
         fake.stdout.readline()
         killed = time.monotonic()
         fake.kill()
