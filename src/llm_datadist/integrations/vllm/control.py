@@ -283,11 +283,6 @@ class Control:
             raise ConnectionError(f"prefill cluster {cluster_id} answered a claim with {type(reply).__name__}")
         return reply
 
-    @staticmethod
-    def release_payload(request_ids: List[str]) -> bytes:
-        """The notification that releases requests (to attach to the pull of their blocks)."""
-        return msg.encode(msg.Release(list(request_ids)))
-
     def release(self, cluster_id: int, request_ids: List[str]) -> None:
         """Tell the prefill it may free these requests' blocks (best effort: a link that goes down frees them too)."""
         try:

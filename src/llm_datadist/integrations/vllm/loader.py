@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Deque, Dict, List, Optional, Sequence, Set, Tuple
 
-from llm_datadist import BlocksCacheKey, Cache, LLMDataDist, LLMException, notifications
+from llm_datadist import BlocksCacheKey, Cache, LLMDataDist, LLMException
 from llm_datadist.integrations.vllm import messages as msg
 from llm_datadist.integrations.vllm.block_layout import KVLayout, blocks_for_tokens
 from llm_datadist.integrations.vllm.compat import IncompatiblePeer
@@ -242,7 +242,6 @@ class Loader:
         reply = control.claim(peer.cluster_id, remote_id, plan.sharers[rank], self._source_geometry(plan))
         if not reply.ok:
             raise ConnectionError(f"prefill refused the claim: {reply.reason}")
-        released = False
         src: List[int] = []
         pull_began = time.monotonic()
         try:
@@ -254,19 +253,19 @@ class Loader:
             else:  # whole blocks (the plan is block for block)
                 src, dst = blocks
             pull_began = time.monotonic()
-            if src:  # the release goes with the pull: the prefill learns of it once every byte is here
-                released = True
-                notifications.pull_blocks(self._datadist, BlocksCacheKey(peer.cluster_id, self._config.model_id),
-                                          self._cache, src, dst, control.release_payload([remote_id]),
-                                          timeout_ms=self._config.link_timeout_ms)
-        except notifications.NotificationNotDelivered as exc:  # the bytes are here: only the release is missing
-            _log.info("request %s: release not delivered with the pull (%s); sending it again", job.request_id, exc)
-            control.release(peer.cluster_id, [remote_id])
+            if src:
+                self._datadist.cache_manager.pull_blocks(BlocksCacheKey(peer.cluster_id, self._config.model_id),
+                                                         self._cache, src, dst)
         except BaseException:
             control.release(peer.cluster_id, [remote_id])  # the pull failed: the blocks are not needed any more
             raise
         pull_s = time.monotonic() - pull_began
-        if not released:
+        # Every byte is here: the release goes out from the pool, off the load's path. A round trip waited for
+        # here would cost this thread two or three GIL hand-offs next to vLLM's busy engine loop (up to 5 ms
+        # each); a release that never arrives is freed by the link going down or the lease.
+        try:
+            self._pool.submit(control.release, peer.cluster_id, [remote_id])
+        except RuntimeError:  # the pool is shut down (closing): send it here
             control.release(peer.cluster_id, [remote_id])
         return len(src) * self._layout.num_regions * self._geometry.block_nbytes, pull_s
 
