@@ -24,6 +24,7 @@ from llm_datadist.notifications import MAX_PAYLOAD_BYTES
 
 from vllm_harness import HERE, SRC
 from waiting import wait_until
+from fake_tensor import FakeTensor
 
 GEOMETRY_LIST = [4, 16384, 32, 2]
 GEOMETRY = msg.Geometry(*GEOMETRY_LIST)
@@ -250,29 +251,9 @@ def test_holds_lease_claim_and_freeable():
 
 
 # -- layout and block mapping ------------------------------------------------------------------------
-class _Tensor:
-    """A numpy array seen through the torch.Tensor attributes the layout reads."""
-
-    class _Device:
-        def __init__(self, kind: str) -> None:
-            self.type, self.index = kind, None
-
-    def __init__(self, array: np.ndarray, kind: str = "cpu") -> None:
-        self.array, self.shape, self.dtype, self.device = array, array.shape, array.dtype, self._Device(kind)
-
-    def stride(self):
-        return tuple(s // self.array.itemsize for s in self.array.strides)
-
-    def element_size(self) -> int:
-        return self.array.itemsize
-
-    def data_ptr(self) -> int:
-        return self.array.ctypes.data
-
-
 def test_layout_of_cpu_layout_one_region_per_layer():
     base = np.zeros((2, 10, 2, 32, 64), np.float32)  # two layers of [num_blocks, kv_heads, block, 2*head]
-    layout = layout_of({"l0": _Tensor(base[0]), "l1": _Tensor(base[1])}, num_blocks=10)
+    layout = layout_of({"l0": FakeTensor(base[0]), "l1": FakeTensor(base[1])}, num_blocks=10)
     assert (layout.regions_per_layer, layout.num_blocks, layout.block_nbytes) == (1, 10, 2 * 32 * 64 * 4)
     assert layout.region_addrs == (base[0].ctypes.data, base[1].ctypes.data)
     assert layout.layer_index("l1") == 1
@@ -280,7 +261,7 @@ def test_layout_of_cpu_layout_one_region_per_layer():
 
 def test_layout_of_kv_split_layout_two_regions_per_layer():
     kv = np.zeros((2, 6, 16, 4, 8), np.float16)  # [K/V, num_blocks, block, heads, head]
-    layout = layout_of({"only": _Tensor(kv)}, num_blocks=6)
+    layout = layout_of({"only": FakeTensor(kv)}, num_blocks=6)
     assert layout.regions_per_layer == 2 and layout.block_nbytes == 16 * 4 * 8 * 2
     assert layout.region_addrs == (kv.ctypes.data, kv[1].ctypes.data)
 
@@ -289,10 +270,10 @@ def test_layout_of_refuses_unusable_tensors():
     with pytest.raises(ValueError, match="no KV tensors"):
         layout_of({}, 4)
     with pytest.raises(ValueError, match="no dimension of 5 blocks"):
-        layout_of({"a": _Tensor(np.zeros((4, 8), np.float32))}, 5)
+        layout_of({"a": FakeTensor(np.zeros((4, 8), np.float32))}, 5)
     with pytest.raises(ValueError, match="not contiguous"):
-        layout_of({"a": _Tensor(np.zeros((8, 4), np.float32).T)}, 4)
-    mixed = {"a": _Tensor(np.zeros((4, 8), np.float32)), "b": _Tensor(np.zeros((4, 16), np.float32))}
+        layout_of({"a": FakeTensor(np.zeros((8, 4), np.float32).T)}, 4)
+    mixed = {"a": FakeTensor(np.zeros((4, 8), np.float32)), "b": FakeTensor(np.zeros((4, 16), np.float32))}
     with pytest.raises(ValueError, match="differs from the first layer"):
         layout_of(mixed, 4)
 

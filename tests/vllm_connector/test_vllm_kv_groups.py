@@ -13,6 +13,7 @@ kv_interface = pytest.importorskip("vllm.v1.kv_cache_interface")
 from llm_datadist.integrations.vllm.block_layout import layout_of  # noqa: E402
 from llm_datadist.integrations.vllm.kv_groups import (UnsupportedKVCache, flatten_groups,  # noqa: E402
                                                       group_windows, grouped_block_pairs)
+from fake_tensor import FakeTensor  # noqa: E402
 
 BLOCK = 32
 _ATTN = dict(block_size=BLOCK, num_kv_heads=2, head_size=32, dtype=torch.float32)
@@ -112,47 +113,29 @@ def test_flatten_groups():
 
 
 # -- layouts vLLM's CPU backend gives ------------------------------------------------------------------------------
-class _Tensor:
-    """A numpy array with the torch.Tensor attributes the layout reads."""
-
-    class _Device:
-        type, index = "cpu", None
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array, self.shape, self.dtype, self.device = array, array.shape, array.dtype, self._Device()
-
-    def stride(self):
-        return tuple(s // self.array.itemsize for s in self.array.strides)
-
-    def element_size(self) -> int:
-        return self.array.itemsize
-
-    def data_ptr(self) -> int:
-        return self.array.ctypes.data
-
-
 def test_layout_of_groups_sharing_tensors_registers_each_once():
     """vLLM overlays the groups of a hybrid model: layer i of every group views tensor i (as with the 4-layer
     sliding/full model: layers 0 and 1 share one tensor, layers 2 and 3 the other)."""
     shared = np.zeros((2, 64, 2, BLOCK, 64), np.float32)
-    caches = {f"l{i}": _Tensor(shared[i // 2]) for i in range(4)}
+    caches = {f"l{i}": FakeTensor(shared[i // 2]) for i in range(4)}
     layout = layout_of(caches, 64, heads=2)
     assert (layout.num_regions, len(layout.layer_names), layout.heads) == (2, 4, 2)
     assert layout.region_addrs == (shared[0].ctypes.data, shared[1].ctypes.data)
     assert [layout.writers(r) for r in range(2)] == [(0, 1), (2, 3)]
-    plain = layout_of({f"l{i}": _Tensor(shared[i]) for i in range(2)}, 64, heads=2)
+    plain = layout_of({f"l{i}": FakeTensor(shared[i]) for i in range(2)}, 64, heads=2)
     assert plain.region_layers == () and [plain.writers(r) for r in range(2)] == [(0,), (1,)]
 
 
 def test_layout_of_refuses_partly_overlapping_tensors():
     base = np.zeros((3 * 64 * 16,), np.float32)
     with pytest.raises(ValueError, match="overlap without being the same memory"):
-        layout_of({"a": _Tensor(base[:64 * 16].reshape(64, 16)), "b": _Tensor(base[16:65 * 16].reshape(64, 16))}, 64)
+        layout_of({"a": FakeTensor(base[:64 * 16].reshape(64, 16)),
+                   "b": FakeTensor(base[16:65 * 16].reshape(64, 16))}, 64)
 
 
 def test_layout_of_mla_latent_cache():
     """vLLM's CPU MLA layout: one latent per token, no K/V split and no head dimension ([blocks, 16, 576])."""
     latent = np.zeros((2, 64, 16, 576), np.float32)
-    layout = layout_of({"l0": _Tensor(latent[0]), "l1": _Tensor(latent[1])}, 64, heads=1)
+    layout = layout_of({"l0": FakeTensor(latent[0]), "l1": FakeTensor(latent[1])}, 64, heads=1)
     assert (layout.num_regions, layout.regions_per_layer, layout.heads) == (2, 1, 1)
     assert layout.block_nbytes == 16 * 576 * 4

@@ -13,6 +13,7 @@ from llm_datadist.integrations.vllm.tp_map import HeadSlice, heads_of, plan_for,
 
 from vllm_harness import VllmInstance
 from waiting import wait_until
+from fake_tensor import FakeTensor
 
 BLOCK_SIZE, HEAD_SIZE, LAYERS = 32, 32, 2
 HEAD_BYTES = BLOCK_SIZE * 2 * HEAD_SIZE * 4  # one KV head of one block: 32 tokens x (K+V of 32) x float32
@@ -70,32 +71,13 @@ def test_sub_block_pairs_keep_neighbours_together():
 
 
 # -- head-major layouts ------------------------------------------------------------------------------
-class _Tensor:
-    """A numpy array with the torch.Tensor attributes the layout reads."""
-
-    class _Device:
-        type, index = "cpu", None
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array, self.shape, self.dtype, self.device = array, array.shape, array.dtype, self._Device()
-
-    def stride(self):
-        return tuple(s // self.array.itemsize for s in self.array.strides)
-
-    def element_size(self) -> int:
-        return self.array.itemsize
-
-    def data_ptr(self) -> int:
-        return self.array.ctypes.data
-
-
 def test_layout_of_head_major_blocks_are_sub_blocks_per_head():
     base = np.zeros((LAYERS, 10, 2, BLOCK_SIZE, 2 * HEAD_SIZE), np.float32)  # vLLM CPU: [blocks, heads, N, K+V]
-    layout = layout_of({f"l{i}": _Tensor(base[i]) for i in range(LAYERS)}, 10, heads=2)
+    layout = layout_of({f"l{i}": FakeTensor(base[i]) for i in range(LAYERS)}, 10, heads=2)
     assert (layout.heads, layout.sub_block_nbytes, layout.num_sub_blocks) == (2, HEAD_BYTES, 20)
     assert layout.sub_blocks([3, 7]) == [6, 7, 14, 15]
     token_major = np.zeros((10, BLOCK_SIZE, 2, 2 * HEAD_SIZE), np.float32)  # NHD: heads are not contiguous
-    assert layout_of({"l0": _Tensor(token_major)}, 10, heads=2).heads == 1
+    assert layout_of({"l0": FakeTensor(token_major)}, 10, heads=2).heads == 1
 
 
 # -- worker-level transfers, one process per rank ------------------------------------------------------
