@@ -160,8 +160,8 @@ def _suites(opts: Dict[str, Any], args: argparse.Namespace, placements: Sequence
                 sizes=opts["sizes"], directions=opts["directions"], passes=opts["passes"], warmup=opts["warmup"],
                 total_bytes=opts["total"], seed=args.seed, latency_iters=100 if quick else 1000,
                 model_iters=2 if quick else 20, link_repeats=2 if quick else 5, timeout_s=args.timeout,
-                owner_id=base, initiator_id=base + 1, paired=transport != "tcp", owner_cpus=opts["owner_cpus"],
-                initiator_cpus=opts["initiator_cpus"]))
+                owner_id=base, initiator_id=base + 1, paired=transport != "tcp", owner_cpus=opts.get("owner_cpus", ()),
+                initiator_cpus=opts.get("initiator_cpus", ())))
             if name == TLS_SUITE:
                 suites[-1] = _lighter_tls(suites[-1], tls, quick)
     auto = next((s for s in suites if s.name == "auto"), None)
