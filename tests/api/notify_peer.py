@@ -73,8 +73,8 @@ class Peer:
         address = notifications.listen_address(self.dd)
         return {"port": address[1] if address else 0, "pid": os.getpid()}
 
-    def op_link(self, cluster_id, port):
-        _, codes = self.dd.link_clusters([_cluster(cluster_id, port)], 5000)
+    def op_link(self, cluster_id, port, timeout_ms=5000):
+        _, codes = self.dd.link_clusters([_cluster(cluster_id, port)], timeout_ms)
         return {"code": codes[0].name}
 
     def op_unlink(self, cluster_id, port):

@@ -110,7 +110,7 @@ def test_a_failed_dial_is_counted_by_its_status():
         with __import__("socket").socket() as sock:  # a port nothing listens on
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-            code = client.call("link", cluster_id=PREFILL, port=port)["code"]
+            code = client.call("link", cluster_id=PREFILL, port=port, timeout_ms=500)["code"]
         assert code != "LLM_SUCCESS"
         snap = client.call("stats")["stats"]
         assert snap["links"]["failed"] == {"dial": {code: 1}}

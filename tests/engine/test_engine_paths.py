@@ -10,7 +10,6 @@ from ports import free_port as _port
 
 import fakes_transport as rec
 from llm_datadist._transport.base import TransportClosed
-from waiting import wait_until
 from llm_datadist import (BlocksCacheKey, CacheDesc, DataType, LayerSynchronizer, LLMClusterInfo, LLMConfig,
                           LLMDataDist, LLMException, LLMRole, LLMStatusCode, Placement, TransferWithCacheKeyConfig)
 
@@ -117,10 +116,14 @@ def test_a_one_sided_write_runs_under_the_owners_write_grant(make_pair):
     pins_during_write = []
     rec.ON_WRITE.append(lambda plan: pins_during_write.append(entry.pins))
     p.cache_manager.push_blocks(BlocksCacheKey(2, 4), src_cache, [1, 5], [0, 3])
-    assert pins_during_write == [1]  # the owner held the destination while the bytes moved
-    assert wait_until(lambda: entry.pins == 0)  # and lets it go when the release notification arrives
+    p.cache_manager.push_blocks(BlocksCacheKey(2, 4), src_cache, [2], [6])
+    assert pins_during_write == [1, 1]  # the owner held the destination while the bytes moved, under one grant
     for t in range(2):
         assert np.array_equal(dst[t][0], src[t][1]) and np.array_equal(dst[t][3], src[t][5])
+        assert np.array_equal(dst[t][6], src[t][2])
+    assert entry.pins == 1  # the writer keeps the grant for later writes to this generation
+    d.cache_manager.unregister_cache(_dst_cache.cache_id)  # the owner asks for it back and frees the cache
+    assert entry.pins == 0 and entry.freed.is_set()
 
 
 def test_a_stale_blocks_view_fails_its_guard_and_is_retried_once_on_a_fresh_view(make_pair):
