@@ -1,5 +1,6 @@
 """KV cache groups (hybrid models), shared tensors, MLA layouts, and the start-up refusal of caches the connector can
-not move, with the configuration objects vLLM 0.32 passes (run in the vLLM venv; skipped without vLLM)."""
+not move, with the configuration objects vLLM 0.32 passes (marked torch: .ci/run runs them with the Python of
+.venv-vllm, which has vLLM and its torch; elsewhere they skip, naming what is missing)."""
 from __future__ import annotations
 
 import types
@@ -7,8 +8,11 @@ import types
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-kv_interface = pytest.importorskip("vllm.v1.kv_cache_interface")
+import subsystems
+
+pytestmark = pytest.mark.torch
+torch = subsystems.importorskip("torch", "torch", "torch is not installed (these tests build vLLM's spec objects)")
+kv_interface = subsystems.importorskip("vllm.v1.kv_cache_interface", "vllm", "vLLM is not installed in this Python")
 
 from llm_datadist.integrations.vllm.block_layout import layout_of  # noqa: E402
 from llm_datadist.integrations.vllm.kv_groups import (UnsupportedKVCache, flatten_groups,  # noqa: E402
