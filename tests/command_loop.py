@@ -7,9 +7,10 @@ with it); it returns at ``{"op": "quit"}`` (answered ``{"ok": true}``) or at the
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
-from typing import Any, Callable, Dict
+from typing import IO, Any, Callable, Dict
 
 
 def serve(commands: Dict[str, Callable[..., Dict[str, Any]]], write: Callable[[str], Any]) -> None:
@@ -26,3 +27,12 @@ def serve(commands: Dict[str, Callable[..., Dict[str, Any]]], write: Callable[[s
         except Exception as exc:  # noqa: BLE001 - reported to the test, which fails with it
             reply = {"ok": False, "error": repr(exc), "traceback": traceback.format_exc()}
         write(json.dumps(reply) + "\n")
+
+
+def run(commands: Dict[str, Callable[..., Dict[str, Any]]], replies: IO[str], finish: Callable[[], Any]) -> None:
+    """:func:`serve` into ``replies``, then ``finish()``, then leave at once (no interpreter teardown: threads of
+    the code under test may still run)."""
+    serve(commands, replies.write)
+    finish()
+    replies.flush()
+    os._exit(0)

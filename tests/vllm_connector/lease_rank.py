@@ -18,7 +18,7 @@ os.dup2(2, 1)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: waiting
 
 import torch  # noqa: E402
-from command_loop import serve  # noqa: E402
+from command_loop import run  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
 from llm_datadist.integrations.vllm import messages as msg  # noqa: E402
@@ -140,12 +140,5 @@ COMMANDS = {"start": start, "hold": hold, "tick": tick, "want": want, "load": lo
             "stop_renewing": stop_renewing, "verify": verify, "state": state, "stop": stop}
 
 
-def main() -> None:
-    serve(COMMANDS, _REPLY.write)
-    stop()
-    _REPLY.flush()
-    os._exit(0)
-
-
 if __name__ == "__main__":
-    main()
+    run(COMMANDS, _REPLY, stop)

@@ -5,6 +5,7 @@ transfers: the exact KV bytes of the prompt's blocks, pulled and received by the
 the prefill."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Dict
 
 import pytest
 
@@ -89,22 +91,37 @@ def _wait_ready(url: str, launcher: subprocess.Popen, log_path: str) -> None:
         time.sleep(0.5)
 
 
-def test_proxy_streams_the_single_instance_tokens(vllm_python, tiny_model, tmp_path):
-    ports = {name: _free_port() for name in ("PREFILL_PORT", "DECODE_PORT", "PROXY_PORT", "CONTROL_PORT")}
-    env = vllm_env({"MODEL": tiny_model, "VLLM_PYTHON": vllm_python, "PYTHON": sys.executable,
-                    "READY_TIMEOUT_S": str(READY_TIMEOUT_S), "LINK_SECRET": "example-secret",
+@contextlib.contextmanager
+def launched(script: str, front_port: str, ports: Dict[str, int], env: Dict[str, str], log_path: str):
+    """Run the example's ``script`` (launch.sh or launch_router.sh) with the tiny model's settings and ``env``,
+    until ``front_port`` (the proxy's or the router's) answers; stop its whole session after the block."""
+    env = vllm_env({"READY_TIMEOUT_S": str(READY_TIMEOUT_S), "LINK_SECRET": "example-secret",
                     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine and worker in one process: a faster start
-                    "VLLM_LOG_STATS_INTERVAL": "1",  # the stats log line each second
                     "VLLM_ARGS": f"--dtype float32 --enforce-eager --block-size {BLOCK_SIZE} "
                                  "--no-enable-prefix-caching --num-gpu-blocks-override 128 --max-model-len 1024 "
                                  "--distributed-executor-backend uni",
-                    **{k: str(v) for k, v in ports.items()}})
-    log_path = str(tmp_path / "example.log")
+                    **{k: str(v) for k, v in ports.items()}, **env})
     with open(log_path, "w") as log:
-        launcher = subprocess.Popen(["bash", os.path.join(EXAMPLE, "launch.sh")], env=env, stdout=log,
+        launcher = subprocess.Popen(["bash", os.path.join(EXAMPLE, script)], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_ready(f"http://127.0.0.1:{ports['PROXY_PORT']}", launcher, log_path)
+        _wait_ready(f"http://127.0.0.1:{ports[front_port]}", launcher, log_path)
+        yield
+    finally:
+        os.killpg(launcher.pid, signal.SIGTERM)
+        try:
+            launcher.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait(30)
+
+
+def test_proxy_streams_the_single_instance_tokens(vllm_python, tiny_model, tmp_path):
+    ports = {name: _free_port() for name in ("PREFILL_PORT", "DECODE_PORT", "PROXY_PORT", "CONTROL_PORT")}
+    log_path = str(tmp_path / "example.log")
+    env = {"MODEL": tiny_model, "VLLM_PYTHON": vllm_python, "PYTHON": sys.executable,
+           "VLLM_LOG_STATS_INTERVAL": "1"}  # the stats log line each second
+    with launched("launch.sh", "PROXY_PORT", ports, env, log_path):
         expected = _completion(f"http://127.0.0.1:{ports['PREFILL_PORT']}", stream=False)
         assert len(expected) == 8
         assert _completion(f"http://127.0.0.1:{ports['PROXY_PORT']}", stream=True) == expected
@@ -121,13 +138,6 @@ def test_proxy_streams_the_single_instance_tokens(vllm_python, tiny_model, tmp_p
             push_proxy.terminate()
             push_proxy.wait(30)
         _check_transfer_stats(ports, tiny_model, log_path)
-    finally:
-        os.killpg(launcher.pid, signal.SIGTERM)
-        try:
-            launcher.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.wait(30)
 
 
 def _check_transfer_stats(ports, model: str, log_path: str) -> None:

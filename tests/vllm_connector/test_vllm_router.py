@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import threading
 import urllib.request
@@ -21,8 +20,7 @@ import pytest
 
 from ports import free_port
 from subsystems import skip
-from test_vllm_example import PROMPT, READY_TIMEOUT_S, _completion, _wait_ready
-from vllm_harness import EXAMPLE, vllm_env
+from test_vllm_example import PROMPT, _completion, launched
 from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(600)
@@ -154,19 +152,8 @@ def _prompt_tokens_by_source(url: str) -> Dict[str, float]:
 def test_router_streams_the_single_instance_tokens(vllm_python, tiny_model, tmp_path):
     ports = {name: free_port() for name in ("PREFILL_PORT", "DECODE_PORT", "ROUTER_PORT", "CONTROL_PORT",
                                             "ROUTER_METRICS_PORT")}
-    env = vllm_env({"MODEL": tiny_model, "VLLM_PYTHON": vllm_python, "VLLM_ROUTER": _router(vllm_python),
-                    "READY_TIMEOUT_S": str(READY_TIMEOUT_S), "LINK_SECRET": "example-secret",
-                    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine and worker in one process: a faster start
-                    "VLLM_ARGS": "--dtype float32 --enforce-eager --block-size 32 --no-enable-prefix-caching "
-                                 "--num-gpu-blocks-override 128 --max-model-len 1024 "
-                                 "--distributed-executor-backend uni",
-                    **{k: str(v) for k, v in ports.items()}})
-    log_path = str(tmp_path / "router-example.log")
-    with open(log_path, "w") as log:
-        launcher = subprocess.Popen(["bash", os.path.join(EXAMPLE, "launch_router.sh")], env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_ready(f"http://127.0.0.1:{ports['ROUTER_PORT']}", launcher, log_path)
+    env = {"MODEL": tiny_model, "VLLM_PYTHON": vllm_python, "VLLM_ROUTER": _router(vllm_python)}
+    with launched("launch_router.sh", "ROUTER_PORT", ports, env, str(tmp_path / "router-example.log")):
         expected = _completion(f"http://127.0.0.1:{ports['PREFILL_PORT']}", stream=False)
         assert len(expected) == 8
         assert _completion(f"http://127.0.0.1:{ports['ROUTER_PORT']}", stream=True) == expected
@@ -180,10 +167,3 @@ def test_router_streams_the_single_instance_tokens(vllm_python, tiny_model, tmp_
             return all(counts.get(source) == n for source, n in wanted.items())
 
         assert wait_until(loaded, METRICS_TIMEOUT_S, 0.2), _prompt_tokens_by_source(decode)
-    finally:
-        os.killpg(launcher.pid, signal.SIGTERM)
-        try:
-            launcher.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.wait(30)

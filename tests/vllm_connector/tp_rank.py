@@ -19,7 +19,7 @@ os.dup2(2, 1)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: waiting
 
 import torch  # noqa: E402
-from command_loop import serve  # noqa: E402
+from command_loop import run  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
 from llm_datadist.integrations.vllm.config import ConnectorConfig  # noqa: E402
@@ -113,12 +113,5 @@ def stop() -> dict:
 COMMANDS = {"start": start, "hold": hold, "load": load, "verify": verify, "state": state, "stop": stop}
 
 
-def main() -> None:
-    serve(COMMANDS, _REPLY.write)
-    stop()
-    _REPLY.flush()
-    os._exit(0)
-
-
 if __name__ == "__main__":
-    main()
+    run(COMMANDS, _REPLY, stop)

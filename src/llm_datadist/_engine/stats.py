@@ -17,7 +17,7 @@ import itertools
 import threading
 import time
 from time import perf_counter
-from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from llm_datadist.status import LLMStatusCode
 
@@ -217,6 +217,15 @@ _PEER, _DIRECTION, _TRANSPORT, _NBYTES, _T0 = range(5)
 _current = threading.local()  # the call the running thread counts for (transfers.send reports into it)
 
 
+def _drained(pending: Deque[Any]) -> Iterator[Any]:
+    """The records of ``pending``, oldest first, taken out one by one (appends meanwhile are taken too)."""
+    while True:
+        try:
+            yield pending.popleft()
+        except IndexError:
+            return
+
+
 def moved(transport: str, nbytes: int) -> None:
     """A route completed ``nbytes`` for the call this thread is counting (if any)."""
     call = getattr(_current, "call", None)
@@ -251,12 +260,8 @@ class Usage:
                     self._fold()
 
     def _fold(self) -> None:
-        pending, rows = self._pending, self._rows
-        while True:
-            try:
-                direction, transport, nbytes = pending.popleft()
-            except IndexError:
-                return
+        rows = self._rows
+        for direction, transport, nbytes in _drained(self._pending):
             row = rows.get((direction, transport))
             if row is None:
                 rows[(direction, transport)] = [1, nbytes]
@@ -328,12 +333,8 @@ class Stats:
 
     def _fold(self) -> None:
         """Fold the waiting call records into the rows (under the lock)."""
-        pending, rows = self._pending, self._rows
-        while True:
-            try:
-                peer, transport, direction, nbytes, elapsed, failure = pending.popleft()
-            except IndexError:
-                return
+        rows = self._rows
+        for peer, transport, direction, nbytes, elapsed, failure in _drained(self._pending):
             self._ended += 1
             if elapsed < 0:  # abandoned
                 continue

@@ -115,22 +115,31 @@ def _guard_iovecs(guards: GuardWords) -> Tuple[array.array, Tuple[List[int], Lis
     copies, then last), the iovecs before and after the data (:meth:`CopyPlan.iovecs`), and the words the buffer
     must hold after the call. Made once per thread and guard set: the buffer is this thread's own (a call that
     succeeds rewrites all of it), so concurrent calls never share one."""
-    cache = getattr(_LOCAL, "sets", None)
+    return _per_thread("iovecs", tuple(guards), _make_guard_iovecs)
+
+
+def _per_thread(slot: str, key: tuple, make):
+    """``make(key)``, made once per thread and key (at most _GUARD_SETS keys per slot are kept)."""
+    cache = getattr(_LOCAL, slot, None)
     if cache is None:
-        cache = _LOCAL.sets = {}
-    key = tuple(guards)
+        cache = {}
+        setattr(_LOCAL, slot, cache)
     made = cache.get(key)
     if made is None:
         if len(cache) >= _GUARD_SETS:
             cache.clear()
-        g = len(key)
-        scratch = array.array("Q", bytes(16 * g))
-        base = scratch.buffer_info()[0]
-        addrs = [w for addr, _value in key for w in (addr, 8)]
-        head = ([w for k in range(g) for w in (base + 8 * k, 8)], addrs)
-        tail = ([w for k in range(g, 2 * g) for w in (base + 8 * k, 8)], addrs)
-        made = cache[key] = (scratch, head, tail, array.array("Q", [value for _addr, value in key] * 2))
+        made = cache[key] = make(key)
     return made
+
+
+def _make_guard_iovecs(key: tuple):
+    g = len(key)
+    scratch = array.array("Q", bytes(16 * g))
+    base = scratch.buffer_info()[0]
+    addrs = [w for addr, _value in key for w in (addr, 8)]
+    head = ([w for k in range(g) for w in (base + 8 * k, 8)], addrs)
+    tail = ([w for k in range(g, 2 * g) for w in (base + 8 * k, 8)], addrs)
+    return scratch, head, tail, array.array("Q", [value for _addr, value in key] * 2)
 
 
 def rw(func, what: str, pid: int, plan: CopyPlan, deadline: Optional[float], guards: GuardWords = ()) -> int:
@@ -168,16 +177,8 @@ _ST_OK, _ST_ERRNO, _ST_SHORT, _ST_STALE, _ST_TIMEOUT = range(5)
 
 def _guard_buffers(guards: GuardWords) -> Tuple[array.array, array.array]:
     """The guard words' addresses and values as uint64 buffers (made once per thread and guard set)."""
-    cache = getattr(_LOCAL, "buffers", None)
-    if cache is None:
-        cache = _LOCAL.buffers = {}
-    key = tuple(guards)
-    made = cache.get(key)
-    if made is None:
-        if len(cache) >= _GUARD_SETS:
-            cache.clear()
-        made = cache[key] = (array.array("Q", [a for a, _v in key]), array.array("Q", [v for _a, v in key]))
-    return made
+    return _per_thread("buffers", tuple(guards),
+                       lambda key: (array.array("Q", [a for a, _v in key]), array.array("Q", [v for _a, v in key])))
 
 
 _NO_GUARDS = (array.array("Q"), array.array("Q"))
